@@ -1,0 +1,183 @@
+"""The `toydiff` command: thin subcommands that parse, call the public API and write files.
+
+Bad input of any kind ends in one line on stderr and exit code 2; see `toydiff --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from . import config as config_io
+from .checkpoint import atomic_write_text, save_csv, save_npy
+from .config import ExperimentConfig
+from .errors import ToydiffError
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2 instead of argparse's usage dump
+        raise _UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default", metavar="NAME",
+                   help=f"start from a shipped configuration: {', '.join(['default'] + config_io.preset_names())}")
+    p.add_argument("--config", metavar="FILE", help="a TOML file of settings, applied over the preset")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one setting, e.g. --set schedule.T=100 (repeatable)")
+    p.add_argument("--device", help="shorthand for --set train.device=DEVICE (auto, cpu, cuda, cuda:N, mps)")
+
+
+def _add_out_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", metavar="DIR", help="the new run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="toydiff", description="Diffusion models on low-dimensional data.")
+    parser.add_argument("--version", action="version", version=f"toydiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job: train, sample and draw the figures into a new run directory")
+    _add_config_args(p)
+    _add_out_args(p)
+    p = sub.add_parser("train", help="train a model into a new run directory")
+    _add_config_args(p)
+    _add_out_args(p)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
+    p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
+    p.add_argument("--batch-size", type=int, help="samples denoised at once (default: the run's sample.batch_size)")
+    p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
+    p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("plot", help="draw the five figures of a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("config", help="print the resolved configuration as TOML")
+    _add_config_args(p)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = config_io.preset(args.preset)
+    if args.config:
+        cfg = config_io.merged(cfg, config_io.read_toml(args.config))
+    overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
+    return config_io.with_overrides(cfg, overrides)
+
+
+def _default_out(args: argparse.Namespace, cfg: ExperimentConfig) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    name = args.preset if args.preset != "default" else cfg.data.name
+    out = Path("runs") / f"{name}-{stamp}"
+    k = 1
+    while out.exists():
+        k += 1
+        out = Path("runs") / f"{name}-{stamp}-{k}"
+    return out
+
+
+def _log(quiet: bool):
+    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+
+
+def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
+    from .figures import write_figures
+    from .runs import save_samples, train_run
+
+    cfg = resolve_config(args)
+    out = Path(args.out) if args.out else _default_out(args, cfg)
+    log = _log(args.quiet)
+    run = train_run(cfg, out, progress=not args.quiet and sys.stderr.isatty(), log=log)
+    print(f"run directory: {run.path}")
+    print(f"  weights:   {run.path / 'model.safetensors'}")
+    print(f"  loss log:  {run.path / 'train_log.csv'}")
+    if not full:
+        return 0
+    log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({run.schedule.T} steps)")
+    samples = run.sample(cfg.sample.n)
+    save_samples(run.path / "samples", samples)
+    print(f"  samples:   {run.path / 'samples.npy'} and .csv ({len(samples)} points, data units)")
+    log("drawing figures")
+    for name, path in write_figures(run, samples).items():
+        print(f"  figure:    {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .runs import Run, save_samples
+
+    run = Run.load(args.run_dir, device=args.device)
+    out = Path(args.out) if args.out else run.path / "samples.npy"
+    if out.suffix not in (".npy", ".csv"):
+        raise ToydiffError(f"--out must end in .npy or .csv, got '{out}'")
+    if args.trajectory and not args.trajectory.endswith(".npy"):
+        raise ToydiffError(f"--trajectory must end in .npy, got '{args.trajectory}'")
+    if not out.parent.is_dir():
+        raise ToydiffError(f"the folder of --out '{out}' does not exist")
+    n = run.config.sample.n if args.n is None else args.n
+    result = run.sample(n, seed=args.seed, batch_size=args.batch_size, trajectory=bool(args.trajectory))
+    samples = result[0] if args.trajectory else result
+    if args.out is None:
+        save_samples(out, samples)
+        print(f"wrote {len(samples)} samples to {out} and {out.with_suffix('.csv')} (data units)")
+    else:
+        (save_npy(out, samples.astype("float32")) if out.suffix == ".npy"
+         else save_csv(out, samples, [f"x{i + 1}" for i in range(samples.shape[1])]))
+        print(f"wrote {len(samples)} samples to {out} (data units)")
+    if args.trajectory:
+        save_npy(Path(args.trajectory), result[1])
+        print(f"wrote the reverse paths (steps, n, D) to {args.trajectory} (scaled frame)")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .checkpoint import load_npy
+    from .figures import write_figures
+    from .runs import Run
+
+    run = Run.load(args.run_dir, device=args.device)
+    sample_file = run.path / "samples.npy"
+    samples = load_npy(sample_file) if sample_file.exists() else run.sample(run.config.sample.n)
+    if samples.ndim != 2 or samples.shape[1] != run.dim:
+        raise ToydiffError(f"'{sample_file}' has shape {samples.shape}; the run's data has {run.dim} columns")
+    for path in write_figures(run, samples).values():
+        print(f"figure: {path}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(resolve_config(args).to_toml(), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command in ("run", "train"):
+            return cmd_train(args, full=args.command == "run")
+        return {"sample": cmd_sample, "plot": cmd_plot, "config": cmd_config}[args.command](args)
+    except (ToydiffError, _UsageError) as e:
+        print(f"toydiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("toydiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

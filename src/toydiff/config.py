@@ -1,0 +1,287 @@
+"""Typed, frozen experiment configuration: TOML in and out, strict `--set section.key=value` overrides.
+
+Every field is commented at its default. Unknown sections or keys and values of the
+wrong type are ToydiffErrors; names of registered things (datasets, schedules,
+models) are checked where they are built, against their registries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import tomli_w
+
+from .errors import ToydiffError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "moons"  # dataset: moons (iid Two Moons) | sklearn-moons (make_moons itself, the guide's)
+    n: int = 10_000  # training points drawn from the dataset
+    noise: float = 0.05  # std of the Gaussian noise added to each point, in data units
+    scaling: str = "minmax"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
+
+    def __post_init__(self):
+        _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
+        _check(self.noise >= 0, f"data.noise must be >= 0, got {self.noise}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "cosine"  # beta schedule: linear | polynomial | cosine
+    T: int = 50  # diffusion steps; t runs 1..T, t = 0 is the data
+    beta_start: float = 1e-4  # linear: beta_1 (Ho et al. 2020 use 1e-4 with T = 1000)
+    beta_end: float = 0.02  # linear: beta_T (Ho et al. 2020 use 0.02 with T = 1000)
+    beta_max: float = 0.99  # polynomial: beta_t = (beta_max * t / T) ** power, so beta_T = beta_max ** power
+    power: float = 4.0  # polynomial: the guide's linspace(0, beta_max, T + 1) ** power
+    cosine_s: float = 0.008  # cosine: offset s of Nichol and Dhariwal (2021)
+    max_beta: float = 0.999  # cosine: betas are clipped here, as in Nichol and Dhariwal (2021)
+
+    def __post_init__(self):
+        _check(self.T >= 1, f"schedule.T must be >= 1, got {self.T}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
+    prediction: str = "eps"  # what the network predicts: eps | x0 | v
+    width: int = 128  # mlp: hidden units per layer
+    depth: int = 3  # mlp: residual blocks
+    time_dim: int = 32  # mlp: size of the sinusoidal time embedding
+    fourier_octaves: int = 0  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
+
+    def __post_init__(self):
+        _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
+        _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
+        _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
+        _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 4000  # optimizer steps (with full batches, the guide's "epochs")
+    batch_size: int = 1024  # points per step; 0 = the whole data set every step (the guide's full batch)
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.999  # AdamW beta2
+    lr_schedule: str = "cosine"  # constant | cosine (decay to 0 over the run, after warm-up)
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    grad_clip: float = 1.0  # clip the global gradient norm here; 0 = off
+    log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
+    checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
+    device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
+    threads: int = 0  # CPU threads for torch; 0 = auto (1: tiny MLPs run fastest single-threaded)
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+        _check(self.lr_schedule in ("constant", "cosine"),
+               f"unknown train.lr_schedule '{self.lr_schedule}'; choose one of: constant, cosine")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: str = "ddpm"  # reverse process: ddpm (ancestral, Ho et al. 2020 Algorithm 2)
+    n: int = 5000  # samples drawn by `toydiff run`
+    batch_size: int = 65536  # samples denoised at once (bounds memory)
+
+    def __post_init__(self):
+        _check(self.n >= 1, f"sample.n must be >= 1, got {self.n}")
+        _check(self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    forward_t: tuple[int, ...] = ()  # t shown in the forward-process figure; () = 0, about T/5 and T
+    field_t: tuple[int, ...] = ()  # t shown in the vector-field figure; () = about 0.3 T and T
+    points: int = 100  # points scattered on the dataset, forward and samples figures (the guide's 100)
+    grid: int = 16  # arrows per side in the vector field
+    dpi: int = 150  # resolution of the PNG files
+
+    def __post_init__(self):
+        _check(self.points >= 1, f"plot.points must be >= 1, got {self.points}")
+        _check(self.grid >= 2, f"plot.grid must be >= 2, got {self.grid}")
+        _check(self.dpi >= 10, f"plot.dpi must be >= 10, got {self.dpi}")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    seed: int = 0  # every random draw (data, weights, batches, noise, samples) derives from this
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    plot: PlotConfig = field(default_factory=PlotConfig)
+
+    def __post_init__(self):
+        _check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        d = self.to_dict()
+        d["plot"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["plot"].items()}
+        return tomli_w.dumps(d)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ToydiffError(message)
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig)
+            if dataclasses.is_dataclass(get_type_hints(ExperimentConfig)[f.name])}
+
+
+def _coerce(where: str, value: Any, hint: Any) -> Any:
+    """Check one TOML value against a field's type; ints are accepted for floats, nothing else converts."""
+    name = getattr(hint, "__name__", str(hint))
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif getattr(hint, "__origin__", None) is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+        name = "list of integers"
+    else:  # pragma: no cover - every field type is listed above
+        raise TypeError(f"unsupported config type {hint}")
+    if not ok:
+        raise ToydiffError(f"{where} must be {_article(name)}, got {value!r}")
+    return value
+
+
+def _article(name: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}.get(name, name)
+
+
+def from_dict(d: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config from nested dicts (as TOML gives); missing keys keep their defaults."""
+    if not isinstance(d, dict):
+        raise ToydiffError("a config must be a table of sections")
+    sections = _sections()
+    top_hints = get_type_hints(ExperimentConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ToydiffError(f"[{key}] must be a table of keys, got {value!r}")
+            kwargs[key] = _section_from_dict(key, sections[key], value)
+        elif key in top_hints:
+            kwargs[key] = _coerce(key, value, top_hints[key])
+        else:
+            valid = ", ".join([k for k in top_hints if k not in sections] + [f"[{s}]" for s in sections])
+            raise ToydiffError(f"unknown config key '{key}'; valid keys: {valid}")
+    return ExperimentConfig(**kwargs)
+
+
+def _section_from_dict(section: str, cls: type, values: dict[str, Any]):
+    hints = get_type_hints(cls)
+    for key, value in values.items():
+        if key not in hints:
+            raise ToydiffError(f"unknown config key '{section}.{key}'; valid keys in [{section}]: {', '.join(hints)}")
+    return cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+
+
+def merged(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
+    """cfg with the keys named in `updates` (nested like the TOML) replaced; every value is re-checked."""
+    d = cfg.to_dict()
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(d.get(key), dict):
+            d[key].update(value)
+        else:
+            d[key] = value
+    return from_dict(d)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ToydiffError(f"config file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ToydiffError(f"cannot read config file '{path}': {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ToydiffError(f"config file '{path}' is not valid TOML: {e}") from None
+
+
+def loads(text: str, source: str = "config") -> ExperimentConfig:
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ToydiffError(f"{source} is not valid TOML: {e}") from None
+    return from_dict(d)
+
+
+def load(path: str | Path) -> ExperimentConfig:
+    """A config file over the defaults."""
+    return from_dict(read_toml(path))
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("toydiff.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def preset(name: str) -> ExperimentConfig:
+    """A named configuration shipped with toydiff (`default` is the dataclass defaults)."""
+    if name == "default":
+        return ExperimentConfig()
+    if name not in preset_names():
+        raise ToydiffError(f"unknown preset '{name}'; choose one of: {', '.join(['default'] + preset_names())}")
+    text = resources.files("toydiff.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return loads(text, source=f"preset '{name}'")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'section.key=value' -> (['section', 'key'], value); value is read as TOML, else taken as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ToydiffError(f"--set expects section.key=value, got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word such as moons or cosine
+    return key.split("."), value
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """Apply `--set section.key=value` overrides; each goes through the same checks as a TOML file."""
+    for item in overrides:
+        path, value = parse_override(item)
+        if len(path) > 2:
+            raise ToydiffError(f"--set expects section.key=value, got '{item}'")
+        if len(path) == 2 and path[0] not in _sections():
+            raise ToydiffError(f"unknown config section '{path[0]}' in --set {item}; "
+                               f"valid sections: {', '.join(_sections())}")
+        cfg = merged(cfg, {path[0]: value} if len(path) == 1 else {path[0]: {path[1]: value}})
+    return cfg

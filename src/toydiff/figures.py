@@ -1,0 +1,112 @@
+"""Compute what each of the guide's five figures shows, from a Run, and write the PNG files.
+
+The drawing itself lives in `plots` (numpy in, Figure out); this module runs the
+model and the schedule to get the arrays, and owns the file names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import plots
+from .checkpoint import atomic_write_bytes
+from .errors import ToydiffError
+from .runs import Run
+from .runtime import numpy_rng, torch_generator
+from .schedules import NoiseSchedule
+
+FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")
+
+
+def default_forward_t(T: int) -> tuple[int, ...]:
+    """0, about T / 5 and T: the guide's (0, 2, 10) at T = 10."""
+    return tuple(sorted({0, max(1, round(T / 5)), T}))
+
+
+def default_field_t(T: int) -> tuple[int, ...]:
+    """About 0.3 T and T: the guide's (3, T) at T = 10."""
+    return tuple(sorted({max(1, round(0.3 * T)), T}))
+
+
+def _subset(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    return x[rng.choice(len(x), size=min(k, len(x)), replace=False)]
+
+
+def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """x_t ~ q(x_t | x_0) for the same points and the same eps at every t."""
+    x0_t = torch.as_tensor(x0, dtype=torch.float32, device=run.device)
+    eps = torch.randn(x0_t.shape, generator=torch_generator(run.config.seed, "figure-forward", run.device),
+                      device=run.device)
+    panels = []
+    for t in ts:
+        t_vec = torch.full((len(x0_t),), t, dtype=torch.long, device=run.device)
+        panels.append((t, run.schedule.q_sample(x0_t, t_vec, eps).cpu().numpy()))
+    return panels
+
+
+@torch.no_grad()
+def field_panels(run: Run, ts: tuple[int, ...], grid: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """eps_theta(x, t) on the grid points for each t (the figure draws its negative)."""
+    g = torch.as_tensor(grid, dtype=torch.float32, device=run.device)
+    out = []
+    for t in ts:
+        t_vec = torch.full((len(g),), t, dtype=torch.long, device=run.device)
+        out.append((t, run.denoiser.eps(g, t_vec).cpu().numpy()))
+    return out
+
+
+def schedule_panels(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """linear and polynomial (the guide's Fig. 5), and the configured schedule if it is another, at the same T."""
+    cfg = run.config.schedule
+    names = ["linear", "polynomial"] + ([cfg.name] if cfg.name not in ("linear", "polynomial") else [])
+    panels = []
+    for name in names:
+        try:
+            s = NoiseSchedule.from_config(dataclasses.replace(cfg, name=name))
+        except ToydiffError:  # e.g. linear's beta_end > 1: nothing to compare with
+            continue
+        title = f"{name}{' (this run)' if name == cfg.name else ''}, $T={s.T}$"
+        panels.append((title, s.betas64, 1 - s.alpha_bar64))
+    return panels
+
+
+def _save(fig, path: Path, dpi: int) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write the five figures (PNG) for a run and its samples (data units); returns name -> path.
+
+    Figures that need 2-D points are drawn on the first two columns; the vector field needs D = 2.
+    """
+    out_dir = Path(out_dir or run.path / "figures")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, T = run.config.plot, run.schedule.T
+    rng = numpy_rng(run.config.seed, "figures")
+    data = run.scaler.transform(run.data)
+    density = _subset(data, 2000, rng)
+    shown = _subset(data, cfg.points, rng)
+    paths = {
+        "dataset": _save(plots.dataset_figure(density, shown), out_dir / "dataset.png", cfg.dpi),
+        "forward": _save(plots.forward_figure(forward_panels(run, cfg.forward_t or default_forward_t(T), shown)),
+                         out_dir / "forward.png", cfg.dpi),
+        "samples": _save(plots.samples_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng)),
+                         out_dir / "samples.png", cfg.dpi),
+    }
+    if run.dim == 2:
+        axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
+        grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+        _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
+        fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(T), grid), T,
+                                        trajectory=path[:, 0, :])
+        paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)
+    paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
+    return paths

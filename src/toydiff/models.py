@@ -1,0 +1,117 @@
+"""Denoiser networks f(x_t (B, D), t (B,) long in 1..T) -> (B, D), in a registry.
+
+`guide` is the guide's NoisePredictor; `mlp` is the stronger default: a residual MLP
+with a sinusoidal time embedding and optional Fourier features of x, for any D.
+What the output means (eps, x0 or v) is the parameterization module's business.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .registry import Registry
+
+ModelFn = Callable[[ModelConfig, int, int], nn.Module]
+MODELS: Registry[ModelFn] = Registry("model")
+
+
+class GuideNoisePredictor(nn.Module):
+    """The guide's network: one-hot t -> Linear(T, 1), concatenated with x_t, then an MLP D+1-100-100-100-20-D.
+
+    The guide's listing lost its activations (a purely linear network cannot learn the
+    moons); LeakyReLU between the layers is the notebook's choice.
+    """
+
+    def __init__(self, dim: int, T: int):
+        super().__init__()
+        self.T = T
+        self.t_encoder = nn.Linear(T, 1)
+        widths = [dim + 1, 100, 100, 100, 20]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(w_in, w_out), nn.LeakyReLU()]
+        self.model = nn.Sequential(*layers, nn.Linear(20, dim))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_embedding = self.t_encoder(nn.functional.one_hot(t - 1, num_classes=self.T).to(x_t.dtype))
+        return self.model(torch.cat([x_t, t_embedding], dim=1))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """(B,) float -> (B, dim): [cos(t w_k), sin(t w_k)] with w_k = max_period^(-k / (dim / 2)) (Vaswani et al. 2017)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    angles = t.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class ResidualBlock(nn.Module):
+    """h + W2 act(W1 norm(h) + W_t temb): a pre-norm MLP block with additive time conditioning."""
+
+    def __init__(self, width: int, time_width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.time = nn.Linear(time_width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.act = nn.SiLU()
+
+    def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return h + self.fc2(self.act(self.fc1(self.norm(h)) + self.time(temb)))
+
+
+class MLP(nn.Module):
+    """Residual MLP denoiser for D-dimensional data.
+
+    t is embedded as a sinusoid of 1000 t / T (the scale image models use, whatever T is),
+    x optionally gains sin/cos features at octave frequencies (NeRF's positional encoding),
+    which help a small network draw thin structures.
+    """
+
+    def __init__(self, dim: int, T: int, width: int = 128, depth: int = 3, time_dim: int = 32,
+                 fourier_octaves: int = 0):
+        super().__init__()
+        self.T, self.time_dim, self.fourier_octaves = T, time_dim, fourier_octaves
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(fourier_octaves, dtype=torch.float32),
+                             persistent=False)
+        in_features = dim * (1 + 2 * fourier_octaves)
+        self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.inp = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(ResidualBlock(width, width) for _ in range(depth))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fourier_octaves == 0:
+            return x
+        angles = (x[:, :, None] * self.freqs).flatten(1)
+        return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.time_mlp(sinusoidal_embedding(t * (1000.0 / self.T), self.time_dim).to(x_t.dtype))
+        h = self.inp(self.features(x_t)) + temb
+        for block in self.blocks:
+            h = block(h, temb)
+        return self.out(h)
+
+
+@MODELS.register("guide")
+def _guide(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
+    return GuideNoisePredictor(dim, T)
+
+
+@MODELS.register("mlp")
+def _mlp(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
+    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves)
+
+
+def build_model(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
+    return MODELS.get(cfg.arch)(cfg, dim, T)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

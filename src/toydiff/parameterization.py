@@ -1,0 +1,90 @@
+"""The only place that converts between eps, x0 and v predictions (and the training target of each).
+
+With x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and v = sqrt(abar) eps - sqrt(1 - abar) x0
+(Salimans and Ho 2022), any one of eps, x0 and v determines the other two given x_t,
+except that eps says nothing about x0 where abar = 0 (beta_T = 1): there x_T is pure
+noise, the best estimate of x0 is its mean, and the Scaler has put the data's mean
+near 0, so x0_hat = 0 is used.
+
+`Denoiser` wraps a network and a schedule into the one interface every sampler calls:
+denoise(x_t, t) -> x0_hat, whatever the network predicts.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from .errors import ToydiffError
+from .schedules import NoiseSchedule
+
+
+class Prediction(str, Enum):
+    EPS = "eps"  # the noise (Ho et al. 2020)
+    X0 = "x0"  # the clean data
+    V = "v"  # the velocity sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans and Ho 2022)
+
+    @classmethod
+    def parse(cls, name: str) -> "Prediction":
+        try:
+            return cls(name)
+        except ValueError:
+            raise ToydiffError(f"unknown prediction '{name}'; choose one of: {', '.join(p.value for p in cls)}") from None
+
+
+def training_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the network should output for x_t made from (x0, eps); alpha_bar broadcasts against x0."""
+    if kind is Prediction.EPS:
+        return eps
+    if kind is Prediction.X0:
+        return x0
+    if kind is Prediction.V:
+        return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+    raise ToydiffError(f"unknown prediction {kind!r}")
+
+
+def to_x0(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x0_hat from a network output."""
+    if kind is Prediction.X0:
+        return pred
+    if kind is Prediction.EPS:
+        # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), taken as 0 (the data's mean) where abar = 0.
+        inv_sqrt = torch.where(alpha_bar > 0, alpha_bar.clamp_min(1e-30).rsqrt(), torch.zeros_like(alpha_bar))
+        return (x_t - (1 - alpha_bar).sqrt() * pred) * inv_sqrt
+    if kind is Prediction.V:
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * pred
+    raise ToydiffError(f"unknown prediction {kind!r}")
+
+
+def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """eps_hat from a network output (t >= 1, so 1 - abar > 0)."""
+    if kind is Prediction.EPS:
+        return pred
+    if kind is Prediction.X0:
+        return (x_t - alpha_bar.sqrt() * pred) / (1 - alpha_bar).sqrt()
+    if kind is Prediction.V:
+        return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * pred
+    raise ToydiffError(f"unknown prediction {kind!r}")
+
+
+class Denoiser:
+    """denoise(x_t (B, D), t (B,) long in 1..T) -> x0_hat (B, D), for a network of any prediction kind."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: Prediction | str):
+        self.model = model
+        self.schedule = schedule
+        self.prediction = Prediction.parse(prediction) if isinstance(prediction, str) else prediction
+
+    def _raw(self, x_t: torch.Tensor, t: torch.Tensor):
+        return self.model(x_t, t), self.schedule.gather(self.schedule.alpha_bar, t, x_t)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        pred, alpha_bar = self._raw(x_t, t)
+        return to_x0(self.prediction, pred, x_t, alpha_bar)
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_theta(x_t, t): the predicted noise (the vector field of the guide's Fig. 4 is its negative)."""
+        pred, alpha_bar = self._raw(x_t, t)
+        return to_eps(self.prediction, pred, x_t, alpha_bar)

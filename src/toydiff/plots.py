@@ -1,0 +1,135 @@
+"""The guide's five figures: numpy arrays in, matplotlib Figures out. No torch, no file I/O.
+
+Points are drawn in the model's scaled frame (where the diffusion happens), in the
+look of the guide's figures: seaborn-style blue dots with white edges over a filled
+density, open top and right spines, Computer Modern maths.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from scipy.stats import gaussian_kde
+
+BLUE, ORANGE = "#4C72B0", "#DD8452"
+STYLE = {"font.family": "serif", "mathtext.fontset": "cm", "font.size": 13, "axes.linewidth": 1.4,
+         "axes.spines.top": False, "axes.spines.right": False}
+LIM = 1.5  # the guide's axis range, in the scaled frame
+
+
+def _styled(fn):
+    """Run a figure function under the guide's style (rcParams are read when artists are made)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def _figure(ncols: int, width: float = 4.6, height: float = 4.4) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    for ax in axes:
+        ax.tick_params(width=1.4, length=5)
+    return fig, axes
+
+
+def _scatter(ax: Axes, x: np.ndarray, **kw) -> None:
+    ax.scatter(x[:, 0], x[:, 1], s=kw.pop("s", 60), color=kw.pop("color", BLUE), edgecolors="white",
+               linewidths=0.8, zorder=3, **kw)
+
+
+def _square(ax: Axes, lim: float = LIM, label: bool = True) -> None:
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    if label:
+        ax.set_xlabel(r"$x_1$ (scaled)")
+        ax.set_ylabel(r"$x_2$ (scaled)")
+
+
+def _density(ax: Axes, x: np.ndarray, lim: float = LIM, resolution: int = 160, bandwidth: float = 0.12) -> None:
+    """Filled Gaussian-KDE contours of x (N, 2), the guide's background (a narrow kernel keeps the arcs thin)."""
+    kde = gaussian_kde(x[:, :2].T, bw_method=bandwidth)
+    g = np.linspace(-lim, lim, resolution)
+    xx, yy = np.meshgrid(g, g)
+    zz = kde(np.vstack([xx.ravel(), yy.ravel()])).reshape(xx.shape)
+    levels = np.linspace(0, zz.max(), 10)
+    ax.set_facecolor("#aebddf")  # the lowest contour level's colour, so empty space matches
+    ax.contourf(xx, yy, zz, levels=levels, cmap=_blues(), zorder=1)
+
+
+def _blues():
+    from matplotlib.colors import LinearSegmentedColormap
+    return LinearSegmentedColormap.from_list("guide", ["#aebddf", "#5b86d6", "#3e5a8c", "#2b3d5e"])
+
+
+@_styled
+def dataset_figure(density: np.ndarray, shown: np.ndarray) -> Figure:
+    """Fig. 1: points of the data set over a filled density of the data. Both (N, 2), scaled."""
+    fig, (ax,) = _figure(1)
+    _density(ax, density)
+    _scatter(ax, shown)
+    _square(ax)
+    ax.set_title("data")
+    return fig
+
+
+@_styled
+def forward_figure(panels: Sequence[tuple[int, np.ndarray]]) -> Figure:
+    """Fig. 2: the forward process, one panel per (t, x_t (N, 2))."""
+    fig, axes = _figure(len(panels), width=4.2, height=4.0)
+    for ax, (t, x_t) in zip(axes, panels):
+        _scatter(ax, x_t)
+        _square(ax, label=ax is axes[0])
+        ax.set_title(f"$t={t}$")
+    return fig
+
+
+@_styled
+def samples_figure(density: np.ndarray, shown: np.ndarray) -> Figure:
+    """Fig. 3: generated samples (shown, (n, 2)) over a filled density of the training data (N, 2)."""
+    fig, (ax,) = _figure(1)
+    _density(ax, density)
+    _scatter(ax, shown)
+    _square(ax)
+    ax.set_title("samples over the data")
+    return fig
+
+
+@_styled
+def vector_field_figure(grid: np.ndarray, fields: Sequence[tuple[int, np.ndarray]], T: int,
+                        trajectory: np.ndarray | None = None) -> Figure:
+    """Fig. 4: -eps_theta(x_t, t) on a grid (G, 2), one panel per (t, field (G, 2)).
+
+    `trajectory` (steps, 2) is one reverse path x_T .. x_0, drawn on the first panel.
+    """
+    fig, axes = _figure(len(fields), width=4.6, height=4.6)
+    for ax, (t, field) in zip(axes, fields):
+        ax.quiver(grid[:, 0], grid[:, 1], -field[:, 0], -field[:, 1], color="#222222", width=0.004, zorder=2)
+        if trajectory is not None and ax is axes[0]:
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "--o", color=BLUE, lw=2.2, ms=6, zorder=3)
+        t_label = "T" if t == T else str(t)
+        ax.set_title(rf"$-\epsilon_\theta(\mathbf{{x}}_t, t={t_label})$")
+        _square(ax, lim=LIM + 0.15, label=ax is axes[0])
+    return fig
+
+
+@_styled
+def schedule_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Figure:
+    """Fig. 5: beta_t and 1 - alpha_bar_t against t = 0..T, one panel per (title, betas, one_minus_alpha_bar)."""
+    fig, axes = _figure(len(panels), width=3.9, height=3.8)
+    for ax, (title, betas, one_minus) in zip(axes, panels):
+        t = np.arange(len(betas))
+        ax.plot(t, betas, color=BLUE, lw=2.5, label=r"$\beta_t$")
+        ax.plot(t, one_minus, color=ORANGE, lw=2.5, label=r"$1 - \bar\alpha_t$")
+        ax.set_xlabel("$t$")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(title, fontsize=11)
+    axes[-1].legend(loc="upper left", fontsize=12)
+    return fig

@@ -1,0 +1,1 @@
+"""Named configurations shipped with toydiff (TOML files beside this one)."""

@@ -1,0 +1,192 @@
+"""The public workflow: train a run into a directory, load it back, draw samples from it.
+
+    run = toydiff.train_run(ExperimentConfig(), "runs/demo")   # data -> scaler -> model -> weights
+    run = toydiff.Run.load("runs/demo")                          # everything rebuilt from the directory
+    x = run.sample(1000, seed=1)                                 # (1000, D) in data units
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from . import config as config_io
+from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, load_weights, read_manifest,
+                         save_csv, save_npy, save_weights, write_manifest)
+from .config import ExperimentConfig
+from .data import SCALINGS, Scaler, load_dataset
+from .errors import ToydiffError
+from .models import build_model, count_parameters
+from .parameterization import Denoiser, Prediction
+from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
+from .samplers import SAMPLERS
+from .schedules import NoiseSchedule
+from .training import train
+
+LOG_HEADER = ["step", "loss", "lr", "seconds"]
+
+
+@dataclass
+class Run:
+    """A trained model with everything needed to use it, as stored in (or loaded from) a run directory."""
+
+    path: Path
+    config: ExperimentConfig
+    scaler: Scaler
+    schedule: NoiseSchedule
+    model: nn.Module
+    data: np.ndarray  # (N, D) training data, data units
+    device: torch.device
+
+    @property
+    def dim(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.model, self.schedule, self.config.model.prediction)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", threads: int = 0) -> "Run":
+        """Rebuild a run from its directory alone (config, scaler, data, weights)."""
+        path = Path(path)
+        read_manifest(path)
+        cfg = config_io.load(path / "config.toml")
+        try:
+            scaler = Scaler.from_dict(json.loads((path / "scaler.json").read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ToydiffError(f"cannot read '{path / 'scaler.json'}' ({e}); the run directory is damaged") from None
+        data = load_npy(path / "train_data.npy")
+        if data.ndim != 2 or data.shape[1] != scaler.shift.shape[0]:
+            raise ToydiffError(f"'{path}' is damaged: train_data.npy has shape {data.shape} but the scaler has "
+                               f"{scaler.shift.shape[0]} columns")
+        dev = resolve_device(device)
+        set_threads(threads, dev)
+        schedule, model = _build(cfg, data.shape[1], dev)
+        load_weights(path / WEIGHTS, model)
+        model.eval()
+        return cls(path, cfg, scaler, schedule, model, data, dev)
+
+    def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
+               sampler: Optional[str] = None, trajectory: bool = False):
+        """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
+
+        With trajectory=True, returns (samples, path) where path (T + 1, n, D) holds x_T .. x_0
+        in the model's scaled frame (the frame of the figures).
+        """
+        if n < 1:
+            raise ToydiffError(f"the number of samples must be >= 1, got {n}")
+        batch_size = batch_size or self.config.sample.batch_size
+        if batch_size < 1:
+            raise ToydiffError(f"the sampling batch size must be >= 1, got {batch_size}")
+        sample_fn = SAMPLERS.get(sampler or self.config.sample.sampler)
+        gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
+        denoise = self.denoiser
+        out, paths = [], []
+        for start in range(0, n, batch_size):
+            b = min(batch_size, n - start)
+            x_T = torch.randn((b, self.dim), generator=gen, device=self.device)
+            steps: list[torch.Tensor] = []
+            callback = (lambda t, x_t, x0_hat: steps.append(x_t.cpu())) if trajectory else None
+            x0 = sample_fn(denoise, self.schedule, x_T, generator=gen, callback=callback)
+            out.append(x0.cpu())
+            if trajectory:
+                paths.append(torch.stack(steps + [x0.cpu()]))
+        samples = self.scaler.inverse(torch.cat(out).double().numpy())
+        if trajectory:
+            return samples, torch.cat(paths, dim=1).numpy()
+        return samples
+
+
+def _build(cfg: ExperimentConfig, dim: int, device: torch.device) -> tuple[NoiseSchedule, nn.Module]:
+    """Schedule and (seeded, freshly initialised) model; every name is checked against its registry."""
+    Prediction.parse(cfg.model.prediction)
+    SAMPLERS.get(cfg.sample.sampler)
+    schedule = NoiseSchedule.from_config(cfg.schedule, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = build_model(cfg.model, dim, cfg.schedule.T)
+    return schedule, model.to(device)
+
+
+def make_data(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
+    return load_dataset(cfg.data.name, cfg.data.n, numpy_rng(cfg.seed, "data"), cfg.data.noise)
+
+
+def check_config(cfg: ExperimentConfig) -> None:
+    """Everything about a config that can fail, checked before anything is written."""
+    from .data import DATASETS
+    from .models import MODELS
+    DATASETS.get(cfg.data.name)
+    MODELS.get(cfg.model.arch)
+    if cfg.data.scaling not in SCALINGS:
+        raise ToydiffError(f"unknown data.scaling '{cfg.data.scaling}'; choose one of: {', '.join(SCALINGS)}")
+    Prediction.parse(cfg.model.prediction)
+    SAMPLERS.get(cfg.sample.sampler)
+    NoiseSchedule.from_config(cfg.schedule)
+    resolve_device(cfg.train.device)
+    for t in cfg.plot.forward_t:
+        if not 0 <= t <= cfg.schedule.T:
+            raise ToydiffError(f"plot.forward_t has t = {t}; each t must be in 0..T = 0..{cfg.schedule.T}")
+    for t in cfg.plot.field_t:
+        if not 1 <= t <= cfg.schedule.T:
+            raise ToydiffError(f"plot.field_t has t = {t}; each t must be in 1..T = 1..{cfg.schedule.T}")
+
+
+def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
+              log: Callable[[str], None] = lambda s: None) -> Run:
+    """Make a new run directory at `out` and train the configured model into it."""
+    check_config(cfg)
+    device = resolve_device(cfg.train.device)
+    threads = set_threads(cfg.train.threads, device)
+    x, _labels = make_data(cfg)
+    scaler = Scaler.fit(x, cfg.data.scaling)
+    schedule, model = _build(cfg, x.shape[1], device)
+    warning = schedule.terminal_warning()
+    if warning:
+        log(f"warning: {warning}")
+    path = create_run_dir(Path(out))
+    atomic_write_text(path / "config.toml", cfg.to_toml())
+    atomic_write_text(path / "scaler.json", json.dumps(scaler.to_dict(), indent=2))
+    save_npy(path / "train_data.npy", x.astype(np.float32))
+    info = {"toydiff_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]),
+            "alpha_bar_T": schedule.alpha_bar_T, "parameters": count_parameters(model),
+            "device": str(device), "threads": threads}
+    write_manifest(path, info)
+    log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {cfg.data.name} "
+        f"(n = {x.shape[0]}, D = {x.shape[1]}), T = {schedule.T} {cfg.schedule.name}, "
+        f"alpha_bar_T = {schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
+
+    rows: list[dict] = []
+
+    def checkpoint(step: int) -> None:
+        save_weights(path / WEIGHTS, model, step)
+        save_csv(path / "train_log.csv", rows, LOG_HEADER)
+
+    x0 = torch.as_tensor(scaler.transform(x), dtype=torch.float32, device=device)
+    start = time.perf_counter()
+    train(model, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
+          generator=torch_generator(cfg.seed, "train", device), on_log=rows.append,
+          on_checkpoint=checkpoint, progress=progress)
+    seconds = time.perf_counter() - start
+    checkpoint(cfg.train.steps)
+    write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "train_seconds": round(seconds, 3),
+                          "final_loss": rows[-1]["loss"]})
+    log(f"trained in {seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
+    return Run(path, cfg, scaler, schedule, model, x.astype(np.float32), device)
+
+
+def save_samples(path: Path, samples: np.ndarray) -> None:
+    """samples.npy and samples.csv (header x1, x2, ...) in data units."""
+    save_npy(path.with_suffix(".npy"), samples.astype(np.float32))
+    save_csv(path.with_suffix(".csv"), samples, [f"x{i + 1}" for i in range(samples.shape[1])])

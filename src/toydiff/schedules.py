@@ -1,0 +1,134 @@
+"""Beta schedules and the NoiseSchedule: the forward process q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
+
+Timestep convention (the guide's and Ho et al.'s): t runs 1..T and t = 0 is the data.
+Every per-step array has T + 1 entries and is indexed by t directly; entry 0 holds
+beta_0 = 0, alpha_bar_0 = 1 so that formulas at t = 1 need no special case.
+All schedule math is done in float64; the tensors are stored in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .config import ScheduleConfig
+from .errors import ToydiffError
+from .registry import Registry
+
+BetaFn = Callable[[ScheduleConfig], np.ndarray]
+BETA_SCHEDULES: Registry[BetaFn] = Registry("schedule")
+
+# alpha_bar_T above this leaves x_T visibly different from N(0, I).
+ALPHA_BAR_T_WARN = 1e-2
+
+
+@BETA_SCHEDULES.register("linear")
+def linear_betas(cfg: ScheduleConfig) -> np.ndarray:
+    """beta_t evenly spaced from beta_start (t = 1) to beta_end (t = T) (Ho et al. 2020)."""
+    return np.linspace(cfg.beta_start, cfg.beta_end, cfg.T, dtype=np.float64)
+
+
+@BETA_SCHEDULES.register("polynomial")
+def polynomial_betas(cfg: ScheduleConfig) -> np.ndarray:
+    """beta_t = (beta_max * t / T) ** power: the guide's linspace(0, beta_max, T + 1) ** power without its 0."""
+    t = np.arange(1, cfg.T + 1, dtype=np.float64)
+    return (cfg.beta_max * t / cfg.T) ** cfg.power
+
+
+@BETA_SCHEDULES.register("cosine")
+def cosine_betas(cfg: ScheduleConfig) -> np.ndarray:
+    """alpha_bar(t) = cos^2((t / T + s) / (1 + s) * pi / 2), betas clipped at max_beta (Nichol and Dhariwal 2021, eq. 17)."""
+    t = np.arange(cfg.T + 1, dtype=np.float64)
+    f = np.cos((t / cfg.T + cfg.cosine_s) / (1 + cfg.cosine_s) * math.pi / 2) ** 2
+    alpha_bar = f / f[0]
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], cfg.max_beta)
+
+
+def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to broadcast a per-sample scalar against x."""
+    return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+class NoiseSchedule:
+    """Betas and every quantity derived from them, indexed by t = 0..T.
+
+    alpha_t = 1 - beta_t, alpha_bar_t = prod_{s <= t} alpha_s (Ho et al. 2020, eq. 4),
+    posterior q(x_{t-1} | x_t, x_0) = N(mean_coef_x0_t x_0 + mean_coef_xt_t x_t, beta_tilde_t I) (eq. 6-7).
+    """
+
+    def __init__(self, betas: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"):
+        b = np.asarray(betas.cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64).reshape(-1)
+        if b.size < 1:
+            raise ToydiffError("a noise schedule needs at least one step (T >= 1)")
+        bad = np.flatnonzero(~((b > 0) & (b <= 1)))
+        if bad.size:
+            t = int(bad[0]) + 1
+            raise ToydiffError(f"beta_{t} = {b[t - 1]:.6g} is outside (0, 1]; every beta must be in (0, 1] "
+                               "(check the schedule's beta_start, beta_end, beta_max and power)")
+        self.T = b.size
+        self.betas64 = np.concatenate([[0.0], b])
+        alphas = 1.0 - self.betas64
+        alpha_bar = np.cumprod(alphas)
+        alpha_bar_prev = np.concatenate([[1.0], alpha_bar[:-1]])
+        one_minus = 1.0 - alpha_bar
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta_tilde = np.where(one_minus > 0, self.betas64 * (1 - alpha_bar_prev) / one_minus, 0.0)
+            coef_x0 = np.where(one_minus > 0, np.sqrt(alpha_bar_prev) * self.betas64 / one_minus, 1.0)
+            coef_xt = np.where(one_minus > 0, np.sqrt(alphas) * (1 - alpha_bar_prev) / one_minus, 0.0)
+        self.alpha_bar64 = alpha_bar
+        self.device = torch.device(device)
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        self.betas = as_t(self.betas64)
+        self.alphas = as_t(alphas)
+        self.alpha_bar = as_t(alpha_bar)
+        self.alpha_bar_prev = as_t(alpha_bar_prev)
+        self.sqrt_alpha_bar = as_t(np.sqrt(alpha_bar))
+        self.sqrt_one_minus_alpha_bar = as_t(np.sqrt(one_minus))
+        self.beta_tilde = as_t(beta_tilde)
+        self.posterior_coef_x0 = as_t(coef_x0)
+        self.posterior_coef_xt = as_t(coef_xt)
+
+    @classmethod
+    def from_config(cls, cfg: ScheduleConfig, device: torch.device | str = "cpu") -> "NoiseSchedule":
+        return cls(BETA_SCHEDULES.get(cfg.name)(cfg), device=device)
+
+    def to(self, device: torch.device | str) -> "NoiseSchedule":
+        return self if torch.device(device) == self.device else NoiseSchedule(self.betas64[1:], device)
+
+    @property
+    def alpha_bar_T(self) -> float:
+        return float(self.alpha_bar64[-1])
+
+    def terminal_warning(self) -> str | None:
+        """A sentence when x_T ~ q(x_T | x_0) is not close to the N(0, I) that sampling starts from."""
+        if self.alpha_bar_T <= ALPHA_BAR_T_WARN:
+            return None
+        return (f"alpha_bar_T = {self.alpha_bar_T:.3g} > {ALPHA_BAR_T_WARN:g}: x_T keeps "
+                f"{math.sqrt(self.alpha_bar_T):.0%} of the data's scale, so sampling from N(0, I) starts off the "
+                "forward process; raise T or the final betas")
+
+    def gather(self, a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """a[t] for a per-sample t (B,), shaped to broadcast against x (B, ...), in x's dtype."""
+        return append_dims(a[t.to(a.device)].to(device=x.device, dtype=x.dtype), x.ndim)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps, a draw from q(x_t | x_0) (Ho et al. 2020, eq. 4)."""
+        return self.gather(self.sqrt_alpha_bar, t, x0) * x0 + self.gather(self.sqrt_one_minus_alpha_bar, t, x0) * eps
+
+    def noise(self, x0: torch.Tensor, t: torch.Tensor, generator: torch.Generator | None = None):
+        """(eps, x_t) with fresh eps ~ N(0, I): the guide's `get_x_t`."""
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return eps, self.q_sample(x0, t, eps)
+
+    def q_step(self, x_prev: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps, a draw from q(x_t | x_{t-1}) (Ho et al. 2020, eq. 2)."""
+        beta = self.gather(self.betas, t, x_prev)
+        return torch.sqrt(1 - beta) * x_prev + torch.sqrt(beta) * eps
+
+    def posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7); variance is (B, 1, ...)."""
+        mean = self.gather(self.posterior_coef_x0, t, x_t) * x0 + self.gather(self.posterior_coef_xt, t, x_t) * x_t
+        return mean, self.gather(self.beta_tilde, t, x_t)

@@ -1,0 +1,106 @@
+"""The command line, in-process: the main job, each verb, and one-line errors with exit code 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY
+from toydiff.cli import main
+
+
+def _sets(items):
+    return [a for item in items for a in ("--set", item)]
+
+
+@pytest.fixture
+def run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--out", str(out)] + _sets(TINY)) == 0
+    capsys.readouterr()
+    return out
+
+
+def test_run_writes_weights_samples_and_five_figures(run_dir):
+    assert (run_dir / "model.safetensors").is_file()
+    samples = np.load(run_dir / "samples.npy")
+    assert samples.shape == (64, 2) and np.isfinite(samples).all()
+    assert (run_dir / "samples.csv").read_text().splitlines()[0] == "x1,x2"
+    figures = {p.name for p in (run_dir / "figures").iterdir()}
+    assert figures == {"dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png"}
+    for f in (run_dir / "figures").iterdir():
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_and_plot_need_only_the_run_directory(run_dir, tmp_path, capsys):
+    out = tmp_path / "s.csv"
+    assert main(["sample", str(run_dir), "--n", "7", "--seed", "1", "--out", str(out),
+                 "--trajectory", str(tmp_path / "path.npy")]) == 0
+    lines = out.read_text().splitlines()
+    assert lines[0] == "x1,x2" and len(lines) == 8
+    assert np.load(tmp_path / "path.npy").shape == (9, 7, 2)  # T = 8: x_8 .. x_0
+    (run_dir / "figures" / "samples.png").unlink()
+    assert main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "figures" / "samples.png").is_file()
+    assert "figure:" in capsys.readouterr().out
+
+
+def test_config_prints_resolved_toml(capsys, tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[schedule]\nT = 25\n")
+    assert main(["config", "--preset", "guide", "--config", str(f), "--set", "train.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "T = 25" in out and "steps = 7" in out and 'arch = "guide"' in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'; choose one of: default, guide"),
+    (["run", "--set", "data.name=spiral"], "unknown dataset 'spiral'; choose one of: moons, sklearn-moons"),
+    (["run", "--set", "schedule.name=sig"], "unknown schedule 'sig'; choose one of: linear, polynomial, cosine"),
+    (["run", "--set", "model.arch=unet"], "unknown model 'unet'; choose one of: guide, mlp"),
+    (["run", "--set", "schedule.T=0"], "schedule.T must be >= 1"),
+    (["run", "--set", "schedule.beta_end=2", "--set", "schedule.name=linear"], "is outside (0, 1]"),
+    (["run", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["run", "--set", "sample.n=-5"], "sample.n must be >= 1"),
+    (["run", "--device", "tpu"], "unknown device 'tpu'"),
+    (["run", "--config", "/nonexistent.toml"], "config file '/nonexistent.toml' does not exist"),
+    (["sample", "/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
+    (["plot", "/"], "is not a toydiff run directory"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["sample"], "the following arguments are required: RUN_DIR"),
+    (["run", "--set"], "expected one argument"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    if argv[0] == "run":
+        argv = argv + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("toydiff: error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "number of samples must be >= 1"),
+    (["--out", "x.txt"], "--out must end in .npy or .csv"),
+    (["--batch-size", "-1"], "batch size must be >= 1"),
+])
+def test_bad_sample_flags(run_dir, args, message, capsys):
+    before = (run_dir / "samples.npy").read_bytes()
+    assert main(["sample", str(run_dir)] + args) == 2
+    assert message in capsys.readouterr().err
+    assert (run_dir / "samples.npy").read_bytes() == before
+
+
+def test_existing_output_is_not_touched(run_dir, capsys):
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert main(["run", "--out", str(run_dir)] + _sets(TINY)) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_real_process_exits_2_without_traceback():
+    r = subprocess.run([sys.executable, "-m", "toydiff", "run", "--set", "schedule.T=-3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "toydiff: error: schedule.T must be >= 1, got -3"

@@ -1,0 +1,79 @@
+"""Datasets and the Scaler, against sklearn and closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.datasets import make_moons
+
+from toydiff.data import DATASETS, Scaler, load_dataset, moons
+from toydiff.errors import ToydiffError
+
+
+def test_noise_free_moons_lie_on_the_arcs(rng):
+    x, labels = moons(5000, rng, noise=0.0)
+    outer, inner = x[labels == 0], x[labels == 1]
+    assert np.allclose(np.hypot(outer[:, 0], outer[:, 1]), 1.0)  # unit circle, upper half
+    assert np.all(outer[:, 1] >= 0)
+    assert np.allclose(np.hypot(inner[:, 0] - 1.0, inner[:, 1] - 0.5), 1.0)  # centre (1, 0.5), lower half
+    assert np.all(inner[:, 1] <= 0.5)
+
+
+def test_moons_is_iid_uniform_angle_and_fair_coin(rng):
+    x, labels = moons(20000, rng, noise=0.0)
+    assert stats.binomtest(int(labels.sum()), len(labels), 0.5).pvalue > 1e-3
+    angle = np.arctan2(x[labels == 0, 1], x[labels == 0, 0])
+    assert stats.kstest(angle / math.pi, "uniform").pvalue > 1e-3
+
+
+def test_moons_noise_has_the_requested_std(rng):
+    clean_rng, noisy_rng = np.random.default_rng(7), np.random.default_rng(7)
+    clean, _ = moons(50000, clean_rng, noise=0.0)
+    noisy, _ = moons(50000, noisy_rng, noise=0.1)
+    assert np.std(noisy - clean) == pytest.approx(0.1, rel=0.02)
+
+
+def test_sklearn_moons_is_make_moons(rng):
+    x, labels = load_dataset("sklearn-moons", 1000, np.random.default_rng(3), noise=0.0)
+    seed = int(np.random.default_rng(3).integers(2**31 - 1))
+    ref_x, ref_y = make_moons(n_samples=1000, random_state=seed)
+    assert np.array_equal(x, ref_x) and np.array_equal(labels, ref_y)
+
+
+def test_unknown_dataset_lists_the_choices(rng):
+    with pytest.raises(ToydiffError, match="unknown dataset 'spirals'; choose one of: moons, sklearn-moons"):
+        DATASETS.get("spirals")
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5])
+def test_minmax_maps_each_axis_onto_minus_one_one(rng, dim):
+    x = rng.normal(size=(300, dim)) * np.arange(1, dim + 1) + 10
+    s = Scaler.fit(x, "minmax")
+    z = s.transform(x)
+    assert np.allclose(z.min(0), -1) and np.allclose(z.max(0), 1)
+    assert np.allclose(s.inverse(z), x)
+    assert s.log_abs_det == pytest.approx(-np.sum(np.log((x.max(0) - x.min(0)) / 2)))
+
+
+def test_standardize_gives_zero_mean_unit_std(rng):
+    x = rng.normal(3, 5, size=(500, 3))
+    z = Scaler.fit(x, "standardize").transform(x)
+    assert np.allclose(z.mean(0), 0, atol=1e-12) and np.allclose(z.std(0), 1)
+
+
+def test_scaler_round_trips_through_its_dict(rng):
+    s = Scaler.fit(rng.normal(size=(50, 2)))
+    t = Scaler.from_dict(s.to_dict())
+    assert t.kind == s.kind and np.array_equal(t.shift, s.shift) and np.array_equal(t.scale, s.scale)
+
+
+def test_constant_column_is_refused():
+    x = np.c_[np.arange(10.0), np.full(10, 3.0)]
+    with pytest.raises(ToydiffError, match="data column 1 is constant"):
+        Scaler.fit(x)
+
+
+def test_unknown_scaling_is_refused(rng):
+    with pytest.raises(ToydiffError, match="choose one of: minmax, standardize"):
+        Scaler.fit(rng.normal(size=(10, 2)), "robust")

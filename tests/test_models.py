@@ -1,0 +1,56 @@
+"""Networks: the guide's architecture counted by hand, shapes for any D, the registry."""
+
+import pytest
+import torch
+
+from toydiff.config import ModelConfig
+from toydiff.errors import ToydiffError
+from toydiff.models import MODELS, GuideNoisePredictor, build_model, count_parameters, sinusoidal_embedding
+
+
+def test_guide_network_is_the_guides():
+    T = 10
+    net = GuideNoisePredictor(dim=2, T=T)
+    # Linear(T, 1) + Linear(3, 100) + 2 x Linear(100, 100) + Linear(100, 20) + Linear(20, 2)
+    by_hand = (T + 1) + (3 * 100 + 100) + 2 * (100 * 100 + 100) + (100 * 20 + 20) + (20 * 2 + 2)
+    assert count_parameters(net) == by_hand == 22_673
+    assert sum(isinstance(m, torch.nn.LeakyReLU) for m in net.modules()) == 4
+
+
+def test_guide_time_encoding_is_one_hot_of_t_minus_one():
+    net = GuideNoisePredictor(dim=2, T=5)
+    with torch.no_grad():
+        net.t_encoder.weight.copy_(torch.arange(5.0)[None, :])
+        net.t_encoder.bias.zero_()
+        t = torch.tensor([1, 3, 5])
+        emb = net.t_encoder(torch.nn.functional.one_hot(t - 1, 5).float())
+    assert emb.squeeze(1).tolist() == [0.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize("arch", MODELS.names())
+@pytest.mark.parametrize("dim", [1, 2, 5])
+def test_output_shape_matches_input_for_any_dimension(arch, dim):
+    net = build_model(ModelConfig(arch=arch, width=16, depth=2, fourier_octaves=2), dim=dim, T=10)
+    x, t = torch.randn(6, dim), torch.tensor([1, 2, 3, 8, 9, 10])
+    out = net(x, t)
+    assert out.shape == (6, dim) and torch.isfinite(out).all()
+
+
+def test_mlp_depends_on_t():
+    net = build_model(ModelConfig(width=16, depth=1), dim=2, T=10)
+    x = torch.randn(1, 2).expand(2, 2)
+    out = net(x, torch.tensor([1, 10]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_sinusoidal_embedding_formula():
+    emb = sinusoidal_embedding(torch.tensor([0.0, 3.0]), dim=4, max_period=100.0)
+    # frequencies 100^(-0/2) = 1 and 100^(-1/2) = 0.1
+    expect = torch.tensor([[1, 1, 0, 0], [torch.cos(torch.tensor(3.0)), torch.cos(torch.tensor(0.3)),
+                                          torch.sin(torch.tensor(3.0)), torch.sin(torch.tensor(0.3))]])
+    assert torch.allclose(emb, expect, atol=1e-6)
+
+
+def test_unknown_model_lists_the_choices():
+    with pytest.raises(ToydiffError, match="unknown model 'unet'; choose one of: guide, mlp"):
+        build_model(ModelConfig(arch="unet"), dim=2, T=10)

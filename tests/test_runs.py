@@ -1,0 +1,124 @@
+"""Run directories: train -> save -> load -> identical samples; determinism; damaged and foreign directories."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toydiff import Run, config as C, train_run
+from toydiff.errors import ToydiffError
+
+
+@pytest.fixture
+def trained(tiny_cfg, tmp_path):
+    return train_run(tiny_cfg, tmp_path / "run")
+
+
+def test_run_directory_is_self_describing(trained):
+    files = {p.name for p in trained.path.iterdir()}
+    assert {"run.json", "config.toml", "scaler.json", "train_data.npy", "model.safetensors", "train_log.csv"} <= files
+    info = json.loads((trained.path / "run.json").read_text())
+    assert info["format"] == "toydiff-run" and info["version"] == 1 and info["status"] == "trained"
+    assert info["alpha_bar_T"] == pytest.approx(trained.schedule.alpha_bar_T)
+    log = (trained.path / "train_log.csv").read_text().splitlines()
+    assert log[0] == "step,loss,lr,seconds" and len(log) == 1 + 3  # log_every = 10 over 30 steps
+
+
+def test_save_load_gives_identical_samples(trained):
+    loaded = Run.load(trained.path, device="cpu")
+    assert loaded.config == trained.config
+    a = trained.sample(100, seed=3)
+    b = loaded.sample(100, seed=3)
+    assert np.array_equal(a, b)
+
+
+def test_same_seed_same_weights_and_samples(tiny_cfg, tmp_path):
+    a, b = train_run(tiny_cfg, tmp_path / "a"), train_run(tiny_cfg, tmp_path / "b")
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    assert np.array_equal(a.sample(50, seed=1), b.sample(50, seed=1))
+    assert not np.array_equal(a.sample(50, seed=1), a.sample(50, seed=2))
+
+
+def test_samples_come_back_in_data_units(trained):
+    x = trained.sample(500, seed=0)
+    assert x.shape == (500, 2)
+    # the moons span about [-1, 2] x [-0.5, 1] in data units, not [-1, 1]^2
+    assert x[:, 0].max() > 1.2
+
+
+def test_trajectory_runs_from_x_T_to_x_0(trained):
+    x, path = trained.sample(10, seed=0, trajectory=True)
+    assert path.shape == (trained.schedule.T + 1, 10, 2)
+    assert np.allclose(trained.scaler.inverse(path[-1]), x, atol=1e-5)
+
+
+def test_sampling_in_batches_keeps_count(trained):
+    assert trained.sample(130, seed=0, batch_size=50).shape == (130, 2)
+
+
+@pytest.mark.parametrize("dim", [1, 5])
+def test_other_dimensions_train_and_sample(tiny_cfg, tmp_path, monkeypatch, dim):
+    import toydiff.runs as runs
+    monkeypatch.setattr(runs, "make_data", lambda cfg: (np.random.default_rng(0).normal(size=(200, dim)), None))
+    run = train_run(tiny_cfg, tmp_path / "d")
+    assert Run.load(run.path).sample(20, seed=0).shape == (20, dim)
+
+
+def test_bad_sample_count_is_refused(trained):
+    with pytest.raises(ToydiffError, match="number of samples must be >= 1"):
+        trained.sample(0)
+
+
+def test_existing_run_directory_is_never_overwritten(trained, tiny_cfg):
+    before = {p.name: p.read_bytes() for p in trained.path.iterdir() if p.is_file()}
+    with pytest.raises(ToydiffError, match="already exists and is not empty"):
+        train_run(tiny_cfg, trained.path)
+    assert before == {p.name: p.read_bytes() for p in trained.path.iterdir() if p.is_file()}
+
+
+def test_bad_config_writes_nothing(tiny_cfg, tmp_path):
+    cfg = C.with_overrides(tiny_cfg, ["data.name=nope"])
+    with pytest.raises(ToydiffError, match="unknown dataset 'nope'"):
+        train_run(cfg, tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_and_foreign_directories(tmp_path):
+    with pytest.raises(ToydiffError, match="does not exist"):
+        Run.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ToydiffError, match="is not a toydiff run directory \\(no run.json\\)"):
+        Run.load(tmp_path / "empty")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "run.json").write_text('{"format": "something-else"}')
+    with pytest.raises(ToydiffError, match="no 'toydiff-run' format tag"):
+        Run.load(tmp_path / "other")
+
+
+def test_newer_format_version_is_refused(trained):
+    info = json.loads((trained.path / "run.json").read_text())
+    (trained.path / "run.json").write_text(json.dumps({**info, "version": 99}))
+    with pytest.raises(ToydiffError, match="format version 99.*upgrade toydiff"):
+        Run.load(trained.path)
+
+
+def test_weights_of_another_architecture_are_refused(trained, tmp_path, tiny_cfg):
+    other = train_run(C.with_overrides(tiny_cfg, ["model.width=8"]), tmp_path / "other")
+    (trained.path / "model.safetensors").write_bytes((other.path / "model.safetensors").read_bytes())
+    with pytest.raises(ToydiffError, match="do not fit the run's configured model"):
+        Run.load(trained.path)
+
+
+def test_a_pickle_where_weights_belong_is_refused_unexecuted(trained, tmp_path):
+    import pickle
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    (trained.path / "model.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ToydiffError, match="is not a safetensors file"):
+        Run.load(trained.path)
+    assert not marker.exists()
