@@ -28,9 +28,15 @@ def default_forward_t(T: int) -> tuple[int, ...]:
     return tuple(sorted({0, max(1, round(T / 5)), T}))
 
 
-def default_field_t(T: int) -> tuple[int, ...]:
-    """About 0.3 T and T: the guide's (3, T) at T = 10."""
-    return tuple(sorted({max(1, round(0.3 * T)), T}))
+def default_field_t(schedule: NoiseSchedule) -> tuple[int, ...]:
+    """The first t whose noise-to-signal ratio sqrt((1 - abar_t) / abar_t) reaches 0.1, and T.
+
+    Fine structure shows at that noise level whatever the schedule; for the guide's
+    schedule it is its (3, T)."""
+    ab = schedule.alpha_bar64[1:]
+    with np.errstate(divide="ignore"):
+        nsr = np.sqrt((1 - ab) / ab)
+    return tuple(sorted({int(np.argmax(nsr >= 0.1)) + 1, schedule.T}))
 
 
 def _subset(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,7 +111,7 @@ def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) ->
         axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
         grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
         _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
-        fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(T), grid), T,
+        fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
                                         trajectory=path[:, 0, :])
         paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)
     paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)

@@ -1,0 +1,30 @@
+# toydiff: `make run` (set up + the main job on Two Moons), `make test` (set up + the test suite).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+# The CPU build of torch on these machines' disk; `make TORCH=torch` takes PyPI's default (CUDA) build.
+TORCH  ?= torch==2.13.0
+ARGS   ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup run test fast-test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+run: setup
+	$(BIN)/toydiff run $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+fast-test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
