@@ -104,3 +104,10 @@ def test_real_process_exits_2_without_traceback():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "toydiff: error: schedule.T must be >= 1, got -3"
+
+
+def test_quiet_run_still_warns_about_alpha_bar_T(tmp_path, capsys):
+    argv = ["train", "--quiet", "--out", str(tmp_path / "w")] + _sets(TINY + ["schedule.name=linear"])
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: alpha_bar_T = 0.9") and err.count("\n") == 1

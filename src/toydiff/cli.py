@@ -91,7 +91,11 @@ def _default_out(args: argparse.Namespace, cfg: ExperimentConfig) -> Path:
 
 
 def _log(quiet: bool):
-    return (lambda s: None) if quiet else (lambda s: print(s, file=sys.stderr, flush=True))
+    """Progress messages to stderr; --quiet silences all but warnings."""
+    def log(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            print(message, file=sys.stderr, flush=True)
+    return log
 
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:

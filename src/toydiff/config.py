@@ -39,7 +39,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: str = "cosine"  # beta schedule: linear | polynomial | cosine
-    T: int = 50  # diffusion steps; t runs 1..T, t = 0 is the data
+    T: int = 1000  # diffusion steps; t runs 1..T, t = 0 is the data (training cost does not grow with T)
     beta_start: float = 1e-4  # linear: beta_1 (Ho et al. 2020 use 1e-4 with T = 1000)
     beta_end: float = 0.02  # linear: beta_T (Ho et al. 2020 use 0.02 with T = 1000)
     beta_max: float = 0.99  # polynomial: beta_t = (beta_max * t / T) ** power, so beta_T = beta_max ** power
@@ -55,8 +55,8 @@ class ScheduleConfig:
 class ModelConfig:
     arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
     prediction: str = "eps"  # what the network predicts: eps | x0 | v
-    width: int = 128  # mlp: hidden units per layer
-    depth: int = 3  # mlp: residual blocks
+    width: int = 64  # mlp: hidden units per layer
+    depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
     fourier_octaves: int = 0  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
 

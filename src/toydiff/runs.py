@@ -23,9 +23,9 @@ from . import config as config_io
 from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, load_weights, read_manifest,
                          save_csv, save_npy, save_weights, write_manifest)
 from .config import ExperimentConfig
-from .data import SCALINGS, Scaler, load_dataset
+from .data import DATASETS, SCALINGS, Scaler, load_dataset
 from .errors import ToydiffError
-from .models import build_model, count_parameters
+from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS
@@ -124,8 +124,6 @@ def make_data(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Everything about a config that can fail, checked before anything is written."""
-    from .data import DATASETS
-    from .models import MODELS
     DATASETS.get(cfg.data.name)
     MODELS.get(cfg.model.arch)
     if cfg.data.scaling not in SCALINGS:
