@@ -111,8 +111,10 @@ def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) ->
         axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
         grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
         _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
+        # at most 20 segments, evenly spaced in t: 1000 Brownian-like steps would hide the path's shape
+        shown_steps = np.unique(np.linspace(0, T, min(T, 20) + 1).round().astype(int))
         fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
-                                        trajectory=path[:, 0, :])
+                                        trajectory=path[shown_steps, 0, :])
         paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)
     paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
     return paths

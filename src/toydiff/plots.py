@@ -113,22 +113,11 @@ def vector_field_figure(grid: np.ndarray, fields: Sequence[tuple[int, np.ndarray
     for ax, (t, field) in zip(axes, fields):
         ax.quiver(grid[:, 0], grid[:, 1], -field[:, 0], -field[:, 1], color="#222222", width=0.004, zorder=2)
         if trajectory is not None and ax is axes[0]:
-            _trajectory(ax, trajectory)
+            ax.plot(trajectory[:, 0], trajectory[:, 1], "--o", color=BLUE, lw=2.2, ms=6, zorder=3)
         t_label = "T" if t == T else str(t)
         ax.set_title(rf"$-\epsilon_\theta(\mathbf{{x}}_t, t={t_label})$")
         _square(ax, lim=LIM + 0.15, label=ax is axes[0])
     return fig
-
-
-def _trajectory(ax: Axes, path: np.ndarray) -> None:
-    """The guide's dashed path with a dot per step; past 20 steps a thin line, x_T hollow and x_0 filled."""
-    if len(path) <= 21:
-        ax.plot(path[:, 0], path[:, 1], "--o", color=BLUE, lw=2.2, ms=6, zorder=3)
-        return
-    ax.plot(path[:, 0], path[:, 1], "-", color=BLUE, lw=1.3, alpha=0.85, zorder=3)
-    ax.plot(*path[0], "o", mfc="white", mec=BLUE, mew=2, ms=8, zorder=4, label=r"$\mathbf{x}_T$")
-    ax.plot(*path[-1], "o", color=BLUE, ms=8, zorder=4, label=r"$\mathbf{x}_0$")
-    ax.legend(loc="lower right", fontsize=11, framealpha=0.9)
 
 
 @_styled
