@@ -101,10 +101,11 @@ def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) ->
     density = _subset(data, 2000, rng)
     shown = _subset(data, cfg.points, rng)
     paths = {
-        "dataset": _save(plots.dataset_figure(density, shown), out_dir / "dataset.png", cfg.dpi),
+        "dataset": _save(plots.points_figure(density, shown, "data"), out_dir / "dataset.png", cfg.dpi),
         "forward": _save(plots.forward_figure(forward_panels(run, cfg.forward_t or default_forward_t(T), shown)),
                          out_dir / "forward.png", cfg.dpi),
-        "samples": _save(plots.samples_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng)),
+        "samples": _save(plots.points_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng),
+                                                  "samples over the data"),
                          out_dir / "samples.png", cfg.dpi),
     }
     if run.dim == 2:

@@ -70,13 +70,16 @@ def _blues():
 
 
 @_styled
-def dataset_figure(density: np.ndarray, shown: np.ndarray) -> Figure:
-    """Fig. 1: points of the data set over a filled density of the data. Both (N, 2), scaled."""
+def points_figure(density: np.ndarray, shown: np.ndarray, title: str) -> Figure:
+    """Points (n, 2) over a filled density of the data (N, 2), scaled frame.
+
+    Fig. 1 shows points of the data set; Fig. 3 shows generated samples over the training data.
+    """
     fig, (ax,) = _figure(1)
     _density(ax, density)
     _scatter(ax, shown)
     _square(ax)
-    ax.set_title("data")
+    ax.set_title(title)
     return fig
 
 
@@ -88,17 +91,6 @@ def forward_figure(panels: Sequence[tuple[int, np.ndarray]]) -> Figure:
         _scatter(ax, x_t)
         _square(ax, label=ax is axes[0])
         ax.set_title(f"$t={t}$")
-    return fig
-
-
-@_styled
-def samples_figure(density: np.ndarray, shown: np.ndarray) -> Figure:
-    """Fig. 3: generated samples (shown, (n, 2)) over a filled density of the training data (N, 2)."""
-    fig, (ax,) = _figure(1)
-    _density(ax, density)
-    _scatter(ax, shown)
-    _square(ax)
-    ax.set_title("samples over the data")
     return fig
 
 
