@@ -19,3 +19,9 @@ def tiny_cfg() -> C.ExperimentConfig:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Noise floors are cached; tests keep theirs private, never in the user's ~/.cache."""
+    monkeypatch.setenv("TOYDIFF_CACHE", str(tmp_path / "cache"))

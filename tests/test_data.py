@@ -77,3 +77,18 @@ def test_constant_column_is_refused():
 def test_unknown_scaling_is_refused(rng):
     with pytest.raises(ToydiffError, match="choose one of: minmax, standardize"):
         Scaler.fit(rng.normal(size=(10, 2)), "robust")
+
+
+def test_moons_distance_against_hand_cases():
+    from toydiff.data import moons_distance
+    pts = np.array([[0.0, 1.0], [0.0, 1.5], [0.0, 0.0], [1.0, -0.5], [2.5, 0.5], [-1.0, -1.0], [0.5, 0.0]])
+    # on the outer arc; 0.5 above it; the origin is 1 from the outer arc and hypot(1, 0.5) - 1 from the inner
+    # arc (centre (1, 0.5), it lies in the arc's lower half-plane); bottom of the inner arc; 0.5 right of the inner arc's tip (2, 0.5); 1 below the outer tip (-1, 0);
+    # (0.5, 0): distance to the inner arc |hypot(-0.5, -0.5) - 1|
+    expect = [0.0, 0.5, np.hypot(1, 0.5) - 1, 0.0, 0.5, 1.0, 1 - np.hypot(0.5, 0.5)]
+    assert np.allclose(moons_distance(pts), expect)
+
+
+def test_noise_free_moons_have_zero_support_distance(rng):
+    from toydiff.data import moons_distance
+    assert np.allclose(moons_distance(moons(1000, rng, noise=0.0)[0]), 0.0, atol=1e-12)

@@ -46,9 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"toydiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the main job: train, sample and draw the figures into a new run directory")
+    p = sub.add_parser("run", help="the main job: train, sample, draw the figures and evaluate, in a new run directory")
     _add_config_args(p)
     _add_out_args(p)
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
     p = sub.add_parser("train", help="train a model into a new run directory")
     _add_config_args(p)
     _add_out_args(p)
@@ -64,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="draw the five figures of a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+    p = sub.add_parser("eval", help="judge a run's samples against fresh iid data, each metric beside its noise floor")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
+    p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser("config", help="print the resolved configuration as TOML")
@@ -118,7 +125,17 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     log("drawing figures")
     for name, path in write_figures(run, samples).items():
         print(f"  figure:    {path}")
+    if not args.no_eval:
+        _evaluate(run, samples, log)
     return 0
+
+
+def _evaluate(run, samples, log, spec=None) -> None:
+    from .evaluation import evaluate_run, format_table
+
+    rep = evaluate_run(run, samples, log=log, spec=spec)
+    print(f"  metrics:   {run.path / 'metrics.json'}")
+    print(format_table(rep))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -163,6 +180,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .checkpoint import load_npy
+    from .runs import Run
+
+    run = Run.load(args.run_dir, device=args.device)
+    spec = run.config.eval
+    try:
+        spec = dataclasses.replace(spec, **{k: v for k, v in (("n", args.n), ("draws", args.draws)) if v is not None})
+    except ToydiffError as e:
+        raise ToydiffError(f"{e} (from --n / --draws)") from None
+    sample_file = run.path / "samples.npy"
+    samples = load_npy(sample_file) if sample_file.exists() else None
+    if samples is None or len(samples) < spec.n:
+        samples = run.sample(spec.n)  # the stored ones are too few: draw afresh
+    _evaluate(run, samples, _log(False), spec)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(resolve_config(args).to_toml(), end="")
     return 0
@@ -174,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command in ("run", "train"):
             return cmd_train(args, full=args.command == "run")
-        return {"sample": cmd_sample, "plot": cmd_plot, "config": cmd_config}[args.command](args)
+        return {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "config": cmd_config}[args.command](args)
     except (ToydiffError, _UsageError) as e:
         print(f"toydiff: error: {e}", file=sys.stderr)
         return 2

@@ -124,6 +124,22 @@ class PlotConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    n: int = 5000  # samples compared with as many fresh iid reference points (REFERENCE.md: n = 5000 has the power)
+    w2_n: int = 2000  # points used by exact W2 (its cost grows about as n^3)
+    k: int = 5  # neighbours for precision / recall / density / coverage
+    draws: int = 20  # reference pairs behind each noise floor (10 leave the floor's std 25% uncertain)
+    z_max: float = 3.0  # a metric more than this many floor deviations on the bad side is flagged
+
+    def __post_init__(self):
+        _check(self.n >= 20, f"eval.n must be >= 20, got {self.n}")
+        _check(self.w2_n >= 2, f"eval.w2_n must be >= 2, got {self.w2_n}")
+        _check(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
+        _check(self.draws >= 2, f"eval.draws must be >= 2 (a floor needs a spread), got {self.draws}")
+        _check(self.z_max > 0, f"eval.z_max must be > 0, got {self.z_max}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     seed: int = 0  # every random draw (data, weights, batches, noise, samples) derives from this
     data: DataConfig = field(default_factory=DataConfig)
@@ -132,6 +148,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
         _check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}")

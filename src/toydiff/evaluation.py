@@ -1,0 +1,244 @@
+"""Evaluate samples against a fresh iid reference, each metric beside its finite-sample noise floor.
+
+The floor of a metric at sample size n is its value between two independent reference
+samples of size n: its mean and spread over `draws` pairs. A metric's z-score is how
+many floor deviations the model's value lies on the bad side of the floor's mean; the
+verdict calls a run indistinguishable from data when every z is at most `z_max`.
+Floors depend only on the data distribution, n and the scaler, so they are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .checkpoint import atomic_write_text
+from .config import EvalConfig, ExperimentConfig
+from .data import IID_TWIN, SUPPORT_DISTANCE, Scaler, load_dataset
+from .errors import ToydiffError
+from .runs import Run
+from .runtime import derive_seed
+
+# name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
+FRACTIONS = ("precision", "recall", "coverage", "off_data")  # shares of n points: resolution 1 / n
+METRICS: dict[str, tuple[int, str]] = {
+    "mmd2": (+1, "unbiased multi-bandwidth RBF MMD^2, scaled frame"),
+    "knn_auc": (+1, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
+    "energy": (+1, "energy distance, scaled frame"),
+    "energy_data": (+1, "energy distance, data units"),
+    "w2": (+1, "exact 2-Wasserstein on the first w2_n points, scaled frame"),
+    "w2_data": (+1, "exact 2-Wasserstein on the first w2_n points, data units"),
+    "sliced_w2": (+1, "sliced 2-Wasserstein, scaled frame"),
+    "sliced_w2_data": (+1, "sliced 2-Wasserstein, data units"),
+    "precision": (-1, "share of samples inside the data's k-NN balls"),
+    "recall": (-1, "share of data inside the samples' k-NN balls"),
+    "density": (-1, "k-NN density (Naeem et al. 2020)"),
+    "coverage": (-1, "share of data balls that hold a sample"),
+    "off_data": (+1, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
+}
+FLOOR_VERSION = 1  # bump when a metric's definition changes, so cached floors are recomputed
+
+
+def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,
+            support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+            noise: float = 0.0) -> dict[str, Optional[float]]:
+    """Every metric of METRICS for samples vs reference (both (n, D), data units). None = not computable."""
+    x, y = M.check_pair(samples, reference, max(10, spec.k + 1))
+    xs, ys = scaler.transform(x), scaler.transform(y)
+    w = min(spec.w2_n, len(x), len(y))
+    out: dict[str, Optional[float]] = {
+        "mmd2": M.mmd2(xs, ys),
+        "knn_auc": M.knn_auc(xs, ys),
+        "energy": M.energy_distance(xs, ys),
+        "energy_data": M.energy_distance(x, y),
+        "w2": M.w2_exact(xs[:w], ys[:w]),
+        "w2_data": M.w2_exact(x[:w], y[:w]),
+        "sliced_w2": M.sliced_w2(xs, ys),
+        "sliced_w2_data": M.sliced_w2(x, y),
+        **M.prdc(xs, ys, k=spec.k),
+        "off_data": None,
+    }
+    if support_distance is not None:
+        out["off_data"] = M.off_data_fraction(support_distance(x), max(4 * noise, 0.02))
+    return out
+
+
+def floors(draw_reference: Callable[[np.random.Generator, int], np.ndarray], scaler: Scaler, spec: EvalConfig,
+           support_distance=None, noise: float = 0.0, progress: Callable[[int], None] = lambda i: None):
+    """Mean and std of each metric between two independent reference draws of size spec.n."""
+    rng = np.random.default_rng(0xF1001)  # fixed: floors depend on the distribution, not on a run
+    values: dict[str, list[float]] = {name: [] for name in METRICS}
+    for i in range(spec.draws):
+        a, b = draw_reference(rng, spec.n), draw_reference(rng, spec.n)
+        for name, v in compute(a, b, scaler, spec, support_distance, noise).items():
+            if v is not None:
+                values[name].append(v)
+        progress(i + 1)
+    return {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                   "draws": len(v)} for name, v in values.items() if v}
+
+
+def z_scores(values: dict[str, Optional[float]], floor: dict, n: int) -> dict[str, Optional[float]]:
+    """Floor deviations on the bad side of the floor's mean (negative: better than two draws of the data).
+
+    A share of n points cannot resolve less than 1 / n, so that is the smallest deviation used for
+    them (a noise-free floor of exactly 0 then counts each offending sample as one deviation).
+    """
+    out = {}
+    for name, v in values.items():
+        f = floor.get(name)
+        if v is None or f is None:
+            out[name] = None
+            continue
+        direction = METRICS[name][0]
+        resolution = 1.0 / n if name in FRACTIONS else 1e-12
+        out[name] = direction * (v - f["mean"]) / max(f["std"], resolution)
+    return out
+
+
+def verdict(z: dict[str, Optional[float]], n: int, z_max: float) -> str:
+    flagged = sorted(((name, s) for name, s in z.items() if s is not None and s > z_max), key=lambda p: -p[1])
+    if not flagged:
+        return f"indistinguishable from data at n = {n} (every metric within {z_max:g} floor deviations)"
+    listed = ", ".join(f"{name} z = {s:.1f}" for name, s in flagged[:4])
+    more = f" and {len(flagged) - 4} more" if len(flagged) > 4 else ""
+    return f"distinguishable from data at n = {n}: {listed}{more}"
+
+
+def floor_cache_path(key: dict) -> Path:
+    root = Path(os.environ.get("TOYDIFF_CACHE") or Path.home() / ".cache" / "toydiff")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return root / "floors" / f"{digest}.json"
+
+
+def cached_floors(key: dict, compute_floors: Callable[[], dict]) -> tuple[dict, bool]:
+    """Floors from the cache when `key` (everything they depend on) was seen before; else computed and stored."""
+    path = floor_cache_path({**key, "floor_version": FLOOR_VERSION})
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored.get("key") == {**key, "floor_version": FLOOR_VERSION}:
+            return stored["floors"], True
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or unreadable: compute afresh
+    result = compute_floors()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"key": {**key, "floor_version": FLOOR_VERSION}, "floors": result}))
+    except OSError:
+        pass  # a read-only home only costs the recomputation next time
+    return result, False
+
+
+def report(values: dict, floor: dict, spec: EvalConfig) -> dict:
+    z = z_scores(values, floor, spec.n)
+    rows = {}
+    for name in METRICS:
+        f = floor.get(name)
+        v = values.get(name)
+        # a ratio only means something where the floor is clearly above zero (W2, sliced W2, AUC)
+        ratio = (v / f["mean"]) if (v is not None and f and f["mean"] > 2 * f["std"] > 0
+                                    and METRICS[name][0] > 0) else None
+        rows[name] = {"value": v, "floor_mean": f["mean"] if f else None, "floor_std": f["std"] if f else None,
+                      "ratio": ratio, "z": z[name], "about": METRICS[name][1]}
+    return {"n": spec.n, "spec": asdict(spec), "metrics": rows, "verdict": verdict(z, spec.n, spec.z_max)}
+
+
+def format_table(rep: dict) -> str:
+    def num(v):
+        if v is None:
+            return "missing"
+        return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+    lines = [f"{'metric':<15}{'value':>11}{'floor mean':>13}{'floor std':>11}{'ratio':>8}{'z':>8}"]
+    for name, r in rep["metrics"].items():
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        z = "" if r["z"] is None else (f"{r['z']:.1f}" if math.isfinite(r["z"]) else "inf")
+        lines.append(f"{name:<15}{num(r['value']):>11}{num(r['floor_mean']):>13}{num(r['floor_std']):>11}"
+                     f"{ratio:>8}{z:>8}")
+    lines.append(f"verdict: {rep['verdict']}")
+    return "\n".join(lines)
+
+
+FRAME_POINTS = 100_000  # iid points whose per-axis min-max defines the evaluation frame
+
+
+@dataclass(frozen=True)
+class Target:
+    """The data distribution a run is judged against: an iid sampler, a fixed frame, what floors depend on."""
+
+    draw: Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> (n, D) data units
+    frame: Scaler  # per-axis min-max of FRAME_POINTS iid points: one frame for every run on this data
+    key: dict  # everything the floors depend on besides the EvalConfig
+    support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    noise: float = 0.0
+
+
+def target_for(cfg: ExperimentConfig) -> Target:
+    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's noise."""
+    name = IID_TWIN.get(cfg.data.name, cfg.data.name)
+    noise = cfg.data.noise
+    draw = lambda rng, n: load_dataset(name, n, rng, noise)[0]  # noqa: E731
+    frame = Scaler.fit(draw(np.random.default_rng(0xF7A3E), FRAME_POINTS), "minmax")
+    return Target(draw, frame, {"dataset": name, "noise": noise}, SUPPORT_DISTANCE.get(name), noise)
+
+
+@contextmanager
+def _all_cores():
+    """Large pairwise-distance work uses every core (unlike the tiny networks)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 0,
+             log: Callable[[str], None] = lambda s: None) -> dict:
+    """Compare the first spec.n samples (data units) with spec.n fresh iid reference points, beside the floors."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 2 or len(samples) == 0:
+        raise ToydiffError(f"there are no samples to evaluate (got an array of shape {samples.shape})")
+    if not np.isfinite(samples).all():
+        bad = int((~np.isfinite(samples).all(1)).sum())
+        raise ToydiffError(f"{bad} of {len(samples)} samples contain NaN or infinite values; the model diverged")
+    reference_probe = target.draw(np.random.default_rng(0), 2)
+    if samples.shape[1] != reference_probe.shape[1]:
+        raise ToydiffError(f"the samples have {samples.shape[1]} columns but the data has {reference_probe.shape[1]}")
+    if len(samples) < spec.n:
+        if len(samples) < 20:
+            raise ToydiffError(f"{len(samples)} samples are too few to evaluate; draw at least 20 (eval.n = {spec.n})")
+        log(f"only {len(samples)} samples: evaluating at n = {len(samples)} instead of eval.n = {spec.n}")
+        spec = replace(spec, n=len(samples))
+    samples = samples[:spec.n]
+    settings = {k: v for k, v in asdict(spec).items() if k != "z_max"}  # the verdict's threshold is not a floor's
+    key = {**target.key, **settings, "frame": target.frame.to_dict()}
+    with _all_cores():
+        def compute_floors():
+            log(f"computing noise floors: {spec.draws} pairs of {spec.n} iid reference points (cached afterwards)")
+            return floors(target.draw, target.frame, spec, target.support_distance, target.noise)
+        floor, cached = cached_floors(key, compute_floors)
+        reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
+        values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise)
+    rep = report(values, floor, spec)
+    rep["frame"] = "per-axis min-max of 100,000 iid points of the data distribution"
+    rep["reference"] = target.key
+    rep["floors_cached"] = cached
+    return rep
+
+
+def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
+                 spec: Optional[EvalConfig] = None) -> dict:
+    """Evaluate a run's samples and write RUN_DIR/metrics.json."""
+    rep = evaluate(samples, target_for(run.config), spec or run.config.eval, seed=run.config.seed, log=log)
+    atomic_write_text(run.path / "metrics.json", json.dumps(rep, indent=2))
+    return rep

@@ -1,0 +1,97 @@
+"""Noise floors, z-scores and the verdict; `toydiff eval`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from toydiff import config as C
+from toydiff.config import EvalConfig
+from toydiff.data import moons
+from toydiff.errors import ToydiffError
+from toydiff.evaluation import Target, evaluate, floors, target_for
+
+
+def small(n=300, draws=4, w2_n=200):
+    return EvalConfig(n=n, w2_n=w2_n, draws=draws)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return target_for(C.ExperimentConfig())
+
+
+def test_floors_shrink_as_n_grows(target):
+    f_small = floors(target.draw, target.frame, small(200, 6, 200), target.support_distance, target.noise)
+    f_large = floors(target.draw, target.frame, small(1600, 6, 1600), target.support_distance, target.noise)
+    for name in ("w2", "sliced_w2"):  # biased upward at finite n; the unbiased ones centre on 0
+        assert f_large[name]["mean"] < f_small[name]["mean"]
+    for name in ("mmd2", "knn_auc", "energy"):
+        assert f_large[name]["std"] < f_small[name]["std"]
+    assert abs(f_large["knn_auc"]["mean"] - 0.5) < 0.02
+
+
+def test_data_is_indistinguishable_and_a_gaussian_is_not(target):
+    rng = np.random.default_rng(3)
+    rep = evaluate(target.draw(rng, 300), target, small(draws=20))  # few draws leave the floor's std too loose
+    assert rep["verdict"].startswith("indistinguishable from data at n = 300")
+    data = target.draw(rng, 5000)
+    gauss = rng.multivariate_normal(data.mean(0), np.cov(data.T), size=300)
+    rep = evaluate(gauss, target, small(draws=20))
+    assert rep["verdict"].startswith("distinguishable from data at n = 300")
+    assert rep["metrics"]["off_data"]["z"] > 3 and rep["metrics"]["precision"]["z"] > 3
+
+
+def test_floors_are_cached(target):
+    rng = np.random.default_rng(0)
+    first = evaluate(target.draw(rng, 300), target, small())
+    second = evaluate(target.draw(rng, 300), target, small())
+    assert not first["floors_cached"] and second["floors_cached"]
+    assert first["metrics"]["mmd2"]["floor_std"] == second["metrics"]["mmd2"]["floor_std"]
+
+
+def test_make_moons_is_judged_against_iid_moons():
+    t = target_for(C.preset("guide"))
+    assert t.key == {"dataset": "moons", "noise": 0.0}
+
+
+@pytest.mark.parametrize("samples, message", [
+    (np.zeros((0, 2)), "no samples to evaluate"),
+    (np.full((300, 2), np.nan), "300 of 300 samples contain NaN"),
+    (np.zeros((300, 3)), "the samples have 3 columns but the data has 2"),
+    (np.zeros((5, 2)), "5 samples are too few"),
+])
+def test_bad_samples_are_refused(target, samples, message):
+    with pytest.raises(ToydiffError, match=message):
+        evaluate(samples, target, small())
+
+
+def test_fewer_samples_than_n_evaluates_at_their_count(target):
+    rep = evaluate(target.draw(np.random.default_rng(1), 150), target, small(300))
+    assert rep["n"] == 150
+
+
+def test_missing_metric_is_reported_missing_not_zero():
+    draw = lambda rng, n: rng.normal(size=(n, 2))  # noqa: E731
+    from toydiff.data import Scaler
+    t = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 1000)), {"dataset": "gauss"}, None, 0.0)
+    rep = evaluate(draw(np.random.default_rng(1), 300), t, small())
+    assert rep["metrics"]["off_data"]["value"] is None and rep["metrics"]["off_data"]["z"] is None
+    assert "off_data" not in rep["verdict"]
+
+
+def test_cli_eval_writes_metrics_json(tmp_path, capsys):
+    from conftest import TINY
+    from toydiff.cli import main
+    out = tmp_path / "run"
+    sets = [a for s in TINY + ["eval.n=100", "eval.draws=3", "eval.w2_n=50"] for a in ("--set", s)]
+    assert main(["run", "--quiet", "--out", str(out)] + sets) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: " in printed and "floor mean" in printed
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["n"] == 64  # sample.n = 64 < eval.n: evaluated at the samples' count
+    assert main(["eval", str(out), "--n", "80", "--draws", "3"]) == 0
+    rep = json.loads((out / "metrics.json").read_text())
+    assert rep["n"] == 80 and set(rep["metrics"]) >= {"mmd2", "knn_auc", "w2", "precision", "off_data"}
+    assert main(["eval", str(out), "--n", "5"]) == 2
+    assert "eval.n must be >= 20" in capsys.readouterr().err
