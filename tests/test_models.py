@@ -54,3 +54,15 @@ def test_sinusoidal_embedding_formula():
 def test_unknown_model_lists_the_choices():
     with pytest.raises(ToydiffError, match="unknown model 'unet'; choose one of: guide, mlp"):
         build_model(ModelConfig(arch="unet"), dim=2, T=10)
+
+
+@pytest.mark.parametrize("arch", MODELS.names())
+def test_fractional_t_interpolates_and_integer_t_is_unchanged(arch):
+    """The likelihood ODE calls networks at fractional t: integer-valued floats must agree with longs."""
+    net = build_model(ModelConfig(arch=arch, width=16, depth=1), dim=2, T=10)
+    x = torch.randn(3, 2)
+    t = torch.tensor([1, 5, 10])
+    assert torch.allclose(net(x, t), net(x, t.double().float()), atol=1e-6)
+    if arch == "guide":  # piecewise linear in t between the one-hot neighbours
+        emb = net._one_hot(torch.tensor([2.25]))
+        assert torch.allclose(emb, torch.tensor([[0, 0.75, 0.25, 0, 0, 0, 0, 0, 0, 0]]))

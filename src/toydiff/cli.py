@@ -131,11 +131,13 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
 
 
 def _evaluate(run, samples, log, spec=None) -> None:
-    from .evaluation import evaluate_run, format_table
+    from .evaluation import evaluate_run, format_likelihoods, format_table
 
     rep = evaluate_run(run, samples, log=log, spec=spec)
     print(f"  metrics:   {run.path / 'metrics.json'}")
     print(format_table(rep))
+    if "likelihood" in rep:
+        print(format_likelihoods(rep["likelihood"]))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

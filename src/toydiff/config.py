@@ -54,7 +54,7 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
-    prediction: str = "eps"  # what the network predicts: eps | x0 | v
+    prediction: str = "v"  # what the network predicts: eps | x0 | v (v: well-conditioned where alpha_bar_t -> 0)
     width: int = 64  # mlp: hidden units per layer
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
@@ -130,6 +130,7 @@ class EvalConfig:
     k: int = 5  # neighbours for precision / recall / density / coverage
     draws: int = 20  # reference pairs behind each noise floor (10 leave the floor's std 25% uncertain)
     z_max: float = 3.0  # a metric more than this many floor deviations on the bad side is flagged
+    nll_n: int = 1000  # held-out iid points whose ELBO and ODE likelihood are computed; 0 = skip likelihoods
 
     def __post_init__(self):
         _check(self.n >= 20, f"eval.n must be >= 20, got {self.n}")
@@ -137,6 +138,7 @@ class EvalConfig:
         _check(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
         _check(self.draws >= 2, f"eval.draws must be >= 2 (a floor needs a spread), got {self.draws}")
         _check(self.z_max > 0, f"eval.z_max must be > 0, got {self.z_max}")
+        _check(self.nll_n >= 0, f"eval.nll_n must be >= 0 (0 = skip), got {self.nll_n}")
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,20 @@ class GuideNoisePredictor(nn.Module):
         self.model = nn.Sequential(*layers, nn.Linear(20, dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_embedding = self.t_encoder(nn.functional.one_hot(t - 1, num_classes=self.T).to(x_t.dtype))
+        t_embedding = self.t_encoder(self._one_hot(t).to(x_t.dtype))
         return self.model(torch.cat([x_t, t_embedding], dim=1))
+
+    def _one_hot(self, t: torch.Tensor) -> torch.Tensor:
+        """one_hot(t - 1); a fractional t (the likelihood ODE) mixes its two neighbours linearly."""
+        if not t.is_floating_point():
+            return nn.functional.one_hot(t - 1, num_classes=self.T)
+        t = t.clamp(1, self.T)
+        lo = t.floor().long().clamp(max=self.T - 1) if self.T > 1 else t.floor().long()
+        frac = (t - lo)[:, None]
+        hot = nn.functional.one_hot(lo - 1, num_classes=self.T).to(t.dtype) * (1 - frac)
+        if self.T > 1:
+            hot = hot + nn.functional.one_hot(lo, num_classes=self.T).to(t.dtype) * frac
+        return hot
 
 
 def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
