@@ -17,7 +17,7 @@ def _sets(items):
 @pytest.fixture
 def run_dir(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--quiet", "--out", str(out)] + _sets(TINY)) == 0
+    assert main(["run", "--quiet", "--no-eval", "--out", str(out)] + _sets(TINY)) == 0  # eval: test_evaluation.py
     capsys.readouterr()
     return out
 

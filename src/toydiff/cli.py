@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
+    p = sub.add_parser("study", help="run a grid of configurations x seeds in parallel; resumable")
+    _add_config_args(p)
+    p.add_argument("--grid", dest="axes", action="append", default=[], metavar="SECTION.KEY=V1,V2",
+                   help="one grid axis (repeatable), e.g. --grid schedule.T=10,100")
+    p.add_argument("--grid-file", metavar="FILE", help="a TOML grid file (see toydiff.study)")
+    p.add_argument("--builtin", metavar="NAME", help="a shipped grid: guide (the guide's claims)")
+    p.add_argument("--seeds", type=int, help="seeds per cell (default: the grid file's, else 3)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--out", metavar="DIR", help="study directory; an existing one is resumed (default: studies/NAME)")
+
     p = sub.add_parser("config", help="print the resolved configuration as TOML")
     _add_config_args(p)
     return parser
@@ -202,6 +212,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from . import study
+
+    if args.jobs < 1:
+        raise ToydiffError(f"--jobs must be >= 1, got {args.jobs}")
+    if sum(bool(x) for x in (args.axes, args.grid_file, args.builtin)) != 1:
+        raise ToydiffError("give the grid one way: --grid (repeatable), --grid-file FILE or --builtin NAME")
+    if args.axes:
+        axes = study.parse_axes(dict(study.parse_cli_axis(a) for a in args.axes))
+        grid = study.build_grid(resolve_config(args), axes, 3 if args.seeds is None else args.seeds, [])
+        name = "grid"
+    else:
+        path = study.builtin_grid_path(args.builtin) if args.builtin else Path(args.grid_file)
+        explicit = args.preset != "default" or args.config or args.overrides or args.device
+        grid = study.load_grid_file(path, resolve_config(args) if explicit else None)
+        if args.seeds is not None:
+            grid = dataclasses.replace(grid, seeds=args.seeds)
+            study.build_grid(grid.base, [("x", [("x", ())])], grid.seeds, [])  # the same check as a file's seeds
+        name = args.builtin or path.stem
+    out = Path(args.out) if args.out else Path("studies") / name
+    study.run_study(grid, out, jobs=args.jobs, log=_log(False))
+    print(f"study directory: {out}")
+    print(f"  results:   {out / 'results.csv'}")
+    print(f"  summary:   {out / 'summary.md'}")
+    print(f"  figure:    {out / 'study.png'}")
+    print((out / "summary.md").read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(resolve_config(args).to_toml(), end="")
     return 0
@@ -213,7 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command in ("run", "train"):
             return cmd_train(args, full=args.command == "run")
-        return {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "config": cmd_config}[args.command](args)
+        return {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study,
+                "config": cmd_config}[args.command](args)
     except (ToydiffError, _UsageError) as e:
         print(f"toydiff: error: {e}", file=sys.stderr)
         return 2

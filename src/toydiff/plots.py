@@ -125,3 +125,20 @@ def schedule_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Fig
         ax.set_title(title, fontsize=11)
     axes[-1].legend(loc="upper left", fontsize=12)
     return fig
+
+
+@_styled
+def study_figure(labels: Sequence[str], panels: Sequence[tuple[str, Sequence]]) -> Figure:
+    """One panel per metric: mean +- std over seeds (entries (mean, std) or None) for each grid cell."""
+    fig = Figure(figsize=(4.2 * len(panels), 0.32 * len(labels) + 1.4), layout="constrained")
+    y = np.arange(len(labels))[::-1]
+    for i, (title, stats) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        ok = [k for k, s in enumerate(stats) if s is not None]
+        ax.errorbar([stats[k][0] for k in ok], y[ok], xerr=[stats[k][1] for k in ok], fmt="o", color=BLUE,
+                    capsize=3)
+        ax.set_yticks(y, labels if i == 0 else [""] * len(labels), fontsize=9)
+        ax.set_title(title, fontsize=12)
+        ax.locator_params(axis="x", nbins=4)
+        ax.grid(axis="x", alpha=0.3)
+    return fig

@@ -1,0 +1,122 @@
+"""Sample quality against the number of network evaluations (NFE), for every sampler toydiff has.
+
+Two parts, so sampler error and model error can be told apart:
+  oracle:  the exact noise predictor of a 2-D Gaussian mixture (no learning error at all)
+  trained: the default Two Moons model trained at each T (ancestral DDPM uses NFE = T)
+Each row: NFE, sampling wall time, and metrics beside their noise floors (z-scores).
+Prints a markdown table and writes JSON (and the table) to benchmarks/results/.
+
+    .venv/bin/python benchmarks/nfe.py            # about 6 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/nfe.py --quick    # a smoke run, under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toydiff import config as C
+from toydiff import train_run
+from toydiff.config import EvalConfig, ScheduleConfig
+from toydiff.data import Scaler
+from toydiff.evaluation import Target, evaluate, target_for
+from toydiff.oracle import GaussianMixture
+from toydiff.parameterization import Prediction, to_x0
+from toydiff.samplers import SAMPLERS
+from toydiff.schedules import NoiseSchedule
+
+
+def eight_gaussians() -> GaussianMixture:
+    angles = np.arange(8) * np.pi / 4
+    return GaussianMixture(np.full(8, 1 / 8), 0.8 * np.c_[np.cos(angles), np.sin(angles)], np.full((8, 1), 0.08))
+
+
+def oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
+    gmm = eight_gaussians()
+    draw = lambda rng, n: gmm.sample(n, rng)  # noqa: E731
+    target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "8gaussians-oracle"})
+    rows = []
+    for T in steps:
+        schedule = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=T))
+
+        def denoise(x, t):
+            ab = schedule.gather(schedule.alpha_bar, t, x)
+            return to_x0(Prediction.EPS, gmm.eps(x, t, ab), x, ab)
+
+        for name in SAMPLERS.names():
+            gen = torch.Generator().manual_seed(T)
+            start = time.perf_counter()
+            x = SAMPLERS.get(name)(denoise, schedule, torch.randn(spec.n, 2, generator=gen, dtype=torch.float64),
+                                   generator=gen)
+            seconds = time.perf_counter() - start
+            rep = evaluate(x.numpy(), target, spec)
+            rows.append(_row("oracle (8 Gaussians)", name, T, T, seconds, rep))
+    return rows
+
+
+def trained_rows(steps: list[int], train_steps: int, spec: EvalConfig) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for T in steps:
+            cfg = C.with_overrides(C.ExperimentConfig(), [f"schedule.T={T}", f"train.steps={train_steps}",
+                                                          "train.checkpoint_every=0"])
+            cfg = dataclasses.replace(cfg, eval=spec)
+            run = train_run(cfg, Path(tmp) / f"T{T}")
+            for name in SAMPLERS.names():
+                start = time.perf_counter()
+                x = run.sample(spec.n, seed=1, sampler=name)
+                seconds = time.perf_counter() - start
+                rep = evaluate(x, target_for(cfg), spec, seed=1)
+                rows.append(_row("trained (Two Moons, default model)", name, T, T, seconds, rep))
+    return rows
+
+
+def _row(model: str, sampler: str, T: int, nfe: int, seconds: float, rep: dict) -> dict:
+    m = rep["metrics"]
+    return {"model": model, "sampler": sampler, "T": T, "nfe": nfe, "sample_seconds": round(seconds, 3),
+            "knn_auc": m["knn_auc"]["value"], "knn_auc_z": m["knn_auc"]["z"], "mmd2_z": m["mmd2"]["z"],
+            "w2": m["w2"]["value"], "w2_floor": m["w2"]["floor_mean"], "precision_z": m["precision"]["z"],
+            "indistinguishable": rep["verdict"].startswith("indistinguishable")}
+
+
+def table(rows: list[dict]) -> str:
+    head = ["model", "sampler", "NFE", "sample s", "AUC", "AUC z", "MMD z", "W2 (floor)", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['sample_seconds']:.2f} | {r['knn_auc']:.3f} | "
+                     f"{r['knn_auc_z']:.1f} | {r['mmd2_z']:.1f} | {r['w2']:.3f} ({r['w2_floor']:.3f}) | "
+                     f"{'indistinguishable' if r['indistinguishable'] else 'distinguishable'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, small n: a smoke run")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for nfe.json and nfe.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.quick:
+        steps, train_steps, spec = [5, 20], 300, EvalConfig(n=500, w2_n=500, draws=5, nll_n=0)
+    else:
+        steps, train_steps, spec = [10, 20, 50, 100, 250, 1000], 4000, EvalConfig(n=5000, draws=20, nll_n=0)
+    rows = oracle_rows(steps, spec) + trained_rows(steps, train_steps, spec)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+            "eval": dataclasses.asdict(spec)}
+    (out / "nfe.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "nfe.md").write_text(table(rows))
+    print(json.dumps({"meta": meta, "rows": rows}))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Built-in grid studies (TOML grid files beside this one); see toydiff.study."""

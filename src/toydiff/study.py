@@ -1,0 +1,239 @@
+"""Grid studies: every cell of a grid of config overrides, several seeds each, in parallel processes.
+
+A study directory holds one run directory per (cell, seed) under runs/, each finished one
+marked by its result.json, so an interrupted study resumes where it stopped. It ends
+with results.csv (one row per run), summary.md (mean +- std per cell) and study.png.
+
+Grid files (TOML):
+
+    preset = "guide"                    # the base configuration (default: the built-in defaults)
+    seeds = 3
+    set = ["eval.nll_n=0"]              # overrides applied to every cell
+    [axes]
+    "schedule.T" = [10, 100, 1000]      # a plain axis: the values of one key
+    [axes.schedule]                     # a named axis: each level is a set of overrides
+    linear = { "schedule.name" = "polynomial", "schedule.power" = 1.0 }
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from importlib import resources
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import config as config_io
+from .checkpoint import atomic_write_bytes, atomic_write_text
+from .config import ExperimentConfig
+from .errors import ToydiffError
+from .runs import check_config
+
+# (metric, what the summary shows of it): value or z-score against the noise floor
+SUMMARY = [("knn_auc", "value"), ("mmd2", "z"), ("w2", "value"), ("precision", "value"), ("recall", "value"),
+           ("off_data", "value")]
+
+
+@dataclass(frozen=True)
+class Cell:
+    name: str  # e.g. "T=10,schedule=cosine"
+    levels: dict[str, str]  # axis -> level label
+    overrides: tuple[str, ...]  # --set items
+
+
+@dataclass(frozen=True)
+class Grid:
+    base: ExperimentConfig
+    cells: tuple[Cell, ...]
+    seeds: int
+
+
+def _fmt(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def parse_axes(axes: dict[str, Any]) -> list[tuple[str, list[tuple[str, tuple[str, ...]]]]]:
+    """[(axis name, [(level label, overrides)])] from a TOML [axes] table."""
+    out = []
+    for key, spec in axes.items():
+        if isinstance(spec, list) and spec:
+            out.append((key.split(".")[-1], [(str(v), (f"{key}={_fmt(v)}",)) for v in spec]))
+        elif isinstance(spec, dict) and spec and all(isinstance(v, dict) for v in spec.values()):
+            out.append((key, [(label, tuple(f"{k}={_fmt(v)}" for k, v in sets.items())) for label, sets in spec.items()]))
+        else:
+            raise ToydiffError(f"grid axis '{key}' must be a non-empty list of values or a table of named "
+                               "override tables")
+    return out
+
+
+def parse_cli_axis(item: str) -> tuple[str, list]:
+    """'schedule.T=10,100' -> ('schedule.T', [10, 100]), each value read as TOML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip() or not raw.strip():
+        raise ToydiffError(f"--grid expects section.key=v1,v2,..., got '{item}'")
+    return key.strip(), [config_io.parse_override(f"x={v}")[1] for v in raw.split(",")]
+
+
+def build_grid(base: ExperimentConfig, axes: list, seeds: int, fixed: list[str]) -> Grid:
+    if seeds < 1:
+        raise ToydiffError(f"a study needs at least 1 seed per cell, got {seeds}")
+    if not axes:
+        raise ToydiffError("a study needs at least one grid axis (--grid key=v1,v2 or a grid file)")
+    base = config_io.with_overrides(base, fixed)
+    cells = []
+    for combo in itertools.product(*[levels for _, levels in axes]):
+        levels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
+        overrides = tuple(o for _, sets in combo for o in sets)
+        check_config(config_io.with_overrides(base, list(overrides)))  # every cell is checked before anything runs
+        cells.append(Cell(",".join(f"{a}={v}" for a, v in levels.items()), levels, overrides))
+    return Grid(base, tuple(cells), seeds)
+
+
+def load_grid_file(path: str | Path, base: ExperimentConfig | None = None) -> Grid:
+    d = config_io.read_toml(path)
+    unknown = set(d) - {"preset", "seeds", "set", "axes"}
+    if unknown:
+        raise ToydiffError(f"unknown key '{sorted(unknown)[0]}' in grid file '{path}'; valid: preset, seeds, set, axes")
+    if base is None:
+        base = config_io.preset(d.get("preset", "default"))
+    return build_grid(base, parse_axes(d.get("axes", {})), int(d.get("seeds", 3)), list(d.get("set", [])))
+
+
+def builtin_grids() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("toydiff.studies").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def builtin_grid_path(name: str) -> Path:
+    if name not in builtin_grids():
+        raise ToydiffError(f"unknown built-in study '{name}'; choose one of: {', '.join(builtin_grids())}")
+    return Path(str(resources.files("toydiff.studies").joinpath(f"{name}.toml")))
+
+
+def run_job(cfg_toml: str, run_dir: str) -> dict:
+    """One (cell, seed): train, sample, evaluate; returns the flat result row. Runs in a worker process."""
+    import torch
+
+    from .evaluation import evaluate_run
+    from .runs import save_samples, train_run
+
+    torch.set_num_threads(1)
+    cfg = config_io.loads(cfg_toml)
+    path = Path(run_dir)
+    if path.exists():
+        shutil.rmtree(path)  # an unfinished run of this study: start it again
+    start = time.perf_counter()
+    run = train_run(cfg, path)
+    samples = run.sample(cfg.eval.n)
+    save_samples(path / "samples", samples)
+    rep = evaluate_run(run, samples)
+    row: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2),
+                           "indistinguishable": rep["verdict"].startswith("indistinguishable")}
+    for name, m in rep["metrics"].items():
+        row[name], row[f"{name}_z"] = m["value"], m["z"]
+    for name, r in rep.get("likelihood", {}).get("values", {}).items():
+        row[f"{name}_nats_per_dim"] = r["nats_per_dim"]
+    atomic_write_text(path / "result.json", json.dumps(row))
+    return row
+
+
+def prepare_floors(grid: Grid, log: Callable[[str], None]) -> None:
+    """Compute each distinct noise floor once, before the workers start (they then find it cached)."""
+    from .evaluation import evaluate, target_for
+
+    seen = set()
+    for cell in grid.cells:
+        cfg = config_io.with_overrides(grid.base, list(cell.overrides))
+        target = target_for(cfg)
+        key = json.dumps([target.key, cfg.eval.n, cfg.eval.w2_n, cfg.eval.k, cfg.eval.draws])
+        if key not in seen:
+            seen.add(key)
+            evaluate(target.draw(np.random.default_rng(0), cfg.eval.n), target, cfg.eval, log=log)
+
+
+def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+    """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot."""
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    todo, rows = [], []
+    for i, cell in enumerate(grid.cells):
+        for seed in range(grid.seeds):
+            run_dir = out / "runs" / f"cell{i:03d}-seed{seed}"
+            cfg = config_io.with_overrides(grid.base, list(cell.overrides) + [f"seed={seed}"])
+            meta = {"cell": cell.name, **cell.levels, "seed": seed}
+            done = run_dir / "result.json"
+            if done.is_file():
+                rows.append({**meta, **json.loads(done.read_text(encoding="utf-8"))})
+            else:
+                todo.append((meta, cfg.to_toml(), str(run_dir)))
+    log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {jobs} processes")
+    if todo:
+        prepare_floors(grid, log)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(run_job, cfg_toml, run_dir): meta for meta, cfg_toml, run_dir in todo}
+            for k, fut in enumerate(as_completed(futures), 1):
+                meta = futures[fut]
+                rows.append({**meta, **fut.result()})
+                log(f"[{k}/{len(todo)}] {meta['cell']} seed {meta['seed']}: {rows[-1]['seconds']:.0f} s")
+    order = {c.name: i for i, c in enumerate(grid.cells)}
+    rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
+    write_outputs(grid, rows, out)
+    return rows
+
+
+def summarize(grid: Grid, rows: list[dict]) -> list[dict]:
+    out = []
+    for cell in grid.cells:
+        mine = [r for r in rows if r["cell"] == cell.name]
+        s: dict[str, Any] = {**cell.levels, "seeds": len(mine),
+                             "indistinguishable": sum(bool(r["indistinguishable"]) for r in mine)}
+        for name, kind in SUMMARY:
+            key = name if kind == "value" else f"{name}_z"
+            vals = [r[key] for r in mine if r.get(key) is not None]
+            s[key] = (float(np.mean(vals)), float(np.std(vals))) if vals else None
+        out.append(s)
+    return out
+
+
+def markdown(grid: Grid, summary: list[dict]) -> str:
+    axes = list(grid.cells[0].levels)
+    cols = [name if kind == "value" else f"{name}_z" for name, kind in SUMMARY]
+    head = axes + cols + ["indistinguishable"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        cells = [str(s[a]) for a in axes]
+        cells += ["" if s[c] is None else f"{s[c][0]:.3g} +- {s[c][1]:.2g}" for c in cols]
+        cells.append(f"{s['indistinguishable']}/{s['seeds']}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(grid: Grid, rows: list[dict], out: Path) -> None:
+    if not rows:
+        return
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    summary = summarize(grid, rows)
+    atomic_write_text(out / "summary.md", markdown(grid, summary))
+    from .plots import study_figure
+
+    labels = [",".join(str(v) for v in c.levels.values()) for c in grid.cells]
+    panels = [(f"{name}{'' if kind == 'value' else ' z'}", [s[name if kind == "value" else f"{name}_z"] for s in summary])
+              for name, kind in SUMMARY[:3]]
+    fig = study_figure(labels, panels)
+    buf_png = io.BytesIO()
+    fig.savefig(buf_png, format="png", dpi=120)
+    atomic_write_bytes(out / "study.png", buf_png.getvalue())
