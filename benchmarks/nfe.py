@@ -84,16 +84,17 @@ def _row(model: str, sampler: str, T: int, nfe: int, seconds: float, rep: dict) 
     return {"model": model, "sampler": sampler, "T": T, "nfe": nfe, "sample_seconds": round(seconds, 3),
             "knn_auc": m["knn_auc"]["value"], "knn_auc_z": m["knn_auc"]["z"], "mmd2_z": m["mmd2"]["z"],
             "w2": m["w2"]["value"], "w2_floor": m["w2"]["floor_mean"], "precision_z": m["precision"]["z"],
-            "indistinguishable": rep["verdict"].startswith("indistinguishable")}
+            "indistinguishable": rep["verdict"].startswith("indistinguishable"),
+            "flagged": [k for k, v in m.items() if v["z"] is not None and v["z"] > rep["spec"]["z_max"]]}
 
 
 def table(rows: list[dict]) -> str:
-    head = ["model", "sampler", "NFE", "sample s", "AUC", "AUC z", "MMD z", "W2 (floor)", "verdict"]
+    head = ["model", "sampler", "NFE", "sample s", "AUC", "AUC z", "MMD z", "W2 (floor)", "flagged (z > 3)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['sampler']} | {r['nfe']} | {r['sample_seconds']:.2f} | {r['knn_auc']:.3f} | "
                      f"{r['knn_auc_z']:.1f} | {r['mmd2_z']:.1f} | {r['w2']:.3f} ({r['w2_floor']:.3f}) | "
-                     f"{'indistinguishable' if r['indistinguishable'] else 'distinguishable'} |")
+                     f"{', '.join(r['flagged']) or 'none: indistinguishable'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -85,9 +85,11 @@ class Run:
         """
         if n < 1:
             raise ToydiffError(f"the number of samples must be >= 1, got {n}")
-        batch_size = batch_size or self.config.sample.batch_size
+        batch_size = self.config.sample.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ToydiffError(f"the sampling batch size must be >= 1, got {batch_size}")
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         sample_fn = SAMPLERS.get(sampler or self.config.sample.sampler)
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
         denoise = self.denoiser
