@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
     p.add_argument("--batch-size", type=int, help="samples denoised at once (default: the run's sample.batch_size)")
+    p.add_argument("--sampler", help="ddpm, ddim, euler, heun or dpmpp-2m (default: the run's sample.sampler)")
+    p.add_argument("--steps", type=int, help="sampling steps on a respaced schedule (default: the run's; 0 = T)")
+    p.add_argument("--spacing", help="trailing, linspace or leading (default: the run's sample.spacing)")
+    p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
     p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -162,7 +166,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise ToydiffError(f"the folder of --out '{out}' does not exist")
     n = run.config.sample.n if args.n is None else args.n
-    result = run.sample(n, seed=args.seed, batch_size=args.batch_size, trajectory=bool(args.trajectory))
+    result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
+                        spacing=args.spacing, eta=args.eta, trajectory=bool(args.trajectory))
     samples = result[0] if args.trajectory else result
     if args.out is None:
         save_samples(out, samples)

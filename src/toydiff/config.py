@@ -100,11 +100,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddpm"  # reverse process: ddpm (ancestral, Ho et al. 2020 Algorithm 2)
+    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | euler | heun | dpmpp-2m (see toydiff.samplers)
+    steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
+    spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
+    eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 
     def __post_init__(self):
+        _check(self.steps >= 0, f"sample.steps must be >= 0 (0 = all T), got {self.steps}")
+        _check(0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
         _check(self.n >= 1, f"sample.n must be >= 1, got {self.n}")
         _check(self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
 

@@ -113,7 +113,8 @@ def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) ->
         grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
         _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
         # at most 20 segments, evenly spaced in t: 1000 Brownian-like steps would hide the path's shape
-        shown_steps = np.unique(np.linspace(0, T, min(T, 20) + 1).round().astype(int))
+        n_steps = len(path) - 1  # T, or fewer on a respaced schedule
+        shown_steps = np.unique(np.linspace(0, n_steps, min(n_steps, 20) + 1).round().astype(int))
         fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
                                         trajectory=path[shown_steps, 0, :])
         paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)

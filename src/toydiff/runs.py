@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS
-from .schedules import NoiseSchedule
+from .schedules import SPACINGS, NoiseSchedule
 from .training import train
 
 LOG_HEADER = ["step", "loss", "lr", "seconds"]
@@ -77,11 +78,13 @@ class Run:
         return cls(path, cfg, scaler, schedule, model, data, dev)
 
     def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
-               sampler: Optional[str] = None, trajectory: bool = False):
+               sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
+               eta: Optional[float] = None, trajectory: bool = False):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
-        With trajectory=True, returns (samples, path) where path (T + 1, n, D) holds x_T .. x_0
-        in the model's scaled frame (the frame of the figures).
+        sampler, steps, spacing and eta default to the run's [sample] settings; steps < T samples
+        on the respaced schedule. With trajectory=True, returns (samples, path) where path
+        (steps + 1, n, D) holds x_T .. x_0 in the model's scaled frame (the frame of the figures).
         """
         if n < 1:
             raise ToydiffError(f"the number of samples must be >= 1, got {n}")
@@ -90,16 +93,20 @@ class Run:
             raise ToydiffError(f"the sampling batch size must be >= 1, got {batch_size}")
         if seed is not None and not 0 <= seed < 2**63:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
-        sample_fn = SAMPLERS.get(sampler or self.config.sample.sampler)
+        cfg = self.config.sample
+        name = sampler or cfg.sampler
+        sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta)
+        schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
-        denoise = self.denoiser
+        base = self.denoiser
+        denoise = base if schedule is self.schedule else (lambda x, i: base(x, schedule.model_t(i)))
         out, paths = [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = torch.randn((b, self.dim), generator=gen, device=self.device)
             steps: list[torch.Tensor] = []
             callback = (lambda t, x_t, x0_hat: steps.append(x_t.cpu())) if trajectory else None
-            x0 = sample_fn(denoise, self.schedule, x_T, generator=gen, callback=callback)
+            x0 = sample_fn(denoise, schedule, x_T, generator=gen, callback=callback)
             out.append(x0.cpu())
             if trajectory:
                 paths.append(torch.stack(steps + [x0.cpu()]))
@@ -107,6 +114,25 @@ class Run:
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples
+
+
+def sampler_with_options(name: str, eta: float):
+    """The registered sampler, with eta bound for ddim (eta means nothing to the others)."""
+    fn = SAMPLERS.get(name)
+    if name == "ddim":
+        if not 0 <= eta <= 1:
+            raise ToydiffError(f"eta must be in [0, 1], got {eta}")
+        return functools.partial(fn, eta=eta)
+    if eta:
+        raise ToydiffError(f"eta = {eta} applies only to the ddim sampler, not '{name}'; set sample.eta = 0")
+    return fn
+
+
+def respaced(schedule: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
+    """The schedule itself for steps = 0 or T, else its respacing to `steps` (toydiff.schedules)."""
+    if steps in (0, schedule.T):
+        return schedule
+    return schedule.respace(steps, spacing)
 
 
 def _build(cfg: ExperimentConfig, dim: int, device: torch.device) -> tuple[NoiseSchedule, nn.Module]:
@@ -131,8 +157,10 @@ def check_config(cfg: ExperimentConfig) -> None:
     if cfg.data.scaling not in SCALINGS:
         raise ToydiffError(f"unknown data.scaling '{cfg.data.scaling}'; choose one of: {', '.join(SCALINGS)}")
     Prediction.parse(cfg.model.prediction)
-    SAMPLERS.get(cfg.sample.sampler)
-    NoiseSchedule.from_config(cfg.schedule)
+    sampler_with_options(cfg.sample.sampler, cfg.sample.eta)
+    if cfg.sample.spacing not in SPACINGS:
+        raise ToydiffError(f"unknown sample.spacing '{cfg.sample.spacing}'; choose one of: {', '.join(SPACINGS)}")
+    respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)
     resolve_device(cfg.train.device)
     for t in cfg.plot.forward_t:
         if not 0 <= t <= cfg.schedule.T:

@@ -9,10 +9,12 @@ branches on the parameterization, draws a progress bar or touches files.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
 
+from .errors import ToydiffError
 from .registry import Registry
 from .schedules import NoiseSchedule
 
@@ -46,4 +48,114 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
             x = mean + var.sqrt() * z
         else:
             x = mean
+    return x
+
+
+def _index(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+@SAMPLERS.register("ddim")
+@torch.no_grad()
+def sample_ddim(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback = None, eta: float = 0.0) -> torch.Tensor:
+    """Implements the generalised step of Song et al. (2021), eq. 12; eta = 0 is deterministic DDIM,
+    eta = 1 is the ancestral DDPM step (sigma_t^2 = beta_tilde_t, eq. 16)."""
+    ab = schedule.alpha_bar64
+    for t in range(schedule.T, 0, -1):
+        t_vec = _index(t, x)
+        # 1. predicted x0 and the eps it implies
+        x0_hat = denoise(x, t_vec)
+        eps = (x - ab[t] ** 0.5 * x0_hat) / (1 - ab[t]) ** 0.5
+        if callback is not None:
+            callback(t, x, x0_hat)
+        # 2. sigma_t(eta), eq. 16, and the direction pointing to x_t, eq. 12
+        sigma = eta * float(schedule.beta_tilde[t].double().sqrt())
+        x = ab[t - 1] ** 0.5 * x0_hat + max(1 - ab[t - 1] - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+def _sigma_grid(schedule: NoiseSchedule) -> list[float]:
+    sigmas = schedule.sigmas.tolist()
+    if not torch.isfinite(torch.tensor(sigmas[-1])):
+        raise ToydiffError("alpha_bar_T = 0 (beta_T = 1) puts x_T at infinite noise, where the probability-flow "
+                           "ODE samplers cannot start; use ddpm or ddim, or a schedule with beta_T < 1")
+    return sigmas
+
+
+def _ve_denoiser(denoise: Denoise, sigmas: list[float]):
+    """x0_hat as a function of the variance-exploding x~ = x_t / sqrt(abar_t) at grid index t."""
+    def x0(x_ve: torch.Tensor, t: int) -> torch.Tensor:
+        return denoise(x_ve / (1 + sigmas[t] ** 2) ** 0.5, _index(t, x_ve))
+    return x0
+
+
+@SAMPLERS.register("euler")
+@torch.no_grad()
+def sample_euler(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                 generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements Algorithm 1 (Euler steps) of Karras et al. (2022) on the probability-flow ODE
+    dx~/dsigma = (x~ - x0_hat) / sigma, over the schedule's sigmas. On this grid it equals DDIM with eta = 0."""
+    sigmas = _sigma_grid(schedule)
+    x0_of = _ve_denoiser(denoise, sigmas)
+    x = x * (1 + sigmas[-1] ** 2) ** 0.5
+    for t in range(schedule.T, 0, -1):
+        x0_hat = x0_of(x, t)
+        if callback is not None:
+            callback(t, x / (1 + sigmas[t] ** 2) ** 0.5, x0_hat)
+        d = (x - x0_hat) / sigmas[t]
+        x = x + (sigmas[t - 1] - sigmas[t]) * d
+    return x
+
+
+@SAMPLERS.register("heun")
+@torch.no_grad()
+def sample_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements Algorithm 2 (Heun steps, no churn) of Karras et al. (2022): 2 S - 1 evaluations for S steps."""
+    sigmas = _sigma_grid(schedule)
+    x0_of = _ve_denoiser(denoise, sigmas)
+    x = x * (1 + sigmas[-1] ** 2) ** 0.5
+    for t in range(schedule.T, 0, -1):
+        x0_hat = x0_of(x, t)
+        if callback is not None:
+            callback(t, x / (1 + sigmas[t] ** 2) ** 0.5, x0_hat)
+        d = (x - x0_hat) / sigmas[t]
+        dt = sigmas[t - 1] - sigmas[t]
+        x_euler = x + dt * d
+        if sigmas[t - 1] == 0:  # the last step to the data: Euler (the correction would divide by sigma = 0)
+            x = x_euler
+        else:
+            d_next = (x_euler - x0_of(x_euler, t - 1)) / sigmas[t - 1]
+            x = x + dt * (d + d_next) / 2
+    return x
+
+
+@SAMPLERS.register("dpmpp-2m")
+@torch.no_grad()
+def sample_dpmpp_2m(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                    generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements DPM-Solver++(2M), Algorithm 2 of Lu et al. (2022): multistep, second order, one evaluation a step,
+    in log-sigma time (lambda = -log sigma) on the variance-exploding x~."""
+    sigmas = _sigma_grid(schedule)
+    x0_of = _ve_denoiser(denoise, sigmas)
+    x = x * (1 + sigmas[-1] ** 2) ** 0.5
+    old, h_last = None, None
+    for t in range(schedule.T, 0, -1):
+        x0_hat = x0_of(x, t)
+        if callback is not None:
+            callback(t, x / (1 + sigmas[t] ** 2) ** 0.5, x0_hat)
+        if sigmas[t - 1] == 0:  # the last step lands on the prediction itself
+            x = x0_hat
+            break
+        h = math.log(sigmas[t]) - math.log(sigmas[t - 1])
+        if old is None:
+            d = x0_hat  # 1. first step: DPM-Solver++(1), i.e. DDIM
+        else:
+            r = h_last / h  # 2. second-order correction from the previous prediction, eq. (2M)
+            d = (1 + 1 / (2 * r)) * x0_hat - (1 / (2 * r)) * old
+        x = (sigmas[t - 1] / sigmas[t]) * x - math.expm1(-h) * d
+        old, h_last = x0_hat, h
     return x

@@ -21,6 +21,7 @@ from .registry import Registry
 BetaFn = Callable[[ScheduleConfig], np.ndarray]
 BETA_SCHEDULES: Registry[BetaFn] = Registry("schedule")
 
+SPACINGS = ("trailing", "linspace", "leading", "karras")
 # alpha_bar_T above this leaves x_T visibly different from N(0, I).
 ALPHA_BAR_T_WARN = 1e-2
 
@@ -59,7 +60,8 @@ class NoiseSchedule:
     posterior q(x_{t-1} | x_t, x_0) = N(mean_coef_x0_t x_0 + mean_coef_xt_t x_t, beta_tilde_t I) (eq. 6-7).
     """
 
-    def __init__(self, betas: np.ndarray | torch.Tensor, device: torch.device | str = "cpu"):
+    def __init__(self, betas: np.ndarray | torch.Tensor, device: torch.device | str = "cpu",
+                 timesteps: np.ndarray | None = None):
         b = np.asarray(betas.cpu() if isinstance(betas, torch.Tensor) else betas, dtype=np.float64).reshape(-1)
         if b.size < 1:
             raise ToydiffError("a noise schedule needs at least one step (T >= 1)")
@@ -69,6 +71,8 @@ class NoiseSchedule:
             raise ToydiffError(f"beta_{t} = {b[t - 1]:.6g} is outside (0, 1]; every beta must be in (0, 1] "
                                "(check the schedule's beta_start, beta_end, beta_max and power)")
         self.T = b.size
+        # the training schedule's t behind each index (a respaced schedule skips some): what the model is told
+        self.timesteps = np.arange(self.T + 1) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
         self.betas64 = np.concatenate([[0.0], b])
         alphas = 1.0 - self.betas64
         alpha_bar = np.cumprod(alphas)
@@ -96,7 +100,53 @@ class NoiseSchedule:
         return cls(BETA_SCHEDULES.get(cfg.name)(cfg), device=device)
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
-        return self if torch.device(device) == self.device else NoiseSchedule(self.betas64[1:], device)
+        if torch.device(device) == self.device:
+            return self
+        return NoiseSchedule(self.betas64[1:], device, self.timesteps)
+
+    def respace(self, steps: int, spacing: str = "trailing") -> "NoiseSchedule":
+        """The schedule on `steps` of the T timesteps (Nichol and Dhariwal 2021, section 4).
+
+        beta'_k = 1 - abar_{t_k} / abar_{t_{k-1}} keeps alpha_bar at every kept t, so a model trained
+        on the full schedule denoises on the new one, told the original t (`model_t`).
+        Spacing: trailing = T/S, 2T/S, ..., T (starts at t = T; Lin et al. 2023), linspace = evenly
+        from 1 to T, leading = 1, 1 + T/S, ... (diffusers' default; never reaches t = T), karras =
+        T and the t nearest to Karras et al.'s (2022, eq. 5) sigmas, rho = 7, from min(sigma_T, 80) to sigma_1:
+        dense at low noise, where the ODE samplers need their steps. Steps whose t coincide merge.
+        """
+        if not 1 <= steps <= self.T:
+            raise ToydiffError(f"sampling steps must be in 1..T = 1..{self.T}, got {steps}")
+        if spacing == "trailing":
+            kept = np.round(np.arange(steps, 0, -1) * self.T / steps)[::-1]
+        elif spacing == "linspace":
+            kept = np.round(np.linspace(1, self.T, steps))
+        elif spacing == "leading":
+            kept = np.arange(steps) * (self.T // steps) + 1
+        elif spacing == "karras":
+            kept = self._karras_t(steps)
+        else:
+            raise ToydiffError(f"unknown timestep spacing '{spacing}'; choose one of: {', '.join(SPACINGS)}")
+        kept = np.unique(kept.astype(np.int64))
+        ab = self.alpha_bar64[np.concatenate([[0], kept])]
+        return NoiseSchedule(1 - ab[1:] / ab[:-1], self.device, np.concatenate([[0], self.timesteps[kept]]))
+
+    def _karras_t(self, steps: int, rho: float = 7.0, sigma_max: float = 80.0) -> np.ndarray:
+        """T, then the t nearest to Karras sigmas from min(sigma_T, sigma_max) down to sigma_1 (steps in all)."""
+        sig = np.sqrt((1 - self.alpha_bar64[1:]) / np.maximum(self.alpha_bar64[1:], 1e-300))
+        lo, hi = sig[0] ** (1 / rho), min(sig[-1], sigma_max) ** (1 / rho)
+        targets = (hi + np.linspace(0, 1, max(steps - 1, 1)) * (lo - hi)) ** rho
+        inner = np.searchsorted(sig, targets).clip(0, self.T - 1) + 1  # sig is increasing in t
+        return np.concatenate([[self.T], inner])[:steps]
+
+    def model_t(self, i: torch.Tensor) -> torch.Tensor:
+        """The training schedule's t for indices i of this (possibly respaced) schedule."""
+        return torch.as_tensor(self.timesteps, device=i.device)[i]
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """sigma_t = sqrt((1 - abar_t) / abar_t), t = 0..T: the noise level of x_t / sqrt(abar_t) (Karras et al. 2022)."""
+        with np.errstate(divide="ignore"):
+            return torch.as_tensor(np.sqrt((1 - self.alpha_bar64) / self.alpha_bar64), dtype=torch.float64)
 
     @property
     def alpha_bar_T(self) -> float:
