@@ -2,11 +2,13 @@
 
 Two parts, so sampler error and model error can be told apart:
   oracle:  the exact noise predictor of a 2-D Gaussian mixture (no learning error at all)
-  trained: the default Two Moons model trained at each T (ancestral DDPM uses NFE = T)
+  trained: the default Two Moons model (T = 1000), sampled on respaced schedules
+Every sampler runs at 10..1000 steps (ddpm on evenly spaced t, the ODE solvers on Karras sigmas;
+Heun costs 2 steps - 1 evaluations).
 Each row: NFE, sampling wall time, and metrics beside their noise floors (z-scores).
 Prints a markdown table and writes JSON (and the table) to benchmarks/results/.
 
-    .venv/bin/python benchmarks/nfe.py            # about 6 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/nfe.py            # about 5 minutes on 2 CPU cores
     .venv/bin/python benchmarks/nfe.py --quick    # a smoke run, under a minute
 """
 
@@ -39,49 +41,65 @@ def eight_gaussians() -> GaussianMixture:
     return GaussianMixture(np.full(8, 1 / 8), 0.8 * np.c_[np.cos(angles), np.sin(angles)], np.full((8, 1), 0.08))
 
 
+SPACING = {"ddpm": "trailing"}  # the stochastic sampler on evenly spaced t; the ODE solvers on Karras' sigmas
+
+
+def nfe(name: str, steps: int) -> int:
+    return 2 * steps - 1 if name == "heun" else steps
+
+
+def sweep(denoise_for, schedule: NoiseSchedule, steps: list[int], x_T: torch.Tensor, target: Target,
+          spec: EvalConfig, model: str, to_data=lambda x: x, seed: int = 0) -> list[dict]:
+    """Every sampler at every step count on the respaced schedule, judged against the target.
+    `to_data` maps the samplers' output (the model's frame) to the target's units."""
+    rows = []
+    for name in SAMPLERS.names():
+        for k in steps:
+            s = schedule.respace(k, SPACING.get(name, "karras"))
+            start = time.perf_counter()
+            x = SAMPLERS.get(name)(denoise_for(s), s, x_T.clone(), generator=torch.Generator().manual_seed(seed))
+            seconds = time.perf_counter() - start
+            rep = evaluate(to_data(x.cpu().double().numpy()), target, spec)
+            rows.append(_row(model, name, k, nfe(name, k), seconds, rep))
+    return rows
+
+
 def oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
     gmm = eight_gaussians()
     draw = lambda rng, n: gmm.sample(n, rng)  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "8gaussians-oracle"})
-    rows = []
-    for T in steps:
-        schedule = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=T))
+    full = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=1000))
 
-        def denoise(x, t):
-            ab = schedule.gather(schedule.alpha_bar, t, x)
+    def denoise_for(s):
+        def denoise(x, i):
+            t = s.model_t(i)
+            ab = full.gather(full.alpha_bar, t, x)
             return to_x0(Prediction.EPS, gmm.eps(x, t, ab), x, ab)
+        return denoise
 
-        for name in SAMPLERS.names():
-            gen = torch.Generator().manual_seed(T)
-            start = time.perf_counter()
-            x = SAMPLERS.get(name)(denoise, schedule, torch.randn(spec.n, 2, generator=gen, dtype=torch.float64),
-                                   generator=gen)
-            seconds = time.perf_counter() - start
-            rep = evaluate(x.numpy(), target, spec)
-            rows.append(_row("oracle (8 Gaussians)", name, T, T, seconds, rep))
-    return rows
+    x_T = torch.randn(spec.n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return sweep(denoise_for, full, steps, x_T, target, spec, "oracle (8 Gaussians)")
 
 
 def trained_rows(steps: list[int], train_steps: int, spec: EvalConfig) -> list[dict]:
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for T in steps:
-            cfg = C.with_overrides(C.ExperimentConfig(), [f"schedule.T={T}", f"train.steps={train_steps}",
-                                                          "train.checkpoint_every=0"])
-            cfg = dataclasses.replace(cfg, eval=spec)
-            run = train_run(cfg, Path(tmp) / f"T{T}")
-            for name in SAMPLERS.names():
-                start = time.perf_counter()
-                x = run.sample(spec.n, seed=1, sampler=name)
-                seconds = time.perf_counter() - start
-                rep = evaluate(x, target_for(cfg), spec, seed=1)
-                rows.append(_row("trained (Two Moons, default model)", name, T, T, seconds, rep))
+        cfg = C.with_overrides(C.ExperimentConfig(), [f"train.steps={train_steps}", "train.checkpoint_every=0"])
+        cfg = dataclasses.replace(cfg, eval=spec)
+        run = train_run(cfg, Path(tmp) / "run")
+        base = run.denoiser
+
+        def denoise_for(s):
+            return lambda x, i: base(x, s.model_t(i))
+
+        x_T = torch.randn(spec.n, run.dim, generator=torch.Generator().manual_seed(1))
+        rows = sweep(denoise_for, run.schedule, steps, x_T, target_for(cfg), spec,
+                     "trained (Two Moons, default model)", to_data=run.scaler.inverse)
     return rows
 
 
 def _row(model: str, sampler: str, T: int, nfe: int, seconds: float, rep: dict) -> dict:
     m = rep["metrics"]
-    return {"model": model, "sampler": sampler, "T": T, "nfe": nfe, "sample_seconds": round(seconds, 3),
+    return {"model": model, "sampler": sampler, "steps": T, "nfe": nfe, "sample_seconds": round(seconds, 3),
             "knn_auc": m["knn_auc"]["value"], "knn_auc_z": m["knn_auc"]["z"], "mmd2_z": m["mmd2"]["z"],
             "w2": m["w2"]["value"], "w2_floor": m["w2"]["floor_mean"], "precision_z": m["precision"]["z"],
             "indistinguishable": rep["verdict"].startswith("indistinguishable"),

@@ -5,6 +5,10 @@
 `denoise(x_t, t) -> x0_hat` hides what the network predicts (see parameterization.Denoiser);
 `callback(t, x_t, x0_hat)` sees every step, for trajectories and figures. No sampler
 branches on the parameterization, draws a progress bar or touches files.
+
+t indexes the schedule handed over, which may be a respaced one (`NoiseSchedule.respace`):
+the caller's denoiser maps it to the training t (`schedule.model_t`). The ODE samplers work
+on x~ = x_t / sqrt(abar_t) and sigma_t = sqrt((1 - abar_t) / abar_t), as k-diffusion does.
 """
 
 from __future__ import annotations
