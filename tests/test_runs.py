@@ -122,3 +122,43 @@ def test_a_pickle_where_weights_belong_is_refused_unexecuted(trained, tmp_path):
     with pytest.raises(ToydiffError, match="is not a safetensors file"):
         Run.load(trained.path)
     assert not marker.exists()
+
+
+def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
+    """Replay training with the same seeds and average by hand: the stored EMA must match."""
+    from toydiff.checkpoint import load_weights
+    from toydiff.models import build_model
+    cfg = C.with_overrides(tiny_cfg, ["train.ema_decay=0.9", "train.steps=12", "train.checkpoint_every=0"])
+    run = train_run(cfg, tmp_path / "ema")
+    assert (run.path / "model_ema.safetensors").is_file()
+    # replay: same init, same batches, a hand-written EMA
+    import toydiff.training as tr
+    from toydiff.parameterization import Prediction
+    from toydiff.runtime import derive_seed, torch_generator
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(cfg.seed, "init"))
+        model = build_model(cfg.model, 2, cfg.schedule.T)
+    shadow = {k: v.clone() for k, v in model.state_dict().items()}
+    k = {"n": 0}
+    x0 = torch.as_tensor(run.scaler.transform(run.data.astype(np.float64)), dtype=torch.float32)
+    original_step = torch.optim.AdamW.step
+
+    def step_and_average(self, *a, **kw):
+        """After the n-th optimizer step: copy at n = 1, then decay min(0.9, (1 + k) / (10 + k)) with k = n - 1."""
+        out = original_step(self, *a, **kw)
+        k["n"] += 1
+        d = min(0.9, k["n"] / (9 + k["n"]))
+        for name, v in model.state_dict().items():
+            shadow[name] = v.clone() if k["n"] == 1 else d * shadow[name] + (1 - d) * v
+        return out
+    torch.optim.AdamW.step = step_and_average
+    try:
+        tr.train(model, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
+                 generator=torch_generator(cfg.seed, "train"))
+    finally:
+        torch.optim.AdamW.step = original_step
+    stored = build_model(cfg.model, 2, cfg.schedule.T)
+    load_weights(run.path / "model_ema.safetensors", stored)
+    for name, v in stored.state_dict().items():
+        assert torch.allclose(v, shadow[name], atol=1e-6), name
+    assert not torch.allclose(stored.state_dict()["out.2.weight"], model.state_dict()["out.2.weight"])

@@ -8,6 +8,7 @@ but its path:
     scaler.json         the fitted Scaler (data units <-> the model's frame)
     train_data.npy      the training data, in data units
     model.safetensors   the weights (metadata: format, version, step)
+    model_ema.safetensors  their exponential moving average (sampling uses it by default)
     train_log.csv       step, loss, lr, seconds
     samples.npy/.csv    generated samples, in data units
     figures/*.png       the figures

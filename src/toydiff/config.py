@@ -78,6 +78,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # constant | cosine (decay to 0 over the run, after warm-up)
     warmup_steps: int = 100  # linear learning-rate warm-up
     grad_clip: float = 1.0  # clip the global gradient norm here; 0 = off
+    ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
@@ -93,6 +94,7 @@ class TrainConfig:
                f"unknown train.lr_schedule '{self.lr_schedule}'; choose one of: constant, cosine")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
@@ -104,6 +106,7 @@ class SampleConfig:
     steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
     spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
+    use_ema: bool = True  # sample with the EMA weights when the run has them
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

@@ -31,9 +31,10 @@ from .parameterization import Denoiser, Prediction
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS
 from .schedules import SPACINGS, NoiseSchedule
-from .training import train
+from .training import make_ema, train
 
 LOG_HEADER = ["step", "loss", "lr", "seconds"]
+EMA_WEIGHTS = "model_ema.safetensors"
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Run:
         set_threads(threads, dev)
         schedule, model = _build(cfg, data.shape[1], dev)
         load_weights(path / WEIGHTS, model)
+        if cfg.sample.use_ema and (path / EMA_WEIGHTS).is_file():
+            load_weights(path / EMA_WEIGHTS, model)  # sampling uses the moving average when the run has one
         model.eval()
         return cls(path, cfg, scaler, schedule, model, data, dev)
 
@@ -196,22 +199,26 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
         f"alpha_bar_T = {schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
 
     rows: list[dict] = []
+    ema = make_ema(model, cfg.train.ema_decay)
 
     def checkpoint(step: int) -> None:
         save_weights(path / WEIGHTS, model, step)
+        if ema is not None:
+            save_weights(path / EMA_WEIGHTS, ema.module, step)
         save_csv(path / "train_log.csv", rows, LOG_HEADER)
 
     x0 = torch.as_tensor(scaler.transform(x), dtype=torch.float32, device=device)
     start = time.perf_counter()
     train(model, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
           generator=torch_generator(cfg.seed, "train", device), on_log=rows.append,
-          on_checkpoint=checkpoint, progress=progress)
+          on_checkpoint=checkpoint, ema=ema, progress=progress)
     seconds = time.perf_counter() - start
     checkpoint(cfg.train.steps)
     write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "train_seconds": round(seconds, 3),
                           "final_loss": rows[-1]["loss"]})
     log(f"trained in {seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
-    return Run(path, cfg, scaler, schedule, model, x.astype(np.float32), device)
+    sampling_model = ema.module.eval() if ema is not None and cfg.sample.use_ema else model
+    return Run(path, cfg, scaler, schedule, sampling_model, x.astype(np.float32), device)
 
 
 def save_samples(path: Path, samples: np.ndarray) -> None:

@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -44,15 +45,29 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay)
 
 
+def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of the weights with warm-up: at update k the decay is
+    min(decay, (1 + k) / (10 + k)), so early averages do not drag the random initialisation along."""
+    if decay == 0:
+        return None
+
+    def avg(averaged: torch.Tensor, current: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(k)) / (10 + float(k)))
+        return d * averaged + (1 - d) * current
+
+    return AveragedModel(model, avg_fn=avg, use_buffers=True)
+
+
 def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig, prediction: Prediction,
           *, generator: torch.Generator | None = None,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[int], None]] = None,
+          ema: AveragedModel | None = None,
           progress: bool = False) -> list[dict]:
     """Train `model` on x0 (N, D), already scaled and on the model's device. Returns the loss-log rows.
 
     Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read back
-    from the device only every cfg.log_every steps.
+    from the device only every cfg.log_every steps. `ema` (make_ema) is updated after every step.
     """
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
@@ -76,6 +91,8 @@ def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Trai
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         running += loss.detach()
         since += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
