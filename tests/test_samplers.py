@@ -183,7 +183,7 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps, spacing", [("ddpm", 1000, "trailing"), ("ddim", 100, "karras"),
                                                   ("euler", 100, "karras"), ("heun", 50, "karras"),
-                                                  ("dpmpp-2m", 50, "karras")])
+                                                  ("dpmpp-2m", 50, "karras"), ("ode", 0, "trailing")])
 def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     """No learning error: each sampler's samples of EIGHT are indistinguishable from iid draws at n = 2000
     (every metric within 3 floor deviations) at the stated number of steps. (Ancestral DDPM is borderline
@@ -193,9 +193,39 @@ def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     from toydiff.evaluation import Target, evaluate
     draw = lambda rng, n: EIGHT.sample(n, rng)  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "eight-gaussians"})
-    s = FULL.respace(steps, spacing)
-    x = SAMPLERS.get(name)(oracle_denoiser(s), s, torch.randn(2000, 2, dtype=torch.float64,
+    s = FULL.respace(steps, spacing) if steps else FULL
+    denoise = oracle_denoiser(s) if steps else (
+        lambda x, t: to_x0(Prediction.EPS, EIGHT.eps(x, t, FULL.alpha_bar_at(t, x)), x, FULL.alpha_bar_at(t, x)))
+    x = SAMPLERS.get(name)(denoise, s, torch.randn(2000, 2, dtype=torch.float64,
                                                                generator=torch.Generator().manual_seed(1)),
                            generator=torch.Generator().manual_seed(2))
     rep = evaluate(x.numpy(), target, EvalConfig(n=2000, w2_n=1000, draws=20, nll_n=0))
     assert rep["verdict"].startswith("indistinguishable"), rep["verdict"]
+
+
+def test_adaptive_ode_sampler_follows_the_fine_solution_and_counts_its_evaluations():
+    """The adaptive solver lands on the same points as a 1000-step Heun solution of the same ODE."""
+    from toydiff.samplers import sample_ode
+    x_T = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = SAMPLERS.get("heun")(oracle_denoiser(FULL), FULL, x_T.clone())
+    calls = {"n": 0}
+
+    def denoise(x, t):  # t may be fractional: alpha_bar by log-SNR interpolation
+        calls["n"] += 1
+        ab = FULL.alpha_bar_at(t, x)
+        return to_x0(Prediction.EPS, EIGHT.eps(x, t, ab), x, ab)
+    x = sample_ode(denoise, FULL, x_T.clone(), rtol=1e-6, atol=1e-6)
+    assert float((x - reference).norm(dim=1).mean()) < 5e-3
+    assert 20 < calls["n"] < 2000
+
+
+def test_alpha_bar_at_fractional_t_interpolates_the_log_snr():
+    x = torch.zeros(3, 2)
+    t = torch.tensor([10, 11, 10])
+    exact = FULL.alpha_bar_at(t, x)[:, 0]
+    assert torch.allclose(exact, torch.tensor(FULL.alpha_bar64[[10, 11, 10]], dtype=torch.float32))
+    mid = FULL.alpha_bar_at(torch.tensor([10.5, 10.0, 11.0], dtype=torch.float64), x)[:, 0].double()
+    lam = FULL.log_snr64
+    assert float(mid[0]) == pytest.approx(1 / (1 + math.exp(-(lam[9] + lam[10]) / 2)), rel=1e-6)
+    assert torch.allclose(mid[1:], exact[:2].double(), rtol=1e-5)
+    assert FULL.t_at_log_snr(float(lam[41])) == pytest.approx(42.0)

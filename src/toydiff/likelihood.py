@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torchdiffeq import odeint
@@ -70,12 +69,6 @@ def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
     return total
 
 
-def log_snr(schedule: NoiseSchedule, floor: float = 1e-10) -> np.ndarray:
-    """lambda_t = log(abar_t / (1 - abar_t)) for t = 1..T, abar clipped to [floor, 1 - floor]."""
-    ab = np.clip(schedule.alpha_bar64[1:], floor, 1 - floor)
-    return np.log(ab) - np.log1p(-ab)
-
-
 def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_divergence: bool | None = None,
             generator: torch.Generator | None = None, rtol: float = 1e-5, atol: float = 1e-5,
             method: str = "dopri5") -> torch.Tensor:
@@ -90,9 +83,7 @@ def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_d
     x ~ N(0, I). log p(x) = log N(x_T; 0, I) + int div f dlambda. The divergence is exact (D
     backward passes) for D <= 8, else Hutchinson's estimator with one seeded Rademacher probe.
     """
-    lam = log_snr(schedule)
-    t_grid = np.arange(1, schedule.T + 1, dtype=np.float64)
-    order = np.argsort(lam)  # np.interp wants increasing lambda
+    lam = schedule.log_snr64
     n, d = x0.shape
     exact = d <= 8 if exact_divergence is None else exact_divergence
     probe = None
@@ -101,7 +92,7 @@ def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_d
 
     def f(lam_now: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
         x = state[0]
-        t = float(np.interp(float(lam_now), lam[order], t_grid[order]))
+        t = schedule.t_at_log_snr(float(lam_now))
         alpha_bar = torch.sigmoid(lam_now.to(x.dtype)).expand(n, 1)
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)

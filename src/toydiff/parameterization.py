@@ -70,7 +70,9 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
 
 
 class Denoiser:
-    """denoise(x_t (B, D), t (B,) long in 1..T) -> x0_hat (B, D), for a network of any prediction kind."""
+    """denoise(x_t (B, D), t (B,) in 1..T) -> x0_hat (B, D), for a network of any prediction kind.
+
+    t is an integer step, or a fractional one for the continuous-time ODE solvers."""
 
     def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: Prediction | str):
         self.model = model
@@ -78,7 +80,7 @@ class Denoiser:
         self.prediction = Prediction.parse(prediction) if isinstance(prediction, str) else prediction
 
     def _raw(self, x_t: torch.Tensor, t: torch.Tensor):
-        return self.model(x_t, t), self.schedule.gather(self.schedule.alpha_bar, t, x_t)
+        return self.model(x_t, t), self.schedule.alpha_bar_at(t, x_t)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         pred, alpha_bar = self._raw(x_t, t)

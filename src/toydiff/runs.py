@@ -100,6 +100,8 @@ class Run:
         name = sampler or cfg.sampler
         sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta)
         schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
+        if name == "ode":
+            schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
         base = self.denoiser
         denoise = base if schedule is self.schedule else (lambda x, i: base(x, schedule.model_t(i)))

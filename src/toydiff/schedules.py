@@ -138,6 +138,30 @@ class NoiseSchedule:
         inner = np.searchsorted(sig, targets).clip(0, self.T - 1) + 1  # sig is increasing in t
         return np.concatenate([[self.T], inner])[:steps]
 
+    @property
+    def log_snr64(self) -> np.ndarray:
+        """lambda_t = log(abar_t / (1 - abar_t)) for t = 1..T, abar clipped to [1e-10, 1 - 1e-10]."""
+        ab = np.clip(self.alpha_bar64[1:], 1e-10, 1 - 1e-10)
+        return np.log(ab) - np.log1p(-ab)
+
+    def t_at_log_snr(self, lam: float) -> float:
+        """The fractional t whose log-SNR is lam, lambda being linear in t between integer steps."""
+        lam_t = self.log_snr64[::-1]  # increasing, for np.interp
+        return float(np.interp(lam, lam_t, np.arange(self.T, 0, -1, dtype=np.float64)))
+
+    def alpha_bar_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """alpha_bar for a per-sample t (B,) shaped like x; a fractional t (clamped to [1, T]) interpolates
+        the log-SNR linearly, so alpha_bar = sigmoid(lambda(t)) (the continuous-time view of the ODEs)."""
+        if not t.is_floating_point():
+            return self.gather(self.alpha_bar, t, x)
+        lam = torch.as_tensor(self.log_snr64, device=x.device, dtype=torch.float64)
+        tt = t.to(device=x.device, dtype=torch.float64).clamp(1, self.T)
+        lo = tt.floor().long().clamp(max=self.T - 1) if self.T > 1 else tt.floor().long()
+        hi = (lo + 1).clamp(max=self.T)
+        w = tt - lo
+        value = (1 - w) * lam[lo - 1] + w * lam[hi - 1]
+        return append_dims(torch.sigmoid(value).to(x.dtype), x.ndim)
+
     def model_t(self, i: torch.Tensor) -> torch.Tensor:
         """The training schedule's t for indices i of this (possibly respaced) schedule."""
         return torch.as_tensor(self.timesteps, device=i.device)[i]
