@@ -114,7 +114,7 @@ def test_beta_T_equal_to_one_is_allowed():
     (ScheduleConfig(name="linear", T=10, beta_start=0.0), "beta_1 = 0 is outside"),
     (ScheduleConfig(name="linear", T=10, beta_end=1.5), "beta_7 = 1.00003 is outside"),
     (ScheduleConfig(name="polynomial", T=10, beta_max=1.2), "outside \\(0, 1\\]"),
-    (ScheduleConfig(name="sigmoidish", T=10), "unknown schedule 'sigmoidish'; choose one of: linear, polynomial, cosine"),
+    (ScheduleConfig(name="sigmoidish", T=10), "unknown schedule 'sigmoidish'; choose one of: linear, polynomial, cosine, sigmoid"),
 ])
 def test_bad_schedules_are_refused(cfg, match):
     with pytest.raises(ToydiffError, match=match):
@@ -141,3 +141,31 @@ def test_forward_process_any_shape(shape):
     for i, ti in enumerate(t.tolist()):
         expect = math.sqrt(s.alpha_bar64[ti]) * x0[i] + math.sqrt(1 - s.alpha_bar64[ti]) * eps[i]
         assert torch.allclose(xt[i], expect.float(), atol=1e-6)
+
+
+def test_sigmoid_alpha_bar_is_the_rescaled_sigmoid():
+    T, s_, e, tau = 100, -3.0, 3.0, 1.0
+    s = NoiseSchedule.from_config(ScheduleConfig(name="sigmoid", T=T, max_beta=1.0))
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    for t in (1, 30, 70, 99):
+        expect = (sig(e) - sig((t / T * (e - s_) + s_) / tau)) / (sig(e) - sig(s_))
+        assert s.alpha_bar64[t] == pytest.approx(expect, rel=1e-9)
+
+
+def test_zero_terminal_snr_rescaling_is_lin_et_al_algorithm_1():
+    cfg = ScheduleConfig(name="linear", T=1000, zero_terminal_snr=True)
+    s = NoiseSchedule.from_config(cfg)
+    base = NoiseSchedule.from_config(ScheduleConfig(name="linear", T=1000))
+    assert s.alpha_bar_T == pytest.approx(0.0, abs=1e-12) and s.betas64[-1] == pytest.approx(1.0)
+    a, first, last = np.sqrt(base.alpha_bar64[1:]), math.sqrt(base.alpha_bar64[1]), math.sqrt(base.alpha_bar64[-1])
+    assert np.allclose(np.sqrt(s.alpha_bar64[1:]), (a - last) * first / (first - last), atol=1e-12)
+    assert s.alpha_bar64[1] == pytest.approx(base.alpha_bar64[1], rel=1e-12)
+
+
+def test_zero_terminal_snr_refuses_eps_prediction():
+    from toydiff import config as C
+    from toydiff.runs import check_config
+    cfg = C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=eps"])
+    with pytest.raises(ToydiffError, match="set model.prediction=v"):
+        check_config(cfg)
+    check_config(C.with_overrides(cfg, ["model.prediction=v"]))

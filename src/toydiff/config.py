@@ -38,17 +38,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: str = "cosine"  # beta schedule: linear | polynomial | cosine
+    name: str = "cosine"  # beta schedule: linear | polynomial | cosine | sigmoid
     T: int = 1000  # diffusion steps; t runs 1..T, t = 0 is the data (training cost does not grow with T)
     beta_start: float = 1e-4  # linear: beta_1 (Ho et al. 2020 use 1e-4 with T = 1000)
     beta_end: float = 0.02  # linear: beta_T (Ho et al. 2020 use 0.02 with T = 1000)
     beta_max: float = 0.99  # polynomial: beta_t = (beta_max * t / T) ** power, so beta_T = beta_max ** power
     power: float = 4.0  # polynomial: the guide's linspace(0, beta_max, T + 1) ** power
     cosine_s: float = 0.008  # cosine: offset s of Nichol and Dhariwal (2021)
-    max_beta: float = 0.999  # cosine: betas are clipped here, as in Nichol and Dhariwal (2021)
+    max_beta: float = 0.999  # cosine and sigmoid: betas are clipped here, as in Nichol and Dhariwal (2021)
+    sigmoid_start: float = -3.0  # sigmoid: start of the sigmoid's input range (Jabri et al. 2023)
+    sigmoid_end: float = 3.0  # sigmoid: end of the input range
+    sigmoid_tau: float = 1.0  # sigmoid: temperature
+    zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 exactly (Lin et al. 2023); needs v or x0 prediction
 
     def __post_init__(self):
         _check(self.T >= 1, f"schedule.T must be >= 1, got {self.T}")
+        _check(self.sigmoid_end > self.sigmoid_start and self.sigmoid_tau > 0,
+               "schedule.sigmoid_end must exceed sigmoid_start, and sigmoid_tau must be > 0")
 
 
 @dataclass(frozen=True)

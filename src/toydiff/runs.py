@@ -161,6 +161,9 @@ def check_config(cfg: ExperimentConfig) -> None:
     MODELS.get(cfg.model.arch)
     if cfg.data.scaling not in SCALINGS:
         raise ToydiffError(f"unknown data.scaling '{cfg.data.scaling}'; choose one of: {', '.join(SCALINGS)}")
+    if cfg.schedule.zero_terminal_snr and Prediction.parse(cfg.model.prediction) is Prediction.EPS:
+        raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says nothing "
+                           "about x0; set model.prediction=v (or x0)")
     Prediction.parse(cfg.model.prediction)
     sampler_with_options(cfg.sample.sampler, cfg.sample.eta)
     if cfg.sample.spacing not in SPACINGS:

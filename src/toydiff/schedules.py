@@ -48,6 +48,28 @@ def cosine_betas(cfg: ScheduleConfig) -> np.ndarray:
     return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], cfg.max_beta)
 
 
+@BETA_SCHEDULES.register("sigmoid")
+def sigmoid_betas(cfg: ScheduleConfig) -> np.ndarray:
+    """alpha_bar(t) = (sigmoid(-(start + (end - start) t / T) / tau) rescaled to run from 1 to 0 (Jabri et al.
+    2023, the sigmoid schedule), betas clipped at max_beta."""
+    s, e, tau = cfg.sigmoid_start, cfg.sigmoid_end, cfg.sigmoid_tau
+    t = np.arange(cfg.T + 1, dtype=np.float64) / cfg.T
+    sig = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    v_start, v_end = sig(s / tau), sig(e / tau)
+    alpha_bar = (v_end - sig((t * (e - s) + s) / tau)) / (v_end - v_start)
+    return np.minimum(1 - alpha_bar[1:] / alpha_bar[:-1], cfg.max_beta)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Algorithm 1 of Lin et al. (2023): shift and scale sqrt(alpha_bar) so that it ends at exactly 0 (zero
+    terminal SNR, beta_T = 1) while keeping its first value."""
+    sqrt_ab = np.sqrt(np.cumprod(1 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    return 1 - np.concatenate([[ab[0]], ab[1:] / ab[:-1]])
+
+
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to broadcast a per-sample scalar against x."""
     return a.reshape(a.shape + (1,) * (ndim - a.ndim))
@@ -97,7 +119,10 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, device: torch.device | str = "cpu") -> "NoiseSchedule":
-        return cls(BETA_SCHEDULES.get(cfg.name)(cfg), device=device)
+        betas = BETA_SCHEDULES.get(cfg.name)(cfg)
+        if cfg.zero_terminal_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(betas, device=device)
 
     def to(self, device: torch.device | str) -> "NoiseSchedule":
         if torch.device(device) == self.device:
