@@ -27,7 +27,7 @@ def gaussian_denoiser(schedule):
     return denoise
 
 
-def recursion(schedule):
+def recursion(schedule, variance="small"):
     """Mean and variance of the ancestral sampler's output, by hand."""
     m, v = 0.0, 1.0
     for t in range(schedule.T, 0, -1):
@@ -36,7 +36,8 @@ def recursion(schedule):
         c0 = math.sqrt(ab_prev) * beta / (1 - ab)
         ct = math.sqrt(1 - beta) * (1 - ab_prev) / (1 - ab)
         a, b = c0 * gain + ct, c0 * (MU - gain * math.sqrt(ab) * MU)
-        sigma2 = (1 - ab_prev) / (1 - ab) * beta
+        sigma2 = (1 - ab_prev) / (1 - ab) * beta if variance == "small" or t == 1 else beta
+        sigma2 = 0.0 if t == 1 else sigma2  # no noise on the last step
         m, v = a * m + b, a * a * v + sigma2
     return m, v
 
@@ -229,3 +230,16 @@ def test_alpha_bar_at_fractional_t_interpolates_the_log_snr():
     assert float(mid[0]) == pytest.approx(1 / (1 + math.exp(-(lam[9] + lam[10]) / 2)), rel=1e-6)
     assert torch.allclose(mid[1:], exact[:2].double(), rtol=1e-5)
     assert FULL.t_at_log_snr(float(lam[41])) == pytest.approx(42.0)
+
+
+def test_ddpm_with_large_variance_matches_its_recursion():
+    schedule = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=50))
+    n, gen = 200_000, torch.Generator().manual_seed(0)
+    x = sample_ddpm(gaussian_denoiser(schedule), schedule, torch.randn(n, 2, generator=gen), generator=gen,
+                    variance="large")
+    m, v = recursion(schedule, "large")
+    assert v > recursion(schedule, "small")[1]  # beta_t >= beta_tilde_t: more spread
+    assert torch.allclose(x.mean(0).double(), torch.tensor([m, m], dtype=torch.float64), atol=5 * math.sqrt(v / n))
+    assert torch.allclose(x.var(0).double(), torch.tensor([v, v], dtype=torch.float64), atol=6 * v * math.sqrt(2 / n))
+    with pytest.raises(ToydiffError, match="unknown variance 'medium'"):
+        sample_ddpm(gaussian_denoiser(schedule), schedule, torch.randn(4, 2), variance="medium")

@@ -112,6 +112,7 @@ class SampleConfig:
     steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
     spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
+    variance: str = "small"  # ddpm only: small (sigma_t^2 = beta_tilde_t, the guide's) | large (beta_t)
     use_ema: bool = True  # sample with the EMA weights when the run has them
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)

@@ -29,7 +29,7 @@ from .errors import ToydiffError
 from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, VARIANCES
 from .schedules import SPACINGS, NoiseSchedule
 from .training import make_ema, train
 
@@ -98,7 +98,7 @@ class Run:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         cfg = self.config.sample
         name = sampler or cfg.sampler
-        sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta)
+        sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta, cfg.variance)
         schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
         if name == "ode":
             schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
@@ -121,9 +121,17 @@ class Run:
         return samples
 
 
-def sampler_with_options(name: str, eta: float):
-    """The registered sampler, with eta bound for ddim (eta means nothing to the others)."""
+def sampler_with_options(name: str, eta: float, variance: str = "small"):
+    """The registered sampler, with eta bound for ddim and the variance for ddpm (meaningless to the others)."""
     fn = SAMPLERS.get(name)
+    if variance not in VARIANCES:
+        raise ToydiffError(f"unknown sample.variance '{variance}'; choose one of: {', '.join(VARIANCES)}")
+    if name == "ddpm":
+        if eta:
+            raise ToydiffError(f"eta = {eta} applies only to the ddim sampler, not 'ddpm'; set sample.eta = 0")
+        return functools.partial(fn, variance=variance)
+    if variance != "small":
+        raise ToydiffError(f"sample.variance applies only to the ddpm sampler, not '{name}'")
     if name == "ddim":
         if not 0 <= eta <= 1:
             raise ToydiffError(f"eta must be in [0, 1], got {eta}")
@@ -165,7 +173,7 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says nothing "
                            "about x0; set model.prediction=v (or x0)")
     Prediction.parse(cfg.model.prediction)
-    sampler_with_options(cfg.sample.sampler, cfg.sample.eta)
+    sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance)
     if cfg.sample.spacing not in SPACINGS:
         raise ToydiffError(f"unknown sample.spacing '{cfg.sample.spacing}'; choose one of: {', '.join(SPACINGS)}")
     respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)

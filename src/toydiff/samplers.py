@@ -26,18 +26,23 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 Sampler = Callable[..., torch.Tensor]
 SAMPLERS: Registry[Sampler] = Registry("sampler")
+VARIANCES = ("small", "large")  # ddpm's sigma_t^2: beta_tilde_t (posterior) or beta_t
 
 
 @SAMPLERS.register("ddpm")
 @torch.no_grad()
 def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
-                generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
-    """Implements Algorithm 2 (ancestral sampling) of Ho et al. (2020), with sigma_t^2 = beta_tilde_t.
+                generator: torch.Generator | None = None, callback: Callback = None,
+                variance: str = "small") -> torch.Tensor:
+    """Implements Algorithm 2 (ancestral sampling) of Ho et al. (2020), with sigma_t^2 = beta_tilde_t
+    ("small", the posterior's) or beta_t ("large"); Ho et al. found both about equally good.
 
     The step is written in the posterior-mean form mu = c0_t x0_hat + ct_t x_t (eq. 7),
     which equals the eps form (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (eq. 11)
     but stays finite when beta_T = 1 (alpha_T = 0).
     """
+    if variance not in VARIANCES:
+        raise ToydiffError(f"unknown variance '{variance}'; choose one of: {', '.join(VARIANCES)}")
     for t in range(schedule.T, 0, -1):
         t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
         # 1. predict x0 from x_t
@@ -48,6 +53,8 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
             callback(t, x, x0_hat)
         # 3. x_{t-1} = mu + sigma_t z; no noise on the last step (beta_tilde_1 = 0)
         if t > 1:
+            if variance == "large":
+                var = schedule.gather(schedule.betas, t_vec, x)
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + var.sqrt() * z
         else:
