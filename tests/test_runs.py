@@ -162,3 +162,12 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     for name, v in stored.state_dict().items():
         assert torch.allclose(v, shadow[name], atol=1e-6), name
     assert not torch.allclose(stored.state_dict()["out.2.weight"], model.state_dict()["out.2.weight"])
+
+
+def test_clipping_keeps_samples_in_the_training_datas_box(trained):
+    """ddpm's last step returns x0_hat itself, so clipped samples lie inside the data's per-axis range."""
+    lo, hi = trained.data.min(0), trained.data.max(0)
+    free = trained.sample(2000, seed=0, clip=False)
+    boxed = trained.sample(2000, seed=0, clip=True)
+    assert np.all(boxed >= lo - 1e-5) and np.all(boxed <= hi + 1e-5)
+    assert np.any(free < lo) or np.any(free > hi)  # a barely trained model strays, so clipping did something

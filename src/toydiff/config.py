@@ -114,6 +114,7 @@ class SampleConfig:
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
     variance: str = "small"  # ddpm only: small (sigma_t^2 = beta_tilde_t, the guide's) | large (beta_t)
     use_ema: bool = True  # sample with the EMA weights when the run has them
+    clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

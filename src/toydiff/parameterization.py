@@ -90,3 +90,11 @@ class Denoiser:
         """eps_theta(x_t, t): the predicted noise (the vector field of the guide's Fig. 4 is its negative)."""
         pred, alpha_bar = self._raw(x_t, t)
         return to_eps(self.prediction, pred, x_t, alpha_bar)
+
+
+def clipped(denoise, low: torch.Tensor, high: torch.Tensor):
+    """denoise with x0_hat clamped per axis to [low, high] (D,): the training data's own range in the
+    model's frame, taken from the fitted scaler, never a blanket [-1, 1]."""
+    def inner(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(denoise(x_t, t), high.to(x_t)), low.to(x_t))
+    return inner

@@ -27,7 +27,7 @@ from .config import ExperimentConfig
 from .data import DATASETS, SCALINGS, Scaler, load_dataset
 from .errors import ToydiffError
 from .models import MODELS, build_model, count_parameters
-from .parameterization import Denoiser, Prediction
+from .parameterization import Denoiser, Prediction, clipped
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS, VARIANCES
 from .schedules import SPACINGS, NoiseSchedule
@@ -82,10 +82,10 @@ class Run:
 
     def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
-               eta: Optional[float] = None, trajectory: bool = False):
+               eta: Optional[float] = None, clip: Optional[bool] = None, trajectory: bool = False):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
-        sampler, steps, spacing and eta default to the run's [sample] settings; steps < T samples
+        sampler, steps, spacing, eta and clip default to the run's [sample] settings; steps < T samples
         on the respaced schedule. With trajectory=True, returns (samples, path) where path
         (steps + 1, n, D) holds x_T .. x_0 in the model's scaled frame (the frame of the figures).
         """
@@ -104,6 +104,10 @@ class Run:
             schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
         base = self.denoiser
+        if (cfg.clip if clip is None else clip):
+            scaled = self.scaler.transform(self.data)
+            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+            base = clipped(base, as_t(scaled.min(0)), as_t(scaled.max(0)))
         denoise = base if schedule is self.schedule else (lambda x, i: base(x, schedule.model_t(i)))
         out, paths = [], []
         for start in range(0, n, batch_size):
