@@ -31,7 +31,6 @@ from toydiff.config import EvalConfig, ScheduleConfig
 from toydiff.data import Scaler
 from toydiff.evaluation import Target, evaluate, target_for
 from toydiff.oracle import GaussianMixture
-from toydiff.parameterization import Prediction, to_x0
 from toydiff.samplers import SAMPLERS
 from toydiff.schedules import NoiseSchedule
 
@@ -53,7 +52,19 @@ def sweep(denoise_for, schedule: NoiseSchedule, steps: list[int], x_T: torch.Ten
     """Every sampler at every step count on the respaced schedule, judged against the target.
     `to_data` maps the samplers' output (the model's frame) to the target's units."""
     rows = []
-    for name in SAMPLERS.names():
+    for tol in (1e-3, 1e-4, 1e-5):  # the adaptive solver on the full schedule: its NFE follows the tolerance
+        calls = [0]
+        inner = denoise_for(schedule)
+
+        def counted(x, t):
+            calls[0] += 1
+            return inner(x, t)
+        start = time.perf_counter()
+        x = SAMPLERS.get("ode")(counted, schedule, x_T.clone(), rtol=tol, atol=tol)
+        seconds = time.perf_counter() - start
+        rep = evaluate(to_data(x.cpu().double().numpy()), target, spec)
+        rows.append(_row(model, f"ode (tol {tol:g})", 0, calls[0], seconds, rep))
+    for name in [n for n in SAMPLERS.names() if n != "ode"]:
         for k in steps:
             s = schedule.respace(k, SPACING.get(name, "karras"))
             start = time.perf_counter()
@@ -70,15 +81,8 @@ def oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "8gaussians-oracle"})
     full = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=1000))
 
-    def denoise_for(s):
-        def denoise(x, i):
-            t = s.model_t(i)
-            ab = full.gather(full.alpha_bar, t, x)
-            return to_x0(Prediction.EPS, gmm.eps(x, t, ab), x, ab)
-        return denoise
-
     x_T = torch.randn(spec.n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return sweep(denoise_for, full, steps, x_T, target, spec, "oracle (8 Gaussians)")
+    return sweep(gmm.denoiser, full, steps, x_T, target, spec, "oracle (8 Gaussians)")
 
 
 def trained_rows(steps: list[int], train_steps: int, spec: EvalConfig) -> list[dict]:

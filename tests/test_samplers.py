@@ -109,12 +109,8 @@ FULL = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=1000))
 
 
 def oracle_denoiser(schedule):
-    """The exact x0_hat of EIGHT on a (possibly respaced) schedule, told the training schedule's t."""
-    def denoise(x, i):
-        t = schedule.model_t(i)
-        ab = FULL.gather(FULL.alpha_bar, t, x)
-        return to_x0(Prediction.EPS, EIGHT.eps(x, t, ab), x, ab)
-    return denoise
+    """The exact x0_hat of EIGHT on a (possibly respaced) schedule."""
+    return EIGHT.denoiser(schedule)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace", "leading", "karras"])
@@ -195,9 +191,7 @@ def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     draw = lambda rng, n: EIGHT.sample(n, rng)  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "eight-gaussians"})
     s = FULL.respace(steps, spacing) if steps else FULL
-    denoise = oracle_denoiser(s) if steps else (
-        lambda x, t: to_x0(Prediction.EPS, EIGHT.eps(x, t, FULL.alpha_bar_at(t, x)), x, FULL.alpha_bar_at(t, x)))
-    x = SAMPLERS.get(name)(denoise, s, torch.randn(2000, 2, dtype=torch.float64,
+    x = SAMPLERS.get(name)(EIGHT.denoiser(s), s, torch.randn(2000, 2, dtype=torch.float64,
                                                                generator=torch.Generator().manual_seed(1)),
                            generator=torch.Generator().manual_seed(2))
     rep = evaluate(x.numpy(), target, EvalConfig(n=2000, w2_n=1000, draws=20, nll_n=0))
@@ -210,11 +204,11 @@ def test_adaptive_ode_sampler_follows_the_fine_solution_and_counts_its_evaluatio
     x_T = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     reference = SAMPLERS.get("heun")(oracle_denoiser(FULL), FULL, x_T.clone())
     calls = {"n": 0}
+    exact = EIGHT.denoiser(FULL)
 
-    def denoise(x, t):  # t may be fractional: alpha_bar by log-SNR interpolation
+    def denoise(x, t):  # t is fractional here: alpha_bar by log-SNR interpolation
         calls["n"] += 1
-        ab = FULL.alpha_bar_at(t, x)
-        return to_x0(Prediction.EPS, EIGHT.eps(x, t, ab), x, ab)
+        return exact(x, t)
     x = sample_ode(denoise, FULL, x_T.clone(), rtol=1e-6, atol=1e-6)
     assert float((x - reference).norm(dim=1).mean()) < 5e-3
     assert 20 < calls["n"] < 2000
@@ -243,3 +237,9 @@ def test_ddpm_with_large_variance_matches_its_recursion():
     assert torch.allclose(x.var(0).double(), torch.tensor([v, v], dtype=torch.float64), atol=6 * v * math.sqrt(2 / n))
     with pytest.raises(ToydiffError, match="unknown variance 'medium'"):
         sample_ddpm(gaussian_denoiser(schedule), schedule, torch.randn(4, 2), variance="medium")
+
+
+def test_adaptive_solver_failure_is_a_clear_error():
+    from toydiff.samplers import sample_ode
+    with pytest.raises(ToydiffError, match="tighten the tolerances"):
+        sample_ode(EIGHT.denoiser(FULL), FULL, torch.randn(200, 2, dtype=torch.float64), rtol=1e-2, atol=1e-2)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from .errors import ToydiffError
+from .parameterization import Prediction, to_x0
+from .schedules import NoiseSchedule
 
 
 class GaussianMixture:
@@ -59,3 +61,10 @@ class GaussianMixture:
         r = torch.softmax(log_w, dim=1)[:, :, None]
         score = -(r * diff / v).sum(1)
         return (-(1 - ab.to(torch.float64))[:, None].sqrt() * score).to(x_t.dtype)
+
+    def denoiser(self, schedule: NoiseSchedule):
+        """The exact denoise(x_t, t) -> x0_hat on `schedule` (respaced or not; t may be fractional)."""
+        def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            alpha_bar = schedule.alpha_bar_at(t, x_t)
+            return to_x0(Prediction.EPS, self.eps(x_t, t, alpha_bar), x_t, alpha_bar)
+        return denoise

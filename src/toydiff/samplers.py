@@ -103,29 +103,9 @@ def _ve_denoiser(denoise: Denoise, sigmas: list[float]):
     return x0
 
 
-@SAMPLERS.register("euler")
-@torch.no_grad()
-def sample_euler(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
-                 generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
-    """Implements Algorithm 1 (Euler steps) of Karras et al. (2022) on the probability-flow ODE
-    dx~/dsigma = (x~ - x0_hat) / sigma, over the schedule's sigmas. On this grid it equals DDIM with eta = 0."""
-    sigmas = _sigma_grid(schedule)
-    x0_of = _ve_denoiser(denoise, sigmas)
-    x = x * (1 + sigmas[-1] ** 2) ** 0.5
-    for t in range(schedule.T, 0, -1):
-        x0_hat = x0_of(x, t)
-        if callback is not None:
-            callback(t, x / (1 + sigmas[t] ** 2) ** 0.5, x0_hat)
-        d = (x - x0_hat) / sigmas[t]
-        x = x + (sigmas[t - 1] - sigmas[t]) * d
-    return x
-
-
-@SAMPLERS.register("heun")
-@torch.no_grad()
-def sample_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
-                generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
-    """Implements Algorithm 2 (Heun steps, no churn) of Karras et al. (2022): 2 S - 1 evaluations for S steps."""
+def _karras_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, callback: Callback,
+                second_order: bool) -> torch.Tensor:
+    """Euler or Heun steps on dx~/dsigma = (x~ - x0_hat) / sigma over the schedule's sigmas."""
     sigmas = _sigma_grid(schedule)
     x0_of = _ve_denoiser(denoise, sigmas)
     x = x * (1 + sigmas[-1] ** 2) ** 0.5
@@ -136,12 +116,29 @@ def sample_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         d = (x - x0_hat) / sigmas[t]
         dt = sigmas[t - 1] - sigmas[t]
         x_euler = x + dt * d
-        if sigmas[t - 1] == 0:  # the last step to the data: Euler (the correction would divide by sigma = 0)
+        if not second_order or sigmas[t - 1] == 0:  # the last step to sigma = 0 stays Euler (no division by 0)
             x = x_euler
         else:
             d_next = (x_euler - x0_of(x_euler, t - 1)) / sigmas[t - 1]
             x = x + dt * (d + d_next) / 2
     return x
+
+
+@SAMPLERS.register("euler")
+@torch.no_grad()
+def sample_euler(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                 generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements Algorithm 1 (Euler steps) of Karras et al. (2022) on the probability-flow ODE
+    dx~/dsigma = (x~ - x0_hat) / sigma, over the schedule's sigmas. On this grid it equals DDIM with eta = 0."""
+    return _karras_ode(denoise, schedule, x, callback, second_order=False)
+
+
+@SAMPLERS.register("heun")
+@torch.no_grad()
+def sample_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements Algorithm 2 (Heun steps, no churn) of Karras et al. (2022): 2 S - 1 evaluations for S steps."""
+    return _karras_ode(denoise, schedule, x, callback, second_order=True)
 
 
 @SAMPLERS.register("dpmpp-2m")
@@ -194,7 +191,11 @@ def sample_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         return 0.5 * (1 - ab) * x_now - 0.5 * (1 - ab) ** 0.5 * eps
 
     span = torch.tensor([lam[-1], lam[0]], dtype=torch.float64, device=x.device)
-    x1 = odeint(f, x, span, rtol=rtol, atol=atol, method=method)[-1]
+    try:
+        x1 = odeint(f, x, span, rtol=rtol, atol=atol, method=method)[-1]
+    except AssertionError as e:  # torchdiffeq's step-size controller gave up ("underflow in dt")
+        raise ToydiffError(f"the adaptive ODE solver failed at rtol = {rtol:g}, atol = {atol:g} ({e}); "
+                           "tighten the tolerances (1e-3 or below) or use dpmpp-2m") from None
     x0_hat = denoise(x1, _index(1, x1))
     if callback is not None:
         callback(1, x1, x0_hat)

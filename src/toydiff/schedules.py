@@ -188,7 +188,12 @@ class NoiseSchedule:
         return append_dims(torch.sigmoid(value).to(x.dtype), x.ndim)
 
     def model_t(self, i: torch.Tensor) -> torch.Tensor:
-        """The training schedule's t for indices i of this (possibly respaced) schedule."""
+        """The training schedule's t for indices i of this (possibly respaced) schedule; a fractional i
+        (the adaptive ODE solver) is passed through, which only a schedule that was not respaced allows."""
+        if i.is_floating_point():
+            if not np.array_equal(self.timesteps, np.arange(self.T + 1)):
+                raise ToydiffError("fractional t needs the full schedule; the adaptive solver cannot run respaced")
+            return i
         return torch.as_tensor(self.timesteps, device=i.device)[i]
 
     @property
