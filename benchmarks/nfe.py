@@ -8,7 +8,7 @@ Heun costs 2 steps - 1 evaluations).
 Each row: NFE, sampling wall time, and metrics beside their noise floors (z-scores).
 Prints a markdown table and writes JSON (and the table) to benchmarks/results/.
 
-    .venv/bin/python benchmarks/nfe.py            # about 5 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/nfe.py            # about 6 minutes on 2 CPU cores
     .venv/bin/python benchmarks/nfe.py --quick    # a smoke run, under a minute
 """
 
