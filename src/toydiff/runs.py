@@ -99,9 +99,10 @@ class Run:
         cfg = self.config.sample
         name = sampler or cfg.sampler
         sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta, cfg.variance)
-        schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
         if name == "ode":
             schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
+        else:
+            schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
         base = self.denoiser
         if (cfg.clip if clip is None else clip):
@@ -113,12 +114,12 @@ class Run:
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             x_T = torch.randn((b, self.dim), generator=gen, device=self.device)
-            steps: list[torch.Tensor] = []
-            callback = (lambda t, x_t, x0_hat: steps.append(x_t.cpu())) if trajectory else None
+            visited: list[torch.Tensor] = []
+            callback = (lambda t, x_t, x0_hat: visited.append(x_t.cpu())) if trajectory else None
             x0 = sample_fn(denoise, schedule, x_T, generator=gen, callback=callback)
             out.append(x0.cpu())
             if trajectory:
-                paths.append(torch.stack(steps + [x0.cpu()]))
+                paths.append(torch.stack(visited + [x0.cpu()]))
         samples = self.scaler.inverse(torch.cat(out).double().numpy())
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
