@@ -38,3 +38,39 @@ def test_eps_at_zero_alpha_bar_gives_the_mean_not_nan():
 def test_unknown_prediction_lists_the_choices():
     with pytest.raises(ToydiffError, match="unknown prediction 'score'; choose one of: eps, x0, v"):
         Prediction.parse("score")
+
+
+def test_min_snr_weights_are_hang_et_al():
+    from toydiff.parameterization import min_snr_weight
+    snr = torch.tensor([0.5, 5.0, 20.0])
+    # x0 target: min(SNR, 5); eps target: min(SNR, 5) / SNR; v target: min(SNR, 5) / (SNR + 1)
+    assert torch.allclose(min_snr_weight(Prediction.X0, snr, 5.0), torch.tensor([0.5, 5.0, 5.0]))
+    assert torch.allclose(min_snr_weight(Prediction.EPS, snr, 5.0), torch.tensor([1.0, 1.0, 0.25]))
+    assert torch.allclose(min_snr_weight(Prediction.V, snr, 5.0), torch.tensor([0.5 / 1.5, 5 / 6, 5 / 21]))
+    assert min_snr_weight(Prediction.EPS, torch.tensor([0.0]), 5.0).item() == 1.0
+
+
+@pytest.mark.parametrize("kind", list(Prediction))
+def test_min_snr_loss_is_the_weighted_mse_by_hand(kind):
+    from toydiff.config import ScheduleConfig
+    from toydiff.schedules import NoiseSchedule
+    from toydiff.training import diffusion_loss
+    s = NoiseSchedule.from_config(ScheduleConfig(T=50))
+    net = torch.nn.Linear(2, 2)
+    model = lambda x, t: net(x) + t[:, None].float() / 50  # noqa: E731
+    x0 = torch.randn(64, 2)
+    uniform = diffusion_loss(model, s, x0, kind, torch.Generator().manual_seed(0))
+    weighted = diffusion_loss(model, s, x0, kind, torch.Generator().manual_seed(0), "min-snr", 5.0)
+    # the same draws, by hand
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(1, 51, (64,), generator=g)
+    eps = torch.randn(64, 2, generator=g)
+    ab = torch.tensor(s.alpha_bar64, dtype=torch.float32)[t][:, None]
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    target = {Prediction.EPS: eps, Prediction.X0: x0, Prediction.V: ab.sqrt() * eps - (1 - ab).sqrt() * x0}[kind]
+    err = ((model(x_t, t) - target) ** 2).mean(1)
+    snr = (ab / (1 - ab))[:, 0]
+    w = {Prediction.EPS: snr.clamp(max=5) / snr, Prediction.X0: snr.clamp(max=5),
+         Prediction.V: snr.clamp(max=5) / (snr + 1)}[kind]
+    assert torch.allclose(uniform, err.mean(), rtol=1e-5)
+    assert torch.allclose(weighted, (w * err).mean(), rtol=1e-4)

@@ -84,6 +84,8 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # constant | cosine (decay to 0 over the run, after warm-up)
     warmup_steps: int = 100  # linear learning-rate warm-up
     grad_clip: float = 1.0  # clip the global gradient norm here; 0 = off
+    loss_weighting: str = "uniform"  # uniform (L_simple) | min-snr (Hang et al. 2023)
+    min_snr_gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
@@ -101,6 +103,9 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        _check(self.loss_weighting in ("uniform", "min-snr"),
+               f"unknown train.loss_weighting '{self.loss_weighting}'; choose one of: uniform, min-snr")
+        _check(self.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")

@@ -45,6 +45,19 @@ def training_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor, alpha
     raise ToydiffError(f"unknown prediction {kind!r}")
 
 
+def min_snr_weight(kind: Prediction, snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023) for an MSE on `kind`'s target: the x0-space weight
+    min(SNR, gamma) divided by what the target's MSE already weighs x0 errors by (SNR for eps, SNR + 1 for v)."""
+    clipped_snr = snr.clamp(max=gamma)
+    if kind is Prediction.X0:
+        return clipped_snr
+    if kind is Prediction.EPS:
+        return torch.where(snr > 0, clipped_snr / snr.clamp_min(1e-30), torch.ones_like(snr))
+    if kind is Prediction.V:
+        return clipped_snr / (snr + 1)
+    raise ToydiffError(f"unknown prediction {kind!r}")
+
+
 def to_x0(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x0_hat from a network output."""
     if kind is Prediction.X0:

@@ -17,17 +17,28 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import ToydiffError
-from .parameterization import Prediction, training_target
+from .parameterization import Prediction, min_snr_weight, training_target
 from .schedules import NoiseSchedule
+
+WEIGHTINGS = ("uniform", "min-snr")
 
 
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T}, eps ~ N(0, I), MSE between the network and its target."""
+                   generator: torch.Generator | None = None, weighting: str = "uniform",
+                   gamma: float = 5.0) -> torch.Tensor:
+    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T}, eps ~ N(0, I), MSE between the network and its target;
+    weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023)."""
     t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
     eps, x_t = schedule.noise(x0, t, generator)
-    target = training_target(prediction, x0, eps, schedule.gather(schedule.alpha_bar, t, x0))
-    return nn.functional.mse_loss(model(x_t, t), target)
+    alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
+    target = training_target(prediction, x0, eps, alpha_bar)
+    if weighting == "uniform":
+        return nn.functional.mse_loss(model(x_t, t), target)
+    if weighting == "min-snr":
+        per_point = ((model(x_t, t) - target) ** 2).flatten(1).mean(1)
+        snr = (alpha_bar / (1 - alpha_bar)).flatten(1)[:, 0]
+        return (min_snr_weight(prediction, snr, gamma) * per_point).mean()
+    raise ToydiffError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -84,7 +95,7 @@ def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Trai
             xb = x0
         else:
             xb = x0[torch.randint(0, n, (batch,), generator=generator, device=x0.device)]
-        loss = diffusion_loss(model, schedule, xb, prediction, generator)
+        loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
