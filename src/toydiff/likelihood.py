@@ -17,7 +17,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from .parameterization import Prediction, to_eps, to_x0
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, pf_ode_drift
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LOG_2PI = math.log(2 * math.pi)
@@ -102,8 +102,8 @@ def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_d
                               for i in range(d))
             else:
                 div_eps = (torch.autograd.grad((eps * probe).sum(), x)[0] * probe).sum(1)
-        dx = 0.5 * (1 - alpha_bar) * x - 0.5 * (1 - alpha_bar).sqrt() * eps
-        div = 0.5 * (1 - alpha_bar[:, 0]) * d - 0.5 * (1 - alpha_bar[:, 0]).sqrt() * div_eps
+        dx = pf_ode_drift(x, eps, alpha_bar)
+        div = 0.5 * (1 - alpha_bar[:, 0]) * d - 0.5 * (1 - alpha_bar[:, 0]).sqrt() * div_eps  # its divergence
         return dx.detach(), div.detach()
 
     span = torch.tensor([lam[0], lam[-1]], dtype=x0.dtype, device=x0.device)

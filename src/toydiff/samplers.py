@@ -20,7 +20,7 @@ import torch
 
 from .errors import ToydiffError
 from .registry import Registry
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, pf_ode_drift
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
@@ -188,7 +188,7 @@ def sample_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         ab = torch.sigmoid(lam_now.to(torch.float64)).item()
         x0_hat = denoise(x_now, t)
         eps = (x_now - ab**0.5 * x0_hat) / (1 - ab) ** 0.5
-        return 0.5 * (1 - ab) * x_now - 0.5 * (1 - ab) ** 0.5 * eps
+        return pf_ode_drift(x_now, eps, ab)
 
     span = torch.tensor([lam[-1], lam[0]], dtype=torch.float64, device=x.device)
     try:

@@ -70,6 +70,12 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1 - np.concatenate([[ab[0]], ab[1:] / ab[:-1]])
 
 
+def pf_ode_drift(x: torch.Tensor, eps: torch.Tensor, alpha_bar) -> torch.Tensor:
+    """dx/dlambda of the probability-flow ODE (Song et al. 2021) in log-SNR time lambda = log(abar / (1 - abar)):
+    0.5 (1 - abar) x - 0.5 sqrt(1 - abar) eps_hat. Shared by the adaptive sampler and the likelihood ODE."""
+    return 0.5 * (1 - alpha_bar) * x - 0.5 * (1 - alpha_bar) ** 0.5 * eps
+
+
 def append_dims(a: torch.Tensor, ndim: int) -> torch.Tensor:
     """(B,) -> (B, 1, ..., 1) with `ndim` dimensions in all, to broadcast a per-sample scalar against x."""
     return a.reshape(a.shape + (1,) * (ndim - a.ndim))
