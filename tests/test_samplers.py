@@ -155,7 +155,7 @@ def test_orders_of_the_ode_samplers():
     x_T = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     reference = SAMPLERS.get("heun")(oracle_denoiser(FULL), FULL, x_T.clone())
     ratios = {}
-    for name in ("euler", "heun", "dpmpp-2m"):
+    for name in ("euler", "heun", "dpmpp-2m", "dpmpp-3m"):
         err = []
         for steps in (20, 40):
             s = FULL.respace(steps, "karras")
@@ -163,6 +163,28 @@ def test_orders_of_the_ode_samplers():
         ratios[name] = err[0] / err[1]
     assert 1.6 < ratios["euler"] < 2.8, ratios
     assert ratios["heun"] > 3.2 and ratios["dpmpp-2m"] > 3.2, ratios
+    assert ratios["dpmpp-3m"] > 8, ratios  # order 3 (12 measured; 2M's 6 on this non-uniform grid)
+
+
+def test_dpmpp_sde_noise_has_the_exact_variance():
+    """With x0_hat held constant, one SDE-DPM-Solver++ step from sigma_s to sigma_t has the closed-form law
+    (Lu et al. 2022, eq. for the first-order SDE step): mean (sigma_t/sigma_s) e^{-h} x + (1 - e^{-2h}) x0 and,
+    in x~ = x/sqrt(abar) units, variance sigma_t^2 (1 - e^{-2h}); checked on a two-step grid whose last step
+    lands on x0_hat."""
+    betas = np.array([0.3, 0.5])
+    s = NoiseSchedule(betas)
+    sig = s.sigmas.tolist()  # [0, sigma_1, sigma_2]
+    x0 = torch.tensor([0.7, -0.2], dtype=torch.float64)
+    seen = []
+    x_T = torch.zeros(200_000, 2, dtype=torch.float64) + 0.4
+    SAMPLERS.get("dpmpp-2m-sde")(lambda x, t: x0.expand_as(x), s, x_T, generator=torch.Generator().manual_seed(0),
+                                 callback=lambda t, x, x0_hat: seen.append(x.clone()))
+    x1 = seen[1] * (1 + sig[1] ** 2) ** 0.5  # x~ after the first step
+    h = np.log(sig[2] / sig[1])
+    mean = (sig[1] / sig[2]) * np.exp(-h) * 0.4 * (1 + sig[2] ** 2) ** 0.5 + (1 - np.exp(-2 * h)) * x0
+    std = sig[1] * np.sqrt(1 - np.exp(-2 * h))
+    assert torch.allclose(x1.mean(0), mean, atol=5 * std / np.sqrt(200_000) + 1e-12)
+    assert torch.allclose(x1.std(0), torch.full((2,), std, dtype=torch.float64), rtol=0.01)
 
 
 def test_ode_samplers_refuse_infinite_noise():
@@ -180,7 +202,9 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, steps, spacing", [("ddpm", 1000, "trailing"), ("ddim", 100, "karras"),
                                                   ("euler", 100, "karras"), ("heun", 50, "karras"),
-                                                  ("dpmpp-2m", 50, "karras"), ("ode", 0, "trailing")])
+                                                  ("dpmpp-2m", 50, "karras"), ("dpmpp-3m", 25, "karras"),
+                                                  ("dpmpp-2m-sde", 50, "karras"), ("dpmpp-3m-sde", 50, "karras"),
+                                                  ("ode", 0, "trailing")])
 def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     """No learning error: each sampler's samples of EIGHT are indistinguishable from iid draws at n = 2000
     (every metric within 3 floor deviations) at the stated number of steps. (Ancestral DDPM is borderline

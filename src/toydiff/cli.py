@@ -16,6 +16,8 @@ from . import config as config_io
 from .checkpoint import atomic_write_text, save_csv, save_npy
 from .config import ExperimentConfig
 from .errors import ToydiffError
+from .samplers import SAMPLERS
+from .schedules import SPACINGS
 
 
 class _UsageError(Exception):
@@ -59,9 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
     p.add_argument("--batch-size", type=int, help="samples denoised at once (default: the run's sample.batch_size)")
-    p.add_argument("--sampler", help="ddpm, ddim, euler, heun or dpmpp-2m (default: the run's sample.sampler)")
+    p.add_argument("--sampler", help=f"{', '.join(SAMPLERS.names())} or diffusers:SCHEDULER "
+                   "(default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps on a respaced schedule (default: the run's; 0 = T)")
-    p.add_argument("--spacing", help="trailing, linspace or leading (default: the run's sample.spacing)")
+    p.add_argument("--spacing", help=f"{', '.join(SPACINGS)} (default: the run's sample.spacing)")
     p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0_hat to the training data's range (default: the run's sample.clip)")

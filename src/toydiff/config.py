@@ -113,7 +113,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm (ancestral) | ddim | euler | heun | dpmpp-2m | ode (adaptive; see toydiff.samplers)
+    sampler: str = "ddpm"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde | dpmpp-3m-sde | ode
     steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
     spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step

@@ -62,9 +62,28 @@ class GaussianMixture:
         score = -(r * diff / v).sum(1)
         return (-(1 - ab.to(torch.float64))[:, None].sqrt() * score).to(x_t.dtype)
 
+    def scaled(self, shift, scale) -> "GaussianMixture":
+        """The law of (x - shift) / scale (per-axis shift and scale (D,)): a Scaler's frame."""
+        shift, scale = np.asarray(shift, np.float64), np.asarray(scale, np.float64)
+        return GaussianMixture(self.weights.numpy(), (self.means.numpy() - shift) / scale, self.stds.numpy() / scale)
+
     def denoiser(self, schedule: NoiseSchedule):
         """The exact denoise(x_t, t) -> x0_hat on `schedule` (respaced or not; t may be fractional)."""
         def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             alpha_bar = schedule.alpha_bar_at(t, x_t)
             return to_x0(Prediction.EPS, self.eps(x_t, t, alpha_bar), x_t, alpha_bar)
         return denoise
+
+
+def moons_mixture(noise: float, per_moon: int = 256) -> GaussianMixture:
+    """Noisy Two Moons (toydiff.data.moons) as a mixture of 2 * per_moon Gaussians of std `noise`, centred at
+    evenly spaced angles (midpoint rule) on each arc. With spacing pi / per_moon well below `noise`, the
+    quadrature error in the density is negligible (the default: 0.012 against 0.05), so this is the exact
+    denoiser of the moons for every practical purpose: a model that matched it perfectly would sample this."""
+    if noise <= 0:
+        raise ToydiffError("the moons oracle needs noise > 0 (noise-free moons live on curves)")
+    angle = (np.arange(per_moon) + 0.5) * math.pi / per_moon
+    outer = np.c_[np.cos(angle), np.sin(angle)]
+    inner = np.c_[1 - np.cos(angle), 0.5 - np.sin(angle)]
+    k = 2 * per_moon
+    return GaussianMixture(np.full(k, 1 / k), np.r_[outer, inner], np.full((k, 1), noise))
