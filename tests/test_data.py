@@ -116,3 +116,16 @@ def test_noise_free_moons_have_no_density():
     from toydiff.data import moons_log_density
     with pytest.raises(ToydiffError, match="no density"):
         moons_log_density(np.zeros((1, 2)), noise=0.0)
+
+
+def test_moons_oracle_mixture_has_the_moons_density():
+    """The Gaussian-mixture oracle of the noisy moons (midpoint rule over the arcs) against the
+    Gauss-Legendre density of data.moons_log_density, on and between the arcs."""
+    import torch
+
+    from toydiff.data import moons, moons_log_density
+    from toydiff.oracle import moons_mixture
+    x = moons(2000, np.random.default_rng(3), 0.08)[0]
+    exact = moons_log_density(x, 0.05)
+    mixture = moons_mixture(0.05).log_prob(torch.as_tensor(x)).numpy()
+    assert np.abs(mixture - exact).max() < 1e-3
