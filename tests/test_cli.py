@@ -64,7 +64,7 @@ def test_config_prints_resolved_toml(capsys, tmp_path):
     (["run", "--set", "train.stepz=3"], "unknown config key 'train.stepz'"),
     (["run", "--set", "sample.n=-5"], "sample.n must be >= 1"),
     (["run", "--device", "tpu"], "unknown device 'tpu'"),
-    (["run", "--set", "sample.variance=medium"], "unknown sample.variance 'medium'; choose one of: small, large"),
+    (["run", "--set", "sample.variance=medium"], "unknown sample.variance 'medium'; choose one of: auto, small, large, learned"),
     (["run", "--set", "sample.sampler=heun", "--set", "sample.eta=0.5"], "applies only to the ddim sampler"),
     (["run", "--set", "sample.spacing=even"], "unknown sample.spacing 'even'"),
     (["run", "--set", "sample.steps=5000"], "sampling steps must be in 1..T = 1..1000"),

@@ -267,3 +267,27 @@ def test_adaptive_solver_failure_is_a_clear_error():
     from toydiff.samplers import sample_ode
     with pytest.raises(ToydiffError, match="tighten the tolerances"):
         sample_ode(EIGHT.denoiser(FULL), FULL, torch.randn(200, 2, dtype=torch.float64), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("v, fixed", [(-1.0, "small"), (1.0, "large")])
+def test_learned_variance_spans_small_to_large(v, fixed):
+    """v = -1 is beta_tilde_t, v = +1 is beta_t (Nichol and Dhariwal 2021, eq. 15): the same draws as the
+    fixed variances, on the full and on a respaced schedule (whose own beta and beta_tilde are interpolated)."""
+    for s in (FULL.respace(200), FULL.respace(20, "linspace")):
+        x_T = torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        den = oracle_denoiser(s)
+        with_v = lambda x, t: (den(x, t), torch.full_like(x, v))  # noqa: E731
+        a = sample_ddpm(with_v, s, x_T.clone(), generator=torch.Generator().manual_seed(1), variance="learned")
+        b = sample_ddpm(den, s, x_T.clone(), generator=torch.Generator().manual_seed(1), variance=fixed)
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_learned_log_variance_is_the_log_space_interpolation():
+    t = torch.tensor([1, 2, 500, 1000])
+    v = torch.tensor([[0.0], [0.5], [-0.3], [2.0]], dtype=torch.float64)
+    b, ab = FULL.betas64, FULL.alpha_bar64
+    tilde = lambda k: b[k] * (1 - ab[k - 1]) / (1 - ab[k])  # noqa: E731
+    expect = [(1 + vv) / 2 * math.log(b[k]) + (1 - vv) / 2 * math.log(tilde(max(k, 2)))
+              for k, vv in zip(t.tolist(), v[:, 0].tolist())]
+    assert torch.allclose(FULL.learned_log_variance(v, t)[:, 0], torch.tensor(expect, dtype=torch.float64),
+                          rtol=1e-6)

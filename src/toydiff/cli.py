@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0_hat to the training data's range (default: the run's sample.clip)")
+    p.add_argument("--label", type=int, help="conditional models: the class to sample; -1 = all, in their "
+                   "training proportions (default: the run's sample.label)")
+    p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance scale; 1 = plain "
+                   "conditional (default: the run's sample.guidance)")
     p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
     p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -172,7 +176,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ToydiffError(f"the folder of --out '{out}' does not exist")
     n = run.config.sample.n if args.n is None else args.n
     result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
-                        spacing=args.spacing, eta=args.eta, clip=args.clip, trajectory=bool(args.trajectory))
+                        spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label,
+                        guidance=args.guidance, trajectory=bool(args.trajectory))
     samples = result[0] if args.trajectory else result
     if args.out is None:
         save_samples(out, samples)

@@ -65,12 +65,16 @@ class ModelConfig:
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
     fourier_octaves: int = 0  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
+    variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
+    conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
 
     def __post_init__(self):
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
+        _check(self.variance in ("fixed", "learned"),
+               f"unknown model.variance '{self.variance}'; choose one of: fixed, learned")
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm here; 0 = off
     loss_weighting: str = "uniform"  # uniform (L_simple) | min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
+    timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
+    vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
+    label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
@@ -106,6 +113,10 @@ class TrainConfig:
         _check(self.loss_weighting in ("uniform", "min-snr"),
                f"unknown train.loss_weighting '{self.loss_weighting}'; choose one of: uniform, min-snr")
         _check(self.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
+        _check(self.timestep_sampling in ("uniform", "importance"),
+               f"unknown train.timestep_sampling '{self.timestep_sampling}'; choose one of: uniform, importance")
+        _check(self.vlb_weight >= 0, f"train.vlb_weight must be >= 0, got {self.vlb_weight}")
+        _check(0 <= self.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {self.label_dropout}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
@@ -117,7 +128,9 @@ class SampleConfig:
     steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
     spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
-    variance: str = "small"  # ddpm only: small (sigma_t^2 = beta_tilde_t, the guide's) | large (beta_t)
+    variance: str = "auto"  # ddpm: small (beta_tilde_t) | large (beta_t) | learned | auto (learned if it can, else small)
+    guidance: float = 1.0  # conditional models: x0 = x0_u + w (x0_c - x0_u); 1 = conditional, 0 = unconditional
+    label: int = -1  # conditional models: sample this class only; -1 = classes in their training proportions
     use_ema: bool = True  # sample with the EMA weights when the run has them
     clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
     n: int = 5000  # samples drawn by `toydiff run`
@@ -127,6 +140,8 @@ class SampleConfig:
         _check(self.steps >= 0, f"sample.steps must be >= 0 (0 = all T), got {self.steps}")
         _check(0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
         _check(self.n >= 1, f"sample.n must be >= 1, got {self.n}")
+        _check(self.guidance >= 0, f"sample.guidance must be >= 0, got {self.guidance}")
+        _check(self.label >= -1, f"sample.label must be a class index or -1 (all classes), got {self.label}")
         _check(self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
 
 

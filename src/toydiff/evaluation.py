@@ -246,11 +246,14 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     cfg = run.config
     held_out = target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-nll")), n)
     x = torch.as_tensor(run.scaler.transform(held_out), dtype=torch.float32, device=run.device)
-    eps_fn = model_eps_fn(run.model, cfg.model.prediction)
+    denoiser = run.denoiser  # a conditional model's likelihood is that of its unconditional (null-label) branch
+    eps_fn = model_eps_fn(denoiser)
+    variance_fn = (lambda x_t, t: denoiser.output(x_t, t)[1]) if denoiser.learned_variance else None
     gen = torch_generator(cfg.seed, "eval-nll", run.device)
     log(f"likelihoods of {n} held-out points: ELBO ({run.schedule.T} terms) and probability-flow ODE")
     d, shift = run.dim, -run.scaler.log_abs_det  # nll_data = nll_scaled - log|det|
-    out = {"n": n, "elbo": float(elbo_nll(eps_fn, run.schedule, x, generator=gen).mean()) + shift,
+    elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn)
+    out = {"n": n, "elbo": float(elbo.mean()) + shift,
            "ode_nll": float(ode_nll(eps_fn, run.schedule, x, generator=gen).mean()) + shift}
     log_density = LOG_DENSITY.get(target.key["dataset"])
     if log_density is not None and target.noise > 0:

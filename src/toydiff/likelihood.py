@@ -13,7 +13,6 @@ import math
 from typing import Callable
 
 import torch
-from torch import nn
 from torchdiffeq import odeint
 
 from .parameterization import Prediction, to_eps, to_x0
@@ -23,9 +22,9 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 LOG_2PI = math.log(2 * math.pi)
 
 
-def model_eps_fn(model: nn.Module, prediction: Prediction | str) -> EpsFn:
-    kind = Prediction.parse(prediction) if isinstance(prediction, str) else prediction
-    return lambda x, t, alpha_bar: to_eps(kind, model(x, t), x, alpha_bar)
+def model_eps_fn(denoiser) -> EpsFn:
+    """The EpsFn of a parameterization.Denoiser (alpha_bar handed over, as the ODE's continuous time has it)."""
+    return lambda x, t, alpha_bar: to_eps(denoiser.prediction, denoiser.output(x, t)[0], x, alpha_bar)
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float) -> torch.Tensor:
@@ -34,19 +33,40 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float)
     return 0.5 * (((x - mean) ** 2) / var + torch.log(var) + LOG_2PI).sum(-1)
 
 
+def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor,
+              log_var_2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_1, e^log_var_1) || N(mean_2, e^log_var_2)) per coordinate (diagonal Gaussians), nats."""
+    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2)
+                  + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1)
+
+
+def vlb_term(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor,
+             log_var: torch.Tensor) -> torch.Tensor:
+    """L_{t-1} of the variational bound per point (B,), nats summed over dimensions, for p(x_{t-1} | x_t) =
+    N(posterior mean at x0_hat, e^log_var): KL(q(x_{t-1} | x_t, x0) || p) for t >= 2, and the continuous
+    Gaussian decoder -log p(x0 | x_1) for t = 1 (Ho et al. 2020, eq. 5)."""
+    mean_q, _ = schedule.posterior(x0, x_t, t)
+    mean_p, _ = schedule.posterior(x0_hat, x_t, t)
+    log_var_q = schedule.gather(schedule.log_beta_tilde_clipped, t, x0)  # exact for t >= 2, finite at t = 1
+    kl = normal_kl(mean_q, log_var_q, mean_p, log_var).sum(1)
+    decoder = 0.5 * ((x0 - mean_p) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(1)
+    return torch.where(t == 1, decoder, kl)
+
+
 @torch.no_grad()
 def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, variance_fn=None) -> torch.Tensor:
     """Upper bound on -log p(x0) per point (N,), Ho et al. (2020) eq. 5 with a continuous Gaussian decoder:
 
         L_T = KL(q(x_T | x0) || N(0, I))
         L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)),  t = 2..T, one x_t ~ q(x_t | x0) each
-        L_0 = -log N(x0; x0_hat(x_1, 1), beta_1 I)
+        L_0 = -log N(x0; x0_hat(x_1, 1), sigma_1^2 I)
 
-    with p(x_{t-1} | x_t) = N(posterior mean at x0_hat, beta_tilde_t I), the sampler's step. The
-    decoder's variance is beta_1 (beta_tilde_1 = 0), Ho et al.'s sigma_1^2 = beta_1. With fixed
-    variances the bound is loose even for a perfect denoiser (0.8 nats per point for a 2-D Gaussian
-    at T = 1000, tests/test_likelihood.py); the ODE likelihood is the exact one.
+    with p(x_{t-1} | x_t) = N(posterior mean at x0_hat, sigma_t^2 I), the sampler's step. Fixed variances:
+    sigma_t^2 = beta_tilde_t, and beta_1 for the decoder (beta_tilde_1 = 0), Ho et al.'s sigma_1^2 = beta_1;
+    they leave the bound loose even for a perfect denoiser (0.8 nats per point for a 2-D Gaussian at
+    T = 1000, tests/test_likelihood.py). variance_fn(x_t, t) -> v (N, D), a learned variance
+    (NoiseSchedule.learned_log_variance), tightens it (Nichol and Dhariwal 2021). The ODE likelihood is exact.
     """
     d = x0.shape[1]
     ab_T = float(schedule.alpha_bar64[-1])
@@ -58,14 +78,14 @@ def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
         x_t = schedule.q_sample(x0, t_vec, eps)
         alpha_bar = schedule.gather(schedule.alpha_bar, t_vec, x0)
         x0_hat = to_x0(Prediction.EPS, eps_fn(x_t, t_vec, alpha_bar), x_t, alpha_bar)
-        if t == 1:
-            # 2. decoder term
-            total = total + gaussian_nll(x0, x0_hat, float(schedule.betas64[1])).double()
-            continue
-        # 3. KL between two Gaussians of the same variance beta_tilde_t: |mu_q - mu_p|^2 / (2 beta_tilde_t)
-        mu_q, var = schedule.posterior(x0, x_t, t_vec)
-        mu_p, _ = schedule.posterior(x0_hat, x_t, t_vec)
-        total = total + (((mu_q - mu_p) ** 2).sum(1) / (2 * var[:, 0])).double()
+        # 2. sigma_t^2: learned, or beta_1 for the decoder and beta_tilde_t above it
+        if variance_fn is not None:
+            log_var = schedule.learned_log_variance(variance_fn(x_t, t_vec), t_vec)
+        else:
+            fixed = schedule.betas64[1] if t == 1 else schedule.beta_tilde[t].double().item()
+            log_var = torch.full_like(x0, math.log(fixed))
+        # 3. the decoder term at t = 1, the KL above it
+        total = total + vlb_term(schedule, x0, x_t, t_vec, x0_hat, log_var).double()
     return total
 
 

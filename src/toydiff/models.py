@@ -1,8 +1,10 @@
-"""Denoiser networks f(x_t (B, D), t (B,) long in 1..T) -> (B, D), in a registry.
+"""Denoiser networks f(x_t (B, D), t (B,) in 1..T[, y (B,)]) -> (B, D * outputs), in a registry.
 
 `guide` is the guide's NoisePredictor; `mlp` is the stronger default: a residual MLP
-with a sinusoidal time embedding and optional Fourier features of x, for any D.
-What the output means (eps, x0 or v) is the parameterization module's business.
+with a sinusoidal time embedding, optional Fourier features of x and an optional class
+embedding, for any D. `outputs` is 2 when the network also learns its variances.
+What the output means (eps, x0 or v, and the variance interpolation) is the
+parameterization module's business.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import ToydiffError
 from .registry import Registry
 
 ModelFn = Callable[[ModelConfig, int, int], nn.Module]
@@ -86,16 +89,18 @@ class MLP(nn.Module):
     """
 
     def __init__(self, dim: int, T: int, width: int = 128, depth: int = 3, time_dim: int = 32,
-                 fourier_octaves: int = 0):
+                 fourier_octaves: int = 0, classes: int = 0, outputs: int = 1):
         super().__init__()
-        self.T, self.time_dim, self.fourier_octaves = T, time_dim, fourier_octaves
+        self.T, self.time_dim, self.fourier_octaves, self.classes = T, time_dim, fourier_octaves, classes
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(fourier_octaves, dtype=torch.float32),
                              persistent=False)
         in_features = dim * (1 + 2 * fourier_octaves)
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(in_features, width)
+        # classes 0..K-1 and, at index K, the null label that stands for "unconditional" (label dropout, guidance)
+        self.label = nn.Embedding(classes + 1, width) if classes else None
         self.blocks = nn.ModuleList(ResidualBlock(width, width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim * outputs))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.fourier_octaves == 0:
@@ -103,8 +108,15 @@ class MLP(nn.Module):
         angles = (x[:, :, None] * self.freqs).flatten(1)
         return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """y (B,) long: class labels in 0..K-1, or K (the null label); None = all null (unconditional)."""
         temb = self.time_mlp(sinusoidal_embedding(t * (1000.0 / self.T), self.time_dim).to(x_t.dtype))
+        if self.label is not None:
+            if y is None:
+                y = torch.full((x_t.shape[0],), self.classes, dtype=torch.long, device=x_t.device)
+            temb = temb + self.label(y)
+        elif y is not None:
+            raise ToydiffError("class labels were given to a network trained without them; set model.conditional")
         h = self.inp(self.features(x_t)) + temb
         for block in self.blocks:
             h = block(h, temb)
@@ -112,17 +124,22 @@ class MLP(nn.Module):
 
 
 @MODELS.register("guide")
-def _guide(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
+def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
+    if cfg.variance == "learned" or classes:
+        raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
+                           "model.variance=learned or model.conditional=true")
     return GuideNoisePredictor(dim, T)
 
 
 @MODELS.register("mlp")
-def _mlp(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
-    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves)
+def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
+    outputs = 2 if cfg.variance == "learned" else 1
+    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs)
 
 
-def build_model(cfg: ModelConfig, dim: int, T: int) -> nn.Module:
-    return MODELS.get(cfg.arch)(cfg, dim, T)
+def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
+    """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null)."""
+    return MODELS.get(cfg.arch)(cfg, dim, T, classes)
 
 
 def count_parameters(model: nn.Module) -> int:

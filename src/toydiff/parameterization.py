@@ -85,29 +85,70 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
 class Denoiser:
     """denoise(x_t (B, D), t (B,) in 1..T) -> x0_hat (B, D), for a network of any prediction kind.
 
-    t is an integer step, or a fractional one for the continuous-time ODE solvers."""
+    t is an integer step, or a fractional one for the continuous-time ODE solvers.
+    learned_variance: the network's output is [prediction, v] (2 D columns), v setting the variance
+    (NoiseSchedule.learned_log_variance); `with_variance` returns both.
+    labels (B,): condition a class-conditional network on them; with guidance w != 1 each call also
+    evaluates the unconditional (null-label) prediction, in the same batch, and returns
+    pred_u + w (pred_c - pred_u) (classifier-free guidance, Ho and Salimans 2022, in diffusers'
+    convention: w = 1 is purely conditional). eps, x0 and v are affine in the prediction at fixed
+    x_t, so guiding any of them guides all three identically. Without labels a conditional network
+    is asked for its unconditional prediction.
+    """
 
-    def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: Prediction | str):
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: Prediction | str, *,
+                 learned_variance: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.model = model
         self.schedule = schedule
         self.prediction = Prediction.parse(prediction) if isinstance(prediction, str) else prediction
+        self.learned_variance = learned_variance
+        self.labels = labels
+        self.guidance = guidance
+        if labels is None and guidance != 1.0:
+            raise ToydiffError("classifier-free guidance needs class labels to guide towards; "
+                               "train with model.conditional=true, or set sample.guidance=1")
 
-    def _raw(self, x_t: torch.Tensor, t: torch.Tensor):
-        return self.model(x_t, t), self.schedule.alpha_bar_at(t, x_t)
+    def output(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The network's (guided) prediction (B, D) and its variance output v (B, D), or None."""
+        if self.labels is None:
+            out = self.model(x_t, t)
+        elif self.guidance == 1.0:
+            out = self.model(x_t, t, self.labels)
+        else:
+            null = torch.full_like(self.labels, self.model.classes)
+            both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, null]))
+            cond, uncond = both.chunk(2)
+            d = x_t.shape[1]
+            guided = uncond[:, :d] + self.guidance * (cond[:, :d] - uncond[:, :d])
+            out = torch.cat([guided, cond[:, d:]], dim=1)  # the variance follows the conditional branch
+        if self.learned_variance:
+            pred, v = out.chunk(2, dim=1)
+            return pred, v
+        return out, None
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        pred, alpha_bar = self._raw(x_t, t)
-        return to_x0(self.prediction, pred, x_t, alpha_bar)
+        return to_x0(self.prediction, self.output(x_t, t)[0], x_t, self.schedule.alpha_bar_at(t, x_t))
+
+    def with_variance(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, v): the prediction and the learned-variance output, for ddpm's variance = "learned"."""
+        if not self.learned_variance:
+            raise ToydiffError("this model did not learn its variances (model.variance = fixed); "
+                               "sample with variance small or large")
+        pred, v = self.output(x_t, t)
+        return to_x0(self.prediction, pred, x_t, self.schedule.alpha_bar_at(t, x_t)), v
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the predicted noise (the vector field of the guide's Fig. 4 is its negative)."""
-        pred, alpha_bar = self._raw(x_t, t)
-        return to_eps(self.prediction, pred, x_t, alpha_bar)
+        return to_eps(self.prediction, self.output(x_t, t)[0], x_t, self.schedule.alpha_bar_at(t, x_t))
 
 
 def clipped(denoise, low: torch.Tensor, high: torch.Tensor):
     """denoise with x0_hat clamped per axis to [low, high] (D,): the training data's own range in the
-    model's frame, taken from the fitted scaler, never a blanket [-1, 1]."""
-    def inner(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.maximum(torch.minimum(denoise(x_t, t), high.to(x_t)), low.to(x_t))
+    model's frame, taken from the fitted scaler, never a blanket [-1, 1]. A (x0_hat, v) output keeps its v."""
+    def clamp(x0_hat: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(x0_hat, high.to(x0_hat)), low.to(x0_hat))
+
+    def inner(x_t: torch.Tensor, t: torch.Tensor):
+        out = denoise(x_t, t)
+        return (clamp(out[0]), out[1]) if isinstance(out, tuple) else clamp(out)
     return inner

@@ -35,6 +35,7 @@ from .training import make_ema, train
 
 LOG_HEADER = ["step", "loss", "lr", "seconds"]
 EMA_WEIGHTS = "model_ema.safetensors"
+LABELS = "train_labels.npy"
 
 
 @dataclass
@@ -48,20 +49,31 @@ class Run:
     model: nn.Module
     data: np.ndarray  # (N, D) training data, data units
     device: torch.device
+    labels: Optional[np.ndarray] = None  # (N,) class labels in 0..K-1 of a conditional model's training data
 
     @property
     def dim(self) -> int:
         return self.data.shape[1]
 
     @property
+    def classes(self) -> int:
+        """K for a class-conditional model, else 0."""
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
+        return Denoiser(self.model, self.schedule, self.config.model.prediction,
+                        learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
+
+    @property
     def denoiser(self) -> Denoiser:
-        return Denoiser(self.model, self.schedule, self.config.model.prediction)
+        """The unconditional denoiser (a conditional model asked with its null label)."""
+        return self.denoiser_for()
 
     @classmethod
     def load(cls, path: str | Path, device: str = "auto", threads: int = 0) -> "Run":
         """Rebuild a run from its directory alone (config, scaler, data, weights)."""
         path = Path(path)
-        read_manifest(path)
+        info = read_manifest(path)
         cfg = config_io.load(path / "config.toml")
         try:
             scaler = Scaler.from_dict(json.loads((path / "scaler.json").read_text(encoding="utf-8")))
@@ -71,23 +83,32 @@ class Run:
         if data.ndim != 2 or data.shape[1] != scaler.shift.shape[0]:
             raise ToydiffError(f"'{path}' is damaged: train_data.npy has shape {data.shape} but the scaler has "
                                f"{scaler.shift.shape[0]} columns")
+        labels = None
+        if cfg.model.conditional:
+            labels = load_npy(path / LABELS)
+            if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" or info.get("classes") != \
+                    int(labels.max()) + 1:
+                raise ToydiffError(f"'{path}' is damaged: {LABELS} does not match the training data or run.json")
         dev = resolve_device(device)
         set_threads(threads, dev)
-        schedule, model = _build(cfg, data.shape[1], dev)
+        schedule, model = _build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
         load_weights(path / WEIGHTS, model)
         if cfg.sample.use_ema and (path / EMA_WEIGHTS).is_file():
             load_weights(path / EMA_WEIGHTS, model)  # sampling uses the moving average when the run has one
         model.eval()
-        return cls(path, cfg, scaler, schedule, model, data, dev)
+        return cls(path, cfg, scaler, schedule, model, data, dev, labels)
 
     def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
-               eta: Optional[float] = None, clip: Optional[bool] = None, trajectory: bool = False):
+               eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
+               guidance: Optional[float] = None, trajectory: bool = False):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
-        sampler, steps, spacing, eta and clip default to the run's [sample] settings; steps < T samples
-        on the respaced schedule. With trajectory=True, returns (samples, path) where path
-        (steps + 1, n, D) holds x_T .. x_0 in the model's scaled frame (the frame of the figures).
+        sampler, steps, spacing, eta, clip, label and guidance default to the run's [sample] settings;
+        steps < T samples on the respaced schedule. A conditional model samples class `label`, or for
+        label = -1 classes drawn in their training proportions, with classifier-free guidance scale
+        `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
+        x_T .. x_0 in the model's scaled frame (the frame of the figures).
         """
         if n < 1:
             raise ToydiffError(f"the number of samples must be >= 1, got {n}")
@@ -98,21 +119,28 @@ class Run:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         cfg = self.config.sample
         name = sampler or cfg.sampler
-        sample_fn = sampler_with_options(name, cfg.eta if eta is None else eta, cfg.variance)
+        label = cfg.label if label is None else label
+        guidance = cfg.guidance if guidance is None else guidance
+        check_conditioning(self.classes, label, guidance)
+        learned = self.config.model.variance == "learned"
+        sample_fn, variance = sampler_with_options(name, cfg.eta if eta is None else eta, cfg.variance, learned)
         if name == "ode":
             schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
         else:
             schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
-        base = self.denoiser
-        if (cfg.clip if clip is None else clip):
-            scaled = self.scaler.transform(self.data)
-            as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
-            base = clipped(base, as_t(scaled.min(0)), as_t(scaled.max(0)))
-        denoise = base if schedule is self.schedule else (lambda x, i: base(x, schedule.model_t(i)))
+        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
+        scaled = self.scaler.transform(self.data)
+        do_clip = cfg.clip if clip is None else clip
         out, paths = [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
+            labels = self._draw_labels(b, label, gen)
+            den = self.denoiser_for(labels, guidance)
+            base = den.with_variance if variance == "learned" else den
+            if do_clip:
+                base = clipped(base, as_t(scaled.min(0)), as_t(scaled.max(0)))
+            denoise = base if schedule is self.schedule else functools.partial(_at_model_t, base, schedule)
             x_T = torch.randn((b, self.dim), generator=gen, device=self.device)
             visited: list[torch.Tensor] = []
             callback = (lambda t, x_t, x0_hat: visited.append(x_t.cpu())) if trajectory else None
@@ -125,25 +153,54 @@ class Run:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples
 
+    def _draw_labels(self, n: int, label: int, gen: torch.Generator) -> torch.Tensor | None:
+        """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies."""
+        if self.labels is None:
+            return None
+        if label >= 0:
+            return torch.full((n,), label, dtype=torch.long, device=self.device)
+        freq = torch.as_tensor(np.bincount(self.labels, minlength=self.classes), dtype=torch.float64)
+        return torch.multinomial(freq.to(self.device), n, replacement=True, generator=gen)
 
-def sampler_with_options(name: str, eta: float, variance: str = "small"):
-    """The registered sampler, with eta bound for ddim and the variance for ddpm (meaningless to the others)."""
+
+def _at_model_t(denoise, schedule: NoiseSchedule, x: torch.Tensor, i: torch.Tensor):
+    """denoise on a respaced schedule: index i is told to the network as the training t it stands for."""
+    return denoise(x, schedule.model_t(i))
+
+
+def check_conditioning(classes: int, label: int, guidance: float) -> None:
+    if classes == 0 and (label != -1 or guidance != 1.0):
+        raise ToydiffError("sample.label and sample.guidance need a class-conditional model; train one with "
+                           "model.conditional=true")
+    if label >= classes > 0:
+        raise ToydiffError(f"sample.label = {label}, but the model knows classes 0..{classes - 1}")
+    if guidance < 0:
+        raise ToydiffError(f"the guidance scale must be >= 0, got {guidance}")
+
+
+def sampler_with_options(name: str, eta: float, variance: str = "auto", learned: bool = False):
+    """(sampler function, resolved variance): the registered sampler with eta bound for ddim and the variance
+    for ddpm (meaningless to the others); variance "auto" is "learned" for a model that learned it, else "small"."""
     fn = SAMPLERS.get(name)
-    if variance not in VARIANCES:
-        raise ToydiffError(f"unknown sample.variance '{variance}'; choose one of: {', '.join(VARIANCES)}")
+    if variance not in VARIANCES + ("auto",):
+        raise ToydiffError(f"unknown sample.variance '{variance}'; choose one of: auto, {', '.join(VARIANCES)}")
+    if variance == "learned" and not learned:
+        raise ToydiffError("sample.variance = learned needs a model trained with model.variance=learned; "
+                           "choose auto, small or large")
     if name == "ddpm":
         if eta:
             raise ToydiffError(f"eta = {eta} applies only to the ddim sampler, not 'ddpm'; set sample.eta = 0")
-        return functools.partial(fn, variance=variance)
-    if variance != "small":
-        raise ToydiffError(f"sample.variance applies only to the ddpm sampler, not '{name}'")
+        variance = ("learned" if learned else "small") if variance == "auto" else variance
+        return functools.partial(fn, variance=variance), variance
+    if variance not in ("auto", "small"):
+        raise ToydiffError(f"sample.variance = {variance} applies only to the ddpm sampler, not '{name}'")
     if name == "ddim":
         if not 0 <= eta <= 1:
             raise ToydiffError(f"eta must be in [0, 1], got {eta}")
-        return functools.partial(fn, eta=eta)
+        return functools.partial(fn, eta=eta), "small"
     if eta:
         raise ToydiffError(f"eta = {eta} applies only to the ddim sampler, not '{name}'; set sample.eta = 0")
-    return fn
+    return fn, "small"
 
 
 def respaced(schedule: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
@@ -153,14 +210,15 @@ def respaced(schedule: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule
     return schedule.respace(steps, spacing)
 
 
-def _build(cfg: ExperimentConfig, dim: int, device: torch.device) -> tuple[NoiseSchedule, nn.Module]:
+def _build(cfg: ExperimentConfig, dim: int, device: torch.device,
+           classes: int = 0) -> tuple[NoiseSchedule, nn.Module]:
     """Schedule and (seeded, freshly initialised) model; every name is checked against its registry."""
     Prediction.parse(cfg.model.prediction)
     SAMPLERS.get(cfg.sample.sampler)
     schedule = NoiseSchedule.from_config(cfg.schedule, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_model(cfg.model, dim, cfg.schedule.T)
+        model = build_model(cfg.model, dim, cfg.schedule.T, classes)
     return schedule, model.to(device)
 
 
@@ -178,7 +236,12 @@ def check_config(cfg: ExperimentConfig) -> None:
         raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says nothing "
                            "about x0; set model.prediction=v (or x0)")
     Prediction.parse(cfg.model.prediction)
-    sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance)
+    if cfg.model.arch == "guide" and (cfg.model.variance == "learned" or cfg.model.conditional):
+        raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
+                           "model.variance=learned or model.conditional=true")
+    sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance, cfg.model.variance == "learned")
+    if not cfg.model.conditional:
+        check_conditioning(0, cfg.sample.label, cfg.sample.guidance)
     if cfg.sample.spacing not in SPACINGS:
         raise ToydiffError(f"unknown sample.spacing '{cfg.sample.spacing}'; choose one of: {', '.join(SPACINGS)}")
     respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)
@@ -197,9 +260,14 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     check_config(cfg)
     device = resolve_device(cfg.train.device)
     threads = set_threads(cfg.train.threads, device)
-    x, _labels = make_data(cfg)
+    x, labels = make_data(cfg)
+    classes = 0
+    if cfg.model.conditional:
+        labels = check_labels(labels, x.shape[0])
+        classes = int(labels.max()) + 1
+        check_conditioning(classes, cfg.sample.label, cfg.sample.guidance)
     scaler = Scaler.fit(x, cfg.data.scaling)
-    schedule, model = _build(cfg, x.shape[1], device)
+    schedule, model = _build(cfg, x.shape[1], device, classes)
     warning = schedule.terminal_warning()
     if warning:
         log(f"warning: {warning}")
@@ -207,8 +275,10 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     atomic_write_text(path / "config.toml", cfg.to_toml())
     atomic_write_text(path / "scaler.json", json.dumps(scaler.to_dict(), indent=2))
     save_npy(path / "train_data.npy", x.astype(np.float32))
+    if classes:
+        save_npy(path / LABELS, labels)
     info = {"toydiff_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]),
+            "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]), "classes": classes,
             "alpha_bar_T": schedule.alpha_bar_T, "parameters": count_parameters(model),
             "device": str(device), "threads": threads}
     write_manifest(path, info)
@@ -227,8 +297,10 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
 
     x0 = torch.as_tensor(scaler.transform(x), dtype=torch.float32, device=device)
     start = time.perf_counter()
+    y = torch.as_tensor(labels, dtype=torch.long, device=device) if classes else None
     train(model, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
-          generator=torch_generator(cfg.seed, "train", device), on_log=rows.append,
+          generator=torch_generator(cfg.seed, "train", device), labels=y,
+          learned_variance=cfg.model.variance == "learned", on_log=rows.append,
           on_checkpoint=checkpoint, ema=ema, progress=progress)
     seconds = time.perf_counter() - start
     checkpoint(cfg.train.steps)
@@ -236,7 +308,21 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
                           "final_loss": rows[-1]["loss"]})
     log(f"trained in {seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
     sampling_model = ema.module.eval() if ema is not None and cfg.sample.use_ema else model
-    return Run(path, cfg, scaler, schedule, sampling_model, x.astype(np.float32), device)
+    return Run(path, cfg, scaler, schedule, sampling_model, x.astype(np.float32), device,
+               labels if classes else None)
+
+
+def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
+    """Class labels (n,) as integers 0..K-1 with K >= 2, or a one-line error."""
+    if labels is None:
+        raise ToydiffError("model.conditional needs class labels, and this dataset has none; "
+                           "set model.conditional=false")
+    labels = np.asarray(labels)
+    if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0:
+        raise ToydiffError(f"class labels must be {n} integers >= 0, got shape {labels.shape}, dtype {labels.dtype}")
+    if labels.max() < 1:
+        raise ToydiffError("class labels must name at least two classes for a conditional model")
+    return labels.astype(np.int64)
 
 
 def save_samples(path: Path, samples: np.ndarray) -> None:

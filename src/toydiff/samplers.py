@@ -26,7 +26,7 @@ Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 Sampler = Callable[..., torch.Tensor]
 SAMPLERS: Registry[Sampler] = Registry("sampler")
-VARIANCES = ("small", "large")  # ddpm's sigma_t^2: beta_tilde_t (posterior) or beta_t
+VARIANCES = ("small", "large", "learned")  # ddpm's sigma_t^2: beta_tilde_t (posterior), beta_t, or the network's
 
 
 @SAMPLERS.register("ddpm")
@@ -35,7 +35,9 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                 generator: torch.Generator | None = None, callback: Callback = None,
                 variance: str = "small") -> torch.Tensor:
     """Implements Algorithm 2 (ancestral sampling) of Ho et al. (2020), with sigma_t^2 = beta_tilde_t
-    ("small", the posterior's) or beta_t ("large"); Ho et al. found both about equally good.
+    ("small", the posterior's) or beta_t ("large"); Ho et al. found both about equally good. With
+    "learned", denoise returns (x0_hat, v) and sigma_t^2 interpolates the two on the schedule walked
+    (Nichol and Dhariwal 2021, eq. 15; on a respaced schedule, its own beta_t and beta_tilde_t).
 
     The step is written in the posterior-mean form mu = c0_t x0_hat + ct_t x_t (eq. 7),
     which equals the eps form (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) (eq. 11)
@@ -45,8 +47,11 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         raise ToydiffError(f"unknown variance '{variance}'; choose one of: {', '.join(VARIANCES)}")
     for t in range(schedule.T, 0, -1):
         t_vec = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-        # 1. predict x0 from x_t
-        x0_hat = denoise(x, t_vec)
+        # 1. predict x0 (and, if learned, the variance) from x_t
+        if variance == "learned":
+            x0_hat, v = denoise(x, t_vec)
+        else:
+            x0_hat = denoise(x, t_vec)
         # 2. mean and variance of q(x_{t-1} | x_t, x0_hat), eq. 6-7
         mean, var = schedule.posterior(x0_hat, x, t_vec)
         if callback is not None:
@@ -55,6 +60,8 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         if t > 1:
             if variance == "large":
                 var = schedule.gather(schedule.betas, t_vec, x)
+            elif variance == "learned":
+                var = schedule.learned_log_variance(v, t_vec).exp()
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = mean + var.sqrt() * z
         else:

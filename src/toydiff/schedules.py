@@ -122,6 +122,12 @@ class NoiseSchedule:
         self.beta_tilde = as_t(beta_tilde)
         self.posterior_coef_x0 = as_t(coef_x0)
         self.posterior_coef_xt = as_t(coef_xt)
+        # log beta_tilde_t with beta_tilde_1 = 0 replaced by beta_tilde_2 (improved-diffusion's "clipped" log
+        # variance): the lower end of a learned variance; a one-step schedule falls back on beta_1
+        tilde_1 = beta_tilde[2] if self.T > 1 else self.betas64[1]
+        with np.errstate(divide="ignore"):
+            self.log_beta_tilde_clipped = as_t(np.log(np.concatenate([[tilde_1, tilde_1], beta_tilde[2:]])))
+            self.log_betas = as_t(np.log(self.betas64))
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, device: torch.device | str = "cpu") -> "NoiseSchedule":
@@ -242,3 +248,9 @@ class NoiseSchedule:
         """Mean and variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eq. 6-7); variance is (B, 1, ...)."""
         mean = self.gather(self.posterior_coef_x0, t, x_t) * x0 + self.gather(self.posterior_coef_xt, t, x_t) * x_t
         return mean, self.gather(self.beta_tilde, t, x_t)
+
+    def learned_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """log sigma_t^2 = frac log beta_t + (1 - frac) log beta_tilde_t, frac = (v + 1) / 2, for a network's
+        variance output v (B, D) (Nichol and Dhariwal 2021, eq. 15); beta_tilde_1 is clipped to beta_tilde_2."""
+        frac = (v + 1) / 2
+        return frac * self.gather(self.log_betas, t, v) + (1 - frac) * self.gather(self.log_beta_tilde_clipped, t, v)

@@ -17,28 +17,109 @@ from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import ToydiffError
-from .parameterization import Prediction, min_snr_weight, training_target
+from .likelihood import vlb_term
+from .parameterization import Prediction, min_snr_weight, to_x0, training_target
 from .schedules import NoiseSchedule
 
 WEIGHTINGS = ("uniform", "min-snr")
 
 
+class UniformTimesteps:
+    """t ~ U{1..T}, every weight 1: the L_simple of Ho et al. (2020)."""
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        t = torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+        return t, torch.ones(n, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+
+class ImportanceTimesteps(UniformTimesteps):
+    """Importance sampling of t by the loss's second moment (Nichol and Dhariwal 2021, sec. 3.3; improved-diffusion's
+    LossSecondMomentResampler): p_t proportional to sqrt(E[L_t^2]), mixed with 0.1% uniform, and each point's
+    loss weighted by 1 / (T p_t) so the objective's expectation is unchanged. Sampling stays uniform until
+    every t has been seen `history` times. E[L_t^2] is a running mean over the first `history` batches that
+    contain t and an exponential average with weight 1 / history after (improved-diffusion keeps the last 10
+    losses; this keeps the bookkeeping on the device, with no host synchronisation).
+    """
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001, device: torch.device | str = "cpu"):
+        super().__init__(T)
+        self.history, self.uniform_prob = history, uniform_prob
+        self.second_moment = torch.zeros(T + 1, device=device)
+        self.seen = torch.zeros(T + 1, device=device)
+
+    def probabilities(self) -> torch.Tensor:
+        """p_t for t = 0..T (p_0 = 0)."""
+        uniform = torch.ones_like(self.second_moment)
+        uniform[0] = 0
+        uniform = uniform / self.T
+        root = self.second_moment.sqrt()
+        root[0] = 0
+        p = root / root.sum().clamp_min(1e-30) * (1 - self.uniform_prob) + self.uniform_prob * uniform
+        ready = (self.seen[1:] >= self.history).all()
+        return torch.where(ready, p, uniform)
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        p = self.probabilities()
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        return t.to(device), (1.0 / (self.T * p[t])).to(device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        t = t.to(self.second_moment.device)
+        sums = torch.zeros_like(self.second_moment).index_add_(0, t, losses.detach().float() ** 2)
+        counts = torch.zeros_like(self.seen).index_add_(0, t, torch.ones_like(sums[t]))
+        hit = counts > 0
+        self.seen += hit.float()
+        rate = 1.0 / self.seen.clamp(1, self.history)
+        batch_mean = sums / counts.clamp_min(1)
+        self.second_moment = torch.where(hit, self.second_moment + rate * (batch_mean - self.second_moment),
+                                         self.second_moment)
+
+
+def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
+    if kind == "uniform":
+        return UniformTimesteps(T)
+    if kind == "importance":
+        return ImportanceTimesteps(T, device=device)
+    raise ToydiffError(f"unknown train.timestep_sampling '{kind}'; choose one of: uniform, importance")
+
+
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction,
-                   generator: torch.Generator | None = None, weighting: str = "uniform",
-                   gamma: float = 5.0) -> torch.Tensor:
-    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T}, eps ~ N(0, I), MSE between the network and its target;
-    weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023)."""
-    t = torch.randint(1, schedule.T + 1, (x0.shape[0],), generator=generator, device=x0.device)
+                   generator: torch.Generator | None = None, weighting: str = "uniform", gamma: float = 5.0, *,
+                   timesteps: UniformTimesteps | None = None, labels: torch.Tensor | None = None,
+                   learned_variance: bool = False, vlb_weight: float = 0.001) -> torch.Tensor:
+    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
+    the MSE between the network and its target, per point, then:
+
+    - weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023);
+    - learned_variance adds lambda T L_t (in bits per dimension, with the mean's gradient stopped): the
+      hybrid loss L_simple + lambda L_vlb of Nichol and Dhariwal (2021, sec. 3.1), lambda = vlb_weight;
+    - labels (B,) condition the network; they are already dropped to the null label where wanted.
+    """
+    timesteps = timesteps or UniformTimesteps(schedule.T)
+    t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
     eps, x_t = schedule.noise(x0, t, generator)
     alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
     target = training_target(prediction, x0, eps, alpha_bar)
-    if weighting == "uniform":
-        return nn.functional.mse_loss(model(x_t, t), target)
+    out = model(x_t, t) if labels is None else model(x_t, t, labels)
+    pred, v = out.chunk(2, dim=1) if learned_variance else (out, None)
+    per_point = ((pred - target) ** 2).flatten(1).mean(1)
     if weighting == "min-snr":
-        per_point = ((model(x_t, t) - target) ** 2).flatten(1).mean(1)
         snr = (alpha_bar / (1 - alpha_bar)).flatten(1)[:, 0]
-        return (min_snr_weight(prediction, snr, gamma) * per_point).mean()
-    raise ToydiffError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+        per_point = min_snr_weight(prediction, snr, gamma) * per_point
+    elif weighting != "uniform":
+        raise ToydiffError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
+    if learned_variance:
+        x0_hat = to_x0(prediction, pred.detach(), x_t, alpha_bar)  # L_vlb trains the variance only
+        vlb = vlb_term(schedule, x0, x_t, t, x0_hat, schedule.learned_log_variance(v, t))
+        per_point = per_point + vlb_weight * schedule.T * vlb / (x0.shape[1] * math.log(2))
+    timesteps.update(t, per_point)
+    return (weights * per_point).mean()
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -69,16 +150,27 @@ def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
     return AveragedModel(model, avg_fn=avg, use_buffers=True)
 
 
+def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Each label replaced by the null label with probability p (Ho and Salimans 2022, Algorithm 1)."""
+    if p == 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
+    return torch.where(drop, torch.full_like(labels, null), labels)
+
+
 def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig, prediction: Prediction,
           *, generator: torch.Generator | None = None,
+          labels: torch.Tensor | None = None, learned_variance: bool = False,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[int], None]] = None,
           ema: AveragedModel | None = None,
           progress: bool = False) -> list[dict]:
     """Train `model` on x0 (N, D), already scaled and on the model's device. Returns the loss-log rows.
 
-    Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read back
-    from the device only every cfg.log_every steps. `ema` (make_ema) is updated after every step.
+    labels (N,) in 0..K-1 train a class-conditional model (model.classes = K), dropped to the null label K
+    with probability cfg.label_dropout. learned_variance: the model outputs [prediction, v], trained with
+    the hybrid loss. Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read
+    back from the device only every cfg.log_every steps. `ema` (make_ema) is updated after every step.
     """
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
@@ -89,13 +181,19 @@ def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Trai
     running = torch.zeros((), device=x0.device)
     since = 0
     start = time.perf_counter()
+    timesteps = timestep_sampler(cfg.timestep_sampling, schedule.T, x0.device)
     bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=not progress, leave=False)
     for step in range(1, cfg.steps + 1):
         if batch >= n:
-            xb = x0
+            xb, yb = x0, labels
         else:
-            xb = x0[torch.randint(0, n, (batch,), generator=generator, device=x0.device)]
-        loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma)
+            idx = torch.randint(0, n, (batch,), generator=generator, device=x0.device)
+            xb, yb = x0[idx], None if labels is None else labels[idx]
+        if yb is not None:
+            yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
+        loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
+                              timesteps=timesteps, labels=yb, learned_variance=learned_variance,
+                              vlb_weight=cfg.vlb_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
