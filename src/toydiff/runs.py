@@ -26,6 +26,7 @@ from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, l
 from .config import ExperimentConfig
 from .data import DATASETS, SCALINGS, Scaler, load_dataset
 from .errors import ToydiffError
+from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction, clipped
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
@@ -123,11 +124,17 @@ class Run:
         guidance = cfg.guidance if guidance is None else guidance
         check_conditioning(self.classes, label, guidance)
         learned = self.config.model.variance == "learned"
-        sample_fn, variance = sampler_with_options(name, cfg.eta if eta is None else eta, cfg.variance, learned)
-        if name == "ode":
-            schedule = self.schedule  # the adaptive solver chooses its own steps over the full schedule
+        eta = cfg.eta if eta is None else eta
+        steps = cfg.steps if steps is None else steps
+        spacing = spacing or cfg.spacing
+        if name.startswith(PREFIX):  # a diffusers scheduler picks its own timesteps on the full schedule
+            schedule, variance = self.schedule, check_diffusers(name, self.schedule, steps, spacing, cfg.variance)
+            sample_fn = functools.partial(sample_diffusers, scheduler=name[len(PREFIX):], steps=steps,
+                                          spacing=spacing, eta=eta)
         else:
-            schedule = respaced(self.schedule, cfg.steps if steps is None else steps, spacing or cfg.spacing)
+            sample_fn, variance = sampler_with_options(name, eta, cfg.variance, learned)
+            # the adaptive solver chooses its own steps over the full schedule
+            schedule = self.schedule if name == "ode" else respaced(self.schedule, steps, spacing)
         gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         scaled = self.scaler.transform(self.data)
@@ -178,6 +185,18 @@ def check_conditioning(classes: int, label: int, guidance: float) -> None:
         raise ToydiffError(f"the guidance scale must be >= 0, got {guidance}")
 
 
+def check_diffusers(name: str, schedule: NoiseSchedule, steps: int, spacing: str, variance: str) -> str:
+    """Everything about a `diffusers:NAME` sampler that can fail, checked before sampling; returns the variance."""
+    if variance not in ("auto", "small"):
+        raise ToydiffError(f"sample.variance = {variance} applies only to toydiff's ddpm sampler, not '{name}'")
+    if not 0 <= steps <= schedule.T:
+        raise ToydiffError(f"sampling steps must be in 0..T = 0..{schedule.T}, got {steps}")
+    if spacing not in SPACINGS:
+        raise ToydiffError(f"unknown sample.spacing '{spacing}'; choose one of: {', '.join(SPACINGS)}")
+    build_scheduler(name[len(PREFIX):], schedule, spacing)
+    return "small"
+
+
 def sampler_with_options(name: str, eta: float, variance: str = "auto", learned: bool = False):
     """(sampler function, resolved variance): the registered sampler with eta bound for ddim and the variance
     for ddpm (meaningless to the others); variance "auto" is "learned" for a model that learned it, else "small"."""
@@ -214,7 +233,6 @@ def _build(cfg: ExperimentConfig, dim: int, device: torch.device,
            classes: int = 0) -> tuple[NoiseSchedule, nn.Module]:
     """Schedule and (seeded, freshly initialised) model; every name is checked against its registry."""
     Prediction.parse(cfg.model.prediction)
-    SAMPLERS.get(cfg.sample.sampler)
     schedule = NoiseSchedule.from_config(cfg.schedule, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -239,12 +257,17 @@ def check_config(cfg: ExperimentConfig) -> None:
     if cfg.model.arch == "guide" and (cfg.model.variance == "learned" or cfg.model.conditional):
         raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
                            "model.variance=learned or model.conditional=true")
-    sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance, cfg.model.variance == "learned")
+    if cfg.sample.sampler.startswith(PREFIX):
+        check_diffusers(cfg.sample.sampler, NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps,
+                        cfg.sample.spacing, cfg.sample.variance)
+    else:
+        sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance, cfg.model.variance == "learned")
     if not cfg.model.conditional:
         check_conditioning(0, cfg.sample.label, cfg.sample.guidance)
     if cfg.sample.spacing not in SPACINGS:
         raise ToydiffError(f"unknown sample.spacing '{cfg.sample.spacing}'; choose one of: {', '.join(SPACINGS)}")
-    respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)
+    if not cfg.sample.sampler.startswith(PREFIX):
+        respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)
     resolve_device(cfg.train.device)
     for t in cfg.plot.forward_t:
         if not 0 <= t <= cfg.schedule.T:
