@@ -1,14 +1,16 @@
 """Sample quality against the number of network evaluations (NFE), for every sampler toydiff has.
 
-Two parts, so sampler error and model error can be told apart:
-  oracle:  the exact noise predictor of a 2-D Gaussian mixture (no learning error at all)
-  trained: the default Two Moons model (T = 1000), sampled on respaced schedules
-Every sampler runs at 10..1000 steps (ddpm on evenly spaced t, the ODE solvers on Karras sigmas;
-Heun costs 2 steps - 1 evaluations).
+Three parts, so sampler error and model error can be told apart:
+  oracle (8 Gaussians):  the exact noise predictor of a 2-D Gaussian mixture (no learning error at all)
+  oracle (Two Moons):    the exact denoiser of the noisy moons themselves (oracle.moons_mixture), in the
+                         default run's frame: what a perfect model of the default config would sample
+  trained:               the default Two Moons model (T = 1000), sampled on respaced schedules
+Every sampler runs at 10..1000 steps (ddpm on evenly spaced t, the ODE and DPM-Solver samplers on Karras
+sigmas; Heun costs 2 steps - 1 evaluations).
 Each row: NFE, sampling wall time, and metrics beside their noise floors (z-scores).
 Prints a markdown table and writes JSON (and the table) to benchmarks/results/.
 
-    .venv/bin/python benchmarks/nfe.py            # about 6 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/nfe.py            # about 20 minutes on 2 CPU cores
     .venv/bin/python benchmarks/nfe.py --quick    # a smoke run, under a minute
 """
 
@@ -30,7 +32,7 @@ from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
 from toydiff.data import Scaler
 from toydiff.evaluation import Target, evaluate, target_for
-from toydiff.oracle import GaussianMixture
+from toydiff.oracle import GaussianMixture, moons_mixture
 from toydiff.samplers import SAMPLERS
 from toydiff.schedules import NoiseSchedule
 
@@ -85,6 +87,16 @@ def oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
     return sweep(gmm.denoiser, full, steps, x_T, target, spec, "oracle (8 Gaussians)")
 
 
+def moons_oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
+    cfg = C.ExperimentConfig()
+    target = target_for(cfg)
+    frame = target.frame  # min-max of 100k iid points: the default run's scaler to within sampling noise
+    gmm = moons_mixture(cfg.data.noise).scaled(frame.shift, frame.scale)
+    full = NoiseSchedule.from_config(cfg.schedule)
+    x_T = torch.randn(spec.n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return sweep(gmm.denoiser, full, steps, x_T, target, spec, "oracle (Two Moons)", to_data=frame.inverse)
+
+
 def trained_rows(steps: list[int], train_steps: int, spec: EvalConfig) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.with_overrides(C.ExperimentConfig(), [f"train.steps={train_steps}", "train.checkpoint_every=0"])
@@ -129,8 +141,8 @@ def main() -> None:
     if args.quick:
         steps, train_steps, spec = [5, 20], 300, EvalConfig(n=500, w2_n=500, draws=5, nll_n=0)
     else:
-        steps, train_steps, spec = [10, 20, 50, 100, 250, 1000], 4000, EvalConfig(n=5000, draws=20, nll_n=0)
-    rows = oracle_rows(steps, spec) + trained_rows(steps, train_steps, spec)
+        steps, train_steps, spec = [10, 20, 30, 50, 100, 250, 1000], 4000, EvalConfig(n=5000, draws=20, nll_n=0)
+    rows = oracle_rows(steps, spec) + moons_oracle_rows(steps, spec) + trained_rows(steps, train_steps, spec)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
