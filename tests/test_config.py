@@ -36,7 +36,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 
 
 @pytest.mark.parametrize("item, match", [
-    ("data.nn=5", "unknown config key 'data.nn'; valid keys in \\[data\\]: name, n, noise, scaling"),
+    ("data.nn=5", "unknown config key 'data.nn'; valid keys in \\[data\\]: name, n, noise, scale, modes, dim, scaling"),
     ("dataset.n=5", "unknown config section 'dataset'"),
     ("speed=5", "unknown config key 'speed'"),
     ("train.steps=many", "train.steps must be an integer, got 'many'"),

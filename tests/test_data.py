@@ -35,15 +35,16 @@ def test_moons_noise_has_the_requested_std(rng):
 
 
 def test_sklearn_moons_is_make_moons(rng):
-    x, labels = load_dataset("sklearn-moons", 1000, np.random.default_rng(3), noise=0.0)
+    from toydiff.config import DataConfig
+    x, labels = load_dataset(DataConfig(name="sklearn-moons", noise=0.0), 1000, np.random.default_rng(3))
     seed = int(np.random.default_rng(3).integers(2**31 - 1))
     ref_x, ref_y = make_moons(n_samples=1000, random_state=seed)
     assert np.array_equal(x, ref_x) and np.array_equal(labels, ref_y)
 
 
 def test_unknown_dataset_lists_the_choices(rng):
-    with pytest.raises(ToydiffError, match="unknown dataset 'spirals'; choose one of: moons, sklearn-moons"):
-        DATASETS.get("spirals")
+    with pytest.raises(ToydiffError, match="unknown dataset 'spiral'; choose one of: moons, sklearn-moons, circles"):
+        DATASETS.get("spiral")
 
 
 @pytest.mark.parametrize("dim", [1, 2, 5])

@@ -26,14 +26,20 @@ else:  # pragma: no cover
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "moons"  # dataset: moons (iid Two Moons) | sklearn-moons (make_moons itself, the guide's)
+    name: str = "moons"  # moons | sklearn-moons (the guide's make_moons) | a toydiff.zoo dataset (circles, gmm, ...)
     n: int = 10_000  # training points drawn from the dataset
-    noise: float = 0.05  # std of the Gaussian noise added to each point, in data units
+    noise: float = -1.0  # std of the Gaussian noise added to each point, data units; -1 = the dataset's (moons 0.05)
+    scale: float = 1.0  # multiplies the dataset's noise-free shape
+    modes: int = 0  # the dataset's count (gaussians 8, grid 5 per side, checkerboard 4, pinwheel 5, rings 4, gmm 8)
+    dim: int = 2  # gmm: the dimension
     scaling: str = "minmax"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
 
     def __post_init__(self):
         _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
-        _check(self.noise >= 0, f"data.noise must be >= 0, got {self.noise}")
+        _check(self.noise >= 0 or self.noise == -1, f"data.noise must be >= 0 (or -1: the dataset's), got {self.noise}")
+        _check(self.scale > 0, f"data.scale must be > 0, got {self.scale}")
+        _check(self.modes >= 0, f"data.modes must be >= 0 (0 = the dataset's), got {self.modes}")
+        _check(1 <= self.dim <= 4096, f"data.dim must be in 1..4096, got {self.dim}")
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,55 @@
 """Datasets as iid samplers in a registry, and the Scaler that maps data into the model's frame.
 
-A dataset is a function (n, rng, noise) -> (x (n, D) float64, labels (n,) int64).
-Everything random takes an explicit numpy Generator.
+A dataset is a `Dataset` spec: its sampler (n, rng, Params) -> (x (n, D) float64, labels (n,)
+int64 or None), its default noise and count, and what is known about it (log-density, distance
+to its noise-free support, the iid twin of a sampler that is not iid). The synthetic samplers
+live in toydiff.zoo; the moons are here because the guide starts from them. Everything random
+takes an explicit numpy Generator.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from sklearn.datasets import make_moons
 
+from . import zoo
+from .config import DataConfig
 from .errors import ToydiffError
 from .registry import Registry
+from .zoo import Params
 
-Dataset = Callable[[int, np.random.Generator, float], tuple[np.ndarray, np.ndarray]]
+
+@dataclass(frozen=True)
+class Dataset:
+    sample: Callable[[int, np.random.Generator, Params], tuple[np.ndarray, Optional[np.ndarray]]]
+    noise: float  # the default of data.noise (-1 in the config)
+    modes: int = 0  # the default of data.modes (0 in the config); 0 here: the dataset has no count
+    any_dim: bool = False  # takes data.dim; otherwise 2-D
+    log_density: Optional[Callable[[np.ndarray, Params], np.ndarray]] = None  # data units
+    support_distance: Optional[Callable[[np.ndarray, Params], np.ndarray]] = None  # to the noise-free shape
+    iid_twin: Optional[str] = None  # for a sampler that is not iid: the iid sampler of the same law
+
+
 DATASETS: Registry[Dataset] = Registry("dataset")
 
 
-@DATASETS.register("moons")
+def params(cfg: DataConfig) -> Params:
+    """The dataset's parameters with the config's "auto" values (noise -1, modes 0) resolved; checked."""
+    spec = DATASETS.get(cfg.name)
+    if cfg.dim != 2 and not spec.any_dim:
+        raise ToydiffError(f"data.dim applies only to datasets of any dimension (gmm), not '{cfg.name}'; "
+                           "leave it at 2")
+    if cfg.modes and not spec.modes:
+        raise ToydiffError(f"data.modes applies to datasets with a count (gaussians, grid, checkerboard, pinwheel, "
+                           f"rings, gmm), not '{cfg.name}'; leave it at 0")
+    return Params(noise=spec.noise if cfg.noise < 0 else cfg.noise, scale=cfg.scale,
+                  modes=cfg.modes or spec.modes, dim=cfg.dim)
+
+
 def moons(n: int, rng: np.random.Generator, noise: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """An iid sample of Two Moons: each point picks a moon with probability 1/2 and a uniform angle.
 
@@ -38,7 +67,6 @@ def moons(n: int, rng: np.random.Generator, noise: float = 0.05) -> tuple[np.nda
     return x, labels.astype(np.int64)
 
 
-@DATASETS.register("sklearn-moons")
 def sklearn_moons(n: int, rng: np.random.Generator, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's make_moons itself (evenly spaced, n/2 per moon): the guide's data, for exact reproduction."""
     x, labels = make_moons(n_samples=n, noise=noise or None, random_state=int(rng.integers(2**31 - 1)))
@@ -76,17 +104,48 @@ def moons_log_density(x: np.ndarray, noise: float, nodes: int = 400) -> np.ndarr
     return out + math.log(0.5) - math.log(2 * math.pi * noise**2)
 
 
-# Where a dataset is not itself an iid sampler, the iid sampler of the same distribution
-# (evaluation references must be iid: make_moons' even spacing flatters any comparison).
-IID_TWIN = {"sklearn-moons": "moons"}
-# Distance to the data's noise-free support, for the off-data fraction.
-SUPPORT_DISTANCE = {"moons": moons_distance, "sklearn-moons": moons_distance}
-# The true log-density (n,) in data units, where it is known: (x, noise) -> log p(x).
-LOG_DENSITY = {"moons": moons_log_density}
+def _scaled_moons(n: int, rng: np.random.Generator, p: Params):
+    x, labels = moons(n, rng, p.noise / p.scale)
+    return x * p.scale, labels
 
 
-def load_dataset(name: str, n: int, rng: np.random.Generator, noise: float) -> tuple[np.ndarray, np.ndarray]:
-    return DATASETS.get(name)(n, rng, noise)
+def _scaled_sklearn_moons(n: int, rng: np.random.Generator, p: Params):
+    x, labels = sklearn_moons(n, rng, p.noise / p.scale)
+    return x * p.scale, labels
+
+
+def _moons_support(x: np.ndarray, p: Params) -> np.ndarray:
+    return moons_distance(np.asarray(x) / p.scale) * p.scale
+
+
+def _moons_density(x: np.ndarray, p: Params) -> np.ndarray | None:
+    if p.noise == 0:
+        return None  # noise-free moons live on curves
+    return moons_log_density(np.asarray(x) / p.scale, p.noise / p.scale) - 2 * math.log(p.scale)
+
+
+for _name, _spec in {
+    "moons": Dataset(_scaled_moons, 0.05, log_density=_moons_density, support_distance=_moons_support),
+    "sklearn-moons": Dataset(_scaled_sklearn_moons, 0.05, support_distance=_moons_support, iid_twin="moons"),
+    "circles": Dataset(zoo.circles, 0.05, support_distance=zoo.circles_distance),
+    "swissroll": Dataset(zoo.swissroll, 0.02),
+    "gaussians": Dataset(zoo.mixture_sampler(zoo.ring_of_gaussians), 0.1, modes=8,
+                         log_density=zoo.mixture_log_density(zoo.ring_of_gaussians)),
+    "grid": Dataset(zoo.mixture_sampler(zoo.grid_of_gaussians), 0.05, modes=5,
+                    log_density=zoo.mixture_log_density(zoo.grid_of_gaussians)),
+    "checkerboard": Dataset(zoo.checkerboard, 0.0, modes=4, log_density=zoo.checkerboard_log_density),
+    "pinwheel": Dataset(zoo.pinwheel, 0.1, modes=5),
+    "spirals": Dataset(zoo.two_spirals, 0.1),
+    "rings": Dataset(zoo.rings, 0.05, modes=4, support_distance=zoo.rings_distance),
+    "gmm": Dataset(zoo.mixture_sampler(zoo.gaussian_mixture), 0.2, modes=8, any_dim=True,
+                   log_density=zoo.mixture_log_density(zoo.gaussian_mixture)),
+}.items():
+    DATASETS.register(_name)(_spec)
+
+
+def load_dataset(cfg: DataConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """n points (and labels, or None) of the configured dataset."""
+    return DATASETS.get(cfg.name).sample(n, rng, params(cfg))
 
 
 SCALINGS = ("minmax", "standardize")

@@ -9,6 +9,7 @@ Floors depend only on the data distribution, n and the scaler, so they are cache
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -24,7 +25,8 @@ import torch
 from . import metrics as M
 from .checkpoint import atomic_write_text
 from .config import EvalConfig, ExperimentConfig
-from .data import IID_TWIN, LOG_DENSITY, SUPPORT_DISTANCE, Scaler, load_dataset
+from .data import DATASETS, Scaler, params
+from .zoo import Params
 from .errors import ToydiffError
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .runs import Run
@@ -181,15 +183,20 @@ class Target:
     key: dict  # everything the floors depend on besides the EvalConfig
     support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
     noise: float = 0.0
+    log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
 
 
 def target_for(cfg: ExperimentConfig) -> Target:
-    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's noise."""
-    name = IID_TWIN.get(cfg.data.name, cfg.data.name)
-    noise = cfg.data.noise
-    draw = lambda rng, n: load_dataset(name, n, rng, noise)[0]  # noqa: E731
+    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters."""
+    spec = DATASETS.get(cfg.data.name)
+    name = spec.iid_twin or cfg.data.name
+    spec, p = DATASETS.get(name), params(cfg.data)
+    draw = lambda rng, n: spec.sample(n, rng, p)[0]  # noqa: E731
     frame = Scaler.fit(draw(np.random.default_rng(0xF7A3E), FRAME_POINTS), "minmax")
-    return Target(draw, frame, {"dataset": name, "noise": noise}, SUPPORT_DISTANCE.get(name), noise)
+    key = {"dataset": name, "noise": p.noise}
+    key.update({k: v for k, v in asdict(p).items() if k != "noise" and v != asdict(Params(0.0))[k]})
+    bind = lambda fn: None if fn is None else functools.partial(fn, p=p)  # noqa: E731
+    return Target(draw, frame, key, bind(spec.support_distance), p.noise, bind(spec.log_density))
 
 
 @contextmanager
@@ -255,10 +262,9 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn)
     out = {"n": n, "elbo": float(elbo.mean()) + shift,
            "ode_nll": float(ode_nll(eps_fn, run.schedule, x, generator=gen).mean()) + shift}
-    log_density = LOG_DENSITY.get(target.key["dataset"])
-    if log_density is not None and target.noise > 0:
-        sample = target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-entropy")), 20_000)
-        logp = log_density(sample, target.noise)
+    sample = target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-entropy")), 20_000)
+    logp = None if target.log_density is None else target.log_density(sample)
+    if logp is not None:
         out["entropy"], out["entropy_se"] = float(-logp.mean()), float(logp.std() / math.sqrt(len(logp)))
     rows = {}
     for name in ("elbo", "ode_nll", "entropy"):

@@ -24,7 +24,7 @@ from . import config as config_io
 from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, load_weights, read_manifest,
                          save_csv, save_npy, save_weights, write_manifest)
 from .config import ExperimentConfig
-from .data import DATASETS, SCALINGS, Scaler, load_dataset
+from .data import SCALINGS, Scaler, load_dataset, params
 from .errors import ToydiffError
 from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
@@ -241,12 +241,12 @@ def _build(cfg: ExperimentConfig, dim: int, device: torch.device,
 
 
 def make_data(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
-    return load_dataset(cfg.data.name, cfg.data.n, numpy_rng(cfg.seed, "data"), cfg.data.noise)
+    return load_dataset(cfg.data, cfg.data.n, numpy_rng(cfg.seed, "data"))
 
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Everything about a config that can fail, checked before anything is written."""
-    DATASETS.get(cfg.data.name)
+    params(cfg.data)
     MODELS.get(cfg.model.arch)
     if cfg.data.scaling not in SCALINGS:
         raise ToydiffError(f"unknown data.scaling '{cfg.data.scaling}'; choose one of: {', '.join(SCALINGS)}")

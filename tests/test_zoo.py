@@ -1,0 +1,117 @@
+"""The dataset zoo against known moments, geometry and densities; every dataset through `toydiff run`."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from toydiff.cli import main
+from toydiff.config import DataConfig
+from toydiff.data import DATASETS, load_dataset, params
+from toydiff.errors import ToydiffError
+from toydiff.zoo import Params
+
+N = 40_000
+
+
+def draw(name, n=N, seed=0, **kw):
+    cfg = DataConfig(name=name, **kw)
+    return (*load_dataset(cfg, n, np.random.default_rng(seed)), params(cfg))
+
+
+def test_circles_lie_on_radii_one_and_a_half():
+    x, y, _ = draw("circles", noise=0.0)
+    r = np.hypot(x[:, 0], x[:, 1])
+    assert np.allclose(r[y == 0], 1.0) and np.allclose(r[y == 1], 0.5)
+    assert abs(y.mean() - 0.5) < 0.01 and np.abs(x.mean(0)).max() < 0.01
+
+
+def test_swissroll_radius_is_uniform_and_its_angle_follows_it():
+    x, y, _ = draw("swissroll", noise=0.0)
+    r = np.hypot(x[:, 0], x[:, 1])  # r = t / (4.5 pi), t uniform on [1.5 pi, 4.5 pi]
+    assert y is None and stats.kstest((r - 1 / 3) / (2 / 3), "uniform").pvalue > 1e-3
+    t = 4.5 * math.pi * r
+    assert np.allclose(x, np.c_[t * np.cos(t), t * np.sin(t)] / (4.5 * math.pi), atol=1e-9)
+
+
+@pytest.mark.parametrize("name, second_moment", [("gaussians", 4 + 2 * 0.1**2), ("grid", 2 * (2 + 0.05**2))])
+def test_mixtures_have_their_second_moment(name, second_moment):
+    """8 Gaussians on the radius-2 circle: E|x|^2 = 4 + 2 s^2; the 5 x 5 grid at spacing 1: per axis the
+    discrete uniform on -2..2 (variance 2) plus s^2."""
+    x, y, _ = draw(name)
+    assert abs(float((x**2).sum(1).mean()) - second_moment) < 0.03 * second_moment
+    assert np.abs(x.mean(0)).max() < 0.03 and len(np.unique(y)) == (8 if name == "gaussians" else 25)
+
+
+@pytest.mark.parametrize("name, kw", [("gaussians", {}), ("grid", {"modes": 3, "scale": 2.0}),
+                                      ("gmm", {"dim": 8, "modes": 5})])
+def test_mixture_density_is_the_scipy_mixture(name, kw):
+    x, y, p = draw(name, n=200, **kw)
+    spec = DATASETS.get(name)
+    from toydiff import zoo
+    gmm = {"gaussians": zoo.ring_of_gaussians, "grid": zoo.grid_of_gaussians, "gmm": zoo.gaussian_mixture}[name](p)
+    dens = sum(w * stats.multivariate_normal(m, np.diag(s**2)).pdf(x)
+               for w, m, s in zip(gmm.weights.numpy(), gmm.means.numpy(), gmm.stds.numpy()))
+    assert np.allclose(spec.log_density(x, p), np.log(dens), rtol=1e-8)
+    assert x.shape == (200, p.dim)
+
+
+def test_gmm_layout_is_fixed_by_dim_and_modes_not_by_the_seed():
+    a, _, _ = draw("gmm", n=20_000, seed=1, dim=5, modes=3)
+    b, _, _ = draw("gmm", n=20_000, seed=2, dim=5, modes=3)
+    assert np.abs(a.mean(0) - b.mean(0)).max() < 0.06
+
+
+def test_checkerboard_is_uniform_on_the_dark_squares():
+    x, _, p = draw("checkerboard")
+    logp = DATASETS.get("checkerboard").log_density(x, p)
+    assert np.all(logp == -math.log(8.0))  # every point on a dark square; density 1 / 8 there
+    cells = np.floor(x + 2).astype(int)
+    counts = np.unique(cells[:, 0] * 4 + cells[:, 1], return_counts=True)[1]
+    assert len(counts) == 8 and np.abs(counts / N - 1 / 8).max() < 0.01
+    grid = np.random.default_rng(1).uniform(-2, 2, size=(N, 2))  # integrates to 1 over [-2, 2]^2
+    assert abs(np.exp(DATASETS.get("checkerboard").log_density(grid, p)).mean() * 16 - 1) < 0.02
+    assert DATASETS.get("checkerboard").log_density(x, Params(0.1, modes=4)) is None
+
+
+def test_pinwheel_second_moment_and_arms():
+    """|x|^2 / 4 = f_r^2 + f_t^2 with f_r ~ N(1, 0.3^2), f_t ~ N(0, 0.1^2): mean 1 + 0.09 + 0.01."""
+    x, y, _ = draw("pinwheel")
+    assert abs(float((x**2).sum(1).mean()) / 4 - 1.10) < 0.02
+    assert sorted(np.unique(y)) == [0, 1, 2, 3, 4]
+
+
+def test_spirals_radius_law_and_symmetry():
+    x, y, _ = draw("spirals", noise=0.0)
+    theta = 3 * np.hypot(x[:, 0], x[:, 1])  # theta = sqrt(u) 3 pi
+    assert stats.kstest((theta / (3 * math.pi)) ** 2, "uniform").pvalue > 1e-3
+    arm0 = np.c_[-theta * np.cos(theta), theta * np.sin(theta)] / 3
+    assert np.allclose(np.where(y[:, None] == 0, arm0, -arm0), x, atol=1e-9)
+
+
+def test_rings_choose_radius_in_proportion_to_length():
+    x, y, p = draw("rings", noise=0.0)
+    assert np.allclose(np.hypot(x[:, 0], x[:, 1]), 2 * (y + 1) / 4)
+    assert np.allclose(np.bincount(y) / N, np.arange(1, 5) / 10, atol=0.01)
+    assert np.allclose(DATASETS.get("rings").support_distance(x, p), 0.0, atol=1e-12)
+
+
+def test_parameters_are_checked():
+    with pytest.raises(ToydiffError, match="data.dim applies only to datasets of any dimension"):
+        params(DataConfig(name="moons", dim=3))
+    with pytest.raises(ToydiffError, match="data.modes applies to datasets with a count"):
+        params(DataConfig(name="swissroll", modes=3))
+    assert params(DataConfig(name="gaussians")).noise == 0.1 and params(DataConfig(name="gaussians", noise=0.0)).noise == 0
+
+
+@pytest.mark.parametrize("name", [n for n in DATASETS.names()])
+def test_every_dataset_runs_through_toydiff_run(name, tmp_path, capsys):
+    out = tmp_path / "run"
+    extra = ["--set", "data.dim=3"] if name == "gmm" else []
+    assert main(["run", "--quiet", "--out", str(out), "--set", f"data.name={name}", "--set", "data.n=256",
+                 "--set", "schedule.T=8", "--set", "model.width=16", "--set", "model.depth=1", "--set",
+                 "train.steps=20", "--set", "sample.n=100", "--set", "eval.n=100", "--set", "eval.draws=2",
+                 "--set", "eval.nll_n=20", "--set", "eval.w2_n=50"] + extra) == 0
+    metrics = (out / "metrics.json").read_text()
+    assert '"verdict"' in metrics and np.load(out / "samples.npy").shape == (100, 3 if name == "gmm" else 2)
