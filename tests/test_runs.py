@@ -59,10 +59,8 @@ def test_sampling_in_batches_keeps_count(trained):
 
 
 @pytest.mark.parametrize("dim", [1, 5])
-def test_other_dimensions_train_and_sample(tiny_cfg, tmp_path, monkeypatch, dim):
-    import toydiff.runs as runs
-    monkeypatch.setattr(runs, "make_data", lambda cfg: (np.random.default_rng(0).normal(size=(200, dim)), None))
-    run = train_run(tiny_cfg, tmp_path / "d")
+def test_other_dimensions_train_and_sample(tiny_cfg, tmp_path, dim):
+    run = train_run(C.with_overrides(tiny_cfg, ["data.name=gmm", f"data.dim={dim}"]), tmp_path / "d")
     assert Run.load(run.path).sample(20, seed=0).shape == (20, dim)
 
 

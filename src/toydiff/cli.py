@@ -36,6 +36,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one setting, e.g. --set schedule.T=100 (repeatable)")
     p.add_argument("--device", help="shorthand for --set train.device=DEVICE (auto, cpu, cuda, cuda:N, mps)")
+    p.add_argument("--data", metavar="FILE", help="train on your own .csv, .tsv, .npy, .npz or .parquet file "
+                   "(data.path)")
+    p.add_argument("--columns", metavar="A,B,...", help="the file's columns to model, names or 0-based indices "
+                   "(data.columns; default: all but the label column)")
+    p.add_argument("--label-column", metavar="NAME", help="the file's column of class labels, and condition the "
+                   "model on them (data.label_column, model.conditional = true)")
+    p.add_argument("--drop-missing", action="store_true", default=None,
+                   help="drop rows with empty, NaN or infinite cells (data.drop_missing)")
 
 
 def _add_out_args(p: argparse.ArgumentParser) -> None:
@@ -106,12 +114,19 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     if args.config:
         cfg = config_io.merged(cfg, config_io.read_toml(args.config))
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
-    return config_io.with_overrides(cfg, overrides)
+    cfg = config_io.with_overrides(cfg, overrides)
+    data = {"path": args.data, "label_column": args.label_column, "drop_missing": args.drop_missing,
+            "columns": None if args.columns is None else [c.strip() for c in args.columns.split(",") if c.strip()]}
+    data = {k: v for k, v in data.items() if v is not None}
+    updates = {"data": data} if data else {}
+    if args.label_column:
+        updates["model"] = {"conditional": True}
+    return config_io.merged(cfg, updates) if updates else cfg
 
 
 def _default_out(args: argparse.Namespace, cfg: ExperimentConfig) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = args.preset if args.preset != "default" else cfg.data.name
+    name = args.preset if args.preset != "default" else (Path(cfg.data.path).stem if cfg.data.path else cfg.data.name)
     out = Path("runs") / f"{name}-{stamp}"
     k = 1
     while out.exists():
@@ -143,7 +158,7 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
         return 0
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({run.schedule.T} steps)")
     samples = run.sample(cfg.sample.n)
-    save_samples(run.path / "samples", samples)
+    save_samples(run.path / "samples", samples, run.names)
     print(f"  samples:   {run.path / 'samples.npy'} and .csv ({len(samples)} points, data units)")
     log("drawing figures")
     for name, path in write_figures(run, samples).items():
@@ -180,11 +195,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         guidance=args.guidance, trajectory=bool(args.trajectory))
     samples = result[0] if args.trajectory else result
     if args.out is None:
-        save_samples(out, samples)
+        save_samples(out, samples, run.names)
         print(f"wrote {len(samples)} samples to {out} and {out.with_suffix('.csv')} (data units)")
     else:
         (save_npy(out, samples.astype("float32")) if out.suffix == ".npy"
-         else save_csv(out, samples, [f"x{i + 1}" for i in range(samples.shape[1])]))
+         else save_csv(out, samples, run.names))
         print(f"wrote {len(samples)} samples to {out} (data units)")
     if args.trajectory:
         save_npy(Path(args.trajectory), result[1])

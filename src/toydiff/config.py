@@ -33,6 +33,11 @@ class DataConfig:
     modes: int = 0  # the dataset's count (gaussians 8, grid 5 per side, checkerboard 4, pinwheel 5, rings 4, gmm 8)
     dim: int = 2  # gmm: the dimension
     scaling: str = "minmax"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
+    path: str = ""  # the user's data: a .csv, .tsv, .npy, .npz or .parquet file; set, it replaces name and n
+    columns: tuple[str, ...] = ()  # file columns to model, by name or 0-based index; () = all but the label
+    label_column: str = ""  # file column of class labels (model.conditional uses them); "" = none
+    holdout: float = 0.2  # share of the file's rows kept out of training, the evaluation's reference
+    drop_missing: bool = False  # drop file rows with empty, NaN or infinite cells instead of refusing the file
 
     def __post_init__(self):
         _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
@@ -40,6 +45,7 @@ class DataConfig:
         _check(self.scale > 0, f"data.scale must be > 0, got {self.scale}")
         _check(self.modes >= 0, f"data.modes must be >= 0 (0 = the dataset's), got {self.modes}")
         _check(1 <= self.dim <= 4096, f"data.dim must be in 1..4096, got {self.dim}")
+        _check(0 <= self.holdout < 1, f"data.holdout must be in [0, 1), got {self.holdout}")
 
 
 @dataclass(frozen=True)
@@ -201,8 +207,8 @@ class ExperimentConfig:
         return dataclasses.asdict(self)
 
     def to_toml(self) -> str:
-        d = self.to_dict()
-        d["plot"] = {k: list(v) if isinstance(v, tuple) else v for k, v in d["plot"].items()}
+        d = {k: {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()} if isinstance(v, dict) else v
+             for k, v in self.to_dict().items()}
         return tomli_w.dumps(d)
 
 
@@ -229,9 +235,10 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         ok = isinstance(value, str)
     elif getattr(hint, "__origin__", None) is tuple:
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        item = hint.__args__[0]
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, item) and not isinstance(v, bool) for v in value)
         value = tuple(value) if ok else value
-        name = "list of integers"
+        name = "list of integers" if item is int else "list of strings"
     else:  # pragma: no cover - every field type is listed above
         raise TypeError(f"unsupported config type {hint}")
     if not ok:

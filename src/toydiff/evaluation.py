@@ -77,12 +77,14 @@ def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: Ev
 
 
 def floors(draw_reference: Callable[[np.random.Generator, int], np.ndarray], scaler: Scaler, spec: EvalConfig,
-           support_distance=None, noise: float = 0.0, progress: Callable[[int], None] = lambda i: None):
-    """Mean and std of each metric between two independent reference draws of size spec.n."""
+           support_distance=None, noise: float = 0.0, progress: Callable[[int], None] = lambda i: None,
+           draw_pair=None):
+    """Mean and std of each metric between two independent reference draws of size spec.n
+    (`draw_pair(rng, n)`, when given, draws both at once: disjoint subsets of a finite reference)."""
     rng = np.random.default_rng(0xF1001)  # fixed: floors depend on the distribution, not on a run
     values: dict[str, list[float]] = {name: [] for name in METRICS}
     for i in range(spec.draws):
-        a, b = draw_reference(rng, spec.n), draw_reference(rng, spec.n)
+        a, b = draw_pair(rng, spec.n) if draw_pair else (draw_reference(rng, spec.n), draw_reference(rng, spec.n))
         for name, v in compute(a, b, scaler, spec, support_distance, noise).items():
             if v is not None:
                 values[name].append(v)
@@ -172,6 +174,7 @@ def format_table(rep: dict) -> str:
 
 
 FRAME_POINTS = 100_000  # iid points whose per-axis min-max defines the evaluation frame
+MIN_EVAL_N = 20  # the fewest samples a comparison is made with
 
 
 @dataclass(frozen=True)
@@ -184,10 +187,36 @@ class Target:
     support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
     noise: float = 0.0
     log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
+    # a finite reference (the user's held-out rows): the largest n whose two floor draws can be disjoint, and
+    # the draw of such a pair; None for samplers, whose draws are independent
+    max_n: Optional[int] = None
+    draw_pair: Optional[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = None
 
 
-def target_for(cfg: ExperimentConfig) -> Target:
-    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters."""
+def file_target(holdout: np.ndarray) -> Target:
+    """The user's held-out rows as the reference: the model's samples meet n of them, and each floor pair is
+    two disjoint n-subsets of them (so n is at most half the held-out rows)."""
+    holdout = np.asarray(holdout, dtype=np.float64)
+
+    def draw_pair(rng: np.random.Generator, n: int):
+        order = rng.permutation(len(holdout))
+        return holdout[order[:n]], holdout[order[n:2 * n]]
+
+    digest = hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest()[:16]
+    return Target(lambda rng, n: draw_pair(rng, n)[0], Scaler.fit(holdout, "minmax"),
+                  {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)},
+                  max_n=len(holdout) // 2, draw_pair=draw_pair)
+
+
+def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None) -> Target:
+    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
+    file, its held-out rows."""
+    if cfg.data.path:
+        if holdout is None or len(holdout) < 2 * MIN_EVAL_N:
+            rows = 0 if holdout is None else len(holdout)
+            raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this "
+                               f"run has {rows}; raise data.holdout (now {cfg.data.holdout}) or use more rows")
+        return file_target(holdout)
     spec = DATASETS.get(cfg.data.name)
     name = spec.iid_twin or cfg.data.name
     spec, p = DATASETS.get(name), params(cfg.data)
@@ -222,6 +251,10 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     reference_probe = target.draw(np.random.default_rng(0), 2)
     if samples.shape[1] != reference_probe.shape[1]:
         raise ToydiffError(f"the samples have {samples.shape[1]} columns but the data has {reference_probe.shape[1]}")
+    if target.max_n is not None and spec.n > target.max_n:
+        log(f"the reference has {2 * target.max_n} held-out rows: evaluating at n = {target.max_n} "
+            f"instead of eval.n = {spec.n}")
+        spec = replace(spec, n=target.max_n)
     if len(samples) < spec.n:
         if len(samples) < 20:
             raise ToydiffError(f"{len(samples)} samples are too few to evaluate; draw at least 20 (eval.n = {spec.n})")
@@ -233,12 +266,14 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     with _all_cores():
         def compute_floors():
             log(f"computing noise floors: {spec.draws} pairs of {spec.n} iid reference points (cached afterwards)")
-            return floors(target.draw, target.frame, spec, target.support_distance, target.noise)
+            return floors(target.draw, target.frame, spec, target.support_distance, target.noise,
+                          draw_pair=target.draw_pair)
         floor, cached = cached_floors(key, compute_floors)
         reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
         values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise)
     rep = report(values, floor, spec)
-    rep["frame"] = "per-axis min-max of 100,000 iid points of the data distribution"
+    rep["frame"] = ("per-axis min-max of the held-out rows" if target.max_n is not None
+                    else "per-axis min-max of 100,000 iid points of the data distribution")
     rep["reference"] = target.key
     rep["floors_cached"] = cached
     return rep
@@ -290,9 +325,9 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
                  spec: Optional[EvalConfig] = None) -> dict:
     """Evaluate a run's samples (and likelihoods) and write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
-    target = target_for(run.config)
+    target = target_for(run.config, run.holdout)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log)
     if spec.nll_n > 0:
-        rep["likelihood"] = likelihoods(run, target, spec.nll_n, log)
+        rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log)
     atomic_write_text(run.path / "metrics.json", json.dumps(rep, indent=2))
     return rep

@@ -25,6 +25,7 @@ from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, l
                          save_csv, save_npy, save_weights, write_manifest)
 from .config import ExperimentConfig
 from .data import SCALINGS, Scaler, load_dataset, params
+from .datafiles import read_table
 from .errors import ToydiffError
 from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
@@ -37,6 +38,7 @@ from .training import make_ema, train
 LOG_HEADER = ["step", "loss", "lr", "seconds"]
 EMA_WEIGHTS = "model_ema.safetensors"
 LABELS = "train_labels.npy"
+HOLDOUT = "holdout_data.npy"
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Run:
     data: np.ndarray  # (N, D) training data, data units
     device: torch.device
     labels: Optional[np.ndarray] = None  # (N,) class labels in 0..K-1 of a conditional model's training data
+    names: Optional[list[str]] = None  # the D column names (x1, x2, ... for the zoo)
+    holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
 
     @property
     def dim(self) -> int:
@@ -90,6 +94,10 @@ class Run:
             if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" or info.get("classes") != \
                     int(labels.max()) + 1:
                 raise ToydiffError(f"'{path}' is damaged: {LABELS} does not match the training data or run.json")
+        holdout = load_npy(path / HOLDOUT) if (path / HOLDOUT).is_file() else None
+        if holdout is not None and (holdout.ndim != 2 or holdout.shape[1] != data.shape[1]):
+            raise ToydiffError(f"'{path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data {data.shape}")
+        names = info.get("columns") or default_names(data.shape[1])
         dev = resolve_device(device)
         set_threads(threads, dev)
         schedule, model = _build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
@@ -97,7 +105,7 @@ class Run:
         if cfg.sample.use_ema and (path / EMA_WEIGHTS).is_file():
             load_weights(path / EMA_WEIGHTS, model)  # sampling uses the moving average when the run has one
         model.eval()
-        return cls(path, cfg, scaler, schedule, model, data, dev, labels)
+        return cls(path, cfg, scaler, schedule, model, data, dev, labels, names, holdout)
 
     def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
@@ -240,14 +248,45 @@ def _build(cfg: ExperimentConfig, dim: int, device: torch.device,
     return schedule, model.to(device)
 
 
-def make_data(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray]:
-    return load_dataset(cfg.data, cfg.data.n, numpy_rng(cfg.seed, "data"))
+@dataclass
+class Data:
+    """What a run trains on: x (N, D) and labels (N,) or None, the column names, the label values behind
+    the class indices, and (for the user's files) the held-out rows."""
+    x: np.ndarray
+    labels: Optional[np.ndarray]
+    names: list[str]
+    classes: list[str]
+    holdout: Optional[np.ndarray] = None
+
+
+def default_names(dim: int) -> list[str]:
+    return [f"x{i + 1}" for i in range(dim)]
+
+
+def make_data(cfg: ExperimentConfig) -> Data:
+    """The zoo dataset's draw, or the user's file split into training rows and held-out rows (data.holdout)."""
+    if not cfg.data.path:
+        x, labels = load_dataset(cfg.data, cfg.data.n, numpy_rng(cfg.seed, "data"))
+        classes = [] if labels is None else [str(k) for k in range(int(labels.max()) + 1)]
+        return Data(x, labels, default_names(x.shape[1]), classes)
+    table = read_table(cfg.data.path, cfg.data.columns, cfg.data.label_column, cfg.data.drop_missing)
+    order = numpy_rng(cfg.seed, "holdout").permutation(len(table.x))
+    held, train = order[:int(round(cfg.data.holdout * len(order)))], order[int(round(cfg.data.holdout * len(order))):]
+    if len(train) < 2:
+        raise ToydiffError(f"data.holdout = {cfg.data.holdout} leaves {len(train)} of the file's {len(order)} rows "
+                           "to train on; lower it")
+    labels = None if table.labels is None else table.labels[train]
+    return Data(table.x[train], labels, table.names, table.classes, table.x[held] if len(held) else None)
 
 
 def check_config(cfg: ExperimentConfig) -> None:
     """Everything about a config that can fail, checked before anything is written."""
-    params(cfg.data)
+    if not cfg.data.path:
+        params(cfg.data)
     MODELS.get(cfg.model.arch)
+    if cfg.data.path and cfg.data.name != "moons":
+        raise ToydiffError(f"data.path ('{cfg.data.path}') and data.name ('{cfg.data.name}') both name the data; "
+                           "keep one")
     if cfg.data.scaling not in SCALINGS:
         raise ToydiffError(f"unknown data.scaling '{cfg.data.scaling}'; choose one of: {', '.join(SCALINGS)}")
     if cfg.schedule.zero_terminal_snr and Prediction.parse(cfg.model.prediction) is Prediction.EPS:
@@ -283,7 +322,8 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     check_config(cfg)
     device = resolve_device(cfg.train.device)
     threads = set_threads(cfg.train.threads, device)
-    x, labels = make_data(cfg)
+    data = make_data(cfg)
+    x, labels = data.x, data.labels
     classes = 0
     if cfg.model.conditional:
         labels = check_labels(labels, x.shape[0])
@@ -300,8 +340,12 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     save_npy(path / "train_data.npy", x.astype(np.float32))
     if classes:
         save_npy(path / LABELS, labels)
+    if data.holdout is not None:
+        save_npy(path / HOLDOUT, data.holdout)
     info = {"toydiff_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]), "classes": classes,
+            "columns": data.names, "class_names": data.classes if classes else [],
+            "source": cfg.data.path or cfg.data.name,
             "alpha_bar_T": schedule.alpha_bar_T, "parameters": count_parameters(model),
             "device": str(device), "threads": threads}
     write_manifest(path, info)
@@ -332,14 +376,14 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     log(f"trained in {seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
     sampling_model = ema.module.eval() if ema is not None and cfg.sample.use_ema else model
     return Run(path, cfg, scaler, schedule, sampling_model, x.astype(np.float32), device,
-               labels if classes else None)
+               labels if classes else None, data.names, data.holdout)
 
 
 def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
     """Class labels (n,) as integers 0..K-1 with K >= 2, or a one-line error."""
     if labels is None:
-        raise ToydiffError("model.conditional needs class labels, and this dataset has none; "
-                           "set model.conditional=false")
+        raise ToydiffError("model.conditional needs class labels, and this data has none; name a file's label "
+                           "column with data.label_column (--label-column), or set model.conditional=false")
     labels = np.asarray(labels)
     if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0:
         raise ToydiffError(f"class labels must be {n} integers >= 0, got shape {labels.shape}, dtype {labels.dtype}")
@@ -348,7 +392,7 @@ def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def save_samples(path: Path, samples: np.ndarray) -> None:
-    """samples.npy and samples.csv (header x1, x2, ...) in data units."""
+def save_samples(path: Path, samples: np.ndarray, names: Optional[list[str]] = None) -> None:
+    """samples.npy and samples.csv in data units, the CSV headed by the data's column names (x1, x2, ...)."""
     save_npy(path.with_suffix(".npy"), samples.astype(np.float32))
-    save_csv(path.with_suffix(".csv"), samples, [f"x{i + 1}" for i in range(samples.shape[1])])
+    save_csv(path.with_suffix(".csv"), samples, names or default_names(samples.shape[1]))

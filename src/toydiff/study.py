@@ -134,7 +134,7 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     start = time.perf_counter()
     run = train_run(cfg, path)
     samples = run.sample(cfg.eval.n)
-    save_samples(path / "samples", samples)
+    save_samples(path / "samples", samples, run.names)
     rep = evaluate_run(run, samples)
     row: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2),
                            "indistinguishable": rep["verdict"].startswith("indistinguishable")}
@@ -153,6 +153,8 @@ def prepare_floors(grid: Grid, log: Callable[[str], None]) -> None:
     seen = set()
     for cell in grid.cells:
         cfg = config_io.with_overrides(grid.base, list(cell.overrides))
+        if cfg.data.path:
+            continue  # a file's floors come from each run's own held-out rows
         target = target_for(cfg)
         key = json.dumps([target.key, cfg.eval.n, cfg.eval.w2_n, cfg.eval.k, cfg.eval.draws])
         if key not in seen:

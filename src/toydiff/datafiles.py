@@ -1,0 +1,200 @@
+"""The user's own data: a table of numeric columns from CSV, TSV, .npy, .npz or Parquet, checked cell by cell.
+
+    table = read_table("measurements.csv", columns=("a", "b"), label_column="kind")
+    table.x (n, D) float64, table.labels (n,) int64 or None, table.names, table.classes
+
+Every problem is a ToydiffError naming the file, and the row and column where there is one:
+a missing or empty file, a non-numeric cell, an empty / NaN / infinite cell (or, with
+drop_missing, the row is dropped), a ragged row, a constant column, a label column with one
+class, too few rows, a file larger than the memory it would need. CSV and TSV have a header
+row when the first row is not all numbers; without one, columns are named x1, x2, ...
+Parquet needs the optional extra: pip install 'toydiff[parquet]'.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .errors import ToydiffError
+
+MIN_ROWS = 10
+FORMATS = (".csv", ".tsv", ".npy", ".npz", ".parquet")
+
+
+@dataclass(frozen=True)
+class Table:
+    x: np.ndarray  # (n, D) float64, finite
+    labels: Optional[np.ndarray]  # (n,) int64 class indices, or None
+    names: list[str]  # the D column names
+    classes: list[str]  # the label values behind indices 0..K-1 ([] without labels)
+    dropped: int = 0  # rows dropped for missing values (drop_missing)
+
+
+def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str = "",
+               drop_missing: bool = False) -> Table:
+    """The chosen numeric columns (default: all but the label column) and the labels of a data file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ToydiffError(f"data file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ToydiffError(f"data file '{path}' has an unknown format '{suffix}'; use one of: {', '.join(FORMATS)}")
+    _check_memory(path)
+    if path.stat().st_size == 0:
+        raise ToydiffError(f"data file '{path}' is empty")
+    if suffix in (".csv", ".tsv"):
+        names, cells, rows = _read_text(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        names, cells, rows = _read_array(path, suffix)
+    return _select(path, names, cells, rows, list(columns), label_column, drop_missing)
+
+
+def _check_memory(path: Path) -> None:
+    """Refuse a file whose parsed table would not fit in the memory this machine has free."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on Linux: no estimate, no refusal
+        return
+    need = 4 * path.stat().st_size  # parsed floats and the Python rows they pass through
+    if need > free:
+        raise ToydiffError(f"data file '{path}' ({path.stat().st_size / 2**30:.1f} GiB) needs about "
+                           f"{need / 2**30:.1f} GiB to load and {free / 2**30:.1f} GiB is free; use a random "
+                           "subset of its rows (e.g. `shuf -n 1000000`)")
+
+
+def _read_text(path: Path, delimiter: str):
+    """(names, cells: list of rows of strings, line numbers) of a CSV / TSV file."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [(i, row) for i, row in enumerate(csv.reader(f, delimiter=delimiter), start=1) if row]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ToydiffError(f"data file '{path}' is not readable as text ({e})") from None
+    if not rows:
+        raise ToydiffError(f"data file '{path}' is empty")
+    first = rows[0][1]
+    if all(_is_number(c) for c in first):
+        names = [f"x{i + 1}" for i in range(len(first))]
+    else:
+        names, rows = [c.strip() for c in first], rows[1:]
+        if len(set(names)) != len(names):
+            raise ToydiffError(f"data file '{path}' has repeated column names in its header: {names}")
+    for line, row in rows:
+        if len(row) != len(names):
+            raise ToydiffError(f"data file '{path}', row {line}: {len(row)} cells, but there are {len(names)} "
+                               "columns")
+    return names, [row for _, row in rows], [line for line, _ in rows]
+
+
+def _read_array(path: Path, suffix: str):
+    """(names, a 2-D object array of cells, row numbers) of a .npy, .npz or .parquet file."""
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ToydiffError("reading Parquet needs pyarrow, which is not installed; "
+                               "pip install 'toydiff[parquet]'") from None
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own types for every kind of damage
+            raise ToydiffError(f"data file '{path}' is not readable as Parquet ({e})") from None
+        names = list(table.column_names)
+        cells = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), dtype=object)
+                          for n in names], axis=1) if names else np.empty((0, 0), dtype=object)
+    else:
+        try:
+            loaded = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ToydiffError(f"data file '{path}' is not a readable {suffix} file ({e})") from None
+        if suffix == ".npz":
+            keys = list(loaded.keys())
+            if len(keys) != 1 and "x" not in keys:
+                raise ToydiffError(f"data file '{path}' holds arrays {keys}; keep one, or name the data 'x'")
+            loaded = loaded["x" if "x" in keys else keys[0]]
+        array = loaded[:, None] if loaded.ndim == 1 else loaded
+        if array.ndim != 2:
+            raise ToydiffError(f"data file '{path}' holds an array of shape {loaded.shape}; it needs rows x columns")
+        names = [f"x{i + 1}" for i in range(array.shape[1])]
+        cells = array
+    return names, cells, list(range(1, len(cells) + 1))
+
+
+def _is_number(cell) -> bool:
+    try:
+        float(cell)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _column_index(path: Path, names: list[str], column: str) -> int:
+    if column in names:
+        return names.index(column)
+    if column.isdigit() and int(column) < len(names):
+        return int(column)
+    raise ToydiffError(f"data file '{path}' has no column '{column}'; its columns are: {', '.join(names)}")
+
+
+def _select(path: Path, names: list[str], cells, rows: list[int], columns: list[str], label_column: str,
+            drop_missing: bool) -> Table:
+    label_at = _column_index(path, names, label_column) if label_column else None
+    chosen = [_column_index(path, names, c) for c in columns] if columns else \
+        [i for i in range(len(names)) if i != label_at]
+    if not chosen:
+        raise ToydiffError(f"data file '{path}' has no numeric column to model besides the label")
+    if isinstance(cells, np.ndarray) and cells.dtype.kind in "iufb":  # a numeric array: checked at once
+        x = cells[:, chosen].astype(np.float64)
+        keep = np.isfinite(x).all(1)
+        if not drop_missing and not keep.all():
+            r, j = np.argwhere(~np.isfinite(x))[0]
+            raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[chosen[j]]}' is NaN or infinite; "
+                               "fix the file or pass --drop-missing")
+        return _finish(path, names, cells, x, keep, chosen, label_at)
+    x = np.empty((len(cells), len(chosen)), dtype=np.float64)
+    keep = np.ones(len(cells), dtype=bool)
+    for r, row in enumerate(cells):
+        for j, c in enumerate(chosen):
+            cell = row[c]
+            try:
+                value = float(cell)
+            except (TypeError, ValueError):
+                if isinstance(cell, str) and cell.strip() == "" or cell is None:
+                    value = math.nan
+                else:
+                    raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[c]}': {str(cell)!r} "
+                                       "is not a number") from None
+            if not math.isfinite(value):
+                if not drop_missing:
+                    raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[c]}' is missing, NaN or "
+                                       "infinite; fix the file or pass --drop-missing")
+                keep[r] = False
+            x[r, j] = value
+    return _finish(path, names, cells, x, keep, chosen, label_at)
+
+
+def _finish(path: Path, names: list[str], cells, x: np.ndarray, keep: np.ndarray, chosen: list[int],
+            label_at: Optional[int]) -> Table:
+    """Drop the rows marked missing, then check row count, constant columns and labels."""
+    x = x[keep]
+    if len(x) < MIN_ROWS:
+        raise ToydiffError(f"data file '{path}' has {len(x)} usable rows; toydiff needs at least {MIN_ROWS}")
+    for j, c in enumerate(chosen):
+        if np.ptp(x[:, j]) == 0:
+            raise ToydiffError(f"data file '{path}', column '{names[c]}' is constant ({x[0, j]:g}), so scaling "
+                               "would divide by zero; leave it out with data.columns")
+    labels, classes = None, []
+    if label_at is not None:
+        raw = [str(row[label_at]).strip() for row, k in zip(cells, keep) if k]
+        classes = sorted(set(raw), key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0.0, v))
+        if len(classes) < 2:
+            raise ToydiffError(f"data file '{path}', label column '{names[label_at]}' has one class "
+                               f"({classes[0]!r}); a conditional model needs at least two")
+        index = {v: i for i, v in enumerate(classes)}
+        labels = np.array([index[v] for v in raw], dtype=np.int64)
+    return Table(x, labels, [names[c] for c in chosen], classes, int((~keep).sum()))

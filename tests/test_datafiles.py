@@ -1,0 +1,136 @@
+"""The user's own data files: every format round-trips, every bad input is one line naming file, row and column."""
+
+import numpy as np
+import pytest
+
+from toydiff.cli import main
+from toydiff.datafiles import read_table
+from toydiff.errors import ToydiffError
+
+X = np.random.default_rng(0).normal(size=(60, 3)) * [1.0, 10.0, 0.1] + [0.0, 50.0, -2.0]
+KIND = np.where(X[:, 0] > 0, "up", "down")
+
+
+def write_csv(path, rows, header="a,b,c,kind", delimiter=","):
+    lines = ([header.replace(",", delimiter)] if header else []) + [delimiter.join(map(str, r)) for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rows_with_kind():
+    return [[*map(repr, r), k] for r, k in zip(X.tolist(), KIND)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "npy", "npz", "parquet"])
+def test_every_format_round_trips(fmt, tmp_path):
+    path = tmp_path / f"data.{fmt}"
+    if fmt in ("csv", "tsv"):
+        write_csv(path, rows_with_kind(), delimiter="," if fmt == "csv" else "\t")
+        table = read_table(path, label_column="kind")
+        assert table.names == ["a", "b", "c"] and table.classes == ["down", "up"]
+        assert np.array_equal(table.labels, (KIND == "up").astype(int))
+    elif fmt == "npy":
+        np.save(path, X)
+        table = read_table(path)
+        assert table.names == ["x1", "x2", "x3"] and table.labels is None
+    elif fmt == "npz":
+        np.savez(path, x=X, other=np.zeros(3))
+        table = read_table(path)
+    else:
+        pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+        pq.write_table(pa.table({"a": X[:, 0], "b": X[:, 1], "c": X[:, 2], "kind": KIND}), path)
+        table = read_table(path, label_column="kind")
+        assert table.names == ["a", "b", "c"] and table.classes == ["down", "up"]
+    assert np.array_equal(table.x, X)  # repr() of a float64 reads back exactly
+
+
+def test_columns_by_name_or_index_and_headerless_csv(tmp_path):
+    path = write_csv(tmp_path / "h.csv", rows_with_kind())
+    with pytest.raises(ToydiffError, match="row 2, column 'kind': '(up|down)' is not a number"):
+        read_table(path)  # the label column is not numeric and was not named as the label
+    assert np.array_equal(read_table(path, columns=["c", "0"], label_column="kind").x, X[:, [2, 0]])
+    bare = write_csv(tmp_path / "bare.csv", X.tolist(), header="")
+    assert read_table(bare).names == ["x1", "x2", "x3"] and np.allclose(read_table(bare).x, X)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("a,b\n1,2\n3\n", "row 3: 1 cells, but there are 2 columns"),
+    ("a,b\n" + "1,2\n" * 5 + "1,x7\n" + "3,4\n" * 10, "row 7, column 'b': 'x7' is not a number"),
+    ("a,b\n" + "1,2\n" * 5 + "1,\n" + "3,4\n" * 10, "row 7, column 'b' is missing, NaN or infinite; fix the file or "
+                                                     "pass --drop-missing"),
+    ("a,b\n" + "1,2\n" * 5 + "inf,2\n" + "3,4\n" * 10, "row 7, column 'a' is missing, NaN or infinite"),
+    ("a,b\n" + "1,5\n2,5\n" * 10, "column 'b' is constant \\(5\\)"),
+    ("a,b\n1,2\n2,3\n", "has 2 usable rows; toydiff needs at least 10"),
+    ("a,a\n" + "1,2\n" * 20, "repeated column names"),
+])
+def test_bad_files_say_what_and_where(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ToydiffError, match=f"data file '{path}'.*{message}" if content else message):
+        read_table(path)
+
+
+def test_drop_missing_drops_the_rows(tmp_path):
+    path = tmp_path / "holes.csv"
+    path.write_text("a,b\n" + "".join(f"{i},{i * i}\n" for i in range(20)) + "1,nan\n,3\n")
+    table = read_table(path, drop_missing=True)
+    assert table.dropped == 2 and len(table.x) == 20
+
+
+def test_other_bad_inputs(tmp_path):
+    with pytest.raises(ToydiffError, match="does not exist"):
+        read_table(tmp_path / "nope.csv")
+    with pytest.raises(ToydiffError, match="unknown format '.xlsx'"):
+        (tmp_path / "a.xlsx").write_text("x")
+        read_table(tmp_path / "a.xlsx")
+    path = write_csv(tmp_path / "k.csv", [[*map(repr, r), "same"] for r in X.tolist()])
+    with pytest.raises(ToydiffError, match="label column 'kind' has one class \\('same'\\)"):
+        read_table(path, label_column="kind")
+    with pytest.raises(ToydiffError, match="has no column 'd'; its columns are: a, b, c, kind"):
+        read_table(path, columns=["d"], label_column="kind")
+    np.save(tmp_path / "cube.npy", np.zeros((4, 4, 4)))
+    with pytest.raises(ToydiffError, match="shape \\(4, 4, 4\\)"):
+        read_table(tmp_path / "cube.npy")
+    np.savez(tmp_path / "two.npz", a=X, b=X)
+    with pytest.raises(ToydiffError, match="holds arrays \\['a', 'b'\\]; keep one, or name the data 'x'"):
+        read_table(tmp_path / "two.npz")
+    with_nan = X.copy()
+    with_nan[4, 1] = np.nan
+    np.save(tmp_path / "nan.npy", with_nan)
+    with pytest.raises(ToydiffError, match="row 5, column 'x2' is NaN or infinite"):
+        read_table(tmp_path / "nan.npy")
+
+
+def test_a_file_larger_than_free_memory_is_refused(tmp_path, monkeypatch):
+    import os
+    path = write_csv(tmp_path / "big.csv", rows_with_kind())
+    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 16)  # 16 bytes free
+    with pytest.raises(ToydiffError, match="needs about .* GiB to load and .* GiB is free; use a random subset"):
+        read_table(path, label_column="kind")
+
+
+def test_a_users_csv_trains_samples_and_evaluates_from_one_command(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x = np.c_[rng.normal(size=600), rng.gamma(2.0, size=600) * 10 + 100]
+    path = write_csv(tmp_path / "user.csv", [[repr(float(a)), repr(float(b)), "p" if a > 0 else "n"] for a, b in x],
+                     header="height,weight,group")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--data", str(path), "--label-column", "group", "--out", str(out),
+                 "--set", "train.steps=200", "--set", "schedule.T=50", "--set", "eval.draws=3",
+                 "--set", "eval.nll_n=20"]) == 0
+    header = (out / "samples.csv").read_text().splitlines()[0]
+    assert header == "height,weight"
+    assert np.load(out / "holdout_data.npy").shape == (120, 2) and np.load(out / "train_data.npy").shape == (480, 2)
+    assert "at n = 60" in (out / "metrics.json").read_text()  # half the 120 held-out rows
+    samples = np.load(out / "samples.npy")
+    assert 80 < np.median(samples[:, 1]) < 150  # data units, not the scaled frame
+
+
+def test_bad_file_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("a,b\n" + "1,2\n" * 20 + "1,oops\n")
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "row 22, column 'b': 'oops' is not a number" in err and not out.exists()
