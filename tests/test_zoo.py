@@ -115,3 +115,32 @@ def test_every_dataset_runs_through_toydiff_run(name, tmp_path, capsys):
                  "--set", "eval.nll_n=20", "--set", "eval.w2_n=50"] + extra) == 0
     metrics = (out / "metrics.json").read_text()
     assert '"verdict"' in metrics and np.load(out / "samples.npy").shape == (100, 3 if name == "gmm" else 2)
+
+
+@pytest.mark.parametrize("dim, columns, expect", [
+    (5, [], {"pairs.png", "marginals.png", "forward.png", "schedules.png"}),
+    (5, ["plot.columns=[\"x3\",\"0\"]"], {"pairs.png", "marginals.png", "forward.png", "schedules.png"}),
+    (1, [], {"pairs.png", "marginals.png", "schedules.png"}),
+])
+def test_figures_for_other_dimensions(tmp_path, dim, columns, expect):
+    from toydiff import config as C, train_run
+    from toydiff.figures import pair_columns, write_figures
+    cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", f"data.dim={dim}", "data.n=300", "schedule.T=8",
+                                                  "model.width=16", "train.steps=5"] + columns)
+    run = train_run(cfg, tmp_path / "run")
+    paths = write_figures(run, run.sample(100))
+    assert {p.name for p in paths.values()} == expect and all(p.stat().st_size > 1000 for p in paths.values())
+    projection, names = pair_columns(run, run.scaler.transform(run.data))
+    if columns:
+        assert names == ["x3", "x1"] and np.array_equal(projection, np.eye(5)[:, [2, 0]])
+    elif dim == 5:
+        assert names == ["PC1", "PC2", "PC3", "PC4"] and np.allclose(projection.T @ projection, np.eye(4), atol=1e-8)
+
+
+def test_unknown_plot_column_is_named(tmp_path):
+    from toydiff import config as C, train_run
+    cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=3", "data.n=300", "schedule.T=8",
+                                                  "train.steps=5", "plot.columns=[\"speed\"]"])
+    with pytest.raises(ToydiffError, match="plot.columns names 'speed', which is not a column; the columns are: x1"):
+        train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -163,6 +163,7 @@ class PlotConfig:
     field_t: tuple[int, ...] = ()  # t shown in the vector-field figure; () = about 0.3 T and T
     points: int = 100  # points scattered on the dataset, forward and samples figures (the guide's 100)
     grid: int = 16  # arrows per side in the vector field
+    columns: tuple[str, ...] = ()  # D != 2: columns in the pair plot (names or indices); () = first 4 PCs (or all)
     dpi: int = 150  # resolution of the PNG files
 
     def __post_init__(self):

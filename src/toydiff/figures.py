@@ -88,13 +88,37 @@ def _save(fig, path: Path, dpi: int) -> Path:
     return path
 
 
-def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) -> dict[str, Path]:
-    """Write the five figures (PNG) for a run and its samples (data units); returns name -> path.
+def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """The (D, k) projection shown by the pair plot and its axis names: plot.columns of the data by name or
+    index, else the first min(D, 4) principal components of the scaled training data (PCA is orthonormal,
+    so isotropic noise stays isotropic in the projection)."""
+    names = run.names or [f"x{i + 1}" for i in range(run.dim)]
+    if run.config.plot.columns:
+        index = []
+        for c in run.config.plot.columns:
+            if c not in names and not (c.isdigit() and int(c) < run.dim):
+                raise ToydiffError(f"plot.columns names '{c}', which is not a column; the columns are: "
+                                   f"{', '.join(names)}")
+            index.append(names.index(c) if c in names else int(c))
+        return np.eye(run.dim)[:, index], [names[i] for i in index]
+    if run.dim <= 4:
+        return np.eye(run.dim), list(names)
+    from sklearn.decomposition import PCA
+    k = min(run.dim, 4)
+    return PCA(n_components=k, random_state=0).fit(data).components_.T, [f"PC{i + 1}" for i in range(k)]
 
-    Figures that need 2-D points are drawn on the first two columns; the vector field needs D = 2.
+
+def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) -> dict[str, Path]:
+    """Write the figures (PNG) for a run and its samples (data units); returns name -> path.
+
+    D = 2: the guide's five. Other D: a pair plot of samples over data (plot.columns, or the first
+    principal components), the per-column marginals in data units, the forward process in the pair
+    plot's first two axes (D >= 2) and the schedules.
     """
     out_dir = Path(out_dir or run.path / "figures")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if run.dim != 2:
+        return _write_other_dims(run, samples, out_dir)
     cfg, T = run.config.plot, run.schedule.T
     rng = numpy_rng(run.config.seed, "figures")
     data = run.scaler.transform(run.data)
@@ -118,5 +142,27 @@ def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) ->
         fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
                                         trajectory=path[shown_steps, 0, :])
         paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)
+    paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
+    return paths
+
+
+def _write_other_dims(run: Run, samples: np.ndarray, out_dir: Path) -> dict[str, Path]:
+    cfg, T = run.config.plot, run.schedule.T
+    rng = numpy_rng(run.config.seed, "figures")
+    data = run.scaler.transform(run.data)
+    projection, names = pair_columns(run, data)
+    shown_data = _subset(data, 2000, rng)
+    shown_samples = _subset(run.scaler.transform(samples), 2000, rng)
+    paths = {"pairs": _save(plots.pair_figure(shown_data @ projection, shown_samples @ projection,
+                                              [f"{n} (scaled)" for n in names], "samples over the data"),
+                            out_dir / "pairs.png", cfg.dpi),
+             "marginals": _save(plots.marginals_figure(_subset(run.data, 5000, rng), _subset(samples, 5000, rng),
+                                                       run.names or [f"x{i + 1}" for i in range(run.dim)]),
+                                out_dir / "marginals.png", cfg.dpi)}
+    if projection.shape[1] >= 2:
+        shown = _subset(data, cfg.points, rng)
+        panels = [(t, x_t @ projection[:, :2]) for t, x_t in forward_panels(run, cfg.forward_t or default_forward_t(T),
+                                                                            shown)]
+        paths["forward"] = _save(plots.forward_figure(panels), out_dir / "forward.png", cfg.dpi)
     paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
     return paths

@@ -142,3 +142,54 @@ def study_figure(labels: Sequence[str], panels: Sequence[tuple[str, Sequence]]) 
         ax.locator_params(axis="x", nbins=4)
         ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+@_styled
+def pair_figure(data: np.ndarray, samples: np.ndarray, names: Sequence[str], title: str) -> Figure:
+    """For D != 2: samples (orange) over data (blue) for every pair of the k columns of data and samples
+    (n, k), histograms of both on the diagonal; k = 1 gives the histogram alone."""
+    k = data.shape[1]
+    fig = Figure(figsize=(2.6 * k + 0.6, 2.6 * k + 0.4), layout="constrained")
+    lo = np.minimum(data.min(0), samples.min(0))
+    hi = np.maximum(data.max(0), samples.max(0))
+    for i in range(k):
+        for j in range(k):
+            ax = fig.add_subplot(k, k, i * k + j + 1)
+            if i == j:
+                bins = np.linspace(lo[i], hi[i], 40)
+                ax.hist(data[:, i], bins=bins, density=True, color=BLUE, alpha=0.55, label="data")
+                ax.hist(samples[:, i], bins=bins, density=True, histtype="step", color=ORANGE, lw=1.8,
+                        label="samples")
+            else:
+                ax.scatter(data[:, j], data[:, i], s=3, color=BLUE, alpha=0.35, linewidths=0)
+                ax.scatter(samples[:, j], samples[:, i], s=3, color=ORANGE, alpha=0.35, linewidths=0)
+                ax.set_xlim(lo[j], hi[j])
+                ax.set_ylim(lo[i], hi[i])
+            if i == k - 1:
+                ax.set_xlabel(names[j], fontsize=11)
+            if j == 0:
+                ax.set_ylabel(names[i], fontsize=11)
+            ax.tick_params(labelsize=8, width=1.0, length=3)
+    fig.axes[0].legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=13)
+    return fig
+
+
+@_styled
+def marginals_figure(data: np.ndarray, samples: np.ndarray, names: Sequence[str]) -> Figure:
+    """Per-column histograms of data (filled) and samples (line), in data units, up to 8 panels a row."""
+    d = data.shape[1]
+    cols = min(d, 8)
+    rows = -(-d // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.1 * rows + 0.3), layout="constrained")
+    for c in range(d):
+        ax = fig.add_subplot(rows, cols, c + 1)
+        lo, hi = min(data[:, c].min(), samples[:, c].min()), max(data[:, c].max(), samples[:, c].max())
+        bins = np.linspace(lo, hi, 40) if hi > lo else 10
+        ax.hist(data[:, c], bins=bins, density=True, color=BLUE, alpha=0.55, label="data")
+        ax.hist(samples[:, c], bins=bins, density=True, histtype="step", color=ORANGE, lw=1.8, label="samples")
+        ax.set_title(names[c], fontsize=10)
+        ax.tick_params(labelsize=7, width=1.0, length=3)
+        ax.set_yticks([])
+    fig.axes[0].legend(fontsize=7, loc="upper right")
+    return fig

@@ -324,6 +324,10 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     threads = set_threads(cfg.train.threads, device)
     data = make_data(cfg)
     x, labels = data.x, data.labels
+    for c in cfg.plot.columns:  # checked now, not after training
+        if c not in data.names and not (c.isdigit() and int(c) < len(data.names)):
+            raise ToydiffError(f"plot.columns names '{c}', which is not a column; the columns are: "
+                               f"{', '.join(data.names)}")
     classes = 0
     if cfg.model.conditional:
         labels = check_labels(labels, x.shape[0])
