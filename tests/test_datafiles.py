@@ -134,3 +134,20 @@ def test_bad_file_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, c
     assert main(["run", "--data", str(path), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row 22, column 'b': 'oops' is not a number" in err and not out.exists()
+
+
+def test_eval_against_a_file_matches_columns_by_name_and_refuses_other_dimensions(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    x = np.c_[rng.normal(size=400), rng.normal(size=400) * 3 + 7]
+    train = write_csv(tmp_path / "train.csv", [[repr(float(a)), repr(float(b))] for a, b in x], header="u,v")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--no-eval", "--data", str(train), "--out", str(out), "--set", "train.steps=30",
+                 "--set", "schedule.T=8"]) == 0
+    test = write_csv(tmp_path / "test.csv", [["label", repr(float(b)), repr(float(a))] for a, b in x[:100]],
+                     header="note,v,u")
+    assert main(["eval", str(out), "--data", str(test), "--draws", "3"]) == 0
+    assert "at n = 50" in capsys.readouterr().out  # half the test file's 100 rows, columns u, v found by name
+    np.save(tmp_path / "wide.npy", np.zeros((100, 3)) + np.arange(100)[:, None])
+    assert main(["eval", str(out), "--data", str(tmp_path / "wide.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the run models 2 columns (u, v) but" in err and "gives 3" in err

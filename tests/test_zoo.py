@@ -144,3 +144,29 @@ def test_unknown_plot_column_is_named(tmp_path):
     with pytest.raises(ToydiffError, match="plot.columns names 'speed', which is not a column; the columns are: x1"):
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_8d_gaussian_mixture_beats_a_gaussian_fit_and_its_nll_meets_the_true_density(tmp_path):
+    """D = 8, 4 components: the samples beat a single Gaussian fitted to the training data on the classifier
+    test and MMD, and the exact ODE NLL of held-out points is within 0.3 nats of the true entropy (the
+    Gaussian fit's NLL is more than 1 nat above it). Measured: AUC 0.53 vs 0.9+, NLL - H 0.07 at 1500 steps."""
+    from toydiff import config as C, train_run
+    from toydiff.evaluation import evaluate, evaluate_run, target_for
+    cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=8", "data.modes=4", "train.steps=1500",
+                                                  "eval.n=2000", "eval.w2_n=500", "eval.draws=10", "eval.nll_n=500"])
+    run = train_run(cfg, tmp_path / "run")
+    rep = evaluate_run(run, run.sample(2000))
+    fit_rng = np.random.default_rng(0)
+    mu, cov = run.data.mean(0), np.cov(run.data.T)
+    gauss = fit_rng.multivariate_normal(mu, cov, size=2000)
+    fit = evaluate(gauss, target_for(cfg), cfg.eval)
+    model_auc, fit_auc = rep["metrics"]["knn_auc"]["value"], fit["metrics"]["knn_auc"]["value"]
+    assert model_auc < 0.56 and fit_auc > 0.8, (model_auc, fit_auc)
+    assert rep["metrics"]["mmd2"]["z"] < fit["metrics"]["mmd2"]["z"] / 10
+    lik = rep["likelihood"]["values"]
+    gap = lik["ode_nll"]["minus_entropy"]
+    assert -0.15 < gap < 0.3, gap
+    held_out = target_for(cfg).draw(np.random.default_rng(5), 5000)
+    fit_nll = -stats.multivariate_normal(mu, cov).logpdf(held_out).mean()
+    assert fit_nll - lik["entropy"]["nats"] > 1.0

@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
     p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
+    p.add_argument("--data", metavar="FILE", help="judge against this file's rows instead (e.g. a test split)")
+    p.add_argument("--columns", metavar="A,B,...", help="the --data file's columns, in the run's order (default: "
+                   "the run's column names)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
     p = sub.add_parser("study", help="run a grid of configurations x seeds in parallel; resumable")
@@ -168,10 +171,10 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     return 0
 
 
-def _evaluate(run, samples, log, spec=None) -> None:
+def _evaluate(run, samples, log, spec=None, target=None) -> None:
     from .evaluation import evaluate_run, format_likelihoods, format_table
 
-    rep = evaluate_run(run, samples, log=log, spec=spec)
+    rep = evaluate_run(run, samples, log=log, spec=spec, target=target)
     print(f"  metrics:   {run.path / 'metrics.json'}")
     print(format_table(rep))
     if "likelihood" in rep:
@@ -238,8 +241,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = load_npy(sample_file) if sample_file.exists() else None
     if samples is None or len(samples) < spec.n:
         samples = run.sample(spec.n)  # the stored ones are too few: draw afresh
-    _evaluate(run, samples, _log(False), spec)
+    _evaluate(run, samples, _log(False), spec, _file_reference(run, args) if args.data else None)
     return 0
+
+
+def _file_reference(run, args: argparse.Namespace):
+    """A --data file's rows as the reference, checked against the run's columns."""
+    from .datafiles import column_names, read_table
+    from .evaluation import file_target
+
+    path = Path(args.data)
+    if args.columns:
+        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+    else:
+        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
+    table = read_table(path, columns)
+    if table.x.shape[1] != run.dim:
+        raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
+                           f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
+    return file_target(table.x)
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -56,6 +56,18 @@ def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str 
     return _select(path, names, cells, rows, list(columns), label_column, drop_missing)
 
 
+def column_names(path: str | Path) -> list[str]:
+    """The column names of a data file, without checking its cells (x1, x2, ... where it has none)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv") and path.is_file():
+        with open(path, newline="", encoding="utf-8", errors="replace") as f:
+            first = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
+        return [f"x{i + 1}" for i in range(len(first))] if all(_is_number(c) for c in first) else \
+            [c.strip() for c in first]
+    return read_table(path).names if path.is_file() and suffix in FORMATS else []
+
+
 def _check_memory(path: Path) -> None:
     """Refuse a file whose parsed table would not fit in the memory this machine has free."""
     try:

@@ -322,10 +322,10 @@ def format_likelihoods(lik: dict) -> str:
 
 
 def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
-                 spec: Optional[EvalConfig] = None) -> dict:
-    """Evaluate a run's samples (and likelihoods) and write RUN_DIR/metrics.json."""
+                 spec: Optional[EvalConfig] = None, target: Optional[Target] = None) -> dict:
+    """Evaluate a run's samples (and likelihoods) against its data (or `target`); write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
-    target = target_for(run.config, run.holdout)
+    target = target or target_for(run.config, run.holdout)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log)
     if spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log)
