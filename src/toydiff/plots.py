@@ -193,3 +193,25 @@ def marginals_figure(data: np.ndarray, samples: np.ndarray, names: Sequence[str]
         ax.set_yticks([])
     fig.axes[0].legend(fontsize=7, loc="upper right")
     return fig
+
+
+@_styled
+def gallery_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]], points: int = 1500) -> Figure:
+    """One column per (title, data (N, 2), samples (M, 2)): data above, samples below, same axes."""
+    fig = Figure(figsize=(2.3 * len(panels), 4.9), layout="constrained")
+    for i, (title, data, samples) in enumerate(panels):
+        lo = np.minimum(data.min(0), np.percentile(samples, 0.5, axis=0))
+        hi = np.maximum(data.max(0), np.percentile(samples, 99.5, axis=0))
+        pad = 0.05 * (hi - lo)
+        for row, (x, color, label) in enumerate(((data, BLUE, "data"), (samples, ORANGE, "samples"))):
+            ax = fig.add_subplot(2, len(panels), row * len(panels) + i + 1)
+            ax.scatter(x[:points, 0], x[:points, 1], s=1.5, color=color, linewidths=0)
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=11)
+            if i == 0:
+                ax.set_ylabel(label, fontsize=11)
+    return fig
