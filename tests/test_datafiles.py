@@ -125,6 +125,13 @@ def test_a_users_csv_trains_samples_and_evaluates_from_one_command(tmp_path, cap
     assert "at n = 60" in (out / "metrics.json").read_text()  # half the 120 held-out rows
     samples = np.load(out / "samples.npy")
     assert 80 < np.median(samples[:, 1]) < 150  # data units, not the scaled frame
+    import json
+
+    from toydiff import Run
+    info = json.loads((out / "run.json").read_text())
+    assert info["class_names"] == ["n", "p"] and info["columns"] == ["height", "weight"]
+    run = Run.load(out)  # --label-column made it class-conditional: each class can be sampled
+    assert run.config.model.conditional and run.sample(20, label=1, guidance=2.0).shape == (20, 2)
 
 
 def test_bad_file_on_the_command_line_is_one_line_and_writes_nothing(tmp_path, capsys):
