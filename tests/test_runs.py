@@ -151,8 +151,8 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
         return out
     torch.optim.AdamW.step = step_and_average
     try:
-        tr.train(model, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
-                 generator=torch_generator(cfg.seed, "train"))
+        state = tr.make_state(model, cfg.train, cfg.schedule.T, torch_generator(cfg.seed, "train"))
+        tr.train(state, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction))
     finally:
         torch.optim.AdamW.step = original_step
     stored = build_model(cfg.model, 2, cfg.schedule.T)

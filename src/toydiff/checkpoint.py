@@ -9,6 +9,8 @@ but its path:
     train_data.npy      the training data, in data units
     model.safetensors   the weights (metadata: format, version, step)
     model_ema.safetensors  their exponential moving average (sampling uses it by default)
+    checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
+                        which `--resume` continues from
     train_log.csv       step, loss, lr, seconds
     samples.npy/.csv    generated samples, in data units
     figures/*.png       the figures
@@ -89,16 +91,16 @@ def save_csv(path: Path, rows: list[dict[str, Any]] | np.ndarray, header: list[s
     atomic_write_text(path, buf.getvalue())
 
 
-def save_weights(path: Path, model: nn.Module, step: int) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "version": str(VERSION), "step": str(step)}
-    atomic_write_bytes(path, st_save(tensors, metadata=meta))
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """Named tensors and string metadata as one safetensors file, tagged with the run format, written atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, st_save(tensors, metadata={**meta, "format": FORMAT, "version": str(VERSION)}))
 
 
-def load_weights(path: Path, model: nn.Module) -> int:
-    """Load safetensors weights into `model`; returns the training step they were saved at."""
+def load_tensors(path: Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a toydiff safetensors file; never unpickles anything."""
     if not Path(path).is_file():
-        raise ToydiffError(f"'{path}' does not exist: the run has no weights (did training finish?)")
+        raise ToydiffError(f"'{path}' does not exist: the run has no {what} (did training start?)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -107,6 +109,19 @@ def load_weights(path: Path, model: nn.Module) -> int:
         raise ToydiffError(f"'{path}' is not a safetensors file ({e}); the run directory is damaged") from None
     if meta.get("format") != FORMAT:
         raise ToydiffError(f"'{path}' was not written by toydiff (no '{FORMAT}' format tag)")
+    if not meta.get("version", "").isdigit() or int(meta["version"]) > VERSION:
+        raise ToydiffError(f"'{path}' has format version {meta.get('version')!r}; this toydiff reads versions up to "
+                           f"{VERSION}: upgrade toydiff")
+    return tensors, meta
+
+
+def save_weights(path: Path, model: nn.Module, step: int) -> None:
+    save_tensors(path, model.state_dict(), {"step": str(step)})
+
+
+def load_weights(path: Path, model: nn.Module) -> int:
+    """Load safetensors weights into `model`; returns the training step they were saved at."""
+    tensors, meta = load_tensors(path)
     expected = model.state_dict()
     missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
@@ -146,13 +161,28 @@ def read_manifest(run_dir: Path) -> dict[str, Any]:
 
 
 def create_run_dir(run_dir: Path) -> Path:
-    """Make a new, empty run directory; an existing non-empty one is never written into."""
+    """Make a staging directory beside `run_dir` for a new run (`publish_run_dir` moves it into place); an
+    existing non-empty `run_dir` is never written into."""
     run_dir = Path(run_dir)
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
         raise ToydiffError(f"'{run_dir}' already exists and is not empty; choose another --out or remove it")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "figures").mkdir(exist_ok=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial"))
+        os.chmod(staging, 0o777 & ~_UMASK)
+        (staging / "figures").mkdir()
+    except OSError as e:
+        raise ToydiffError(f"cannot create run directory '{run_dir}': {e}") from None
+    return staging
+
+
+def publish_run_dir(staging: Path, run_dir: Path) -> Path:
+    """Rename a fully written staging directory to `run_dir`: a run directory exists whole or not at all."""
+    run_dir = Path(run_dir)
+    try:
+        if run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        os.rename(staging, run_dir)
     except OSError as e:
         raise ToydiffError(f"cannot create run directory '{run_dir}': {e}") from None
     return run_dir

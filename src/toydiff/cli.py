@@ -15,7 +15,7 @@ from . import __version__
 from . import config as config_io
 from .checkpoint import atomic_write_text, save_csv, save_npy
 from .config import ExperimentConfig
-from .errors import ToydiffError
+from .errors import RunInterrupted, ToydiffError
 from .samplers import SAMPLERS
 from .schedules import SPACINGS
 
@@ -48,6 +48,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _add_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="the new run directory (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint, "
+                   "with its own configuration")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
 
 
@@ -148,12 +150,23 @@ def _log(quiet: bool):
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     from .figures import write_figures
-    from .runs import save_samples, train_run
+    from .runs import resume_run, save_samples, train_run
 
-    cfg = resolve_config(args)
-    out = Path(args.out) if args.out else _default_out(args, cfg)
     log = _log(args.quiet)
-    run = train_run(cfg, out, progress=not args.quiet and sys.stderr.isatty(), log=log)
+    progress = not args.quiet and sys.stderr.isatty()
+    if args.resume:
+        given = [flag for flag, value in (("--preset", args.preset != "default"), ("--config", args.config),
+                                          ("--set", args.overrides), ("--data", args.data), ("--out", args.out),
+                                          ("--columns", args.columns), ("--label-column", args.label_column),
+                                          ("--drop-missing", args.drop_missing)) if value]
+        if given:
+            raise ToydiffError(f"--resume continues the run with its own configuration; drop {', '.join(given)}")
+        run = resume_run(args.resume, device=args.device or "auto", progress=progress, log=log)
+    else:
+        cfg = resolve_config(args)
+        out = Path(args.out) if args.out else _default_out(args, cfg)
+        run = train_run(cfg, out, progress=progress, log=log)
+    cfg = run.config
     print(f"run directory: {run.path}")
     print(f"  weights:   {run.path / 'model.safetensors'}")
     print(f"  loss log:  {run.path / 'train_log.csv'}")
@@ -309,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ToydiffError, _UsageError) as e:
         print(f"toydiff: error: {e}", file=sys.stderr)
         return 2
+    except RunInterrupted as e:
+        print(f"toydiff: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("toydiff: interrupted", file=sys.stderr)
         return 130

@@ -7,10 +7,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import functools
 import json
-import time
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,23 +22,25 @@ from torch import nn
 
 from . import __version__
 from . import config as config_io
-from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, load_weights, read_manifest,
-                         save_csv, save_npy, save_weights, write_manifest)
+from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_npy, load_tensors, load_weights,
+                         publish_run_dir, read_manifest, save_csv, save_npy, save_tensors, save_weights,
+                         write_manifest)
 from .config import ExperimentConfig
 from .data import SCALINGS, Scaler, load_dataset, params
 from .datafiles import read_table
-from .errors import ToydiffError
+from .errors import RunInterrupted, ToydiffError
 from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction, clipped
 from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS, VARIANCES
 from .schedules import SPACINGS, NoiseSchedule
-from .training import make_ema, train
+from .training import Interrupted, TrainState, make_state, train
 
 LOG_HEADER = ["step", "loss", "lr", "seconds"]
 EMA_WEIGHTS = "model_ema.safetensors"
 LABELS = "train_labels.npy"
+CHECKPOINT = "checkpoint.safetensors"
 HOLDOUT = "holdout_data.npy"
 
 
@@ -75,8 +78,9 @@ class Run:
         return self.denoiser_for()
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", threads: int = 0) -> "Run":
-        """Rebuild a run from its directory alone (config, scaler, data, weights)."""
+    def load(cls, path: str | Path, device: str = "auto", threads: int = 0, weights: bool = True) -> "Run":
+        """Rebuild a run from its directory alone (config, scaler, data, weights); weights=False leaves the
+        model at its seeded initialisation (for resuming from the training checkpoint)."""
         path = Path(path)
         info = read_manifest(path)
         cfg = config_io.load(path / "config.toml")
@@ -101,8 +105,9 @@ class Run:
         dev = resolve_device(device)
         set_threads(threads, dev)
         schedule, model = _build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
-        load_weights(path / WEIGHTS, model)
-        if cfg.sample.use_ema and (path / EMA_WEIGHTS).is_file():
+        if weights:
+            load_weights(path / WEIGHTS, model)
+        if weights and cfg.sample.use_ema and (path / EMA_WEIGHTS).is_file():
             load_weights(path / EMA_WEIGHTS, model)  # sampling uses the moving average when the run has one
         model.eval()
         return cls(path, cfg, scaler, schedule, model, data, dev, labels, names, holdout)
@@ -338,49 +343,86 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     warning = schedule.terminal_warning()
     if warning:
         log(f"warning: {warning}")
-    path = create_run_dir(Path(out))
-    atomic_write_text(path / "config.toml", cfg.to_toml())
-    atomic_write_text(path / "scaler.json", json.dumps(scaler.to_dict(), indent=2))
-    save_npy(path / "train_data.npy", x.astype(np.float32))
-    if classes:
-        save_npy(path / LABELS, labels)
-    if data.holdout is not None:
-        save_npy(path / HOLDOUT, data.holdout)
-    info = {"toydiff_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]), "classes": classes,
-            "columns": data.names, "class_names": data.classes if classes else [],
-            "source": cfg.data.path or cfg.data.name,
-            "alpha_bar_T": schedule.alpha_bar_T, "parameters": count_parameters(model),
-            "device": str(device), "threads": threads}
-    write_manifest(path, info)
+    staging = create_run_dir(Path(out))
+    try:
+        path = staging
+        atomic_write_text(path / "config.toml", cfg.to_toml())
+        atomic_write_text(path / "scaler.json", json.dumps(scaler.to_dict(), indent=2))
+        save_npy(path / "train_data.npy", x.astype(np.float32))
+        if classes:
+            save_npy(path / LABELS, labels)
+        if data.holdout is not None:
+            save_npy(path / HOLDOUT, data.holdout)
+        info = {"toydiff_version": __version__, "created": _dt.datetime.now().isoformat(timespec="seconds"),
+                "status": "training", "dim": int(x.shape[1]), "n_train": int(x.shape[0]), "classes": classes,
+                "columns": data.names, "class_names": data.classes if classes else [],
+                "source": cfg.data.path or cfg.data.name,
+                "alpha_bar_T": schedule.alpha_bar_T, "parameters": count_parameters(model),
+                "device": str(device), "threads": threads}
+        write_manifest(path, info)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # no half-made run directory is left behind
+        raise
+    path = publish_run_dir(staging, Path(out))
     log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {cfg.data.name} "
         f"(n = {x.shape[0]}, D = {x.shape[1]}), T = {schedule.T} {cfg.schedule.name}, "
         f"alpha_bar_T = {schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
+    state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train", device), device)
+    run = Run(path, cfg, scaler, schedule, model, x.astype(np.float32), device, labels if classes else None,
+              data.names, data.holdout)
+    return _train(run, state, info, progress, log)
 
-    rows: list[dict] = []
-    ema = make_ema(model, cfg.train.ema_decay)
 
-    def checkpoint(step: int) -> None:
-        save_weights(path / WEIGHTS, model, step)
-        if ema is not None:
-            save_weights(path / EMA_WEIGHTS, ema.module, step)
-        save_csv(path / "train_log.csv", rows, LOG_HEADER)
+def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False,
+               log: Callable[[str], None] = lambda s: None) -> Run:
+    """Continue training a run from its last checkpoint (weights, EMA, optimizer, RNG and log), to the very
+    weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
+    run = Run.load(path, device=device, weights=False)
+    info = read_manifest(run.path)
+    state = make_state(run.model, run.config.train, run.schedule.T,
+                       torch_generator(run.config.seed, "train", run.device), run.device)
+    if (run.path / CHECKPOINT).is_file():
+        tensors, meta = load_tensors(run.path / CHECKPOINT, "checkpoint")
+        try:
+            state.restore(tensors, meta)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise ToydiffError(f"'{run.path / CHECKPOINT}' does not fit the run's configuration ({e}); the run "
+                               "directory is damaged") from None
+    if state.step >= run.config.train.steps and info.get("status") == "trained":
+        log(f"'{run.path}' is already trained ({state.step} steps)")
+        return Run.load(run.path, device=device)
+    log(f"resuming '{run.path}' at step {state.step} of {run.config.train.steps}")
+    return _train(run, state, info, progress, log)
 
-    x0 = torch.as_tensor(scaler.transform(x), dtype=torch.float32, device=device)
-    start = time.perf_counter()
-    y = torch.as_tensor(labels, dtype=torch.long, device=device) if classes else None
-    train(model, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction),
-          generator=torch_generator(cfg.seed, "train", device), labels=y,
-          learned_variance=cfg.model.variance == "learned", on_log=rows.append,
-          on_checkpoint=checkpoint, ema=ema, progress=progress)
-    seconds = time.perf_counter() - start
-    checkpoint(cfg.train.steps)
-    write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "train_seconds": round(seconds, 3),
-                          "final_loss": rows[-1]["loss"]})
-    log(f"trained in {seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
-    sampling_model = ema.module.eval() if ema is not None and cfg.sample.use_ema else model
-    return Run(path, cfg, scaler, schedule, sampling_model, x.astype(np.float32), device,
-               labels if classes else None, data.names, data.holdout)
+
+def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Callable[[str], None]) -> Run:
+    """Train `state` to cfg.train.steps, checkpointing the whole state (first, then the plain weights, the log
+    and the manifest, each file atomically) every train.checkpoint_every steps, on Ctrl-C and at the end."""
+    cfg, path = run.config, run.path
+
+    def checkpoint(st: TrainState) -> None:
+        tensors, meta = st.tensors()
+        save_tensors(path / CHECKPOINT, tensors, meta)
+        save_weights(path / WEIGHTS, st.model, st.step)
+        if st.ema is not None:
+            save_weights(path / EMA_WEIGHTS, st.ema.module, st.step)
+        save_csv(path / "train_log.csv", st.rows, LOG_HEADER)
+        write_manifest(path, {**info, "status": "training", "checkpoint_step": st.step})
+
+    x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
+    y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
+    try:
+        rows = train(state, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction), labels=y,
+                     learned_variance=cfg.model.variance == "learned", on_checkpoint=checkpoint, progress=progress)
+    except Interrupted as e:
+        raise RunInterrupted(f"interrupted: saved step {e.step} of {cfg.train.steps} in '{path}'; continue with "
+                             f"`toydiff train --resume {path}` (or `toydiff run --resume {path}`)") from None
+    checkpoint(state)
+    write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "checkpoint_step": state.step,
+                          "train_seconds": round(state.seconds, 3), "final_loss": rows[-1]["loss"]})
+    log(f"trained in {state.seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
+    sampling_model = state.ema.module.eval() if state.ema is not None and cfg.sample.use_ema else state.model.eval()
+    return dataclasses.replace(run, model=sampling_model)
 
 
 def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:

@@ -6,8 +6,14 @@ Nothing here knows about files, plots or the command line: the caller passes
 
 from __future__ import annotations
 
+import functools
+import json
 import math
+import signal
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -70,9 +76,10 @@ class ImportanceTimesteps(UniformTimesteps):
         return t.to(device), (1.0 / (self.T * p[t])).to(device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        t = t.to(self.second_moment.device)
-        sums = torch.zeros_like(self.second_moment).index_add_(0, t, losses.detach().float() ** 2)
-        counts = torch.zeros_like(self.seen).index_add_(0, t, torch.ones_like(sums[t]))
+        t, losses = t.to(self.second_moment.device), losses.detach().float()
+        ok = torch.isfinite(losses)  # a diverging step must not poison p_t (the training loop reports it)
+        sums = torch.zeros_like(self.second_moment).index_add_(0, t, torch.where(ok, losses, 0.0) ** 2)
+        counts = torch.zeros_like(self.seen).index_add_(0, t, ok.float())
         hit = counts > 0
         self.seen += hit.float()
         rate = 1.0 / self.seen.clamp(1, self.history)
@@ -158,69 +165,173 @@ def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Gene
     return torch.where(drop, torch.full_like(labels, null), labels)
 
 
-def train(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig, prediction: Prediction,
-          *, generator: torch.Generator | None = None,
-          labels: torch.Tensor | None = None, learned_variance: bool = False,
+class Interrupted(Exception):
+    """Training stopped at a step boundary by Ctrl-C (SIGINT), after `on_checkpoint` saved that step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
+
+
+@dataclass
+class TrainState:
+    """Everything a training run carries from step to step, so it can be saved and resumed exactly:
+    the model and its optimizer, learning-rate schedule and EMA, the importance sampler, the random
+    generator, the step, the log rows and the loss accumulated since the last row."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: AveragedModel | None
+    timesteps: UniformTimesteps
+    generator: torch.Generator
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)
+    running: float = 0.0  # loss summed over the steps since the last log row
+    since: int = 0  # steps since the last log row
+    seconds: float = 0.0  # training time before this session (resumed runs)
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state as named CPU tensors and string metadata (safetensors' two halves; nothing pickled)."""
+        t = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            t.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        optim = self.optimizer.state_dict()
+        for i, slots in optim["state"].items():
+            t.update({f"optim/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
+        t["rng"] = self.generator.get_state()
+        if isinstance(self.timesteps, ImportanceTimesteps):
+            t["timesteps/second_moment"], t["timesteps/seen"] = self.timesteps.second_moment, self.timesteps.seen
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        meta = {"step": str(self.step), "rows": json.dumps(self.rows), "running": repr(self.running),
+                "since": str(self.since), "seconds": repr(self.seconds),
+                "param_groups": json.dumps(optim["param_groups"]), "scheduler": json.dumps(sched)}
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}, meta
+
+    def restore(self, t: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Load what `tensors` saved into this freshly built state (same config, model and device)."""
+        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in t.items():
+            if k.startswith("optim/"):
+                _, i, name = k.split("/", 2)
+                slots.setdefault(int(i), {})[name] = v
+        self.optimizer.load_state_dict({"state": slots, "param_groups": json.loads(meta["param_groups"])})
+        self.scheduler.load_state_dict({**json.loads(meta["scheduler"]), "lr_lambdas": [None]})
+        self.generator.set_state(t["rng"])
+        if isinstance(self.timesteps, ImportanceTimesteps):
+            device = self.timesteps.second_moment.device
+            self.timesteps.second_moment = t["timesteps/second_moment"].to(device)
+            self.timesteps.seen = t["timesteps/seen"].to(device)
+        self.step, self.rows = int(meta["step"]), json.loads(meta["rows"])
+        self.running, self.since, self.seconds = float(meta["running"]), int(meta["since"]), float(meta["seconds"])
+
+
+def make_state(model: nn.Module, cfg: TrainConfig, T: int, generator: torch.Generator,
+               device: torch.device | str = "cpu") -> TrainState:
+    """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and the configured t sampler."""
+    optimizer = make_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
+    return TrainState(model, optimizer, scheduler, make_ema(model, cfg.ema_decay),
+                      timestep_sampler(cfg.timestep_sampling, T, device), generator)
+
+
+def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig, prediction: Prediction,
+          *, labels: torch.Tensor | None = None, learned_variance: bool = False,
           on_log: Optional[Callable[[dict], None]] = None,
-          on_checkpoint: Optional[Callable[[int], None]] = None,
-          ema: AveragedModel | None = None,
+          on_checkpoint: Optional[Callable[[TrainState], None]] = None,
           progress: bool = False) -> list[dict]:
-    """Train `model` on x0 (N, D), already scaled and on the model's device. Returns the loss-log rows.
+    """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
+    Returns the loss-log rows.
 
     labels (N,) in 0..K-1 train a class-conditional model (model.classes = K), dropped to the null label K
     with probability cfg.label_dropout. learned_variance: the model outputs [prediction, v], trained with
     the hybrid loss. Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read
-    back from the device only every cfg.log_every steps. `ema` (make_ema) is updated after every step.
+    back from the device only every cfg.log_every steps, where a non-finite loss or gradient norm (tracked
+    on the device every step) stops training before the next checkpoint could save it. Ctrl-C finishes
+    the current step, calls on_checkpoint and raises Interrupted.
     """
+    model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
+        state.generator
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     model.train()
-    rows: list[dict] = []
-    running = torch.zeros((), device=x0.device)
-    since = 0
-    start = time.perf_counter()
-    timesteps = timestep_sampler(cfg.timestep_sampling, schedule.T, x0.device)
-    bar = tqdm(total=cfg.steps, desc="train", unit="step", disable=not progress, leave=False)
-    for step in range(1, cfg.steps + 1):
-        if batch >= n:
-            xb, yb = x0, labels
-        else:
-            idx = torch.randint(0, n, (batch,), generator=generator, device=x0.device)
-            xb, yb = x0[idx], None if labels is None else labels[idx]
-        if yb is not None:
-            yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
-        loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
-                              timesteps=timesteps, labels=yb, learned_variance=learned_variance,
-                              vlb_weight=cfg.vlb_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        running += loss.detach()
-        since += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            mean_loss = running.item() / since
-            if not math.isfinite(mean_loss):
-                raise ToydiffError(f"the training loss became {mean_loss} by step {step}; lower train.lr "
-                                   "or choose a schedule whose betas stay well below 1")
-            row = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - start}
-            rows.append(row)
-            bar.update(step - bar.n)
-            bar.set_postfix(loss=f"{mean_loss:.4f}")
-            if on_log is not None:
-                on_log(row)
-            running.zero_()
-            since = 0
-        if on_checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                and step != cfg.steps:
-            on_checkpoint(step)
+    running = torch.tensor(state.running, device=x0.device)
+    first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
+    start = time.perf_counter() - state.seconds
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not progress, leave=False)
+    with _sigint_flag() as stop:
+        for step in range(state.step + 1, cfg.steps + 1):
+            if batch >= n:
+                xb, yb = x0, labels
+            else:
+                idx = torch.randint(0, n, (batch,), generator=generator, device=x0.device)
+                xb, yb = x0[idx], None if labels is None else labels[idx]
+            if yb is not None:
+                yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
+            loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
+                                  timesteps=state.timesteps, labels=yb, learned_variance=learned_variance,
+                                  vlb_weight=cfg.vlb_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            first_bad = torch.where((first_bad == 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            running += loss.detach()
+            state.step, state.since = step, state.since + 1
+            is_checkpoint = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.steps
+            if step % cfg.log_every == 0 or step == cfg.steps or is_checkpoint or stop.is_set():
+                _check_finite(int(first_bad), cfg)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                mean_loss = running.item() / state.since
+                row = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                       "seconds": time.perf_counter() - start}
+                state.rows.append(row)
+                bar.update(step - bar.n)
+                bar.set_postfix(loss=f"{mean_loss:.4f}")
+                if on_log is not None:
+                    on_log(row)
+                running.zero_()
+                state.since = 0
+            state.running, state.seconds = running.item(), time.perf_counter() - start
+            if on_checkpoint is not None and (is_checkpoint or stop.is_set()):
+                on_checkpoint(state)
+            if stop.is_set():
+                bar.close()
+                raise Interrupted(step)
     bar.close()
     model.eval()
-    return rows
+    return state.rows
+
+
+def _check_finite(first_bad: int, cfg: TrainConfig) -> None:
+    if first_bad:
+        raise ToydiffError(f"the training loss or its gradient became NaN or infinite at step {first_bad}; the run "
+                           f"keeps its last good checkpoint. Lower train.lr (now {cfg.lr:g}), keep train.grad_clip "
+                           "on, or choose a schedule whose betas stay well below 1")
+
+
+@contextmanager
+def _sigint_flag():
+    """A flag Ctrl-C sets (the loop stops at the end of the step); a second Ctrl-C interrupts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,124 @@
+"""Reliability: resume after Ctrl-C or SIGKILL to the uninterrupted result, the divergence guard."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from toydiff import Run, config as C, train_run
+from toydiff.checkpoint import load_tensors
+from toydiff.cli import main
+from toydiff.errors import RunInterrupted, ToydiffError
+from toydiff.runs import resume_run
+
+RESUMABLE = ["data.n=256", "schedule.T=50", "model.width=16", "model.depth=1", "train.steps=60",
+             "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=10", "train.warmup_steps=5",
+             "train.timestep_sampling=importance", "model.conditional=true", "sample.n=64"]
+
+
+def weights(path):
+    return {k: v for k, v in load_tensors(path)[0].items()}
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def interrupt_at_loss_call(monkeypatch, k):
+    """Deliver a real SIGINT to this process during the k-th loss computation (mid-step)."""
+    import toydiff.training as tr
+    original, calls = tr.diffusion_loss, {"n": 0}
+
+    def loss(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == k:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*a, **kw)
+    monkeypatch.setattr(tr, "diffusion_loss", loss)
+
+
+@pytest.mark.parametrize("at", [3, 27])
+def test_ctrl_c_checkpoints_the_step_and_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch, at):
+    cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE)
+    whole = train_run(cfg, tmp_path / "whole")
+    interrupt_at_loss_call(monkeypatch, at)
+    with pytest.raises(RunInterrupted, match=f"saved step {at} of 60 .*toydiff train --resume"):
+        train_run(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    assert load_tensors(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == str(at)
+    resumed = resume_run(tmp_path / "cut")
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert same_weights(whole.path / name, resumed.path / name), name
+    assert (whole.path / "train_log.csv").read_text().count("\n") == (resumed.path / "train_log.csv").read_text().count("\n")
+    assert np.array_equal(Run.load(whole.path).sample(30, seed=4, label=1), Run.load(resumed.path).sample(30, seed=4, label=1))
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_cli_refuses_config_flags(tmp_path, capsys):
+    cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE)
+    run = train_run(cfg, tmp_path / "r")
+    before = (run.path / "model.safetensors").read_bytes()
+    resume_run(run.path)
+    assert (run.path / "model.safetensors").read_bytes() == before
+    assert main(["train", "--resume", str(run.path), "--set", "train.steps=100"]) == 2
+    assert "--resume continues the run with its own configuration; drop --set" in capsys.readouterr().err
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE)
+    import toydiff.training as tr
+    original, calls = tr.diffusion_loss, {"n": 0}
+
+    def poisoned(*a, **kw):
+        calls["n"] += 1
+        loss = original(*a, **kw)
+        return loss * float("nan") if calls["n"] == 23 else loss
+    monkeypatch.setattr(tr, "diffusion_loss", poisoned)
+    with pytest.raises(ToydiffError, match="became NaN or infinite at step 23; the run keeps its last good "
+                                           "checkpoint. Lower train.lr"):
+        train_run(cfg, tmp_path / "nan")
+    state = load_tensors(tmp_path / "nan" / "checkpoint.safetensors")
+    assert state[1]["step"] == "20" and all(torch.isfinite(v.float()).all() for v in state[0].values())
+    assert all(torch.isfinite(v).all() for v in weights(tmp_path / "nan" / "model.safetensors").values())
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real `toydiff train` process killed (SIGKILL) at random moments, then resumed until it finishes:
+    the run directory always loads, and the final weights equal an uninterrupted run's, bit for bit."""
+    settings = RESUMABLE[:-3] + ["train.steps=400", "train.checkpoint_every=7", "sample.n=64"]
+    sets = [a for s in settings for a in ("--set", s)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = tmp_path / "whole"
+    assert main(["train", "--quiet", "--out", str(whole)] + sets) == 0
+    cut = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "toydiff", "train", "--quiet"]
+    rng, kills, first = random.Random(0), 0, True
+    while True:
+        args = cmd + (["--out", str(cut)] + sets if first else ["--resume", str(cut)])
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if kills < 4:
+            deadline = time.time() + 60
+            while not (cut / "run.json").exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.5))
+            proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+        if first and not (cut / "run.json").exists():
+            continue  # killed before the run directory was published: nothing exists, start again
+        first = False
+        Run.load(cut, weights=(cut / "model.safetensors").exists())  # loadable after every kill
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()
+        kills += 1
+    assert kills == 4
+    for name in ("model.safetensors", "model_ema.safetensors", "checkpoint.safetensors"):
+        assert same_weights(whole / name, cut / name) if name != "checkpoint.safetensors" else \
+            load_tensors(cut / name)[1]["step"] == "400"
