@@ -32,7 +32,7 @@ from .errors import RunInterrupted, ToydiffError
 from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction, clipped
-from .runtime import derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
+from .runtime import NoiseStream, derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS, VARIANCES
 from .schedules import SPACINGS, NoiseSchedule
 from .training import Interrupted, TrainState, make_state, train
@@ -148,23 +148,26 @@ class Run:
             sample_fn, variance = sampler_with_options(name, eta, cfg.variance, learned)
             # the adaptive solver chooses its own steps over the full schedule
             schedule = self.schedule if name == "ode" else respaced(self.schedule, steps, spacing)
-        gen = torch_generator(self.config.seed if seed is None else seed, "sample", self.device)
+        base_seed = derive_seed(self.config.seed if seed is None else seed, "sample")
+        gen = torch.Generator(device=self.device).manual_seed(base_seed)  # diffusers' schedulers draw from it
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         scaled = self.scaler.transform(self.data)
         do_clip = cfg.clip if clip is None else clip
         out, paths = [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
-            labels = self._draw_labels(b, label, gen)
+            stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
+            labels = self._draw_labels(b, label, stream)
             den = self.denoiser_for(labels, guidance)
             base = den.with_variance if variance == "learned" else den
             if do_clip:
                 base = clipped(base, as_t(scaled.min(0)), as_t(scaled.max(0)))
             denoise = base if schedule is self.schedule else functools.partial(_at_model_t, base, schedule)
-            x_T = torch.randn((b, self.dim), generator=gen, device=self.device)
+            x_T = stream.randn((b, self.dim))
             visited: list[torch.Tensor] = []
             callback = (lambda t, x_t, x0_hat: visited.append(x_t.cpu())) if trajectory else None
-            x0 = sample_fn(denoise, schedule, x_T, generator=gen, callback=callback)
+            x0 = sample_fn(denoise, schedule, x_T, generator=gen if name.startswith(PREFIX) else stream,
+                           callback=callback)
             out.append(x0.cpu())
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
@@ -173,14 +176,16 @@ class Run:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples
 
-    def _draw_labels(self, n: int, label: int, gen: torch.Generator) -> torch.Tensor | None:
-        """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies."""
+    def _draw_labels(self, n: int, label: int, stream: NoiseStream) -> torch.Tensor | None:
+        """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies
+        (one uniform number per sample, by inverting their cumulative distribution)."""
         if self.labels is None:
             return None
         if label >= 0:
             return torch.full((n,), label, dtype=torch.long, device=self.device)
-        freq = torch.as_tensor(np.bincount(self.labels, minlength=self.classes), dtype=torch.float64)
-        return torch.multinomial(freq.to(self.device), n, replacement=True, generator=gen)
+        cdf = np.cumsum(np.bincount(self.labels, minlength=self.classes)) / len(self.labels)
+        u = stream.rand(n).cpu().numpy()
+        return torch.as_tensor(np.searchsorted(cdf, u, side="right").clip(max=self.classes - 1), device=self.device)
 
 
 def _at_model_t(denoise, schedule: NoiseSchedule, x: torch.Tensor, i: torch.Tensor):

@@ -51,3 +51,39 @@ def torch_generator(seed: int, purpose: str, device: torch.device | str = "cpu")
 
 def numpy_rng(seed: int, purpose: str) -> np.random.Generator:
     return np.random.default_rng(derive_seed(seed, purpose))
+
+
+class NoiseStream:
+    """Gaussian and uniform draws for samples start..start + n - 1 of a sampling job, each sample's the same
+    whatever the batches: draw k (x_T is draw 0, a sampler's noise draws 1, 2, ...) of sample i comes from a
+    generator seeded by (seed, k, i // BLOCK), so a batch regenerates only the blocks of BLOCK samples it
+    overlaps. Samplers accept it where they take a torch.Generator (`samplers.randn_like`)."""
+
+    BLOCK = 1024
+
+    def __init__(self, seed: int, start: int, n: int, device: torch.device | str = "cpu"):
+        self.seed, self.start, self.n, self.device = seed, start, n, torch.device(device)
+        self.draw = 0
+
+    def _blocks(self, rest: tuple[int, ...], dtype: torch.dtype, uniform: bool) -> torch.Tensor:
+        first, last = self.start // self.BLOCK, (self.start + self.n - 1) // self.BLOCK
+        parts = []
+        for b in range(first, last + 1):
+            seed = int(np.random.SeedSequence([self.seed, self.draw, b]).generate_state(1, dtype=np.uint64)[0]) >> 1
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            fn = torch.rand if uniform else torch.randn
+            parts.append(fn((self.BLOCK, *rest), generator=g, device=self.device, dtype=dtype))
+        self.draw += 1
+        offset = self.start - first * self.BLOCK
+        return torch.cat(parts)[offset:offset + self.n]
+
+    def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if shape[0] != self.n:
+            raise ValueError(f"a NoiseStream for {self.n} samples was asked for shape {tuple(shape)}")
+        return self._blocks(tuple(shape[1:]), dtype, uniform=False)
+
+    def rand(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """n uniform numbers in [0, 1), one per sample."""
+        if n != self.n:
+            raise ValueError(f"a NoiseStream for {self.n} samples was asked for {n} numbers")
+        return self._blocks((), dtype, uniform=True)

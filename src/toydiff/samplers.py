@@ -20,6 +20,7 @@ import torch
 
 from .errors import ToydiffError
 from .registry import Registry
+from .runtime import NoiseStream
 from .schedules import NoiseSchedule, pf_ode_drift
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -27,6 +28,13 @@ Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 Sampler = Callable[..., torch.Tensor]
 SAMPLERS: Registry[Sampler] = Registry("sampler")
 VARIANCES = ("small", "large", "learned")  # ddpm's sigma_t^2: beta_tilde_t (posterior), beta_t, or the network's
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | NoiseStream | None) -> torch.Tensor:
+    """Standard normal noise shaped like x, from a torch.Generator or a per-sample NoiseStream."""
+    if isinstance(generator, NoiseStream):
+        return generator.randn(tuple(x.shape), x.dtype)
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 @SAMPLERS.register("ddpm")
@@ -62,7 +70,7 @@ def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                 var = schedule.gather(schedule.betas, t_vec, x)
             elif variance == "learned":
                 var = schedule.learned_log_variance(v, t_vec).exp()
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn_like(x, generator)
             x = mean + var.sqrt() * z
         else:
             x = mean
@@ -91,7 +99,7 @@ def sample_ddim(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         sigma = eta * float(schedule.beta_tilde[t].double().sqrt())
         x = ab[t - 1] ** 0.5 * x0_hat + max(1 - ab[t - 1] - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn_like(x, generator)
     return x
 
 
@@ -217,7 +225,7 @@ def _dpmpp_multistep(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor,
             x = x + phi_2 * (x0_hat - x0_1) / (h_1 / h)
         # 3. the SDE's fresh noise
         if eta > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            z = randn_like(x, generator)
             x = x + sigmas[t - 1] * (-math.expm1(-2 * eta * h)) ** 0.5 * z
         history = [(x0_hat, h)] + history[:1]
     return x
