@@ -1,0 +1,224 @@
+"""Property-based input hardening: random and hostile input to the config parser, the --set overrides, the data
+loaders, run directories and the CLI. Every case must end in success or a ToydiffError (the CLI: exit code 0 or
+2 with one line on stderr), never a traceback, and never change or delete a file that already existed.
+
+Each test counts its cases in CASES; `pytest tests/test_fuzz.py -s` prints the counts.
+"""
+
+import hashlib
+import io
+import string
+from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from toydiff import config as C  # noqa: E402
+from toydiff.cli import main  # noqa: E402
+from toydiff.datafiles import read_table  # noqa: E402
+from toydiff.errors import ToydiffError  # noqa: E402
+
+CASES: Counter = Counter()
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+                derandomize=True, database=None)  # the same cases on every machine, no example files
+
+SECTIONS = ["data", "schedule", "model", "train", "sample", "plot", "eval", "seed", "nope"]
+KEYS = ["name", "n", "noise", "T", "steps", "lr", "prediction", "sampler", "steps", "eta", "columns", "forward_t",
+        "dim", "modes", "holdout", "guidance", "label", "variance", "width", "batch_size", "x"]
+scalars = st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
+                    st.text(max_size=12), st.booleans(), st.lists(st.integers(-5, 5), max_size=3),
+                    st.lists(st.text(max_size=4), max_size=3))
+tables = st.dictionaries(st.sampled_from(SECTIONS),
+                         st.one_of(scalars, st.dictionaries(st.sampled_from(KEYS), scalars, max_size=4)), max_size=4)
+
+
+@FUZZ
+@given(tables)
+def test_config_from_any_table_is_a_config_or_a_toydiff_error(d):
+    CASES["config tables"] += 1
+    try:
+        cfg = C.from_dict(d)
+    except ToydiffError as e:
+        assert "\n" not in str(e)
+        return
+    assert isinstance(cfg, C.ExperimentConfig)
+    assert C.from_dict(__import__("tomllib").loads(cfg.to_toml())) == cfg  # what parses also round-trips
+
+
+override_text = st.one_of(
+    st.text(alphabet=string.printable, max_size=40),
+    st.builds(lambda s, k, v: f"{s}.{k}={v}", st.sampled_from(SECTIONS), st.sampled_from(KEYS),
+              st.one_of(st.text(alphabet=string.printable, max_size=10), st.integers().map(str),
+                        st.floats().map(repr), st.sampled_from(["[1,2]", "[\"a\"]", "true", "\"x\"", "{a=1}", "nan",
+                                                                "inf", "-1", "0", "1e400", "[", "'"]))))
+
+
+@FUZZ
+@given(st.lists(override_text, max_size=3))
+def test_set_overrides_parse_or_give_one_line(items):
+    CASES["--set overrides"] += 1
+    try:
+        C.with_overrides(C.ExperimentConfig(), items)
+    except ToydiffError as e:
+        assert "\n" not in str(e)
+
+
+cells = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers().map(str),
+                  st.text(alphabet=string.printable, max_size=6), st.just(""))
+
+
+@FUZZ
+@given(st.lists(st.lists(cells, min_size=1, max_size=4), max_size=30), st.booleans(), st.booleans(),
+       st.sampled_from([",", "\t"]))
+def test_text_tables_load_or_name_the_problem(tmp_path_factory, rows, header, drop, sep):
+    CASES["csv/tsv files"] += 1
+    path = tmp_path_factory.mktemp("csv") / ("f.csv" if sep == "," else "f.tsv")
+    lines = ([sep.join(f"c{i}" for i in range(len(rows[0])))] if header and rows else []) + \
+        [sep.join(c.replace(sep, " ").replace("\n", " ").replace("\r", " ").replace('"', "") for c in r) for r in rows]
+    path.write_text("\n".join(lines))
+    try:
+        table = read_table(path, drop_missing=drop)
+    except ToydiffError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+        return
+    assert table.x.ndim == 2 and np.isfinite(table.x).all() and len(table.x) >= 10
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.sampled_from([".csv", ".npy", ".npz", ".parquet", ".tsv"]))
+def test_random_bytes_in_any_format_are_refused_cleanly(tmp_path_factory, blob, suffix):
+    CASES["random-byte files"] += 1
+    path = tmp_path_factory.mktemp("bytes") / f"f{suffix}"
+    path.write_bytes(blob)
+    try:
+        read_table(path)
+    except ToydiffError as e:
+        assert "\n" not in str(e)
+
+
+@FUZZ
+@given(st.one_of(st.integers(1, 3).flatmap(lambda d: st.lists(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), min_size=d, max_size=d), max_size=40)),
+    st.just([])), st.sampled_from([".npy", ".npz"]))
+def test_arrays_with_any_values_load_or_name_the_problem(tmp_path_factory, rows, suffix):
+    CASES["npy/npz arrays"] += 1
+    path = tmp_path_factory.mktemp("arr") / f"a{suffix}"
+    array = np.array(rows, dtype=np.float64)
+    np.save(path, array) if suffix == ".npy" else np.savez(path, x=array)
+    try:
+        table = read_table(path)
+    except ToydiffError as e:
+        assert "\n" not in str(e)
+        return
+    assert np.isfinite(table.x).all()
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A directory with a finished run and a user file, which no fuzz case may change or delete."""
+    from toydiff import train_run
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("sandbox")
+    train_run(C.with_overrides(C.ExperimentConfig(), ["data.n=64", "schedule.T=5", "model.width=8", "model.depth=1",
+                                                      "train.steps=3", "sample.n=20"]), root / "run")
+    (root / "data.csv").write_text("a,b\n" + "".join(f"{i},{i % 7}\n" for i in range(30)))
+    return root
+
+
+FLAGS = ["--set", "--n", "--seed", "--steps", "--sampler", "--spacing", "--eta", "--label", "--guidance", "--out",
+         "--batch-size", "--draws", "--data", "--columns", "--resume", "--preset", "--config", "--device",
+         "--trajectory", "--jobs", "--grid", "--seeds", "--no-eval", "--quiet", "--clip", "--drop-missing"]
+VALUES = ["-1", "0", "1", "2", "1e9", "nan", "x", "", "ddpm", "diffusers:Nope", "karras", "guide", "cpu", "cuda:7",
+          "train.steps=1", "schedule.T=0", "data.name=gmm", "RUN", "DATA", "NEW", "NEW/x.npy", "RUN/run.json",
+          "RUN/samples.npy", "DATA/..", "a,b", "schedule.T=1,2"]
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.sampled_from(["run", "train", "sample", "plot", "eval", "study", "config", "nope", "--version"]),
+       st.lists(st.one_of(st.sampled_from(FLAGS), st.sampled_from(VALUES),
+                          st.text(alphabet=string.ascii_letters + string.digits + "=.-,/", max_size=8)), max_size=6))
+def test_cli_exits_0_or_2_with_one_line_and_never_touches_existing_files(sandbox, tmp_path_factory, command, rest):
+    CASES["CLI invocations"] += 1
+    fresh = tmp_path_factory.mktemp("out")
+    subs = {"RUN": str(sandbox / "run"), "DATA": str(sandbox / "data.csv"), "NEW": str(fresh / "new")}
+    argv = [command] + [subs.get(a.split("/")[0], a.split("/")[0]) + ("/" + a.split("/", 1)[1] if "/" in a and
+                                                                     a.split("/")[0] in subs else "")
+                        if a.split("/")[0] in subs else a for a in rest]
+    if command in ("run", "train", "study") and "--resume" not in argv:
+        argv += ["--out", str(fresh / "made"), "--set", "train.steps=1", "--set", "data.n=40", "--set",
+                 "schedule.T=4", "--set", "sample.n=20", "--set", "eval.n=20", "--set", "eval.draws=2",
+                 "--set", "eval.nll_n=0", "--set", "model.width=8"]
+    before = snapshot(sandbox)
+    err, out = io.StringIO(), io.StringIO()
+    try:
+        with redirect_stderr(err), redirect_stdout(out):
+            code = main(argv)
+    except SystemExit as e:  # --help / --version print and exit 0
+        code = e.code
+    assert code in (0, 2), (argv, code, err.getvalue())
+    if code == 2:
+        assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("toydiff: error: "), (argv, err.getvalue())
+    assert "Traceback" not in err.getvalue()
+    after = snapshot(sandbox)
+    assert {k: v for k, v in after.items() if k in before} == before or _only_outputs_changed(before, after), argv
+
+
+def _only_outputs_changed(before: dict, after: dict) -> bool:
+    """`sample`, `plot` and `eval` without --out write their outputs into the run directory by design
+    (samples, figures, metrics.json); everything else must be untouched."""
+    outputs = ("run/samples.", "run/figures/", "run/metrics.json")
+    return all(after.get(k) == v for k, v in before.items() if not k.startswith(outputs))
+
+
+RUN_FILES = ["run.json", "config.toml", "scaler.json", "train_data.npy", "model.safetensors", "model_ema.safetensors",
+             "checkpoint.safetensors", "train_log.csv"]
+
+
+@settings(FUZZ, max_examples=40)
+@given(st.sampled_from(RUN_FILES), st.one_of(st.binary(max_size=200), st.sampled_from([
+    b"", b"{}", b'{"format": "toydiff-run", "version": 99}', b'{"format": "toydiff-run", "version": 1, "dim": -1}',
+    b"[data]\nname = 3\n", b"[train]\nsteps = 1e9\n", b'{"kind": "minmax", "shift": [0], "scale": [0]}',
+    b"\x93NUMPY\x01\x00v\x00{'descr': '|O', 'fortran_order': False, 'shape': (2,), }",
+    b"\x80\x04\x95pickle"])), st.sampled_from(["sample", "eval", "plot", "train"]))
+def test_a_hostile_run_directory_is_refused_in_one_line(sandbox, tmp_path_factory, name, blob, command):
+    """Any file of a run directory replaced by random or crafted bytes: loading, sampling, evaluating, plotting
+    and resuming end in success or one line with exit code 2; the other files stay as they were."""
+    import shutil
+    CASES["hostile run directories"] += 1
+    run = tmp_path_factory.mktemp("hostile") / "run"
+    shutil.copytree(sandbox / "run", run)
+    (run / name).write_bytes(blob)
+    before = snapshot(run)
+    out = tmp_path_factory.mktemp("o") / "x.npy"
+    argv = {"sample": ["sample", str(run), "--out", str(out), "--n", "5"], "eval": ["eval", str(run), "--n", "20",
+                                                                                      "--draws", "2"],
+            "plot": ["plot", str(run)], "train": ["train", "--resume", str(run), "--quiet"]}[command]
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(argv)
+    assert code in (0, 2) and "Traceback" not in err.getvalue(), (name, blob, command, err.getvalue())
+    if code == 2:
+        assert err.getvalue().count("\n") == 1, err.getvalue()
+    after = snapshot(run)
+    changed = [k for k, v in before.items() if after.get(k) != v and k != name]
+    assert all(k.startswith(("samples.", "figures/", "metrics.json", "checkpoint", "model", "train_log", "run.json"))
+               for k in changed) and (command == "train" or not any(k.startswith(("checkpoint", "model", "train_log",
+                                                                                 "run.json")) for k in changed))
+
+
+def test_report_case_counts():
+    """Runs last in this module: prints how many cases each property saw (for the record)."""
+    print("\nfuzz cases:", dict(CASES), "total", sum(CASES.values()))
+    assert sum(CASES.values()) > 0
