@@ -151,3 +151,23 @@ def test_noise_stream_blocks_are_independent_of_the_batch_start():
     assert not torch.equal(stream.randn((10, 2)), whole[2000:2010])  # the next draw is fresh noise
     z = NoiseStream(3, 0, 200_000).randn((200_000,))
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tmp_path):
+    settings = RESUMABLE[:-3] + ["train.steps=100000", "train.checkpoint_every=1000"]
+    sets = [a for s in settings for a in ("--set", s)]
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "toydiff", "train", "--quiet", "--out", str(out)] + sets,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / "run.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    err = err.decode()
+    assert proc.returncode == 130 and err.count("\n") == 1, err
+    assert f"continue with `toydiff train --resume {out}`" in err
+    step = int(load_tensors(out / "checkpoint.safetensors")[1]["step"])
+    assert 0 < step < 100000 and f"saved step {step} of 100000" in err

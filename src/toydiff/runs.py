@@ -348,6 +348,9 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     warning = schedule.terminal_warning()
     if warning:
         log(f"warning: {warning}")
+    # built before the run directory exists (AdamW's first construction imports for about a second), so the
+    # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
+    state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train", device), device)
     staging = create_run_dir(Path(out))
     try:
         path = staging
@@ -372,7 +375,6 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {cfg.data.name} "
         f"(n = {x.shape[0]}, D = {x.shape[1]}), T = {schedule.T} {cfg.schedule.name}, "
         f"alpha_bar_T = {schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
-    state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train", device), device)
     run = Run(path, cfg, scaler, schedule, model, x.astype(np.float32), device, labels if classes else None,
               data.names, data.holdout)
     return _train(run, state, info, progress, log)
@@ -414,14 +416,16 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Callabl
         save_csv(path / "train_log.csv", st.rows, LOG_HEADER)
         write_manifest(path, {**info, "status": "training", "checkpoint_step": st.step})
 
-    x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
-    y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
+    resume = f"continue with `toydiff train --resume {path}` (or `toydiff run --resume {path}`)"
     try:
+        x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
+        y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
         rows = train(state, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction), labels=y,
                      learned_variance=cfg.model.variance == "learned", on_checkpoint=checkpoint, progress=progress)
     except Interrupted as e:
-        raise RunInterrupted(f"interrupted: saved step {e.step} of {cfg.train.steps} in '{path}'; continue with "
-                             f"`toydiff train --resume {path}` (or `toydiff run --resume {path}`)") from None
+        raise RunInterrupted(f"interrupted: saved step {e.step} of {cfg.train.steps} in '{path}'; {resume}") from None
+    except KeyboardInterrupt:  # before the loop's own handler was in place, or a second Ctrl-C
+        raise RunInterrupted(f"interrupted before step {state.step + 1} was saved in '{path}'; {resume}") from None
     checkpoint(state)
     write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "checkpoint_step": state.step,
                           "train_seconds": round(state.seconds, 3), "final_loss": rows[-1]["loss"]})
