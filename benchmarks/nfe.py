@@ -30,7 +30,7 @@ import torch
 from toydiff import config as C
 from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
-from toydiff.data import Scaler
+from toydiff.data import Scaler, params
 from toydiff.evaluation import Target, evaluate, target_for
 from toydiff.oracle import GaussianMixture, moons_mixture
 from toydiff.samplers import SAMPLERS
@@ -91,7 +91,7 @@ def moons_oracle_rows(steps: list[int], spec: EvalConfig) -> list[dict]:
     cfg = C.ExperimentConfig()
     target = target_for(cfg)
     frame = target.frame  # min-max of 100k iid points: the default run's scaler to within sampling noise
-    gmm = moons_mixture(cfg.data.noise).scaled(frame.shift, frame.scale)
+    gmm = moons_mixture(params(cfg.data).noise).scaled(frame.shift, frame.scale)
     full = NoiseSchedule.from_config(cfg.schedule)
     x_T = torch.randn(spec.n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return sweep(gmm.denoiser, full, steps, x_T, target, spec, "oracle (Two Moons)", to_data=frame.inverse)

@@ -6,7 +6,7 @@ from scipy.optimize import linear_sum_assignment
 
 from toydiff import config as C, train_run
 from toydiff.cli import main
-from toydiff.data import moons
+from toydiff.data import moons, params
 from toydiff.metrics import knn_auc
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,7 @@ def test_short_training_beats_a_gaussian_fit(tmp_path):
     cfg = C.with_overrides(C.ExperimentConfig(), ["train.steps=1500", "train.log_every=500"])
     run = train_run(cfg, tmp_path / "run")
     rng = np.random.default_rng(11)
-    reference = moons(3000, rng, noise=cfg.data.noise)[0]  # fresh iid data, never make_moons' skeleton
+    reference = moons(3000, rng, noise=params(cfg.data).noise)[0]  # fresh iid data, never make_moons' skeleton
     scale = run.scaler.transform
     model_auc = knn_auc(scale(run.sample(3000, seed=5)), scale(reference))
     gauss_auc = gaussian_fit_auc(scale(run.data), scale(reference), rng)
