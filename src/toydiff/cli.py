@@ -152,8 +152,14 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     from .figures import write_figures
     from .runs import resume_run, save_samples, train_run
 
-    log = _log(args.quiet)
-    progress = not args.quiet and sys.stderr.isatty()
+    from .runtime import init_world
+
+    world, device = init_world(args.device or "auto")
+    log = _log(args.quiet or not world.is_writer)
+    progress = not args.quiet and world.is_writer and sys.stderr.isatty()
+    if world.size > 1 and not args.resume:  # each process on its own device (cuda:LOCAL_RANK or the CPU)
+        args.overrides = list(args.overrides) + [f"train.device={device}"]
+        args.device = None
     if args.resume:
         given = [flag for flag, value in (("--preset", args.preset != "default"), ("--config", args.config),
                                           ("--set", args.overrides), ("--data", args.data), ("--out", args.out),
@@ -161,11 +167,15 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
                                           ("--drop-missing", args.drop_missing)) if value]
         if given:
             raise ToydiffError(f"--resume continues the run with its own configuration; drop {', '.join(given)}")
-        run = resume_run(args.resume, device=args.device or "auto", progress=progress, log=log)
+        run = resume_run(args.resume, device=device, progress=progress, log=log, world=world)
     else:
         cfg = resolve_config(args)
         out = Path(args.out) if args.out else _default_out(args, cfg)
-        run = train_run(cfg, out, progress=progress, log=log)
+        if world.size > 1 and not args.out:
+            raise ToydiffError("under torchrun, name the run directory with --out (every process must agree on it)")
+        run = train_run(cfg, out, progress=progress, log=log, world=world)
+    if not world.is_writer:
+        return 0
     cfg = run.config
     print(f"run directory: {run.path}")
     print(f"  weights:   {run.path / 'model.safetensors'}")

@@ -32,7 +32,7 @@ from .errors import RunInterrupted, ToydiffError
 from .interop import PREFIX, build_scheduler, sample_diffusers
 from .models import MODELS, build_model, count_parameters
 from .parameterization import Denoiser, Prediction, clipped
-from .runtime import NoiseStream, derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
+from .runtime import NoiseStream, World, derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from .samplers import SAMPLERS, VARIANCES
 from .schedules import SPACINGS, NoiseSchedule
 from .training import Interrupted, TrainState, make_state, train
@@ -327,9 +327,13 @@ def check_config(cfg: ExperimentConfig) -> None:
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
-              log: Callable[[str], None] = lambda s: None) -> Run:
-    """Make a new run directory at `out` and train the configured model into it."""
+              log: Callable[[str], None] = lambda s: None, world: World = World()) -> Run:
+    """Make a new run directory at `out` and train the configured model into it. Under torchrun (`world`)
+    every process trains, and rank 0 alone makes and writes the directory."""
     check_config(cfg)
+    if cfg.train.batch_size % world.size:
+        raise ToydiffError(f"the global batch ({cfg.train.batch_size}) must be divisible by the {world.size} "
+                           "processes; change train.batch_size")
     device = resolve_device(cfg.train.device)
     threads = set_threads(cfg.train.threads, device)
     data = make_data(cfg)
@@ -351,6 +355,10 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train", device), device)
+    if not world.is_writer:
+        run = Run(Path(out), cfg, scaler, schedule, model, x.astype(np.float32), device,
+                  labels if classes else None, data.names, data.holdout)
+        return _train(run, state, {}, False, lambda m: None, world)
     staging = create_run_dir(Path(out))
     try:
         path = staging
@@ -377,11 +385,11 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
         f"alpha_bar_T = {schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
     run = Run(path, cfg, scaler, schedule, model, x.astype(np.float32), device, labels if classes else None,
               data.names, data.holdout)
-    return _train(run, state, info, progress, log)
+    return _train(run, state, info, progress, log, world)
 
 
 def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False,
-               log: Callable[[str], None] = lambda s: None) -> Run:
+               log: Callable[[str], None] = lambda s: None, world: World = World()) -> Run:
     """Continue training a run from its last checkpoint (weights, EMA, optimizer, RNG and log), to the very
     weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
     run = Run.load(path, device=device, weights=False)
@@ -399,10 +407,11 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
         log(f"'{run.path}' is already trained ({state.step} steps)")
         return Run.load(run.path, device=device)
     log(f"resuming '{run.path}' at step {state.step} of {run.config.train.steps}")
-    return _train(run, state, info, progress, log)
+    return _train(run, state, info, progress, log, world)
 
 
-def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Callable[[str], None]) -> Run:
+def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Callable[[str], None],
+           world: World = World()) -> Run:
     """Train `state` to cfg.train.steps, checkpointing the whole state (first, then the plain weights, the log
     and the manifest, each file atomically) every train.checkpoint_every steps, on Ctrl-C and at the end."""
     cfg, path = run.config, run.path
@@ -421,13 +430,17 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Callabl
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
         rows = train(state, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction), labels=y,
-                     learned_variance=cfg.model.variance == "learned", on_checkpoint=checkpoint, progress=progress)
+                     learned_variance=cfg.model.variance == "learned",
+                     on_checkpoint=checkpoint if world.is_writer else None, progress=progress, world=world)
     except Interrupted as e:
         raise RunInterrupted(f"interrupted: saved step {e.step} of {cfg.train.steps} in '{path}'; {resume}") from None
     except KeyboardInterrupt:  # before the loop's own handler was in place, or a second Ctrl-C
         raise RunInterrupted(f"interrupted before step {state.step + 1} was saved in '{path}'; {resume}") from None
+    if not world.is_writer:
+        return dataclasses.replace(run, model=state.model.eval())
     checkpoint(state)
     write_manifest(path, {**info, "status": "trained", "steps": cfg.train.steps, "checkpoint_step": state.step,
+                          "processes": world.size,
                           "train_seconds": round(state.seconds, 3), "final_loss": rows[-1]["loss"]})
     log(f"trained in {state.seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
     sampling_model = state.ema.module.eval() if state.ema is not None and cfg.sample.use_ema else state.model.eval()

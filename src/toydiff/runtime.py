@@ -87,3 +87,58 @@ class NoiseStream:
         if n != self.n:
             raise ValueError(f"a NoiseStream for {self.n} samples was asked for {n} numbers")
         return self._blocks((), dtype, uniform=True)
+
+
+class World:
+    """The processes training together (torchrun / DistributedDataParallel), or just this one.
+
+    Every rank draws the same global batch from the same generator and trains on its own contiguous shard of
+    it, so the averaged gradient is the single-process gradient of that batch; rank 0 alone writes files."""
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        self.rank, self.size = rank, size
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' equal-size tensors concatenated in rank order (on every rank)."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x / self.size
+
+
+def init_world(device: str = "auto") -> tuple[World, str]:
+    """Join the process group torchrun describes in the environment (WORLD_SIZE > 1): gloo on the CPU, NCCL on
+    GPUs, one GPU per process (LOCAL_RANK). Returns the world and the device this process trains on."""
+    import os
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return World(), device
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    elif device == "auto":
+        device = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return World(dist.get_rank(), dist.get_world_size()), device

@@ -25,6 +25,7 @@ from .config import TrainConfig
 from .errors import ToydiffError
 from .likelihood import vlb_term
 from .parameterization import Prediction, min_snr_weight, to_x0, training_target
+from .runtime import World
 from .schedules import NoiseSchedule
 
 WEIGHTINGS = ("uniform", "min-snr")
@@ -99,18 +100,24 @@ def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> U
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction,
                    generator: torch.Generator | None = None, weighting: str = "uniform", gamma: float = 5.0, *,
                    timesteps: UniformTimesteps | None = None, labels: torch.Tensor | None = None,
-                   learned_variance: bool = False, vlb_weight: float = 0.001) -> torch.Tensor:
+                   learned_variance: bool = False, vlb_weight: float = 0.001, world: World = World()) -> torch.Tensor:
     """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
     the MSE between the network and its target, per point, then:
 
     - weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023);
     - learned_variance adds lambda T L_t (in bits per dimension, with the mean's gradient stopped): the
       hybrid loss L_simple + lambda L_vlb of Nichol and Dhariwal (2021, sec. 3.1), lambda = vlb_weight;
-    - labels (B,) condition the network; they are already dropped to the null label where wanted.
+    - labels (B,) condition the network; they are already dropped to the null label where wanted;
+    - with several processes (`world`), every rank draws the whole batch's t and eps and computes the loss on
+      its own shard; the importance sampler sees every rank's losses.
     """
     timesteps = timesteps or UniformTimesteps(schedule.T)
     t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
     eps, x_t = schedule.noise(x0, t, generator)
+    if world.size > 1:
+        s = world.shard(x0.shape[0])
+        x0, t, weights, eps, x_t = x0[s], t[s], weights[s], eps[s], x_t[s]
+        labels = None if labels is None else labels[s]
     alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
     target = training_target(prediction, x0, eps, alpha_bar)
     out = model(x_t, t) if labels is None else model(x_t, t, labels)
@@ -125,7 +132,7 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
         x0_hat = to_x0(prediction, pred.detach(), x_t, alpha_bar)  # L_vlb trains the variance only
         vlb = vlb_term(schedule, x0, x_t, t, x0_hat, schedule.learned_log_variance(v, t))
         per_point = per_point + vlb_weight * schedule.T * vlb / (x0.shape[1] * math.log(2))
-    timesteps.update(t, per_point)
+    timesteps.update(world.gather(t), world.gather(per_point.detach()))
     return (weights * per_point).mean()
 
 
@@ -242,7 +249,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
           *, labels: torch.Tensor | None = None, learned_variance: bool = False,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
-          progress: bool = False) -> list[dict]:
+          progress: bool = False, world: World = World()) -> list[dict]:
     """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
     Returns the loss-log rows.
 
@@ -251,18 +258,23 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     the hybrid loss. Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read
     back from the device only every cfg.log_every steps, where a non-finite loss or gradient norm (tracked
     on the device every step) stops training before the next checkpoint could save it. Ctrl-C finishes
-    the current step, calls on_checkpoint and raises Interrupted.
+    the current step, calls on_checkpoint and raises Interrupted. With several processes (`world`, under
+    torchrun) the model trains as DistributedDataParallel on shards of one shared global batch.
     """
     model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
         state.generator
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
+    if batch % world.size:
+        raise ToydiffError(f"the global batch ({batch}) must be divisible by the {world.size} processes; "
+                           "change train.batch_size")
+    net = model if world.size == 1 else nn.parallel.DistributedDataParallel(model)
     model.train()
     running = torch.tensor(state.running, device=x0.device)
     first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
     start = time.perf_counter() - state.seconds
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not progress, leave=False)
-    with _sigint_flag() as stop:
+    with _sigint_flag(enabled=world.size == 1) as stop:  # under torchrun, Ctrl-C is torchrun's to handle
         for step in range(state.step + 1, cfg.steps + 1):
             if batch >= n:
                 xb, yb = x0, labels
@@ -271,9 +283,9 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 xb, yb = x0[idx], None if labels is None else labels[idx]
             if yb is not None:
                 yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
-            loss = diffusion_loss(model, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
+            loss = diffusion_loss(net, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
                                   timesteps=state.timesteps, labels=yb, learned_variance=learned_variance,
-                                  vlb_weight=cfg.vlb_weight)
+                                  vlb_weight=cfg.vlb_weight, world=world)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -289,7 +301,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             if step % cfg.log_every == 0 or step == cfg.steps or is_checkpoint or stop.is_set():
                 _check_finite(int(first_bad), cfg)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                mean_loss = running.item() / state.since
+                mean_loss = world.mean(running).item() / state.since
                 row = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - start}
                 state.rows.append(row)
@@ -318,10 +330,10 @@ def _check_finite(first_bad: int, cfg: TrainConfig) -> None:
 
 
 @contextmanager
-def _sigint_flag():
+def _sigint_flag(enabled: bool = True):
     """A flag Ctrl-C sets (the loop stops at the end of the step); a second Ctrl-C interrupts at once."""
     stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if not enabled or threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
