@@ -6,6 +6,7 @@ Nothing here knows about files, plots or the command line: the caller passes
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -18,7 +19,6 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
@@ -147,21 +147,49 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with its multi-tensor (foreach) update: torch picks it only on CUDA by default, and on the CPU
+    the per-tensor update cost 15% of a default training step here (benchmarks/speed.py)."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, foreach=True)
 
 
-def make_ema(model: nn.Module, decay: float) -> AveragedModel | None:
-    """An exponential moving average of the weights with warm-up: at update k the decay is
-    min(decay, (1 + k) / (10 + k)), so early averages do not drag the random initialisation along."""
-    if decay == 0:
-        return None
+class EMA(nn.Module):
+    """An exponential moving average of a model's parameters and buffers, with warm-up: the first update copies
+    the model; after k updates the next one averages with decay min(decay, (1 + k) / (10 + k)), so early
+    averages do not drag the random initialisation along.
 
-    def avg(averaged: torch.Tensor, current: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1 + float(k)) / (10 + float(k)))
-        return d * averaged + (1 - d) * current
+    One fused `torch._foreach_lerp_` over the cached tensor lists per update (AveragedModel walks the
+    modules and averages tensor by tensor: 14% of a training step here). The state dict has
+    AveragedModel's keys (module.*, n_averaged)."""
 
-    return AveragedModel(model, avg_fn=avg, use_buffers=True)
+    def __init__(self, model: nn.Module, decay: float):
+        super().__init__()
+        self.module = copy.deepcopy(model)
+        self.decay = decay
+        self.register_buffer("n_averaged", torch.tensor(0, dtype=torch.long))
+        self._mine = list(self.module.parameters()) + list(self.module.buffers())
+        self._source = list(model.parameters()) + list(model.buffers())
+        self._count = 0  # n_averaged on the host: no device synchronisation per step
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        k = self._count
+        if k == 0:
+            torch._foreach_copy_(self._mine, [t.detach() for t in self._source])
+        else:
+            d = min(self.decay, (1 + k) / (10 + k))
+            torch._foreach_lerp_(self._mine, [t.detach() for t in self._source], 1 - d)
+        self._count += 1
+        self.n_averaged.fill_(self._count)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._count = int(self.n_averaged)
+
+
+def make_ema(model: nn.Module, decay: float) -> EMA | None:
+    """The EMA of `model` for train.ema_decay, or None when it is 0 (off)."""
+    return EMA(model, decay) if decay else None
 
 
 def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -189,7 +217,7 @@ class TrainState:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: AveragedModel | None
+    ema: EMA | None
     timesteps: UniformTimesteps
     generator: torch.Generator
     step: int = 0

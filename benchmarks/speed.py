@@ -1,0 +1,172 @@
+"""Speed of toydiff's training loop and sampler against their floors, side by side in one process.
+
+  train_overhead   toydiff's `train` (batch draw, t and eps draws, loss, AdamW, LR schedule, gradient clip,
+                   EMA, divergence tracking) per step, against the bare forward + backward + AdamW step of
+                   the same model on a fixed batch (the floor for that model and batch)
+  naive_loop       a seed-style loop as the guide writes it (fresh t and eps each step, MSE, AdamW,
+                   nothing else), same model and batch
+  threads          toydiff's loop at 1 and 2 torch threads (why toydiff defaults to 1 on the CPU)
+  sampling         `Run.sample(n)` with S ancestral steps against S batched forward passes of the same n
+                   (the floor), n = 1e3 .. 1e6 (1e7 with --big) in bounded-memory batches
+  scaling          per-step training cost against dataset rows (1e3 .. 1e7) and dimension (2 .. 64)
+
+Interleaved repeats, the median of each: ratios hold on a noisy machine. Prints JSON and a markdown table
+and writes benchmarks/results/speed.json and speed.md.
+
+    .venv/bin/python benchmarks/speed.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from toydiff import config as C
+from toydiff import train_run
+from toydiff.models import build_model
+from toydiff.parameterization import Prediction, training_target
+from toydiff.schedules import NoiseSchedule
+from toydiff.training import make_state, train
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_rows(steps: int, repeats: int, batch: int = 1024, dim: int = 2, rows: int = 10_000,
+                  threads: int = 1) -> dict:
+    """Seconds per step: toydiff's loop, the bare step on a fixed batch, and the guide-style loop."""
+    torch.set_num_threads(threads)
+    cfg = C.ExperimentConfig()
+    tcfg = C.with_overrides(cfg, [f"train.steps={steps}", f"train.batch_size={batch}", "train.log_every=1000000",
+                                  "train.checkpoint_every=0"]).train
+    schedule = NoiseSchedule.from_config(cfg.schedule)
+    x0 = torch.randn(rows, dim)
+    model = build_model(cfg.model, dim, schedule.T)
+
+    def toydiff_loop():
+        state = make_state(model, tcfg, schedule.T, torch.Generator().manual_seed(0))
+        train(state, schedule, x0, tcfg, Prediction.V)
+
+    t_fixed = torch.randint(1, schedule.T + 1, (batch,))
+    eps_fixed = torch.randn(batch, dim)
+    xb = x0[torch.randint(0, rows, (batch,))]
+    x_t = schedule.q_sample(xb, t_fixed, eps_fixed)
+    target = training_target(Prediction.V, xb, eps_fixed, schedule.gather(schedule.alpha_bar, t_fixed, xb))
+    bare_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def bare_steps():
+        for _ in range(steps):
+            loss = nn.functional.mse_loss(model(x_t, t_fixed), target)
+            bare_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            bare_opt.step()
+
+    sqrt_ab, sqrt_1m = schedule.sqrt_alpha_bar, schedule.sqrt_one_minus_alpha_bar
+    naive_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def naive_loop():  # the guide's loop: a random batch, t, eps, x_t in closed form, MSE on the target, step
+        for _ in range(steps):
+            idx = torch.randint(0, rows, (batch,))
+            x = x0[idx]
+            t = torch.randint(1, schedule.T + 1, (batch,))
+            eps = torch.randn_like(x)
+            xt = sqrt_ab[t][:, None] * x + sqrt_1m[t][:, None] * eps
+            loss = nn.functional.mse_loss(model(xt, t), sqrt_ab[t][:, None] * eps - sqrt_1m[t][:, None] * x)
+            naive_opt.zero_grad()
+            loss.backward()
+            naive_opt.step()
+
+    toydiff_loop(), bare_steps(), naive_loop()  # warm-up: first-call imports and allocations
+    results = {"toydiff": [], "bare": [], "naive": []}
+    for _ in range(repeats):  # interleaved, so drifts of the machine hit all three alike
+        results["toydiff"].append(_median_time(toydiff_loop, 1) / steps)
+        results["bare"].append(_median_time(bare_steps, 1) / steps)
+        results["naive"].append(_median_time(naive_loop, 1) / steps)
+    out = {k: statistics.median(v) for k, v in results.items()}
+    return {"batch": batch, "dim": dim, "rows": rows, "threads": threads, "toydiff_ms": 1e3 * out["toydiff"],
+            "bare_ms": 1e3 * out["bare"], "naive_ms": 1e3 * out["naive"],
+            "overhead_vs_bare": out["toydiff"] / out["bare"] - 1, "vs_naive": out["toydiff"] / out["naive"]}
+
+
+def sampling_rows(ns: list[int], steps: int, repeats: int) -> list[dict]:
+    """Run.sample(n) with `steps` ancestral steps against `steps` forward passes over the same n points."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = C.with_overrides(C.ExperimentConfig(), ["train.steps=1", "train.checkpoint_every=0"])
+        run = train_run(cfg, Path(tmp) / "run")
+        rows = []
+        for n in ns:
+            batch = min(n, run.config.sample.batch_size)
+            x = torch.randn(batch, run.dim)
+            t = torch.full((batch,), 500)
+
+            @torch.no_grad()
+            def floor():
+                for _ in range(steps * (n // batch)):
+                    run.model(x, t)
+
+            def toydiff_sample():
+                run.sample(n, steps=steps, sampler="ddpm")
+
+            floor(), toydiff_sample()
+            t_floor, t_toy = [], []
+            for _ in range(repeats):
+                t_floor.append(_median_time(floor, 1))
+                t_toy.append(_median_time(toydiff_sample, 1))
+            f, s = statistics.median(t_floor), statistics.median(t_toy)
+            rows.append({"n": n, "steps": steps, "batch": batch, "toydiff_s": s, "floor_s": f,
+                         "overhead_vs_floor": s / f - 1})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps and repeats: a smoke run")
+    parser.add_argument("--big", action="store_true", help="also sample n = 1e7 (minutes)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json and speed.md")
+    args = parser.parse_args()
+    steps, repeats = (20, 2) if args.quick else (200, 5)
+    report = {"meta": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+                       "cpus": os.cpu_count()}}
+    report["train"] = [training_rows(steps, repeats, threads=1), training_rows(steps, repeats, threads=2)]
+    report["scaling"] = [training_rows(steps // 2, max(2, repeats // 2), rows=r, dim=d)
+                         for r, d in ([(10**3, 2), (10**5, 2), (10**7, 2), (10**4, 8), (10**4, 64)]
+                                      if not args.quick else [(10**3, 2), (10**4, 64)])]
+    ns = [10**3, 10**4] if args.quick else [10**3, 10**4, 10**5, 10**6] + ([10**7] if args.big else [])
+    report["sampling"] = sampling_rows(ns, 10, 2 if args.quick else 3)
+    lines = ["| training (batch 1024) | rows | D | threads | toydiff ms/step | bare step ms | guide-style loop ms | "
+             "overhead vs bare | toydiff / guide-style |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["train"] + report["scaling"]:
+        lines.append(f"| | {r['rows']:.0e} | {r['dim']} | {r['threads']} | {r['toydiff_ms']:.2f} | {r['bare_ms']:.2f} | "
+                     f"{r['naive_ms']:.2f} | {100 * r['overhead_vs_bare']:+.0f}% | {r['vs_naive']:.2f} |")
+    lines += ["", "| sampling (ddpm, 10 steps) | n | batch | toydiff s | floor s (10 forward passes) | overhead |",
+              "|---|---|---|---|---|---|"]
+    for r in report["sampling"]:
+        lines.append(f"| | {r['n']:.0e} | {r['batch']} | {r['toydiff_s']:.3f} | {r['floor_s']:.3f} | "
+                     f"{100 * r['overhead_vs_floor']:+.0f}% |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed.json").write_text(json.dumps(report, indent=2))
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps(report))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
