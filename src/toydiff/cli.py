@@ -174,6 +174,7 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
         if world.size > 1 and not args.out:
             raise ToydiffError("under torchrun, name the run directory with --out (every process must agree on it)")
         run = train_run(cfg, out, progress=progress, log=log, world=world)
+    world.close()  # training is the only collective work; rank 0 goes on alone
     if not world.is_writer:
         return 0
     cfg = run.config

@@ -115,6 +115,15 @@ class World:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)
 
+    def close(self) -> None:
+        """Wait for every rank, then leave the process group (a rank that exits with it open can abort)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
