@@ -1,0 +1,125 @@
+"""Wall-clock training time on one CPU thread until samples of Two Moons are indistinguishable from data.
+
+Four settings, each trained once on the default data (iid moons, noise 0.05, 10,000 points unless the
+setting says otherwise) and judged at regular checkpoints by the evaluation's verdict (every metric
+within 3 floor deviations at n = 5000, toydiff.evaluation):
+
+  toydiff default      cosine T = 1000, 32k-parameter MLP, v prediction, EMA, batch 1024, sampled with
+                       DPM-Solver++(3M) in 30 steps (benchmarks/nfe.py: at the floor from 30 NFE)
+  toydiff conditional  the same with the moons' labels (model.conditional = true), w = 1
+  guide                the guide's setting: its NoisePredictor, polynomial T = 10, AdamW 1e-2, full batch,
+                       on 1000 points (its own n), ancestral sampling
+  tiny-diffusion-like  T = 50 linear betas, eps prediction, sinusoidal-embedding MLP (128 wide, 3 blocks),
+                       Adam 1e-3, batch 32, no EMA, ancestral sampling
+
+Training time excludes the evaluations (sampling and metrics are timed apart). Prints JSON and a table;
+writes benchmarks/results/time_to_quality.json and .md.
+
+    .venv/bin/python benchmarks/time_to_quality.py          # about 8 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toydiff import config as C
+from toydiff.data import Scaler
+from toydiff.evaluation import evaluate, target_for
+from toydiff.parameterization import Prediction
+from toydiff.runs import Run, _build, make_data
+from toydiff.runtime import torch_generator
+from toydiff.training import make_state, train
+
+SETTINGS = {
+    "toydiff default": (["sample.sampler=dpmpp-3m", "sample.steps=30", "sample.spacing=karras"], 250),
+    "toydiff conditional": (["model.conditional=true", "sample.sampler=dpmpp-3m", "sample.steps=30",
+                             "sample.spacing=karras"], 250),
+    "guide": (["--preset guide", "data.name=moons", "data.noise=-1.0"], 250),
+    "tiny-diffusion-like": (["schedule.name=linear", "schedule.T=50", "model.prediction=eps", "model.width=128",
+                             "model.depth=3", "train.batch_size=32", "train.lr=1e-3", "train.ema_decay=0.0",
+                             "train.warmup_steps=0", "train.lr_schedule=constant", "train.steps=50000"], 2500),
+}
+
+
+def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dict:
+    torch.set_num_threads(1)
+    preset = "guide" if "--preset guide" in overrides else "default"
+    cfg = C.with_overrides(C.preset(preset), [o for o in overrides if not o.startswith("--")] +
+                           [f"train.checkpoint_every={every}", "train.log_every=1000000"])
+    data = make_data(cfg)
+    scaler = Scaler.fit(data.x, cfg.data.scaling)
+    classes = int(data.labels.max()) + 1 if cfg.model.conditional else 0
+    schedule, model = _build(cfg, data.x.shape[1], torch.device("cpu"), classes)
+    state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train"))
+    target = target_for(cfg)
+    spec = C.EvalConfig(nll_n=0)
+    x0 = torch.as_tensor(scaler.transform(data.x), dtype=torch.float32)
+    y = torch.as_tensor(data.labels) if classes else None
+    history, clock = [], {"eval": 0.0, "start": time.perf_counter(), "hit": None}
+
+    class Stop(Exception):
+        pass
+
+    def judge(st):
+        start = time.perf_counter()
+        trained = start - clock["start"] - clock["eval"]
+        sampling_model = st.ema.module if st.ema is not None else st.model
+        run = Run(Path("."), cfg, scaler, schedule, sampling_model.eval(), data.x.astype(np.float32),
+                  torch.device("cpu"), data.labels if classes else None)
+        t0 = time.perf_counter()
+        samples = run.sample(spec.n, seed=1)
+        sample_s = time.perf_counter() - t0
+        rep = evaluate(samples, target, spec)
+        flagged = [k for k, v in rep["metrics"].items() if v["z"] is not None and v["z"] > spec.z_max]
+        history.append({"step": st.step, "train_s": round(trained, 2), "sample_s": round(sample_s, 2),
+                        "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flagged})
+        st.model.train()
+        clock["eval"] += time.perf_counter() - start
+        if not flagged and clock["hit"] is None:
+            clock["hit"] = history[-1]
+        if not flagged or trained > budget_s:
+            raise Stop
+
+    try:
+        train(state, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction), labels=y,
+              on_checkpoint=judge)
+        judge(state)
+    except Stop:
+        pass
+    best = min(history, key=lambda h: len(h["flagged"]))
+    return {"setting": name, "hit": clock["hit"], "last": history[-1], "fewest_flags": best, "history": history}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=120.0, help="training seconds per setting at most")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    rows = [measure(name, overrides, every, args.budget) for name, (overrides, every) in SETTINGS.items()]
+    lines = ["| setting | indistinguishable after (training s, step) | fewest flags: step, training s, AUC, flagged |",
+             "|---|---|---|"]
+    for r in rows:
+        hit = f"{r['hit']['train_s']} s, step {r['hit']['step']}" if r["hit"] else \
+            f"not within {r['last']['train_s']} s ({r['last']['step']} steps)"
+        b = r["fewest_flags"]
+        lines.append(f"| {r['setting']} | {hit} | {b['step']}, {b['train_s']} s, {b['auc']:.3f}, "
+                     f"{', '.join(b['flagged']) or 'none'} |")
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
+            "budget_s": args.budget}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time_to_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "time_to_quality.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({"meta": meta, "rows": rows}))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
