@@ -103,7 +103,7 @@ class Run:
             raise ToydiffError(f"'{path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data {data.shape}")
         names = info.get("columns") or default_names(data.shape[1])
         dev = resolve_device(device)
-        set_threads(threads, dev)
+        set_threads(threads, dev, cfg.sample.batch_size)  # sampling batches (resume_run resets it for training)
         schedule, model = _build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
         if weights:
             load_weights(path / WEIGHTS, model)
@@ -335,7 +335,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
         raise ToydiffError(f"the global batch ({cfg.train.batch_size}) must be divisible by the {world.size} "
                            "processes; change train.batch_size")
     device = resolve_device(cfg.train.device)
-    threads = set_threads(cfg.train.threads, device)
+    threads = set_threads(cfg.train.threads, device, cfg.train.batch_size or cfg.data.n)
     data = make_data(cfg)
     x, labels = data.x, data.labels
     for c in cfg.plot.columns:  # checked now, not after training
@@ -394,6 +394,7 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
     run = Run.load(path, device=device, weights=False)
     info = read_manifest(run.path)
+    set_threads(run.config.train.threads, run.device, run.config.train.batch_size or len(run.data))
     state = make_state(run.model, run.config.train, run.schedule.T,
                        torch_generator(run.config.seed, "train", run.device), run.device)
     if (run.path / CHECKPOINT).is_file():
