@@ -33,7 +33,8 @@ from toydiff import config as C
 from toydiff.data import Scaler
 from toydiff.evaluation import evaluate, target_for
 from toydiff.parameterization import Prediction
-from toydiff.runs import Run, _build, make_data
+from toydiff.runs import Run, _build
+from toydiff.workflow import make_data
 from toydiff.runtime import torch_generator
 from toydiff.training import make_state, train
 

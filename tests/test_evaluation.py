@@ -7,7 +7,6 @@ import pytest
 
 from toydiff import config as C
 from toydiff.config import EvalConfig
-from toydiff.data import moons
 from toydiff.errors import ToydiffError
 from toydiff.evaluation import Target, evaluate, floors, target_for
 

@@ -15,7 +15,7 @@ from toydiff import Run, config as C, train_run
 from toydiff.checkpoint import load_tensors
 from toydiff.cli import main
 from toydiff.errors import RunInterrupted, ToydiffError
-from toydiff.runs import resume_run
+from toydiff.workflow import resume_run
 
 RESUMABLE = ["data.n=256", "schedule.T=50", "model.width=16", "model.depth=1", "train.steps=60",
              "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=10", "train.warmup_steps=5",

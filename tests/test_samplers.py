@@ -101,7 +101,7 @@ def test_registry_lists_ddpm():
 
 from toydiff.errors import ToydiffError  # noqa: E402
 from toydiff.oracle import GaussianMixture  # noqa: E402
-from toydiff.parameterization import Prediction, to_x0  # noqa: E402
+
 
 ANGLES = np.arange(8) * np.pi / 4
 EIGHT = GaussianMixture(np.full(8, 1 / 8), 0.8 * np.c_[np.cos(ANGLES), np.sin(ANGLES)], np.full((8, 1), 0.08))

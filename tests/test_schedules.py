@@ -164,7 +164,7 @@ def test_zero_terminal_snr_rescaling_is_lin_et_al_algorithm_1():
 
 def test_zero_terminal_snr_refuses_eps_prediction():
     from toydiff import config as C
-    from toydiff.runs import check_config
+    from toydiff.workflow import check_config
     cfg = C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=eps"])
     with pytest.raises(ToydiffError, match="set model.prediction=v"):
         check_config(cfg)

@@ -13,7 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from . import config as config_io
-from .checkpoint import atomic_write_text, save_csv, save_npy
+from .checkpoint import save_csv, save_npy
 from .config import ExperimentConfig
 from .errors import RunInterrupted, ToydiffError
 from .samplers import SAMPLERS
@@ -150,7 +150,8 @@ def _log(quiet: bool):
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     from .figures import write_figures
-    from .runs import resume_run, save_samples, train_run
+    from .runs import save_samples
+    from .workflow import resume_run, train_run
 
     from .runtime import init_world
 

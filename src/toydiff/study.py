@@ -36,7 +36,7 @@ from . import config as config_io
 from .checkpoint import atomic_write_bytes, atomic_write_text
 from .config import ExperimentConfig
 from .errors import ToydiffError
-from .runs import check_config
+from .workflow import check_config
 
 # (metric, what the summary shows of it): value or z-score against the noise floor
 SUMMARY = [("knn_auc", "value"), ("mmd2", "z"), ("w2", "value"), ("precision", "value"), ("recall", "value"),
@@ -124,7 +124,8 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     import torch
 
     from .evaluation import evaluate_run
-    from .runs import save_samples, train_run
+    from .runs import save_samples
+    from .workflow import train_run
 
     torch.set_num_threads(1)
     cfg = config_io.loads(cfg_toml)
