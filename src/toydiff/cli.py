@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
-    p = sub.add_parser("plot", help="draw the five figures of a trained run")
+    p = sub.add_parser("plot", help="draw the figures of a trained run (the guide's five for 2-D data)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 

@@ -1,4 +1,5 @@
-"""Compute what each of the guide's five figures shows, from a Run, and write the PNG files.
+"""Compute what each figure shows (the guide's five for 2-D data; pair plot and marginals otherwise), from a Run,
+and write the PNG files.
 
 The drawing itself lives in `plots` (numpy in, Figure out); this module runs the
 model and the schedule to get the arrays, and owns the file names.

@@ -1,4 +1,6 @@
-"""The guide's five figures: numpy arrays in, matplotlib Figures out. No torch, no file I/O.
+"""The figures: the guide's five for 2-D data, pair plots and marginals for other D, the zoo gallery, study plots.
+
+Numpy arrays in, matplotlib Figures out. No torch, no file I/O.
 
 Points are drawn in the model's scaled frame (where the diffusion happens), in the
 look of the guide's figures: seaborn-style blue dots with white edges over a filled
