@@ -141,7 +141,8 @@ def test_unknown_plot_column_is_named(tmp_path):
     from toydiff import config as C, train_run
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=3", "data.n=300", "schedule.T=8",
                                                   "train.steps=5", "plot.columns=[\"speed\"]"])
-    with pytest.raises(ToydiffError, match="plot.columns names 'speed', which is not a column; the columns are: x1"):
+    with pytest.raises(ToydiffError,
+                       match="plot.columns: the data has no column 'speed'; its columns are: x1, x2, x3"):
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 

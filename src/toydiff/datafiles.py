@@ -145,18 +145,19 @@ def _is_number(cell) -> bool:
         return False
 
 
-def _column_index(path: Path, names: list[str], column: str) -> int:
+def column_index(names: Sequence[str], column: str, where: str) -> int:
+    """The index of `column`, given by name or as a 0-based index; `where` names the table in the error."""
     if column in names:
-        return names.index(column)
+        return list(names).index(column)
     if column.isdigit() and int(column) < len(names):
         return int(column)
-    raise ToydiffError(f"data file '{path}' has no column '{column}'; its columns are: {', '.join(names)}")
+    raise ToydiffError(f"{where} has no column '{column}'; its columns are: {', '.join(names)}")
 
 
 def _select(path: Path, names: list[str], cells, rows: list[int], columns: list[str], label_column: str,
             drop_missing: bool) -> Table:
-    label_at = _column_index(path, names, label_column) if label_column else None
-    chosen = [_column_index(path, names, c) for c in columns] if columns else \
+    label_at = column_index(names, label_column, f"data file '{path}'") if label_column else None
+    chosen = [column_index(names, c, f"data file '{path}'") for c in columns] if columns else \
         [i for i in range(len(names)) if i != label_at]
     if not chosen:
         raise ToydiffError(f"data file '{path}' has no numeric column to model besides the label")

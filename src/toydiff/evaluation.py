@@ -297,8 +297,9 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn)
     out = {"n": n, "elbo": float(elbo.mean()) + shift,
            "ode_nll": float(ode_nll(eps_fn, run.schedule, x, generator=gen).mean()) + shift}
-    sample = target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-entropy")), 20_000)
-    logp = None if target.log_density is None else target.log_density(sample)
+    logp = None
+    if target.log_density is not None:
+        logp = target.log_density(target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-entropy")), 20_000))
     if logp is not None:
         out["entropy"], out["entropy_se"] = float(-logp.mean()), float(logp.std() / math.sqrt(len(logp)))
     rows = {}

@@ -17,7 +17,8 @@ import torch
 from . import plots
 from .checkpoint import atomic_write_bytes
 from .errors import ToydiffError
-from .runs import Run
+from .datafiles import column_index
+from .runs import Run, default_names
 from .runtime import numpy_rng, torch_generator
 from .schedules import NoiseSchedule
 
@@ -93,14 +94,9 @@ def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The (D, k) projection shown by the pair plot and its axis names: plot.columns of the data by name or
     index, else the first min(D, 4) principal components of the scaled training data (PCA is orthonormal,
     so isotropic noise stays isotropic in the projection)."""
-    names = run.names or [f"x{i + 1}" for i in range(run.dim)]
+    names = run.names or default_names(run.dim)
     if run.config.plot.columns:
-        index = []
-        for c in run.config.plot.columns:
-            if c not in names and not (c.isdigit() and int(c) < run.dim):
-                raise ToydiffError(f"plot.columns names '{c}', which is not a column; the columns are: "
-                                   f"{', '.join(names)}")
-            index.append(names.index(c) if c in names else int(c))
+        index = [column_index(names, c, "plot.columns: the data") for c in run.config.plot.columns]
         return np.eye(run.dim)[:, index], [names[i] for i in index]
     if run.dim <= 4:
         return np.eye(run.dim), list(names)
@@ -158,7 +154,7 @@ def _write_other_dims(run: Run, samples: np.ndarray, out_dir: Path) -> dict[str,
                                               [f"{n} (scaled)" for n in names], "samples over the data"),
                             out_dir / "pairs.png", cfg.dpi),
              "marginals": _save(plots.marginals_figure(_subset(run.data, 5000, rng), _subset(samples, 5000, rng),
-                                                       run.names or [f"x{i + 1}" for i in range(run.dim)]),
+                                                       run.names or default_names(run.dim)),
                                 out_dir / "marginals.png", cfg.dpi)}
     if projection.shape[1] >= 2:
         shown = _subset(data, cfg.points, rng)

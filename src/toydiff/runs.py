@@ -141,9 +141,10 @@ class Run:
             schedule = self.schedule if name == "ode" else respaced(self.schedule, steps, spacing)
         base_seed = derive_seed(self.config.seed if seed is None else seed, "sample")
         gen = torch.Generator(device=self.device).manual_seed(base_seed)  # diffusers' schedulers draw from it
-        as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
-        scaled = self.scaler.transform(self.data)
-        do_clip = cfg.clip if clip is None else clip
+        bounds = None
+        if cfg.clip if clip is None else clip:  # the training data's per-axis range, in the model's frame
+            scaled = torch.as_tensor(self.scaler.transform(self.data), dtype=torch.float32, device=self.device)
+            bounds = scaled.amin(0), scaled.amax(0)
         out, paths = [], []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
@@ -151,8 +152,8 @@ class Run:
             labels = self._draw_labels(b, label, stream)
             den = self.denoiser_for(labels, guidance)
             base = den.with_variance if variance == "learned" else den
-            if do_clip:
-                base = clipped(base, as_t(scaled.min(0)), as_t(scaled.max(0)))
+            if bounds is not None:
+                base = clipped(base, *bounds)
             denoise = base if schedule is self.schedule else functools.partial(_at_model_t, base, schedule)
             x_T = stream.randn((b, self.dim))
             visited: list[torch.Tensor] = []

@@ -175,10 +175,10 @@ class EMA(nn.Module):
     def update_parameters(self, model: nn.Module) -> None:
         k = self._count
         if k == 0:
-            torch._foreach_copy_(self._mine, [t.detach() for t in self._source])
+            torch._foreach_copy_(self._mine, self._source)
         else:
             d = min(self.decay, (1 + k) / (10 + k))
-            torch._foreach_lerp_(self._mine, [t.detach() for t in self._source], 1 - d)
+            torch._foreach_lerp_(self._mine, self._source, 1 - d)
         self._count += 1
         self.n_averaged.fill_(self._count)
 

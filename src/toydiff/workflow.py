@@ -25,7 +25,7 @@ from .checkpoint import (WEIGHTS, atomic_write_text, create_run_dir, load_tensor
                          save_csv, save_npy, save_tensors, save_weights, write_manifest)
 from .config import ExperimentConfig
 from .data import SCALINGS, Scaler, load_dataset, params
-from .datafiles import read_table
+from .datafiles import column_index, read_table
 from .errors import RunInterrupted, ToydiffError
 from .interop import PREFIX
 from .models import MODELS, count_parameters
@@ -56,7 +56,8 @@ def make_data(cfg: ExperimentConfig) -> Data:
         return Data(x, labels, default_names(x.shape[1]), classes)
     table = read_table(cfg.data.path, cfg.data.columns, cfg.data.label_column, cfg.data.drop_missing)
     order = numpy_rng(cfg.seed, "holdout").permutation(len(table.x))
-    held, train = order[:int(round(cfg.data.holdout * len(order)))], order[int(round(cfg.data.holdout * len(order))):]
+    cut = int(round(cfg.data.holdout * len(order)))
+    held, train = order[:cut], order[cut:]
     if len(train) < 2:
         raise ToydiffError(f"data.holdout = {cfg.data.holdout} leaves {len(train)} of the file's {len(order)} rows "
                            "to train on; lower it")
@@ -114,9 +115,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     data = make_data(cfg)
     x, labels = data.x, data.labels
     for c in cfg.plot.columns:  # checked now, not after training
-        if c not in data.names and not (c.isdigit() and int(c) < len(data.names)):
-            raise ToydiffError(f"plot.columns names '{c}', which is not a column; the columns are: "
-                               f"{', '.join(data.names)}")
+        column_index(data.names, c, "plot.columns: the data")
     classes = 0
     if cfg.model.conditional:
         labels = check_labels(labels, x.shape[0])
