@@ -2,12 +2,14 @@
 
   train_overhead   toydiff's `train` (batch draw, t and eps draws, loss, AdamW, LR schedule, gradient clip,
                    EMA, divergence tracking) per step, against the bare forward + backward + AdamW step of
-                   the same model on a fixed batch (the floor for that model and batch)
-  naive_loop       a seed-style loop as the guide writes it (fresh t and eps each step, MSE, AdamW,
-                   nothing else), same model and batch
+                   the same model on a fixed batch, with toydiff's own (fused) AdamW: the floor for that
+                   model and batch, so the difference is what the loop adds
+  naive_loop       a seed-style loop as the guide writes it (fresh t and eps each step, MSE, torch's
+                   default AdamW, nothing else), same model and batch
   threads          toydiff's loop at 1 and 2 torch threads (why toydiff defaults to 1 on the CPU)
   sampling         `Run.sample(n)` with S ancestral steps against S batched forward passes of the same n
-                   (the floor), n = 1e3 .. 1e6 (1e7 with --big) in bounded-memory batches
+                   (the floor; with t per row, and with one t for the batch as the samplers call it),
+                   n = 1e3 .. 1e6 (1e7 with --big) in bounded-memory batches, and each call's peak memory
   scaling          per-step training cost against dataset rows (1e3 .. 1e7) and dimension (2 .. 64)
 
 Interleaved repeats, the median of each: ratios hold on a noisy machine. Prints JSON and a markdown table
@@ -24,6 +26,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,7 +40,7 @@ from toydiff import train_run
 from toydiff.models import build_model
 from toydiff.parameterization import Prediction, training_target
 from toydiff.schedules import NoiseSchedule
-from toydiff.training import make_state, train
+from toydiff.training import make_optimizer, make_state, train
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -68,7 +72,7 @@ def training_rows(steps: int, repeats: int, batch: int = 1024, dim: int = 2, row
     xb = x0[torch.randint(0, rows, (batch,))]
     x_t = schedule.q_sample(xb, t_fixed, eps_fixed)
     target = training_target(Prediction.V, xb, eps_fixed, schedule.gather(schedule.alpha_bar, t_fixed, xb))
-    bare_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bare_opt = make_optimizer(model, tcfg)  # the same (fused) AdamW as toydiff's: the floor measures the loop
 
     def bare_steps():
         for _ in range(steps):
@@ -104,34 +108,53 @@ def training_rows(steps: int, repeats: int, batch: int = 1024, dim: int = 2, row
             "overhead_vs_bare": out["toydiff"] / out["bare"] - 1, "vs_naive": out["toydiff"] / out["naive"]}
 
 
+def _peak_rss_mb(run_dir: Path, n: int, steps: int) -> float:
+    """Peak resident memory (MB) of a fresh process that loads the run and draws n samples."""
+    code = ("import resource, sys, torch; torch.set_num_threads(1); from toydiff import Run; "
+            f"Run.load(sys.argv[1]).sample({n}, steps={steps}, sampler='ddpm'); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code, str(run_dir)], check=True, capture_output=True, text=True)
+    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
 def sampling_rows(ns: list[int], steps: int, repeats: int) -> list[dict]:
-    """Run.sample(n) with `steps` ancestral steps against `steps` forward passes over the same n points."""
+    """Run.sample(n) with `steps` ancestral steps against `steps` forward passes over the same n points, with
+    t per row (how a network is called in training: the issue's floor) and with one t for the batch (how
+    toydiff's samplers call it: the time embedding computed once); plus the peak memory of the whole call."""
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = C.with_overrides(C.ExperimentConfig(), ["train.steps=1", "train.checkpoint_every=0"])
         run = train_run(cfg, Path(tmp) / "run")
+        base_mb = _peak_rss_mb(run.path, 1, steps)
         rows = []
         for n in ns:
             batch = min(n, run.config.sample.batch_size)
             x = torch.randn(batch, run.dim)
-            t = torch.full((batch,), 500)
+            t_rows, t_one = torch.full((batch,), 500), torch.full((1,), 500)
 
             @torch.no_grad()
-            def floor():
+            def floor(t):
                 for _ in range(steps * (n // batch)):
                     run.model(x, t)
 
             def toydiff_sample():
                 run.sample(n, steps=steps, sampler="ddpm")
 
-            floor(), toydiff_sample()
-            t_floor, t_toy = [], []
-            for _ in range(repeats):
-                t_floor.append(_median_time(floor, 1))
-                t_toy.append(_median_time(toydiff_sample, 1))
-            f, s = statistics.median(t_floor), statistics.median(t_toy)
-            rows.append({"n": n, "steps": steps, "batch": batch, "toydiff_s": s, "floor_s": f,
-                         "overhead_vs_floor": s / f - 1})
+            fns = {"rows": lambda: floor(t_rows), "one": lambda: floor(t_one), "toydiff": toydiff_sample}
+            for fn in fns.values():
+                fn()
+            times = {k: [] for k in fns}
+            for _ in range(repeats):  # interleaved
+                for k, fn in fns.items():
+                    times[k].append(_median_time(fn, 1))
+            med = {k: statistics.median(v) for k, v in times.items()}
+            peak = _peak_rss_mb(run.path, n, steps)
+            rows.append({"n": n, "steps": steps, "batch": batch, "toydiff_s": med["toydiff"],
+                         "floor_s": med["rows"], "floor_shared_t_s": med["one"],
+                         "overhead_vs_floor": med["toydiff"] / med["rows"] - 1,
+                         "overhead_vs_shared_t_floor": med["toydiff"] / med["one"] - 1,
+                         "peak_mb": peak, "peak_over_base_mb": peak - base_mb,
+                         "output_mb": n * run.dim * 8 / 2**20})
     return rows
 
 
@@ -155,11 +178,14 @@ def main() -> None:
     for r in report["train"] + report["scaling"]:
         lines.append(f"| | {r['rows']:.0e} | {r['dim']} | {r['threads']} | {r['toydiff_ms']:.2f} | {r['bare_ms']:.2f} | "
                      f"{r['naive_ms']:.2f} | {100 * r['overhead_vs_bare']:+.0f}% | {r['vs_naive']:.2f} |")
-    lines += ["", "| sampling (ddpm, 10 steps) | n | batch | toydiff s | floor s (10 forward passes) | overhead |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| sampling (ddpm, 10 steps) | n | batch | toydiff s | floor s: 10 passes, t per row | overhead | "
+              "10 passes, one t | overhead | peak MB over a 1-sample call | output MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sampling"]:
         lines.append(f"| | {r['n']:.0e} | {r['batch']} | {r['toydiff_s']:.3f} | {r['floor_s']:.3f} | "
-                     f"{100 * r['overhead_vs_floor']:+.0f}% |")
+                     f"{100 * r['overhead_vs_floor']:+.0f}% | {r['floor_shared_t_s']:.3f} | "
+                     f"{100 * r['overhead_vs_shared_t_floor']:+.0f}% | {r['peak_over_base_mb']:.0f} | "
+                     f"{r['output_mb']:.0f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report, indent=2))

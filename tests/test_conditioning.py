@@ -68,6 +68,16 @@ def test_guidance_is_u_plus_w_times_c_minus_u():
     assert torch.allclose(Denoiser(Lookup(), s, Prediction.X0)(x, t), 3 * torch.tensor([1.0, 10.0]).expand(3, 2))
 
 
+def test_guidance_with_a_shared_t_equals_guidance_row_by_row():
+    """Samplers pass t as (1,): both halves of the guided batch must see it."""
+    torch.manual_seed(0)
+    s = NoiseSchedule.from_config(ScheduleConfig(T=10))
+    net = MLP(2, 10, width=8, depth=1, classes=2)
+    x, y = torch.randn(5, 2), torch.tensor([0, 1, 1, 0, 1])
+    d = Denoiser(net, s, Prediction.V, labels=y, guidance=2.5)
+    assert torch.allclose(d(x, torch.tensor([4])), d(x, torch.full((5,), 4)), atol=1e-6)
+
+
 def test_the_null_label_is_the_default():
     net = MLP(2, 10, width=8, depth=1, classes=3)
     x, t = torch.randn(4, 2), torch.tensor([1, 2, 3, 4])

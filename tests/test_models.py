@@ -66,3 +66,18 @@ def test_fractional_t_interpolates_and_integer_t_is_unchanged(arch):
     if arch == "guide":  # piecewise linear in t between the one-hot neighbours
         emb = net._one_hot(torch.tensor([2.25]))
         assert torch.allclose(emb, torch.tensor([[0, 0.75, 0.25, 0, 0, 0, 0, 0, 0, 0]]))
+
+
+@pytest.mark.parametrize("arch,variance,classes", [("guide", "fixed", 0), ("mlp", "fixed", 0),
+                                                   ("mlp", "learned", 0), ("mlp", "fixed", 3)])
+def test_a_shared_t_of_shape_one_equals_the_same_t_on_every_row(arch, variance, classes):
+    """Samplers call networks with t (1,) for the whole batch; row by row it must be the per-row call."""
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(arch=arch, width=16, depth=2, variance=variance), dim=3, T=50, classes=classes)
+    x = torch.randn(7, 3)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2]) if classes else None
+    for t in (1, 17, 50):
+        shared = net(x, torch.tensor([t])) if y is None else net(x, torch.tensor([t]), y)
+        rows = net(x, torch.full((7,), t)) if y is None else net(x, torch.full((7,), t), y)
+        assert shared.shape == rows.shape == (7, 3 * (2 if variance == "learned" else 1))
+        assert torch.allclose(shared, rows, atol=1e-6)

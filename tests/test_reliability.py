@@ -154,6 +154,16 @@ def test_noise_stream_blocks_are_independent_of_the_batch_start():
     assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
 
 
+def test_noise_stream_blocks_never_share_a_seed_within_a_job():
+    """torch's CPU generator keeps 32 bits of a seed: the blocks of a job must differ in those bits."""
+    from toydiff.runtime import NoiseStream
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(5)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(5 + 2**32)))  # the truncation
+    for seed in (0, 1, 2**62 + 12345):
+        seeds = [g.initial_seed() % 2**32 for g in NoiseStream(seed, 0, 4096 * NoiseStream.BLOCK)._generators]
+        assert len(set(seeds)) == len(seeds) == 4096
+
+
 @pytest.mark.slow
 def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tmp_path):
     settings = RESUMABLE[:-3] + ["train.steps=100000", "train.checkpoint_every=1000"]

@@ -123,7 +123,7 @@ def _loop(sched, denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, ste
     for timestep in sched.timesteps:
         x_in = sched.scale_model_input(x, timestep)
         t_value = float(timestep) + 1
-        t = torch.full((x.shape[0],), t_value, device=x.device,
+        t = torch.full((1,), t_value, device=x.device,
                        dtype=torch.long if t_value.is_integer() else torch.float64)
         x0_hat = denoise(x_in, t)
         eps = to_eps(Prediction.X0, x0_hat, x_in, schedule.alpha_bar_at(t, x_in))

@@ -1,5 +1,8 @@
 """Denoiser networks f(x_t (B, D), t (B,) in 1..T[, y (B,)]) -> (B, D * outputs), in a registry.
 
+t may also be (1,), one step for the whole batch (as every sampler calls them): the time
+embedding is then computed once and broadcast, which is most of the saving of a sampling step.
+
 `guide` is the guide's NoisePredictor; `mlp` is the stronger default: a residual MLP
 with a sinusoidal time embedding, optional Fourier features of x and an optional class
 embedding, for any D. `outputs` is 2 when the network also learns its variances.
@@ -41,7 +44,7 @@ class GuideNoisePredictor(nn.Module):
         self.model = nn.Sequential(*layers, nn.Linear(20, dim))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_embedding = self.t_encoder(self._one_hot(t).to(x_t.dtype))
+        t_embedding = self.t_encoder(self._one_hot(t).to(x_t.dtype)).expand(x_t.shape[0], 1)
         return self.model(torch.cat([x_t, t_embedding], dim=1))
 
     def _one_hot(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,10 +60,18 @@ class GuideNoisePredictor(nn.Module):
         return hot
 
 
-def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
-    """(B,) float -> (B, dim): [cos(t w_k), sin(t w_k)] with w_k = max_period^(-k / (dim / 2)) (Vaswani et al. 2017)."""
+def sinusoidal_frequencies(dim: int, max_period: float = 10_000.0) -> torch.Tensor:
+    """w_k = max_period^(-k / (dim / 2)), k = 0 .. dim / 2 - 1."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0,
+                         freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) float -> (B, dim): [cos(t w_k), sin(t w_k)] with w_k = max_period^(-k / (dim / 2)) (Vaswani et al. 2017);
+    `freqs` passes the w_k precomputed (sinusoidal_frequencies)."""
+    if freqs is None:
+        freqs = sinusoidal_frequencies(dim, max_period).to(t.device)
     angles = t.float()[:, None] * freqs[None, :]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
@@ -92,6 +103,7 @@ class MLP(nn.Module):
                  fourier_octaves: int = 0, classes: int = 0, outputs: int = 1):
         super().__init__()
         self.T, self.time_dim, self.fourier_octaves, self.classes = T, time_dim, fourier_octaves, classes
+        self.register_buffer("time_freqs", sinusoidal_frequencies(time_dim), persistent=False)
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(fourier_octaves, dtype=torch.float32),
                              persistent=False)
         in_features = dim * (1 + 2 * fourier_octaves)
@@ -110,10 +122,10 @@ class MLP(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """y (B,) long: class labels in 0..K-1, or K (the null label); None = all null (unconditional)."""
-        temb = self.time_mlp(sinusoidal_embedding(t * (1000.0 / self.T), self.time_dim).to(x_t.dtype))
+        temb = self.time_mlp(sinusoidal_embedding(t * (1000.0 / self.T), self.time_dim, freqs=self.time_freqs).to(x_t.dtype))
         if self.label is not None:
             if y is None:
-                y = torch.full((x_t.shape[0],), self.classes, dtype=torch.long, device=x_t.device)
+                y = torch.full((temb.shape[0],), self.classes, dtype=torch.long, device=x_t.device)
             temb = temb + self.label(y)
         elif y is not None:
             raise ToydiffError("class labels were given to a network trained without them; set model.conditional")

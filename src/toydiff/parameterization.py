@@ -83,7 +83,7 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
 
 
 class Denoiser:
-    """denoise(x_t (B, D), t (B,) in 1..T) -> x0_hat (B, D), for a network of any prediction kind.
+    """denoise(x_t (B, D), t (B,) or (1,) in 1..T) -> x0_hat (B, D), for a network of any prediction kind.
 
     t is an integer step, or a fractional one for the continuous-time ODE solvers.
     learned_variance: the network's output is [prediction, v] (2 D columns), v setting the variance
@@ -116,7 +116,8 @@ class Denoiser:
             out = self.model(x_t, t, self.labels)
         else:
             null = torch.full_like(self.labels, self.model.classes)
-            both = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([self.labels, null]))
+            t_both = t if t.shape[0] == 1 else torch.cat([t, t])  # a (1,) t is shared by both halves
+            both = self.model(torch.cat([x_t, x_t]), t_both, torch.cat([self.labels, null]))
             cond, uncond = both.chunk(2)
             d = x_t.shape[1]
             guided = uncond[:, :d] + self.guidance * (cond[:, :d] - uncond[:, :d])

@@ -145,7 +145,8 @@ class Run:
         if cfg.clip if clip is None else clip:  # the training data's per-axis range, in the model's frame
             scaled = torch.as_tensor(self.scaler.transform(self.data), dtype=torch.float32, device=self.device)
             bounds = scaled.amin(0), scaled.amax(0)
-        out, paths = [], []
+        samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
+        paths = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
@@ -160,10 +161,9 @@ class Run:
             callback = (lambda t, x_t, x0_hat: visited.append(x_t.cpu())) if trajectory else None
             x0 = sample_fn(denoise, schedule, x_T, generator=gen if name.startswith(PREFIX) else stream,
                            callback=callback)
-            out.append(x0.cpu())
+            samples[start:start + b] = self.scaler.inverse(x0.cpu().double().numpy())
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
-        samples = self.scaler.inverse(torch.cat(out).double().numpy())
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples

@@ -60,38 +60,42 @@ def numpy_rng(seed: int, purpose: str) -> np.random.Generator:
 
 class NoiseStream:
     """Gaussian and uniform draws for samples start..start + n - 1 of a sampling job, each sample's the same
-    whatever the batches: draw k (x_T is draw 0, a sampler's noise draws 1, 2, ...) of sample i comes from a
-    generator seeded by (seed, k, i // BLOCK), so a batch regenerates only the blocks of BLOCK samples it
-    overlaps. Samplers accept it where they take a torch.Generator (`samplers.randn_like`)."""
+    whatever the batches. The job's samples are cut into blocks of BLOCK; block b has its own generator,
+    seeded (base + b) mod 2^32 with base from SeedSequence(seed), and every draw (x_T first, then a sampler's
+    noise, ...) takes the next BLOCK rows from it, so a batch regenerates only the blocks it overlaps.
+    Samplers accept it where they take a torch.Generator (`samplers.randn_like`).
+
+    Why consecutive seeds rather than one hashed seed per (draw, block): torch's CPU generator keeps only
+    the low 32 bits of a seed, so hashed seeds meet by the birthday bound (a 1e7-sample, 1000-step job
+    would have reused some block's noise about 10^4 times); here no two blocks of a job share a seed up
+    to 2^32 blocks, and a job seeds len(blocks) generators once instead of one per draw and block."""
 
     BLOCK = 1024
 
     def __init__(self, seed: int, start: int, n: int, device: torch.device | str = "cpu"):
         self.seed, self.start, self.n, self.device = seed, start, n, torch.device(device)
-        self.draw = 0
+        first, last = start // self.BLOCK, (start + n - 1) // self.BLOCK
+        base = int(np.random.SeedSequence([seed, zlib.crc32(b"noise-blocks")]).generate_state(1)[0])
+        self._generators = [torch.Generator(device=self.device).manual_seed((base + b) % 2**32)
+                            for b in range(first, last + 1)]
+        self._offset = start - first * self.BLOCK
 
-    def _blocks(self, rest: tuple[int, ...], dtype: torch.dtype, uniform: bool) -> torch.Tensor:
-        first, last = self.start // self.BLOCK, (self.start + self.n - 1) // self.BLOCK
-        parts = []
-        for b in range(first, last + 1):
-            seed = int(np.random.SeedSequence([self.seed, self.draw, b]).generate_state(1, dtype=np.uint64)[0]) >> 1
-            g = torch.Generator(device=self.device).manual_seed(seed)
-            fn = torch.rand if uniform else torch.randn
-            parts.append(fn((self.BLOCK, *rest), generator=g, device=self.device, dtype=dtype))
-        self.draw += 1
-        offset = self.start - first * self.BLOCK
-        return torch.cat(parts)[offset:offset + self.n]
+    def _next(self, rest: tuple[int, ...], dtype: torch.dtype, uniform: bool) -> torch.Tensor:
+        fn = torch.rand if uniform else torch.randn
+        parts = [fn((self.BLOCK, *rest), generator=g, device=self.device, dtype=dtype) for g in self._generators]
+        whole = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return whole[self._offset:self._offset + self.n]
 
     def randn(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if shape[0] != self.n:
             raise ValueError(f"a NoiseStream for {self.n} samples was asked for shape {tuple(shape)}")
-        return self._blocks(tuple(shape[1:]), dtype, uniform=False)
+        return self._next(tuple(shape[1:]), dtype, uniform=False)
 
     def rand(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """n uniform numbers in [0, 1), one per sample."""
         if n != self.n:
             raise ValueError(f"a NoiseStream for {self.n} samples was asked for {n} numbers")
-        return self._blocks((), dtype, uniform=True)
+        return self._next((), dtype, uniform=True)
 
 
 class World:

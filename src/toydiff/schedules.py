@@ -101,6 +101,7 @@ class NoiseSchedule:
         self.T = b.size
         # the training schedule's t behind each index (a respaced schedule skips some): what the model is told
         self.timesteps = np.arange(self.T + 1) if timesteps is None else np.asarray(timesteps, dtype=np.int64)
+        self._full = timesteps is None or np.array_equal(self.timesteps, np.arange(self.T + 1))
         self.betas64 = np.concatenate([[0.0], b])
         alphas = 1.0 - self.betas64
         alpha_bar = np.cumprod(alphas)
@@ -112,6 +113,7 @@ class NoiseSchedule:
             coef_xt = np.where(one_minus > 0, np.sqrt(alphas) * (1 - alpha_bar_prev) / one_minus, 0.0)
         self.alpha_bar64 = alpha_bar
         self.device = torch.device(device)
+        self.timesteps_t = torch.as_tensor(self.timesteps, device=self.device)
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
         self.betas = as_t(self.betas64)
         self.alphas = as_t(alphas)
@@ -187,7 +189,7 @@ class NoiseSchedule:
         return float(np.interp(lam, lam_t, np.arange(self.T, 0, -1, dtype=np.float64)))
 
     def alpha_bar_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """alpha_bar for a per-sample t (B,) shaped like x; a fractional t (clamped to [1, T]) interpolates
+        """alpha_bar for a per-sample t (B,) (or (1,) for the batch) shaped to broadcast against x; a fractional t (clamped to [1, T]) interpolates
         the log-SNR linearly, so alpha_bar = sigmoid(lambda(t)) (the continuous-time view of the ODEs)."""
         if not t.is_floating_point():
             return self.gather(self.alpha_bar, t, x)
@@ -203,10 +205,10 @@ class NoiseSchedule:
         """The training schedule's t for indices i of this (possibly respaced) schedule; a fractional i
         (the adaptive ODE solver) is passed through, which only a schedule that was not respaced allows."""
         if i.is_floating_point():
-            if not np.array_equal(self.timesteps, np.arange(self.T + 1)):
+            if not self._full:
                 raise ToydiffError("fractional t needs the full schedule; the adaptive solver cannot run respaced")
             return i
-        return torch.as_tensor(self.timesteps, device=i.device)[i]
+        return self.timesteps_t.to(i.device)[i]
 
     @property
     def sigmas(self) -> torch.Tensor:
@@ -227,7 +229,7 @@ class NoiseSchedule:
                 "forward process; raise T or the final betas")
 
     def gather(self, a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """a[t] for a per-sample t (B,), shaped to broadcast against x (B, ...), in x's dtype."""
+        """a[t] for a per-sample t (B,) or a shared t (1,), shaped to broadcast against x (B, ...), in x's dtype."""
         return append_dims(a[t.to(a.device)].to(device=x.device, dtype=x.dtype), x.ndim)
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

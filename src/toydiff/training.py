@@ -146,11 +146,17 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW with its multi-tensor (foreach) update: torch picks it only on CUDA by default, and on the CPU
-    the per-tensor update cost 15% of a default training step here (benchmarks/speed.py)."""
+    """AdamW with the fused kernel (one pass per tensor) on the CPU and CUDA, else the multi-tensor (foreach)
+    update. torch's default on the CPU is the per-tensor loop: for the default 26-tensor MLP one update took
+    0.65 ms there, foreach 0.36 ms and fused 0.11 ms, against a whole training step of about 3.7 ms."""
+    device = next(model.parameters()).device.type
+    kind = {"fused": True} if device in FUSED_ADAMW_DEVICES else {"foreach": True}
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             weight_decay=cfg.weight_decay, foreach=True)
+                             weight_decay=cfg.weight_decay, **kind)
 
 
 class EMA(nn.Module):
@@ -339,13 +345,14 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                     on_log(row)
                 running.zero_()
                 state.since = 0
-            state.running, state.seconds = running.item(), time.perf_counter() - start
             if on_checkpoint is not None and (is_checkpoint or stop.is_set()):
+                state.running, state.seconds = running.item(), time.perf_counter() - start
                 on_checkpoint(state)
             if stop.is_set():
                 bar.close()
                 raise Interrupted(step)
     bar.close()
+    state.running, state.seconds = running.item(), time.perf_counter() - start
     model.eval()
     return state.rows
 
