@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup run test fast-test bench clean
+.PHONY: setup run test fast-test bench bench-all clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,16 @@ test: setup
 
 fast-test: setup
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The performance benchmarks (about 15 minutes here): speed, scaling and memory, time to quality.
+bench: setup
+	$(BIN)/python benchmarks/speed.py $(ARGS)
+	$(BIN)/python benchmarks/time_to_quality.py
+
+# Every benchmark (about 90 minutes more): samplers against NFE, and the zoo gallery.
+bench-all: bench
+	$(BIN)/python benchmarks/nfe.py
+	$(BIN)/python benchmarks/zoo.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -2,10 +2,13 @@
 
 Four settings, each trained once on the default data (iid moons, noise 0.05, 10,000 points unless the
 setting says otherwise) and judged at regular checkpoints by the evaluation's verdict (every metric
-within 3 floor deviations at n = 5000, toydiff.evaluation):
+within 3 floor deviations at n = 5000, toydiff.evaluation). A checkpoint counts as indistinguishable when
+the verdict holds for at least 2 of 3 sampling seeds (seed 1 first; 2 and 3 drawn only when 1 passes):
+one seed alone passes or fails by a sample or two between the arcs.
 
-  toydiff default      cosine T = 1000, 32k-parameter MLP, v prediction, EMA, batch 1024, sampled with
-                       DPM-Solver++(3M) in 30 steps (benchmarks/nfe.py: at the floor from 30 NFE)
+  toydiff default      the built-in default: cosine T = 1000, residual MLP with x-Fourier features, v
+                       prediction, EMA, batch 1024, 6000 steps, sampled with DPM-Solver++(3M) SDE in 50
+                       Karras steps
   toydiff conditional  the same with the moons' labels (model.conditional = true), w = 1
   guide                the guide's setting: its NoisePredictor, polynomial T = 10, AdamW 1e-2, full batch,
                        on 1000 points (its own n), ancestral sampling
@@ -39,14 +42,18 @@ from toydiff.runtime import torch_generator
 from toydiff.training import make_state, train
 
 SETTINGS = {
-    "toydiff default": (["sample.sampler=dpmpp-3m", "sample.steps=30", "sample.spacing=karras"], 250),
-    "toydiff conditional": (["model.conditional=true", "sample.sampler=dpmpp-3m", "sample.steps=30",
-                             "sample.spacing=karras"], 250),
+    "toydiff default": ([], 250),
+    "toydiff conditional": (["model.conditional=true"], 250),
     "guide": (["--preset guide", "data.name=moons", "data.noise=-1.0"], 250),
     "tiny-diffusion-like": (["schedule.name=linear", "schedule.T=50", "model.prediction=eps", "model.width=128",
                              "model.depth=3", "train.batch_size=32", "train.lr=1e-3", "train.ema_decay=0.0",
                              "train.warmup_steps=0", "train.lr_schedule=constant", "train.steps=50000"], 2500),
 }
+
+
+def _passes(samples: np.ndarray, target, spec: C.EvalConfig) -> bool:
+    rep = evaluate(samples, target, spec)
+    return all(v["z"] is None or v["z"] <= spec.z_max for v in rep["metrics"].values())
 
 
 def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dict:
@@ -79,13 +86,14 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
         sample_s = time.perf_counter() - t0
         rep = evaluate(samples, target, spec)
         flagged = [k for k, v in rep["metrics"].items() if v["z"] is not None and v["z"] > spec.z_max]
+        passes = 0 if flagged else 1 + sum(_passes(run.sample(spec.n, seed=s), target, spec) for s in (2, 3))
         history.append({"step": st.step, "train_s": round(trained, 2), "sample_s": round(sample_s, 2),
-                        "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flagged})
+                        "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flagged, "seeds_passing": passes})
         st.model.train()
         clock["eval"] += time.perf_counter() - start
-        if not flagged and clock["hit"] is None:
+        if passes >= 2 and clock["hit"] is None:
             clock["hit"] = history[-1]
-        if not flagged or trained > budget_s:
+        if passes >= 2 or trained > budget_s:
             raise Stop
 
     try:
@@ -107,7 +115,7 @@ def main() -> None:
     lines = ["| setting | indistinguishable after (training s, step) | fewest flags: step, training s, AUC, flagged |",
              "|---|---|---|"]
     for r in rows:
-        hit = f"{r['hit']['train_s']} s, step {r['hit']['step']}" if r["hit"] else \
+        hit = f"{r['hit']['train_s']} s, step {r['hit']['step']} ({r['hit']['seeds_passing']} of 3 seeds)" if r["hit"] else \
             f"not within {r['last']['train_s']} s ({r['last']['step']} steps)"
         b = r["fewest_flags"]
         lines.append(f"| {r['setting']} | {hit} | {b['step']}, {b['train_s']} s, {b['auc']:.3f}, "

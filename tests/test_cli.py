@@ -67,7 +67,7 @@ def test_config_prints_resolved_toml(capsys, tmp_path):
     (["run", "--set", "sample.variance=medium"], "unknown sample.variance 'medium'; choose one of: auto, small, large, learned"),
     (["run", "--set", "sample.sampler=heun", "--set", "sample.eta=0.5"], "applies only to the ddim sampler"),
     (["run", "--set", "sample.spacing=even"], "unknown sample.spacing 'even'"),
-    (["run", "--set", "sample.steps=5000"], "sampling steps must be in 1..T = 1..1000"),
+    (["run", "--set", "sample.spacing=even"], "unknown sample.spacing 'even'; choose one of: auto, trailing"),
     (["run", "--config", "/nonexistent.toml"], "config file '/nonexistent.toml' does not exist"),
     (["sample", "/nonexistent/run"], "run directory '/nonexistent/run' does not exist"),
     (["plot", "/"], "is not a toydiff run directory"),

@@ -137,7 +137,7 @@ def test_samples_do_not_depend_on_the_batch_size(tmp_path, sampler, extra):
     for batch in (700, 1024, 1):
         if batch == 1:
             part = run.sample(5, batch_size=1, **kw)  # one row: another matmul kernel, float32 rounding apart
-            assert np.allclose(part, one[:5], rtol=0, atol=1e-6)
+            assert np.allclose(part, one[:5], rtol=1e-6, atol=1e-6)
             continue
         assert np.array_equal(run.sample(2500, batch_size=batch, **kw), one)  # bit for bit on this CPU
     assert np.array_equal(run.sample(2500, batch_size=2500, **kw), one)

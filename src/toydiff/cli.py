@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", help=f"{', '.join(SAMPLERS.names())} or diffusers:SCHEDULER "
                    "(default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps on a respaced schedule (default: the run's; 0 = T)")
-    p.add_argument("--spacing", help=f"{', '.join(SPACINGS)} (default: the run's sample.spacing)")
+    p.add_argument("--spacing", help=f"auto, {', '.join(SPACINGS)} (default: the run's sample.spacing)")
     p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0_hat to the training data's range (default: the run's sample.clip)")
@@ -184,7 +184,8 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     print(f"  loss log:  {run.path / 'train_log.csv'}")
     if not full:
         return 0
-    log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({run.schedule.T} steps)")
+    steps = min(cfg.sample.steps, run.schedule.T) or run.schedule.T
+    log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({steps} of T = {run.schedule.T} steps)")
     samples = run.sample(cfg.sample.n)
     save_samples(run.path / "samples", samples, run.names)
     print(f"  samples:   {run.path / 'samples.npy'} and .csv ({len(samples)} points, data units)")

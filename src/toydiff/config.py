@@ -76,7 +76,7 @@ class ModelConfig:
     width: int = 64  # mlp: hidden units per layer
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
-    fourier_octaves: int = 0  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
+    fourier_octaves: int = 3  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
     variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
     conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
 
@@ -91,7 +91,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 4000  # optimizer steps (with full batches, the guide's "epochs")
+    steps: int = 6000  # optimizer steps (with full batches, the guide's "epochs")
     batch_size: int = 1024  # points per step; 0 = the whole data set every step (the guide's full batch)
     lr: float = 3e-3  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -136,9 +136,10 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    sampler: str = "ddpm"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde | dpmpp-3m-sde | ode
-    steps: int = 0  # sampling steps over a respaced schedule; 0 = all T
-    spacing: str = "trailing"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
+    sampler: str = "dpmpp-3m-sde"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde | dpmpp-3m-sde | ode
+    steps: int = 50  # sampling steps over a respaced schedule, at most T; 0 (or >= T) = all T
+    spacing: str = "auto"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
+    #                        | auto (trailing for ddpm and diffusers' schedulers, karras for the others)
     eta: float = 0.0  # ddim only: 0 = deterministic, 1 = the ancestral DDPM step
     variance: str = "auto"  # ddpm: small (beta_tilde_t) | large (beta_t) | learned | auto (learned if it can, else small)
     guidance: float = 1.0  # conditional models: x0 = x0_u + w (x0_c - x0_u); 1 = conditional, 0 = unconditional

@@ -130,7 +130,10 @@ class Run:
         learned = self.config.model.variance == "learned"
         eta = cfg.eta if eta is None else eta
         steps = cfg.steps if steps is None else steps
-        spacing = spacing or cfg.spacing
+        if steps < 0:
+            raise ToydiffError(f"sampling steps must be >= 0 (0 = all T), got {steps}")
+        steps = min(steps, self.schedule.T)  # a most: 50 steps of a T = 10 schedule walk it whole
+        spacing = resolve_spacing(spacing or cfg.spacing, name)
         if name.startswith(PREFIX):  # a diffusers scheduler picks its own timesteps on the full schedule
             schedule, variance = self.schedule, check_diffusers(name, self.schedule, steps, spacing, cfg.variance)
             sample_fn = functools.partial(sample_diffusers, scheduler=name[len(PREFIX):], steps=steps,
@@ -199,11 +202,9 @@ def check_diffusers(name: str, schedule: NoiseSchedule, steps: int, spacing: str
     """Everything about a `diffusers:NAME` sampler that can fail, checked before sampling; returns the variance."""
     if variance not in ("auto", "small"):
         raise ToydiffError(f"sample.variance = {variance} applies only to toydiff's ddpm sampler, not '{name}'")
-    if not 0 <= steps <= schedule.T:
-        raise ToydiffError(f"sampling steps must be in 0..T = 0..{schedule.T}, got {steps}")
-    if spacing not in SPACINGS:
-        raise ToydiffError(f"unknown sample.spacing '{spacing}'; choose one of: {', '.join(SPACINGS)}")
-    build_scheduler(name[len(PREFIX):], schedule, spacing)
+    if steps < 0:
+        raise ToydiffError(f"sampling steps must be >= 0 (0 = all T = {schedule.T}), got {steps}")
+    build_scheduler(name[len(PREFIX):], schedule, resolve_spacing(spacing, name))
     return "small"
 
 
@@ -232,9 +233,20 @@ def sampler_with_options(name: str, eta: float, variance: str = "auto", learned:
     return fn, "small"
 
 
+def resolve_spacing(spacing: str, sampler: str) -> str:
+    """sample.spacing "auto": trailing t for ddpm and diffusers' schedulers (trailing is what they all accept),
+    Karras sigmas for the ODE and SDE solvers, the grids each was measured best on (benchmarks/nfe.py)."""
+    if spacing != "auto":
+        if spacing not in SPACINGS:
+            raise ToydiffError(f"unknown sample.spacing '{spacing}'; choose one of: auto, {', '.join(SPACINGS)}")
+        return spacing
+    return "trailing" if sampler == "ddpm" or sampler.startswith(PREFIX) else "karras"
+
+
 def respaced(schedule: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
-    """The schedule itself for steps = 0 or T, else its respacing to `steps` (toydiff.schedules)."""
-    if steps in (0, schedule.T):
+    """The schedule itself for steps = 0 or steps >= T (sample.steps is a most: the default 50 walks a T = 10
+    schedule whole), else its respacing to `steps` (toydiff.schedules)."""
+    if steps == 0 or steps >= schedule.T:
         return schedule
     return schedule.respace(steps, spacing)
 

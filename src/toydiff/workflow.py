@@ -31,9 +31,9 @@ from .interop import PREFIX
 from .models import MODELS, count_parameters
 from .parameterization import Prediction
 from .runs import (CHECKPOINT, EMA_WEIGHTS, HOLDOUT, LABELS, LOG_HEADER, Run, _build, check_conditioning,
-                   check_diffusers, default_names, respaced, sampler_with_options)
+                   check_diffusers, default_names, resolve_spacing, respaced, sampler_with_options)
 from .runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
-from .schedules import SPACINGS, NoiseSchedule
+from .schedules import NoiseSchedule
 from .training import Interrupted, TrainState, make_state, train
 
 
@@ -89,10 +89,9 @@ def check_config(cfg: ExperimentConfig) -> None:
         sampler_with_options(cfg.sample.sampler, cfg.sample.eta, cfg.sample.variance, cfg.model.variance == "learned")
     if not cfg.model.conditional:
         check_conditioning(0, cfg.sample.label, cfg.sample.guidance)
-    if cfg.sample.spacing not in SPACINGS:
-        raise ToydiffError(f"unknown sample.spacing '{cfg.sample.spacing}'; choose one of: {', '.join(SPACINGS)}")
+    spacing = resolve_spacing(cfg.sample.spacing, cfg.sample.sampler)
     if not cfg.sample.sampler.startswith(PREFIX):
-        respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, cfg.sample.spacing)
+        respaced(NoiseSchedule.from_config(cfg.schedule), cfg.sample.steps, spacing)
     resolve_device(cfg.train.device)
     for t in cfg.plot.forward_t:
         if not 0 <= t <= cfg.schedule.T:
