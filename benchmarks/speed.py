@@ -11,6 +11,7 @@
                    (the floor; with t per row, and with one t for the batch as the samplers call it),
                    n = 1e3 .. 1e6 (1e7 with --big) in bounded-memory batches, and each call's peak memory
   scaling          per-step training cost against dataset rows (1e3 .. 1e7) and dimension (2 .. 64)
+  compile          torch.compile against eager: a training step, and a sampling forward pass
 
 Interleaved repeats, the median of each: ratios hold on a noisy machine. Prints JSON and a markdown table
 and writes benchmarks/results/speed.json and speed.md.
@@ -129,22 +130,25 @@ def sampling_rows(ns: list[int], steps: int, repeats: int) -> list[dict]:
         rows = []
         for n in ns:
             batch = min(n, run.config.sample.batch_size)
-            x = torch.randn(batch, run.dim)
-            t_rows, t_one = torch.full((batch,), 500), torch.full((1,), 500)
+            sizes = [batch] * (n // batch) + ([n % batch] if n % batch else [])  # the batches Run.sample draws
+            xs = {b: torch.randn(b, run.dim) for b in set(sizes)}
+            t_rows, t_one = {b: torch.full((b,), 500) for b in set(sizes)}, torch.full((1,), 500)
 
             @torch.no_grad()
-            def floor(t):
-                for _ in range(steps * (n // batch)):
-                    run.model(x, t)
+            def floor(t_for):
+                for b in sizes:
+                    for _ in range(steps):
+                        run.model(xs[b], t_for(b))
 
             def toydiff_sample():
                 run.sample(n, steps=steps, sampler="ddpm")
 
-            fns = {"rows": lambda: floor(t_rows), "one": lambda: floor(t_one), "toydiff": toydiff_sample}
+            fns = {"rows": lambda: floor(t_rows.get), "one": lambda: floor(lambda b: t_one), "toydiff": toydiff_sample}
+            reps = 1 if n >= 10**7 else repeats  # 1e7 samples: minutes per repeat
             for fn in fns.values():
                 fn()
             times = {k: [] for k in fns}
-            for _ in range(repeats):  # interleaved
+            for _ in range(reps):  # interleaved
                 for k, fn in fns.items():
                     times[k].append(_median_time(fn, 1))
             med = {k: statistics.median(v) for k, v in times.items()}
@@ -155,6 +159,38 @@ def sampling_rows(ns: list[int], steps: int, repeats: int) -> list[dict]:
                          "overhead_vs_shared_t_floor": med["toydiff"] / med["one"] - 1,
                          "peak_mb": peak, "peak_over_base_mb": peak - base_mb,
                          "output_mb": n * run.dim * 8 / 2**20})
+    return rows
+
+
+def compile_rows(steps: int, repeats: int) -> list[dict]:
+    """torch.compile (inductor) against eager on the default MLP: a training step at batch 1024 and a
+    no-grad forward pass at the sampling batch (65536 rows, one t), with the time the first call took."""
+    torch.set_num_threads(1)
+    cfg = C.ExperimentConfig()
+    rows = []
+    for kind, batch in (("train step", 1024), ("sampling pass", cfg.sample.batch_size)):
+        model = build_model(cfg.model, 2, cfg.schedule.T)
+        x, y = torch.randn(batch, 2), torch.randn(batch, 2)
+        t = torch.randint(1, cfg.schedule.T + 1, (batch,)) if kind == "train step" else torch.full((1,), 500)
+        opt = make_optimizer(model, cfg.train)
+        out = {}
+        for mode, net in (("eager", model), ("compiled", torch.compile(model))):
+            def once():
+                if kind == "train step":
+                    loss = nn.functional.mse_loss(net(x, t), y)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                else:
+                    with torch.no_grad():
+                        net(x, t)
+            first = _median_time(once, 1)
+            n = steps if kind == "train step" else max(3, steps // 20)
+            per = statistics.median(_median_time(lambda: [once() for _ in range(n)], 1) / n for _ in range(repeats))
+            out[mode] = (first, per)
+        rows.append({"kind": kind, "batch": batch, "eager_ms": 1e3 * out["eager"][1],
+                     "compiled_ms": 1e3 * out["compiled"][1], "compile_first_call_s": out["compiled"][0],
+                     "speedup": out["eager"][1] / out["compiled"][1]})
     return rows
 
 
@@ -173,6 +209,7 @@ def main() -> None:
                                       if not args.quick else [(10**3, 2), (10**4, 64)])]
     ns = [10**3, 10**4] if args.quick else [10**3, 10**4, 10**5, 10**6] + ([10**7] if args.big else [])
     report["sampling"] = sampling_rows(ns, 10, 2 if args.quick else 3)
+    report["compile"] = [] if args.quick else compile_rows(steps, 3)
     lines = ["| training (batch 1024) | rows | D | threads | toydiff ms/step | bare step ms | guide-style loop ms | "
              "overhead vs bare | toydiff / guide-style |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["train"] + report["scaling"]:
@@ -186,6 +223,12 @@ def main() -> None:
                      f"{100 * r['overhead_vs_floor']:+.0f}% | {r['floor_shared_t_s']:.3f} | "
                      f"{100 * r['overhead_vs_shared_t_floor']:+.0f}% | {r['peak_over_base_mb']:.0f} | "
                      f"{r['output_mb']:.0f} |")
+    if report["compile"]:
+        lines += ["", "| torch.compile (CPU, 1 thread) | batch | eager ms | compiled ms | speed-up | first compiled call s |",
+                  "|---|---|---|---|---|---|"]
+        for r in report["compile"]:
+            lines.append(f"| {r['kind']} | {r['batch']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
+                         f"{r['speedup']:.2f}x | {r['compile_first_call_s']:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "speed.json").write_text(json.dumps(report, indent=2))

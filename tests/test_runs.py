@@ -169,3 +169,23 @@ def test_clipping_keeps_samples_in_the_training_datas_box(trained):
     boxed = trained.sample(2000, seed=0, clip=True)
     assert np.all(boxed >= lo - 1e-5) and np.all(boxed <= hi + 1e-5)
     assert np.any(free < lo) or np.any(free > hi)  # a barely trained model strays, so clipping did something
+
+
+def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
+    """sample.steps >= T walks the whole schedule (the default 50 on a T = 8 run); auto spacing is trailing
+    for ddpm and diffusers' schedulers, Karras sigmas for the ODE / SDE solvers."""
+    from toydiff.runs import resolve_spacing
+    assert trained.schedule.T == 8
+    for sampler in ("ddpm", "dpmpp-3m-sde"):
+        whole = trained.sample(50, seed=2, sampler=sampler, steps=0)
+        assert np.array_equal(trained.sample(50, seed=2, sampler=sampler, steps=50), whole)
+        assert np.array_equal(trained.sample(50, seed=2, sampler=sampler, steps=8), whole)
+        assert not np.array_equal(trained.sample(50, seed=2, sampler=sampler, steps=4), whole)
+    assert resolve_spacing("auto", "ddpm") == "trailing"
+    assert resolve_spacing("auto", "diffusers:DDIMScheduler") == "trailing"
+    assert {resolve_spacing("auto", s) for s in ("ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m-sde")} == {"karras"}
+    assert resolve_spacing("linspace", "dpmpp-2m") == "linspace"
+    with pytest.raises(ToydiffError, match="unknown sample.spacing 'even'; choose one of: auto, trailing"):
+        resolve_spacing("even", "ddpm")
+    with pytest.raises(ToydiffError, match="sampling steps must be >= 0"):
+        trained.sample(5, steps=-1)

@@ -110,6 +110,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch; 0 = auto: 1 below 1024-row batches, every core from there (measured)
+    autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs), schedule math and loss in float32
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -132,6 +133,7 @@ class TrainConfig:
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
+        _check(self.autocast in ("none", "bf16"), f"unknown train.autocast '{self.autocast}'; choose one of: none, bf16")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> U
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction,
                    generator: torch.Generator | None = None, weighting: str = "uniform", gamma: float = 5.0, *,
                    timesteps: UniformTimesteps | None = None, labels: torch.Tensor | None = None,
-                   learned_variance: bool = False, vlb_weight: float = 0.001, world: World = World()) -> torch.Tensor:
+                   learned_variance: bool = False, vlb_weight: float = 0.001, world: World = World(),
+                   autocast: bool = False) -> torch.Tensor:
     """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
     the MSE between the network and its target, per point, then:
 
@@ -109,7 +110,9 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
       hybrid loss L_simple + lambda L_vlb of Nichol and Dhariwal (2021, sec. 3.1), lambda = vlb_weight;
     - labels (B,) condition the network; they are already dropped to the null label where wanted;
     - with several processes (`world`), every rank draws the whole batch's t and eps and computes the loss on
-      its own shard; the importance sampler sees every rank's losses.
+      its own shard; the importance sampler sees every rank's losses;
+    - autocast runs the network's forward under bfloat16 autocast; t, eps, x_t, the target and the loss stay
+      float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
     """
     timesteps = timesteps or UniformTimesteps(schedule.T)
     t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
@@ -120,7 +123,9 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
         labels = None if labels is None else labels[s]
     alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
     target = training_target(prediction, x0, eps, alpha_bar)
-    out = model(x_t, t) if labels is None else model(x_t, t, labels)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x_t, t) if labels is None else model(x_t, t, labels)
+    out = out.float()
     pred, v = out.chunk(2, dim=1) if learned_variance else (out, None)
     per_point = ((pred - target) ** 2).flatten(1).mean(1)
     if weighting == "min-snr":
@@ -319,7 +324,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
             loss = diffusion_loss(net, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
                                   timesteps=state.timesteps, labels=yb, learned_variance=learned_variance,
-                                  vlb_weight=cfg.vlb_weight, world=world)
+                                  vlb_weight=cfg.vlb_weight, world=world, autocast=cfg.autocast == "bf16")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
