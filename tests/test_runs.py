@@ -189,3 +189,21 @@ def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
         resolve_spacing("even", "ddpm")
     with pytest.raises(ToydiffError, match="sampling steps must be >= 0"):
         trained.sample(5, steps=-1)
+
+
+@pytest.mark.slow
+def test_compiled_sampling_draws_the_eager_samples(trained):
+    """sample(compile=True) runs the same network through torch.compile: same samples to float32 rounding."""
+    eager = trained.sample(300, seed=4, sampler="dpmpp-3m-sde", steps=6)
+    compiled = trained.sample(300, seed=4, sampler="dpmpp-3m-sde", steps=6, compile=True)
+    assert np.allclose(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failing_torch_compile_is_one_clear_error(trained, monkeypatch):
+    def broken(model):
+        def fail(*args, **kwargs):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found\ndetails")
+        return fail
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(ToydiffError, match=r"torch.compile failed \(no C\+\+ compiler found\); sample without "):
+        trained.sample(10, compile=True)

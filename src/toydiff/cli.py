@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0_hat to the training data's range (default: the run's sample.clip)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the network first: faster passes after seconds of compiling, worth it "
+                        "for millions of samples (default: the run's sample.compile)")
     p.add_argument("--label", type=int, help="conditional models: the class to sample; -1 = all, in their "
                    "training proportions (default: the run's sample.label)")
     p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance scale; 1 = plain "
@@ -221,7 +224,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     n = run.config.sample.n if args.n is None else args.n
     result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                         spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label,
-                        guidance=args.guidance, trajectory=bool(args.trajectory))
+                        guidance=args.guidance, trajectory=bool(args.trajectory), compile=args.compile)
     samples = result[0] if args.trajectory else result
     if args.out is None:
         save_samples(out, samples, run.names)

@@ -148,6 +148,7 @@ class SampleConfig:
     label: int = -1  # conditional models: sample this class only; -1 = classes in their training proportions
     use_ema: bool = True  # sample with the EMA weights when the run has them
     clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
+    compile: bool = False  # torch.compile the network for sampling: pays only for large jobs (README, Benchmarks)
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

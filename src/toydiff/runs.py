@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,7 @@ class Run:
     labels: Optional[np.ndarray] = None  # (N,) class labels in 0..K-1 of a conditional model's training data
     names: Optional[list[str]] = None  # the D column names (x1, x2, ... for the zoo)
     holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
+    _compiled_model: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # sample(compile=True)
 
     @property
     def dim(self) -> int:
@@ -59,8 +60,9 @@ class Run:
         """K for a class-conditional model, else 0."""
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
-    def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0) -> Denoiser:
-        return Denoiser(self.model, self.schedule, self.config.model.prediction,
+    def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0,
+                     model: nn.Module | None = None) -> Denoiser:
+        return Denoiser(self.model if model is None else model, self.schedule, self.config.model.prediction,
                         learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
 
     @property
@@ -106,14 +108,15 @@ class Run:
     def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
                eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
-               guidance: Optional[float] = None, trajectory: bool = False):
+               guidance: Optional[float] = None, trajectory: bool = False, compile: Optional[bool] = None):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
         sampler, steps, spacing, eta, clip, label and guidance default to the run's [sample] settings;
         steps < T samples on the respaced schedule. A conditional model samples class `label`, or for
         label = -1 classes drawn in their training proportions, with classifier-free guidance scale
         `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
-        x_T .. x_0 in the model's scaled frame (the frame of the figures).
+        x_T .. x_0 in the model's scaled frame (the frame of the figures). compile (default sample.compile)
+        runs the network through torch.compile (compiled once per Run, again for each new batch shape).
         """
         if n < 1:
             raise ToydiffError(f"the number of samples must be >= 1, got {n}")
@@ -148,13 +151,14 @@ class Run:
         if cfg.clip if clip is None else clip:  # the training data's per-axis range, in the model's frame
             scaled = torch.as_tensor(self.scaler.transform(self.data), dtype=torch.float32, device=self.device)
             bounds = scaled.amin(0), scaled.amax(0)
+        model = self._compiled() if (cfg.compile if compile is None else compile) else self.model
         samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
         paths = []
         for start in range(0, n, batch_size):
             b = min(batch_size, n - start)
             stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
             labels = self._draw_labels(b, label, stream)
-            den = self.denoiser_for(labels, guidance)
+            den = self.denoiser_for(labels, guidance, model)
             base = den.with_variance if variance == "learned" else den
             if bounds is not None:
                 base = clipped(base, *bounds)
@@ -162,14 +166,24 @@ class Run:
             x_T = stream.randn((b, self.dim))
             visited: list[torch.Tensor] = []
             callback = (lambda t, x_t, x0_hat: visited.append(x_t.cpu())) if trajectory else None
-            x0 = sample_fn(denoise, schedule, x_T, generator=gen if name.startswith(PREFIX) else stream,
-                           callback=callback)
+            try:
+                x0 = sample_fn(denoise, schedule, x_T, generator=gen if name.startswith(PREFIX) else stream,
+                               callback=callback)
+            except torch._dynamo.exc.TorchDynamoException as e:  # only a compiled network raises these
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
+                                   "(sample.compile = false)") from None
             samples[start:start + b] = self.scaler.inverse(x0.cpu().double().numpy())
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples
+
+    def _compiled(self) -> nn.Module:
+        if self._compiled_model is None:
+            self._compiled_model = torch.compile(self.model)
+        return self._compiled_model
 
     def _draw_labels(self, n: int, label: int, stream: NoiseStream) -> torch.Tensor | None:
         """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies
