@@ -308,6 +308,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
         raise ToydiffError(f"the global batch ({batch}) must be divisible by the {world.size} processes; "
                            "change train.batch_size")
     net = model if world.size == 1 else nn.parallel.DistributedDataParallel(model)
+    params = list(model.parameters())  # once: model.parameters() walks the module tree every call
     model.train()
     running = torch.tensor(state.running, device=x0.device)
     first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
@@ -327,7 +328,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                                   vlb_weight=cfg.vlb_weight, world=world, autocast=cfg.autocast == "bf16")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
             first_bad = torch.where((first_bad == 0) & ~finite, torch.full_like(first_bad, step), first_bad)
             optimizer.step()
