@@ -1,8 +1,9 @@
 """The default model on every 2-D dataset of the zoo: the gallery (data beside samples) and each verdict.
 
-Trains the default config (Two Moons' settings: cosine T = 1000, the 32k-parameter MLP, v prediction,
-4000 steps, EMA) on each dataset with its default parameters, samples 5000 points with ancestral DDPM,
-and judges them against fresh iid data beside the noise floors (toydiff.evaluation).
+Trains the built-in default config (Two Moons' settings: cosine T = 1000, the 33k-parameter MLP with
+x-Fourier features, v prediction, 6000 steps, EMA) on each dataset with its default parameters, samples
+5000 points with the default sampler (SDE-DPM-Solver++(3M), 50 steps) and judges them against fresh iid
+data beside the noise floors (toydiff.evaluation).
 Writes docs/figures/zoo.png and benchmarks/results/zoo.json + zoo.md; prints the table.
 
     .venv/bin/python benchmarks/zoo.py               # about 25 minutes on 2 CPU cores (--jobs 2)
