@@ -151,7 +151,9 @@ class Run:
         if cfg.clip if clip is None else clip:  # the training data's per-axis range, in the model's frame
             scaled = torch.as_tensor(self.scaler.transform(self.data), dtype=torch.float32, device=self.device)
             bounds = scaled.amin(0), scaled.amax(0)
-        model = self._compiled() if (cfg.compile if compile is None else compile) else self.model
+        compiled = cfg.compile if compile is None else compile
+        model = self._compiled() if compiled else self.model
+        compile_errors = (torch._dynamo.exc.TorchDynamoException,) if compiled else ()  # () catches nothing
         samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
         paths = []
         for start in range(0, n, batch_size):
@@ -169,7 +171,7 @@ class Run:
             try:
                 x0 = sample_fn(denoise, schedule, x_T, generator=gen if name.startswith(PREFIX) else stream,
                                callback=callback)
-            except torch._dynamo.exc.TorchDynamoException as e:  # only a compiled network raises these
+            except compile_errors as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
                                    "(sample.compile = false)") from None
