@@ -122,7 +122,8 @@ class MLP(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """y (B,) long: class labels in 0..K-1, or K (the null label); None = all null (unconditional)."""
-        temb = self.time_mlp(sinusoidal_embedding(t * (1000.0 / self.T), self.time_dim, freqs=self.time_freqs).to(x_t.dtype))
+        angles = t * (1000.0 / self.T)
+        temb = self.time_mlp(sinusoidal_embedding(angles, self.time_dim, freqs=self.time_freqs).to(x_t.dtype))
         if self.label is not None:
             if y is None:
                 y = torch.full((temb.shape[0],), self.classes, dtype=torch.long, device=x_t.device)

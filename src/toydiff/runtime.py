@@ -66,9 +66,9 @@ class NoiseStream:
     Samplers accept it where they take a torch.Generator (`samplers.randn_like`).
 
     Why consecutive seeds rather than one hashed seed per (draw, block): torch's CPU generator keeps only
-    the low 32 bits of a seed, so hashed seeds meet by the birthday bound (a 1e7-sample, 1000-step job
-    would have reused some block's noise about 10^4 times); here no two blocks of a job share a seed up
-    to 2^32 blocks, and a job seeds len(blocks) generators once instead of one per draw and block."""
+    the low 32 bits of a seed, so hashed seeds meet by the birthday bound (in a 1e7-sample, 1000-step job
+    about 10^4 pairs of (draw, block) would have drawn the same noise); here no two blocks of a job share
+    a seed up to 2^32 blocks, and a job seeds one generator per block instead of one per draw and block."""
 
     BLOCK = 1024
 

@@ -189,8 +189,9 @@ class NoiseSchedule:
         return float(np.interp(lam, lam_t, np.arange(self.T, 0, -1, dtype=np.float64)))
 
     def alpha_bar_at(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """alpha_bar for a per-sample t (B,) (or (1,) for the batch) shaped to broadcast against x; a fractional t (clamped to [1, T]) interpolates
-        the log-SNR linearly, so alpha_bar = sigmoid(lambda(t)) (the continuous-time view of the ODEs)."""
+        """alpha_bar for a per-sample t (B,), or (1,) for the batch, shaped to broadcast against x; a fractional
+        t (clamped to [1, T]) interpolates the log-SNR linearly, so alpha_bar = sigmoid(lambda(t)) (the
+        continuous-time view of the ODEs)."""
         if not t.is_floating_point():
             return self.gather(self.alpha_bar, t, x)
         lam = torch.as_tensor(self.log_snr64, device=x.device, dtype=torch.float64)
