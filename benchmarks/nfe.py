@@ -31,7 +31,7 @@ from toydiff import config as C
 from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
 from toydiff.data import Scaler, params
-from toydiff.evaluation import Target, evaluate, target_for
+from toydiff.evaluation import Target, evaluate, flagged, target_for
 from toydiff.oracle import GaussianMixture, moons_mixture
 from toydiff.samplers import SAMPLERS
 from toydiff.schedules import NoiseSchedule
@@ -119,7 +119,7 @@ def _row(model: str, sampler: str, T: int, nfe: int, seconds: float, rep: dict) 
             "knn_auc": m["knn_auc"]["value"], "knn_auc_z": m["knn_auc"]["z"], "mmd2_z": m["mmd2"]["z"],
             "w2": m["w2"]["value"], "w2_floor": m["w2"]["floor_mean"], "precision_z": m["precision"]["z"],
             "indistinguishable": rep["verdict"].startswith("indistinguishable"),
-            "flagged": [k for k, v in m.items() if v["z"] is not None and v["z"] > rep["spec"]["z_max"]]}
+            "flagged": flagged(rep)}
 
 
 def table(rows: list[dict]) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from toydiff import config as C
 from toydiff.data import Scaler
-from toydiff.evaluation import evaluate, target_for
+from toydiff.evaluation import evaluate, flagged, target_for
 from toydiff.parameterization import Prediction
 from toydiff.runs import Run, _build
 from toydiff.workflow import make_data
@@ -49,11 +49,6 @@ SETTINGS = {
                              "model.depth=3", "train.batch_size=32", "train.lr=1e-3", "train.ema_decay=0.0",
                              "train.warmup_steps=0", "train.lr_schedule=constant", "train.steps=50000"], 2500),
 }
-
-
-def _passes(samples: np.ndarray, target, spec: C.EvalConfig) -> bool:
-    rep = evaluate(samples, target, spec)
-    return all(v["z"] is None or v["z"] <= spec.z_max for v in rep["metrics"].values())
 
 
 def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dict:
@@ -85,10 +80,11 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
         samples = run.sample(spec.n, seed=1)
         sample_s = time.perf_counter() - t0
         rep = evaluate(samples, target, spec)
-        flagged = [k for k, v in rep["metrics"].items() if v["z"] is not None and v["z"] > spec.z_max]
-        passes = 0 if flagged else 1 + sum(_passes(run.sample(spec.n, seed=s), target, spec) for s in (2, 3))
+        flags = flagged(rep)
+        passes = 0 if flags else 1 + sum(not flagged(evaluate(run.sample(spec.n, seed=s), target, spec))
+                                         for s in (2, 3))
         history.append({"step": st.step, "train_s": round(trained, 2), "sample_s": round(sample_s, 2),
-                        "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flagged, "seeds_passing": passes})
+                        "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flags, "seeds_passing": passes})
         st.model.train()
         clock["eval"] += time.perf_counter() - start
         if passes >= 2 and clock["hit"] is None:

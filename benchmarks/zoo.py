@@ -27,7 +27,7 @@ import torch
 from toydiff import config as C
 from toydiff import train_run
 from toydiff.data import DATASETS
-from toydiff.evaluation import evaluate_run
+from toydiff.evaluation import evaluate_run, flagged
 from toydiff.plots import gallery_figure
 
 NAMES = [n for n in DATASETS.names() if n not in ("sklearn-moons", "gmm")]  # the 2-D zoo (gmm: any D)
@@ -43,10 +43,10 @@ def one(name: str, overrides: list[str]) -> dict:
         seconds = time.perf_counter() - start
         rep = evaluate_run(run, samples)
     m = rep["metrics"]
-    flagged = [k for k, v in m.items() if v["z"] is not None and v["z"] > cfg.eval.z_max]
+    flags = flagged(rep)
     return {"dataset": name, "train_and_sample_seconds": round(seconds, 1), "verdict": rep["verdict"],
             "knn_auc": m["knn_auc"]["value"], "knn_auc_z": m["knn_auc"]["z"], "mmd2_z": m["mmd2"]["z"],
-            "w2": m["w2_data"]["value"], "w2_floor": m["w2_data"]["floor_mean"], "flagged": flagged,
+            "w2": m["w2_data"]["value"], "w2_floor": m["w2_data"]["floor_mean"], "flagged": flags,
             "data": run.data[:1500].tolist(), "samples": samples[:1500].tolist()}
 
 

@@ -94,3 +94,10 @@ def test_cli_eval_writes_metrics_json(tmp_path, capsys):
     assert rep["n"] == 80 and set(rep["metrics"]) >= {"mmd2", "knn_auc", "w2", "precision", "off_data"}
     assert main(["eval", str(out), "--n", "5"]) == 2
     assert "eval.n must be >= 20" in capsys.readouterr().err
+
+
+def test_flagged_lists_the_metrics_above_z_max_in_report_order():
+    from toydiff.evaluation import flagged
+    rep = {"spec": {"z_max": 3.0}, "metrics": {"mmd2": {"z": 3.5}, "w2": {"z": None}, "knn_auc": {"z": 3.0},
+                                              "off_data": {"z": 12.0}, "recall": {"z": -8.0}}}
+    assert flagged(rep) == ["mmd2", "off_data"]  # 3.0 is within; None (no floor) and good-side z never flag

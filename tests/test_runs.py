@@ -174,8 +174,9 @@ def test_clipping_keeps_samples_in_the_training_datas_box(trained):
 def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
     """sample.steps >= T walks the whole schedule (the default 50 on a T = 8 run); auto spacing is trailing
     for ddpm and diffusers' schedulers, Karras sigmas for the ODE / SDE solvers."""
-    from toydiff.runs import resolve_spacing
+    from toydiff.runs import resolve_spacing, sampling_steps
     assert trained.schedule.T == 8
+    assert [sampling_steps(s, 8) for s in (0, 1, 7, 8, 9, 50)] == [8, 1, 7, 8, 8, 8]
     for sampler in ("ddpm", "dpmpp-3m-sde"):
         whole = trained.sample(50, seed=2, sampler=sampler, steps=0)
         assert np.array_equal(trained.sample(50, seed=2, sampler=sampler, steps=50), whole)

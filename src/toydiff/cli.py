@@ -153,7 +153,7 @@ def _log(quiet: bool):
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     from .figures import write_figures
-    from .runs import save_samples
+    from .runs import sampling_steps, save_samples
     from .workflow import resume_run, train_run
 
     from .runtime import init_world
@@ -187,7 +187,7 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     print(f"  loss log:  {run.path / 'train_log.csv'}")
     if not full:
         return 0
-    steps = min(cfg.sample.steps, run.schedule.T) or run.schedule.T
+    steps = sampling_steps(cfg.sample.steps, run.schedule.T)
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({steps} of T = {run.schedule.T} steps)")
     samples = run.sample(cfg.sample.n)
     save_samples(run.path / "samples", samples, run.names)

@@ -111,6 +111,12 @@ def z_scores(values: dict[str, Optional[float]], floor: dict, n: int) -> dict[st
     return out
 
 
+def flagged(report: dict) -> list[str]:
+    """The metrics of an `evaluate` report outside their noise floors (z > z_max), in the report's order."""
+    z_max = report["spec"]["z_max"]
+    return [name for name, row in report["metrics"].items() if row["z"] is not None and row["z"] > z_max]
+
+
 def verdict(z: dict[str, Optional[float]], n: int, z_max: float) -> str:
     flagged = sorted(((name, s) for name, s in z.items() if s is not None and s > z_max), key=lambda p: -p[1])
     if not flagged:

@@ -49,7 +49,7 @@ class Run:
     labels: Optional[np.ndarray] = None  # (N,) class labels in 0..K-1 of a conditional model's training data
     names: Optional[list[str]] = None  # the D column names (x1, x2, ... for the zoo)
     holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
-    _compiled_model: Optional[nn.Module] = field(default=None, repr=False, compare=False)  # sample(compile=True)
+    _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dim(self) -> int:
@@ -132,10 +132,7 @@ class Run:
         check_conditioning(self.classes, label, guidance)
         learned = self.config.model.variance == "learned"
         eta = cfg.eta if eta is None else eta
-        steps = cfg.steps if steps is None else steps
-        if steps < 0:
-            raise ToydiffError(f"sampling steps must be >= 0 (0 = all T), got {steps}")
-        steps = min(steps, self.schedule.T)  # a most: 50 steps of a T = 10 schedule walk it whole
+        steps = sampling_steps(cfg.steps if steps is None else steps, self.schedule.T)
         spacing = resolve_spacing(spacing or cfg.spacing, name)
         if name.startswith(PREFIX):  # a diffusers scheduler picks its own timesteps on the full schedule
             schedule, variance = self.schedule, check_diffusers(name, self.schedule, steps, spacing, cfg.variance)
@@ -218,8 +215,6 @@ def check_diffusers(name: str, schedule: NoiseSchedule, steps: int, spacing: str
     """Everything about a `diffusers:NAME` sampler that can fail, checked before sampling; returns the variance."""
     if variance not in ("auto", "small"):
         raise ToydiffError(f"sample.variance = {variance} applies only to toydiff's ddpm sampler, not '{name}'")
-    if steps < 0:
-        raise ToydiffError(f"sampling steps must be >= 0 (0 = all T = {schedule.T}), got {steps}")
     build_scheduler(name[len(PREFIX):], schedule, resolve_spacing(spacing, name))
     return "small"
 
@@ -259,10 +254,19 @@ def resolve_spacing(spacing: str, sampler: str) -> str:
     return "trailing" if sampler == "ddpm" or sampler.startswith(PREFIX) else "karras"
 
 
+def sampling_steps(steps: int, T: int) -> int:
+    """The steps a sampler walks for sample.steps: at most T, and 0 means all T (the default 50 walks a T = 10
+    schedule whole)."""
+    if steps < 0:
+        raise ToydiffError(f"sampling steps must be >= 0 (0 = all T), got {steps}")
+    return min(steps, T) or T
+
+
 def respaced(schedule: NoiseSchedule, steps: int, spacing: str) -> NoiseSchedule:
-    """The schedule itself for steps = 0 or steps >= T (sample.steps is a most: the default 50 walks a T = 10
-    schedule whole), else its respacing to `steps` (toydiff.schedules)."""
-    if steps == 0 or steps >= schedule.T:
+    """The schedule walked in sample.steps = `steps` (sampling_steps): itself when that is all T, else its
+    respacing (toydiff.schedules)."""
+    steps = sampling_steps(steps, schedule.T)
+    if steps == schedule.T:
         return schedule
     return schedule.respace(steps, spacing)
 

@@ -145,7 +145,6 @@ class World:
 def init_world(device: str = "auto") -> tuple[World, str]:
     """Join the process group torchrun describes in the environment (WORLD_SIZE > 1): gloo on the CPU, NCCL on
     GPUs, one GPU per process (LOCAL_RANK). Returns the world and the device this process trains on."""
-    import os
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
         return World(), device
