@@ -30,10 +30,11 @@ import torch
 from toydiff import config as C
 from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
-from toydiff.data import Scaler, params
+from toydiff.data import params
 from toydiff.evaluation import Target, evaluate, flagged, target_for
 from toydiff.oracle import GaussianMixture, moons_mixture
 from toydiff.samplers import SAMPLERS
+from toydiff.scaler import Scaler
 from toydiff.schedules import NoiseSchedule
 
 

@@ -24,22 +24,20 @@ writes benchmarks/results/time_to_quality.json and .md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from toydiff import config as C
-from toydiff.data import Scaler
 from toydiff.evaluation import evaluate, flagged, target_for
-from toydiff.parameterization import Prediction
-from toydiff.runs import Run, _build
-from toydiff.workflow import make_data
+from toydiff.losses import Objective
 from toydiff.runtime import torch_generator
 from toydiff.training import make_state, train
+from toydiff.workflow import untrained_run
 
 SETTINGS = {
     "toydiff default": ([], 250),
@@ -56,15 +54,12 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
     preset = "guide" if "--preset guide" in overrides else "default"
     cfg = C.with_overrides(C.preset(preset), [o for o in overrides if not o.startswith("--")] +
                            [f"train.checkpoint_every={every}", "train.log_every=1000000"])
-    data = make_data(cfg)
-    scaler = Scaler.fit(data.x, cfg.data.scaling)
-    classes = int(data.labels.max()) + 1 if cfg.model.conditional else 0
-    schedule, model = _build(cfg, data.x.shape[1], torch.device("cpu"), classes)
-    state = make_state(model, cfg.train, schedule.T, torch_generator(cfg.seed, "train"))
+    run = untrained_run(cfg, device=torch.device("cpu"))
+    state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train"))
     target = target_for(cfg)
     spec = C.EvalConfig(nll_n=0)
-    x0 = torch.as_tensor(scaler.transform(data.x), dtype=torch.float32)
-    y = torch.as_tensor(data.labels) if classes else None
+    x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32)
+    y = torch.as_tensor(run.labels) if run.classes else None
     history, clock = [], {"eval": 0.0, "start": time.perf_counter(), "hit": None}
 
     class Stop(Exception):
@@ -74,14 +69,13 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
         start = time.perf_counter()
         trained = start - clock["start"] - clock["eval"]
         sampling_model = st.ema.module if st.ema is not None else st.model
-        run = Run(Path("."), cfg, scaler, schedule, sampling_model.eval(), data.x.astype(np.float32),
-                  torch.device("cpu"), data.labels if classes else None)
+        now = dataclasses.replace(run, model=sampling_model.eval())
         t0 = time.perf_counter()
-        samples = run.sample(spec.n, seed=1)
+        samples = now.sample(spec.n, seed=1)
         sample_s = time.perf_counter() - t0
         rep = evaluate(samples, target, spec)
         flags = flagged(rep)
-        passes = 0 if flags else 1 + sum(not flagged(evaluate(run.sample(spec.n, seed=s), target, spec))
+        passes = 0 if flags else 1 + sum(not flagged(evaluate(now.sample(spec.n, seed=s), target, spec))
                                          for s in (2, 3))
         history.append({"step": st.step, "train_s": round(trained, 2), "sample_s": round(sample_s, 2),
                         "auc": rep["metrics"]["knn_auc"]["value"], "flagged": flags, "seeds_passing": passes})
@@ -93,7 +87,7 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
             raise Stop
 
     try:
-        train(state, schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction), labels=y,
+        train(state, run.schedule, x0, cfg.train, Objective.from_config(cfg), labels=y,
               on_checkpoint=judge)
         judge(state)
     except Stop:

@@ -87,8 +87,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--n", "0"], "number of samples must be >= 1"),
     (["--out", "x.txt"], "--out must end in .npy or .csv"),
-    (["--batch-size", "-1"], "batch size must be >= 1"),
-    (["--batch-size", "0"], "batch size must be >= 1"),
+    (["--batch-size", "-1"], "batch_size must be >= 1"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
     (["--seed", "-1"], "sampling seed must be an integer in [0, 2^63)"),
 ])
 def test_bad_sample_flags(run_dir, args, message, capsys):

@@ -7,7 +7,8 @@ import pytest
 from scipy import stats
 from sklearn.datasets import make_moons
 
-from toydiff.data import DATASETS, Scaler, load_dataset, moons
+from toydiff.data import DATASETS, load_dataset, moons
+from toydiff.scaler import Scaler
 from toydiff.errors import ToydiffError
 
 

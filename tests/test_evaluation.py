@@ -72,7 +72,7 @@ def test_fewer_samples_than_n_evaluates_at_their_count(target):
 
 def test_missing_metric_is_reported_missing_not_zero():
     draw = lambda rng, n: rng.normal(size=(n, 2))  # noqa: E731
-    from toydiff.data import Scaler
+    from toydiff.scaler import Scaler
     t = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 1000)), {"dataset": "gauss"}, None, 0.0)
     rep = evaluate(draw(np.random.default_rng(1), 300), t, small())
     assert rep["metrics"]["off_data"]["value"] is None and rep["metrics"]["off_data"]["z"] is None

@@ -108,8 +108,10 @@ def test_compatible_list_and_bad_names():
     names = compatible_schedulers()
     assert {"DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"} <= set(names)
     assert not any("Inverse" in n for n in names)
-    with pytest.raises(ToydiffError, match="not a diffusers scheduler toydiff can drive.*DDPMScheduler"):
+    with pytest.raises(ToydiffError, match="unknown diffusers scheduler 'NoSuchScheduler'; choose one of: .*DDPMScheduler"):
         build_scheduler("NoSuchScheduler", LINEAR)
+    with pytest.raises(ToydiffError, match=r"unknown diffusers scheduler 'DDIMSchedular'.*\(did you mean 'DDIMScheduler'\?\)"):
+        build_scheduler("DDIMSchedular", LINEAR)
     with pytest.raises(ToydiffError, match="not a diffusers scheduler toydiff can drive"):
         build_scheduler("DDIMInverseScheduler", LINEAR)
     with pytest.raises(ToydiffError, match="has no Karras sigmas"):
@@ -133,4 +135,4 @@ def test_cli_samples_through_a_diffusers_scheduler(tmp_path, tiny_cfg, capsys):
     assert np.load(out).shape == (20, 2)
     assert main(["sample", str(run.path), "--sampler", "diffusers:Nope", "--out", str(tmp_path / "y.npy")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a diffusers scheduler" in err and not (tmp_path / "y.npy").exists()
+    assert err.count("\n") == 1 and "unknown diffusers scheduler 'Nope'" in err and not (tmp_path / "y.npy").exists()

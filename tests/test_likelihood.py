@@ -87,7 +87,7 @@ def test_elbo_is_an_upper_bound_on_the_nll(gmm):
 
 def test_scaled_frame_nll_converts_to_data_units_with_the_scalers_log_det():
     """NLL in data units = NLL in the scaler's frame - log|det d x_scaled / d x| (the rule likelihoods() uses)."""
-    from toydiff.data import Scaler
+    from toydiff.scaler import Scaler
     data_gmm = GaussianMixture([0.4, 0.6], [[3.0, -20.0], [5.0, -10.0]], [[0.5, 2.0], [0.3, 3.0]])
     x = data_gmm.sample(64, np.random.default_rng(4))
     scaler = Scaler.fit(data_gmm.sample(5000, np.random.default_rng(5)), "minmax")

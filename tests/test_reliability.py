@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from toydiff import Run, config as C, train_run
-from toydiff.checkpoint import load_tensors
+from toydiff.storage import load_tensors
 from toydiff.cli import main
 from toydiff.errors import RunInterrupted, ToydiffError
 from toydiff.workflow import resume_run

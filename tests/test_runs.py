@@ -77,8 +77,12 @@ def test_existing_run_directory_is_never_overwritten(trained, tiny_cfg):
 
 
 def test_bad_config_writes_nothing(tiny_cfg, tmp_path):
-    cfg = C.with_overrides(tiny_cfg, ["data.name=nope"])
+    """An unknown name is refused when the config is made; a rule that needs the dataset, by train_run before
+    it writes anything."""
     with pytest.raises(ToydiffError, match="unknown dataset 'nope'"):
+        C.with_overrides(tiny_cfg, ["data.name=nope"])
+    cfg = C.with_overrides(tiny_cfg, ["data.dim=3"])
+    with pytest.raises(ToydiffError, match="data.dim applies only to datasets of any dimension"):
         train_run(cfg, tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
@@ -124,7 +128,7 @@ def test_a_pickle_where_weights_belong_is_refused_unexecuted(trained, tmp_path):
 
 def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     """Replay training with the same seeds and average by hand: the stored EMA must match."""
-    from toydiff.checkpoint import load_weights
+    from toydiff.storage import load_weights
     from toydiff.models import build_model
     cfg = C.with_overrides(tiny_cfg, ["train.ema_decay=0.9", "train.steps=12", "train.checkpoint_every=0"])
     run = train_run(cfg, tmp_path / "ema")
@@ -174,7 +178,7 @@ def test_clipping_keeps_samples_in_the_training_datas_box(trained):
 def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
     """sample.steps >= T walks the whole schedule (the default 50 on a T = 8 run); auto spacing is trailing
     for ddpm and diffusers' schedulers, Karras sigmas for the ODE / SDE solvers."""
-    from toydiff.runs import resolve_spacing, sampling_steps
+    from toydiff.sampling import resolve_spacing, sampling_steps
     assert trained.schedule.T == 8
     assert [sampling_steps(s, 8) for s in (0, 1, 7, 8, 9, 50)] == [8, 1, 7, 8, 8, 8]
     for sampler in ("ddpm", "dpmpp-3m-sde"):
@@ -188,7 +192,7 @@ def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
     assert resolve_spacing("linspace", "dpmpp-2m") == "linspace"
     with pytest.raises(ToydiffError, match="unknown sample.spacing 'even'; choose one of: auto, trailing"):
         resolve_spacing("even", "ddpm")
-    with pytest.raises(ToydiffError, match="sampling steps must be >= 0"):
+    with pytest.raises(ToydiffError, match="steps must be >= 0"):
         trained.sample(5, steps=-1)
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from toydiff.config import ScheduleConfig
-from toydiff.likelihood import vlb_term
+from toydiff.losses import ImportanceTimesteps, Objective, UniformTimesteps, diffusion_loss, vlb_term
 from toydiff.parameterization import Prediction, to_x0, training_target
 from toydiff.schedules import NoiseSchedule
-from toydiff.training import ImportanceTimesteps, UniformTimesteps, diffusion_loss, drop_labels
+from toydiff.training import drop_labels
 
 S = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=20))
 
@@ -66,8 +66,8 @@ def test_hybrid_loss_is_mse_plus_lambda_T_vlb_in_bits_with_the_mean_stopped():
     the L_vlb part sends no gradient into the prediction's columns."""
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     net = Fixed(torch.tensor([0.1, -0.2, 0.3, -0.5]))
-    loss = diffusion_loss(net, S, x0, Prediction.V, torch.Generator().manual_seed(1), learned_variance=True,
-                          vlb_weight=0.01)
+    loss = diffusion_loss(net, S, x0, Objective(Prediction.V, learned_variance=True, vlb_weight=0.01),
+                          torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)  # replay the draws: t, then eps
     t = torch.randint(1, 21, (256,), generator=g)
     eps, x_t = S.noise(x0, t, g)
@@ -112,9 +112,11 @@ def test_learned_variances_tighten_the_elbo_of_a_trained_model(tmp_path):
     fixed, learned = (elbo_nll(model_eps_fn(d), run.schedule, x, generator=torch.Generator().manual_seed(0),
                                variance_fn=vf).mean() for vf in (None, lambda x_t, t: d.output(x_t, t)[1]))
     assert float(learned) < float(fixed) - 0.5, (float(learned), float(fixed))
-    from toydiff.runs import sampler_with_options
-    assert sampler_with_options("ddpm", 0.0, "auto", learned=True)[1] == "learned"
-    assert sampler_with_options("ddpm", 0.0, "auto", learned=False)[1] == "small"
+    from toydiff.config import SampleConfig
+    from toydiff.sampling import VPDiffusion, make_plan
+    ddpm = SampleConfig(sampler="ddpm")
+    assert make_plan(ddpm, VPDiffusion(run.schedule), learned_variance=True).variance == "learned"
+    assert make_plan(ddpm, VPDiffusion(run.schedule), learned_variance=False).variance == "small"
     assert np.isfinite(run.sample(200, steps=10)).all()
 
 

@@ -1,11 +1,48 @@
-"""toydiff: train, sample, measure and picture denoising diffusion models on low-dimensional data."""
+"""toydiff: train, sample, measure and picture denoising diffusion models on low-dimensional data.
+
+    import toydiff
+    result = toydiff.run(schedule={"T": 100}, out="runs/demo")   # train, sample, figures, evaluation
+    print(result.verdict)
+    run = toydiff.load("runs/demo")                               # a run directory, loaded back
+    x = run.sample(1000, seed=1)                                  # (1000, D) in data units
+    report = toydiff.evaluate(run, x)                             # each metric beside its noise floor
+
+The names below are imported on first use, so `import toydiff` (and the `toydiff` command's
+--help and --version) does not pay for torch, scikit-learn or matplotlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .config import ExperimentConfig  # noqa: E402
-from .errors import ToydiffError  # noqa: E402
-from .runs import Run  # noqa: E402
-from .schedules import NoiseSchedule  # noqa: E402
-from .workflow import resume_run, train_run  # noqa: E402
+# public name -> the module that owns it
+_API = {
+    "run": "api", "load": "api", "evaluate": "api", "figures": "api", "make_config": "api",
+    "Experiment": "workflow", "train_run": "workflow", "resume_run": "workflow",
+    "Run": "runs", "ExperimentConfig": "config", "ToydiffError": "errors", "NoiseSchedule": "schedules",
+}
+__all__ = ["Experiment", "ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "__version__", "evaluate",
+           "figures", "load", "make_config", "resume_run", "run", "train_run"]
 
-__all__ = ["ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "resume_run", "train_run", "__version__"]
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import ExperimentConfig
+    from .errors import ToydiffError
+    from .runs import Run
+    from .schedules import NoiseSchedule
+    from .api import evaluate, figures, load, make_config, run
+    from .workflow import Experiment, resume_run, train_run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'toydiff' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

@@ -1,23 +1,20 @@
-"""The `toydiff` command: thin subcommands that parse, call the public API and write files.
+"""The `toydiff` command: thin subcommands that parse, call the library and print where things went.
 
-Bad input of any kind ends in one line on stderr and exit code 2; see `toydiff --help`.
+Bad input of any kind ends in one line on stderr and exit code 2; see `toydiff --help`. This
+module imports only the light config at start (torch, scikit-learn and matplotlib are imported
+by the subcommand that needs them), so --help, --version and argument errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from . import config as config_io
-from .checkpoint import save_csv, save_npy
-from .config import ExperimentConfig
-from .errors import RunInterrupted, ToydiffError
-from .samplers import SAMPLERS
-from .schedules import SPACINGS
+from . import __version__, config as config_io
+from .errors import RunInterrupted, ToydiffError, did_you_mean
 
 
 class _UsageError(Exception):
@@ -26,6 +23,9 @@ class _UsageError(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line and exit 2 instead of argparse's usage dump
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            message += did_you_mean(choice.group(1), re.findall(r"'([^']*)'", choice.group(2)))
         raise _UsageError(f"{message} (see `{self.prog} --help`)")
 
 
@@ -53,28 +53,34 @@ def _add_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its subcommands' parsers by name."""
     parser = _Parser(prog="toydiff", description="Diffusion models on low-dimensional data.")
     parser.add_argument("--version", action="version", version=f"toydiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subs = {}
 
-    p = sub.add_parser("run", help="the main job: train, sample, draw the figures and evaluate, in a new run directory")
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        subs[name] = sub.add_parser(name, help=help)
+        return subs[name]
+
+    p = add("run", "the main job: train, sample, draw the figures and evaluate, in a new run directory")
     _add_config_args(p)
     _add_out_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
-    p = sub.add_parser("train", help="train a model into a new run directory")
+    p = add("train", "train a model into a new run directory")
     _add_config_args(p)
     _add_out_args(p)
 
-    p = sub.add_parser("sample", help="draw samples from a trained run")
+    p = add("sample", "draw samples from a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
     p.add_argument("--batch-size", type=int, help="samples denoised at once (default: the run's sample.batch_size)")
-    p.add_argument("--sampler", help=f"{', '.join(SAMPLERS.names())} or diffusers:SCHEDULER "
+    p.add_argument("--sampler", help=f"{', '.join(config_io.SAMPLERS)} or {config_io.DIFFUSERS_PREFIX}SCHEDULER "
                    "(default: the run's sample.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps on a respaced schedule (default: the run's; 0 = T)")
-    p.add_argument("--spacing", help=f"auto, {', '.join(SPACINGS)} (default: the run's sample.spacing)")
+    p.add_argument("--spacing", help=f"{', '.join(config_io.SAMPLE_SPACINGS)} (default: the run's sample.spacing)")
     p.add_argument("--eta", type=float, help="ddim's eta in [0, 1] (default: the run's sample.eta)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp x0_hat to the training data's range (default: the run's sample.clip)")
@@ -88,12 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
     p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
 
-    p = sub.add_parser("plot", help="draw the figures of a trained run (the guide's five for 2-D data)")
+    p = add("plot", "draw the figures of a trained run (the guide's five for 2-D data)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
-    p = sub.add_parser("eval", help="judge a run's samples against fresh iid data, each metric beside its noise floor")
+    p = add("eval", "judge a run's samples against fresh iid data, each metric beside its noise floor")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
     p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
@@ -101,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--columns", metavar="A,B,...", help="the --data file's columns, in the run's order (default: "
                    "the run's column names)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--quiet", action="store_true", help="no progress display or messages, only the table")
 
-    p = sub.add_parser("study", help="run a grid of configurations x seeds in parallel; resumable")
+    p = add("study", "run a grid of configurations x seeds in parallel; resumable")
     _add_config_args(p)
     p.add_argument("--grid", dest="axes", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="one grid axis (repeatable), e.g. --grid schedule.T=10,100")
@@ -112,35 +120,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
     p.add_argument("--out", metavar="DIR", help="study directory; an existing one is resumed (default: studies/NAME)")
 
-    p = sub.add_parser("config", help="print the resolved configuration as TOML")
+    p = add("config", "print the resolved configuration as TOML")
     _add_config_args(p)
-    return parser
+    return parser, subs
 
 
-def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+def _columns(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def resolve_config(args: argparse.Namespace):
     cfg = config_io.preset(args.preset)
     if args.config:
         cfg = config_io.merged(cfg, config_io.read_toml(args.config))
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     cfg = config_io.with_overrides(cfg, overrides)
     data = {"path": args.data, "label_column": args.label_column, "drop_missing": args.drop_missing,
-            "columns": None if args.columns is None else [c.strip() for c in args.columns.split(",") if c.strip()]}
+            "columns": _columns(args.columns)}
     data = {k: v for k, v in data.items() if v is not None}
     updates = {"data": data} if data else {}
     if args.label_column:
         updates["model"] = {"conditional": True}
     return config_io.merged(cfg, updates) if updates else cfg
-
-
-def _default_out(args: argparse.Namespace, cfg: ExperimentConfig) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = args.preset if args.preset != "default" else (Path(cfg.data.path).stem if cfg.data.path else cfg.data.name)
-    out = Path("runs") / f"{name}-{stamp}"
-    k = 1
-    while out.exists():
-        k += 1
-        out = Path("runs") / f"{name}-{stamp}-{k}"
-    return out
 
 
 def _log(quiet: bool):
@@ -152,18 +153,17 @@ def _log(quiet: bool):
 
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
-    from .figures import write_figures
-    from .runs import sampling_steps, save_samples
-    from .workflow import resume_run, train_run
-
+    from .rundir import new_run_path
     from .runtime import init_world
+    from .workflow import resume_run, run_experiment, train_run
 
     world, device = init_world(args.device or "auto")
     log = _log(args.quiet or not world.is_writer)
-    progress = not args.quiet and world.is_writer and sys.stderr.isatty()
+    progress = not args.quiet and world.is_writer
     if world.size > 1 and not args.resume:  # each process on its own device (cuda:LOCAL_RANK or the CPU)
         args.overrides = list(args.overrides) + [f"train.device={device}"]
         args.device = None
+    cfg, out = None, args.resume
     if args.resume:
         given = [flag for flag, value in (("--preset", args.preset != "default"), ("--config", args.config),
                                           ("--set", args.overrides), ("--data", args.data), ("--out", args.out),
@@ -171,67 +171,72 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
                                           ("--drop-missing", args.drop_missing)) if value]
         if given:
             raise ToydiffError(f"--resume continues the run with its own configuration; drop {', '.join(given)}")
-        run = resume_run(args.resume, device=device, progress=progress, log=log, world=world)
     else:
         cfg = resolve_config(args)
-        out = Path(args.out) if args.out else _default_out(args, cfg)
         if world.size > 1 and not args.out:
             raise ToydiffError("under torchrun, name the run directory with --out (every process must agree on it)")
+        out = Path(args.out) if args.out else new_run_path(args.preset if args.preset != "default" else None, cfg)
+    if full:
+        result = run_experiment(cfg, out, resume=bool(args.resume), device=device, evaluate=not args.no_eval,
+                                progress=progress, log=log, world=world)
+        if result is not None:
+            _print_run(result.run, result)
+        return 0
+    if args.resume:
+        run = resume_run(out, device=device, progress=progress, log=log, world=world)
+    else:
         run = train_run(cfg, out, progress=progress, log=log, world=world)
-    world.close()  # training is the only collective work; rank 0 goes on alone
-    if not world.is_writer:
-        return 0
-    cfg = run.config
-    print(f"run directory: {run.path}")
-    print(f"  weights:   {run.path / 'model.safetensors'}")
-    print(f"  loss log:  {run.path / 'train_log.csv'}")
-    if not full:
-        return 0
-    steps = sampling_steps(cfg.sample.steps, run.schedule.T)
-    log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({steps} of T = {run.schedule.T} steps)")
-    samples = run.sample(cfg.sample.n)
-    save_samples(run.path / "samples", samples, run.names)
-    print(f"  samples:   {run.path / 'samples.npy'} and .csv ({len(samples)} points, data units)")
-    log("drawing figures")
-    for name, path in write_figures(run, samples).items():
-        print(f"  figure:    {path}")
-    if not args.no_eval:
-        _evaluate(run, samples, log)
+    world.close()
+    if world.is_writer:
+        _print_run(run)
     return 0
 
 
-def _evaluate(run, samples, log, spec=None, target=None) -> None:
-    from .evaluation import evaluate_run, format_likelihoods, format_table
+def _print_run(run, result=None) -> None:
+    print(f"run directory: {run.path}")
+    print(f"  weights:   {run.dir.weights}")
+    print(f"  loss log:  {run.dir.train_log}")
+    if result is None:
+        return
+    print(f"  samples:   {run.dir.samples} and .csv ({len(result.samples)} points, data units)")
+    for path in result.figures.values():
+        print(f"  figure:    {path}")
+    if result.report is not None:
+        _print_report(run, result.report)
 
-    rep = evaluate_run(run, samples, log=log, spec=spec, target=target)
-    print(f"  metrics:   {run.path / 'metrics.json'}")
-    print(format_table(rep))
-    if "likelihood" in rep:
-        print(format_likelihoods(rep["likelihood"]))
+
+def _print_report(run, report: dict) -> None:
+    from .evaluation import format_likelihoods, format_table
+
+    print(f"  metrics:   {run.dir.metrics}")
+    print(format_table(report))
+    if "likelihood" in report:
+        print(format_likelihoods(report["likelihood"]))
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .runs import Run, save_samples
+    from .runs import Run
+    from .storage import save_npy, save_table
 
-    run = Run.load(args.run_dir, device=args.device)
-    out = Path(args.out) if args.out else run.path / "samples.npy"
-    if out.suffix not in (".npy", ".csv"):
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix not in (".npy", ".csv"):
         raise ToydiffError(f"--out must end in .npy or .csv, got '{out}'")
     if args.trajectory and not args.trajectory.endswith(".npy"):
         raise ToydiffError(f"--trajectory must end in .npy, got '{args.trajectory}'")
-    if not out.parent.is_dir():
+    if out is not None and not out.parent.is_dir():
         raise ToydiffError(f"the folder of --out '{out}' does not exist")
+    run = Run.load(args.run_dir, device=args.device)
     n = run.config.sample.n if args.n is None else args.n
     result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                         spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label,
-                        guidance=args.guidance, trajectory=bool(args.trajectory), compile=args.compile)
+                        guidance=args.guidance, trajectory=bool(args.trajectory), compile=args.compile,
+                        progress=not args.quiet)
     samples = result[0] if args.trajectory else result
-    if args.out is None:
-        save_samples(out, samples, run.names)
-        print(f"wrote {len(samples)} samples to {out} and {out.with_suffix('.csv')} (data units)")
+    if out is None:
+        npy, csv = run.dir.write_samples(samples, run.column_names)
+        print(f"wrote {len(samples)} samples to {npy} and {csv} (data units)")
     else:
-        (save_npy(out, samples.astype("float32")) if out.suffix == ".npy"
-         else save_csv(out, samples, run.names))
+        save_table(out, samples, run.column_names)
         print(f"wrote {len(samples)} samples to {out} (data units)")
     if args.trajectory:
         save_npy(Path(args.trajectory), result[1])
@@ -240,55 +245,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .checkpoint import load_npy
     from .figures import write_figures
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    sample_file = run.path / "samples.npy"
-    samples = load_npy(sample_file) if sample_file.exists() else run.sample(run.config.sample.n)
+    samples = run.dir.read_samples()
+    if samples is None:
+        samples = run.sample(run.config.sample.n)
     if samples.ndim != 2 or samples.shape[1] != run.dim:
-        raise ToydiffError(f"'{sample_file}' has shape {samples.shape}; the run's data has {run.dim} columns")
+        raise ToydiffError(f"'{run.dir.samples}' has shape {samples.shape}; the run's data has {run.dim} columns")
     for path in write_figures(run, samples).values():
         print(f"figure: {path}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from .checkpoint import load_npy
+    from .api import evaluate
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    spec = run.config.eval
-    try:
-        spec = dataclasses.replace(spec, **{k: v for k, v in (("n", args.n), ("draws", args.draws)) if v is not None})
-    except ToydiffError as e:
-        raise ToydiffError(f"{e} (from --n / --draws)") from None
-    sample_file = run.path / "samples.npy"
-    samples = load_npy(sample_file) if sample_file.exists() else None
-    if samples is None or len(samples) < spec.n:
-        samples = run.sample(spec.n)  # the stored ones are too few: draw afresh
-    _evaluate(run, samples, _log(False), spec, _file_reference(run, args) if args.data else None)
+    report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
+                      quiet=args.quiet)
+    _print_report(run, report)
     return 0
-
-
-def _file_reference(run, args: argparse.Namespace):
-    """A --data file's rows as the reference, checked against the run's columns."""
-    from .datafiles import column_names, read_table
-    from .evaluation import file_target
-
-    path = Path(args.data)
-    if args.columns:
-        columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    else:
-        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
-    table = read_table(path, columns)
-    if table.x.shape[1] != run.dim:
-        raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
-                           f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
-    return file_target(table.x)
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -314,11 +293,12 @@ def cmd_study(args: argparse.Namespace) -> int:
         name = args.builtin or path.stem
     out = Path(args.out) if args.out else Path("studies") / name
     study.run_study(grid, out, jobs=args.jobs, log=_log(False))
+    files = study.StudyFiles.of(out)
     print(f"study directory: {out}")
-    print(f"  results:   {out / 'results.csv'}")
-    print(f"  summary:   {out / 'summary.md'}")
-    print(f"  figure:    {out / 'study.png'}")
-    print((out / "summary.md").read_text(encoding="utf-8"), end="")
+    print(f"  results:   {files.results}")
+    print(f"  summary:   {files.summary}")
+    print(f"  figure:    {files.figure}")
+    print(files.summary.read_text(encoding="utf-8"), end="")
     return 0
 
 
@@ -327,14 +307,28 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study, "config": cmd_config}
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The parsed arguments; an unknown flag is named with its subcommand's nearest flag and --help."""
+    parser, subs = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = subs[args.command]
+        flags = [s for a in sub._actions for s in a.option_strings]
+        flag = next((e for e in extras if e.startswith("-")), extras[0])
+        hint = did_you_mean(flag.split("=")[0], flags) if flag.startswith("-") else ""
+        raise _UsageError(f"unrecognized argument '{flag}'{hint} (see `{sub.prog} --help`)")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse(argv)
         if args.command in ("run", "train"):
             return cmd_train(args, full=args.command == "run")
-        return {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study,
-                "config": cmd_config}[args.command](args)
+        return COMMANDS[args.command](args)
     except (ToydiffError, _UsageError) as e:
         print(f"toydiff: error: {e}", file=sys.stderr)
         return 2

@@ -1,31 +1,90 @@
 """Typed, frozen experiment configuration: TOML in and out, strict `--set section.key=value` overrides.
 
-Every field is commented at its default. Unknown sections or keys and values of the
-wrong type are ToydiffErrors; names of registered things (datasets, schedules,
-models) are checked where they are built, against their registries.
+Every field is commented at its default. A config is checked whole when it is made, however
+it is made (TOML, `--set`, keyword arguments, plain dicts): unknown sections or keys, values of
+the wrong type, names outside their vocabulary and values out of range are ToydiffErrors, with
+a "did you mean" for a near miss.
+
+This module owns every closed vocabulary of the config (the dataset, schedule, model, sampler
+names, ...), so a config is checked without importing torch and the command line answers at
+once. Each registry (toydiff.samplers.SAMPLERS, ...) refuses to register a name missing here,
+and a test checks that every name here has its implementation. Rules that need more than the
+config (what a sampler accepts, what a dataset takes) are checked by the module that owns them,
+before anything is written (toydiff.workflow.validate).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import tomli_w
 
-from .errors import ToydiffError
+from .errors import ToydiffError, did_you_mean, unknown
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+# The closed vocabularies, each with the registry that implements it.
+DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid", "checkerboard", "pinwheel",
+            "spirals", "rings", "gmm")  # toydiff.data.DATASETS
+SCALINGS = ("minmax", "standardize")  # toydiff.scaler.Scaler
+SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
+ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
+PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
+MODEL_VARIANCES = ("fixed", "learned")
+LR_SCHEDULES = ("constant", "cosine")
+WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
+TIMESTEP_SAMPLINGS = ("uniform", "importance")  # toydiff.losses.TIMESTEP_SAMPLERS
+AUTOCASTS = ("none", "bf16")
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde",
+            "ode")  # toydiff.samplers.SAMPLERS
+DIFFUSERS_PREFIX = "diffusers:"  # sample.sampler = "diffusers:NAME" drives a diffusers scheduler (toydiff.interop)
+SPACINGS = ("trailing", "linspace", "leading", "karras")  # NoiseSchedule.respace
+SAMPLE_SPACINGS = ("auto",) + SPACINGS
+VARIANCES = ("small", "large", "learned")  # ddpm's sigma_t^2 (toydiff.samplers.sample_ddpm)
+SAMPLE_VARIANCES = ("auto",) + VARIANCES
+
+
+def choose(kind: str, value: str, choices: tuple[str, ...]) -> str:
+    """`value` if it is one of `choices`, else the error that lists them (and the nearest)."""
+    if value not in choices:
+        raise unknown(kind, value, choices)
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ToydiffError(message)
+
+
+class _Section:
+    """A config section: on construction every field is coerced to its declared type (ints to floats, lists
+    to tuples, nothing else) and checked, so keyword arguments meet the rules a TOML file meets."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self):
+        hints = _hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(f"{self.SECTION}.{f.name}", getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        pass
+
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
+    SECTION: ClassVar[str] = "data"
     name: str = "moons"  # moons | sklearn-moons (the guide's make_moons) | a toydiff.zoo dataset (circles, gmm, ...)
     n: int = 10_000  # training points drawn from the dataset
     noise: float = -1.0  # std of the Gaussian noise added to each point, data units; -1 = the dataset's (moons 0.05)
@@ -39,17 +98,22 @@ class DataConfig:
     holdout: float = 0.2  # share of the file's rows kept out of training, the evaluation's reference
     drop_missing: bool = False  # drop file rows with empty, NaN or infinite cells instead of refusing the file
 
-    def __post_init__(self):
+    def _check(self):
+        choose("dataset", self.name, DATASETS)
+        choose("data.scaling", self.scaling, SCALINGS)
         _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
         _check(self.noise >= 0 or self.noise == -1, f"data.noise must be >= 0 (or -1: the dataset's), got {self.noise}")
         _check(self.scale > 0, f"data.scale must be > 0, got {self.scale}")
         _check(self.modes >= 0, f"data.modes must be >= 0 (0 = the dataset's), got {self.modes}")
         _check(1 <= self.dim <= 4096, f"data.dim must be in 1..4096, got {self.dim}")
         _check(0 <= self.holdout < 1, f"data.holdout must be in [0, 1), got {self.holdout}")
+        _check(not (self.path and self.name != "moons"),
+               f"data.path ('{self.path}') and data.name ('{self.name}') both name the data; keep one")
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
+class ScheduleConfig(_Section):
+    SECTION: ClassVar[str] = "schedule"
     name: str = "cosine"  # beta schedule: linear | polynomial | cosine | sigmoid
     T: int = 1000  # diffusion steps; t runs 1..T, t = 0 is the data (training cost does not grow with T)
     beta_start: float = 1e-4  # linear: beta_1 (Ho et al. 2020 use 1e-4 with T = 1000)
@@ -63,14 +127,16 @@ class ScheduleConfig:
     sigmoid_tau: float = 1.0  # sigmoid: temperature
     zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 exactly (Lin et al. 2023); needs v or x0 prediction
 
-    def __post_init__(self):
+    def _check(self):
+        choose("schedule", self.name, SCHEDULES)
         _check(self.T >= 1, f"schedule.T must be >= 1, got {self.T}")
         _check(self.sigmoid_end > self.sigmoid_start and self.sigmoid_tau > 0,
                "schedule.sigmoid_end must exceed sigmoid_start, and sigmoid_tau must be > 0")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
+    SECTION: ClassVar[str] = "model"
     arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
     prediction: str = "v"  # what the network predicts: eps | x0 | v (v: well-conditioned where alpha_bar_t -> 0)
     width: int = 64  # mlp: hidden units per layer
@@ -80,17 +146,19 @@ class ModelConfig:
     variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
     conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
 
-    def __post_init__(self):
+    def _check(self):
+        choose("model", self.arch, ARCHS)
+        choose("prediction", self.prediction, PREDICTIONS)
+        choose("model.variance", self.variance, MODEL_VARIANCES)
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
-        _check(self.variance in ("fixed", "learned"),
-               f"unknown model.variance '{self.variance}'; choose one of: fixed, learned")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
+    SECTION: ClassVar[str] = "train"
     steps: int = 6000  # optimizer steps (with full batches, the guide's "epochs")
     batch_size: int = 1024  # points per step; 0 = the whole data set every step (the guide's full batch)
     lr: float = 3e-3  # AdamW learning rate
@@ -112,33 +180,32 @@ class TrainConfig:
     threads: int = 0  # CPU threads for torch; 0 = auto: 1 below 1024-row batches, every core from there (measured)
     autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs), schedule math and loss in float32
 
-    def __post_init__(self):
+    def _check(self):
+        choose("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        choose("train.loss_weighting", self.loss_weighting, WEIGHTINGS)
+        choose("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        choose("train.autocast", self.autocast, AUTOCASTS)
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-        _check(self.lr_schedule in ("constant", "cosine"),
-               f"unknown train.lr_schedule '{self.lr_schedule}'; choose one of: constant, cosine")
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _check(0 <= self.ema_decay < 1, f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        _check(self.loss_weighting in ("uniform", "min-snr"),
-               f"unknown train.loss_weighting '{self.loss_weighting}'; choose one of: uniform, min-snr")
         _check(self.min_snr_gamma > 0, f"train.min_snr_gamma must be > 0, got {self.min_snr_gamma}")
-        _check(self.timestep_sampling in ("uniform", "importance"),
-               f"unknown train.timestep_sampling '{self.timestep_sampling}'; choose one of: uniform, importance")
         _check(self.vlb_weight >= 0, f"train.vlb_weight must be >= 0, got {self.vlb_weight}")
         _check(0 <= self.label_dropout < 1, f"train.label_dropout must be in [0, 1), got {self.label_dropout}")
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
-        _check(self.autocast in ("none", "bf16"), f"unknown train.autocast '{self.autocast}'; choose one of: none, bf16")
 
 
 @dataclass(frozen=True)
-class SampleConfig:
+class SampleConfig(_Section):
+    SECTION: ClassVar[str] = "sample"
     sampler: str = "dpmpp-3m-sde"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde | dpmpp-3m-sde | ode
+    #                                | diffusers:NAME (any compatible diffusers scheduler; the [diffusers] extra)
     steps: int = 50  # sampling steps over a respaced schedule, at most T; 0 (or >= T) = all T
     spacing: str = "auto"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     #                        | auto (trailing for ddpm and diffusers' schedulers, karras for the others)
@@ -148,11 +215,15 @@ class SampleConfig:
     label: int = -1  # conditional models: sample this class only; -1 = classes in their training proportions
     use_ema: bool = True  # sample with the EMA weights when the run has them
     clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
-    compile: bool = False  # torch.compile the network for sampling: pays only for large jobs (README, Benchmarks)
+    compile: bool = False  # torch.compile the network for sampling: pays only for large jobs (docs/benchmarks.md)
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 
-    def __post_init__(self):
+    def _check(self):
+        if not self.sampler.startswith(DIFFUSERS_PREFIX):
+            choose("sampler", self.sampler, SAMPLERS)
+        choose("sample.spacing", self.spacing, SAMPLE_SPACINGS)
+        choose("sample.variance", self.variance, SAMPLE_VARIANCES)
         _check(self.steps >= 0, f"sample.steps must be >= 0 (0 = all T), got {self.steps}")
         _check(0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
         _check(self.n >= 1, f"sample.n must be >= 1, got {self.n}")
@@ -162,7 +233,8 @@ class SampleConfig:
 
 
 @dataclass(frozen=True)
-class PlotConfig:
+class PlotConfig(_Section):
+    SECTION: ClassVar[str] = "plot"
     forward_t: tuple[int, ...] = ()  # t shown in the forward-process figure; () = 0, about T/5 and T
     field_t: tuple[int, ...] = ()  # t shown in the vector-field figure; () = about 0.3 T and T
     points: int = 100  # points scattered on the dataset, forward and samples figures (the guide's 100)
@@ -170,22 +242,23 @@ class PlotConfig:
     columns: tuple[str, ...] = ()  # D != 2: columns in the pair plot (names or indices); () = first 4 PCs (or all)
     dpi: int = 150  # resolution of the PNG files
 
-    def __post_init__(self):
+    def _check(self):
         _check(self.points >= 1, f"plot.points must be >= 1, got {self.points}")
         _check(self.grid >= 2, f"plot.grid must be >= 2, got {self.grid}")
         _check(self.dpi >= 10, f"plot.dpi must be >= 10, got {self.dpi}")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    n: int = 5000  # samples compared with as many fresh iid reference points (REFERENCE.md: n = 5000 has the power)
+class EvalConfig(_Section):
+    SECTION: ClassVar[str] = "eval"
+    n: int = 5000  # samples compared with as many fresh iid reference points (n = 5000 has the power: docs/evaluation.md)
     w2_n: int = 2000  # points used by exact W2 (its cost grows about as n^3)
     k: int = 5  # neighbours for precision / recall / density / coverage
     draws: int = 20  # reference pairs behind each noise floor (10 leave the floor's std 25% uncertain)
     z_max: float = 3.0  # a metric more than this many floor deviations on the bad side is flagged
     nll_n: int = 1000  # held-out iid points whose ELBO and ODE likelihood are computed; 0 = skip likelihoods
 
-    def __post_init__(self):
+    def _check(self):
         _check(self.n >= 20, f"eval.n must be >= 20, got {self.n}")
         _check(self.w2_n >= 2, f"eval.w2_n must be >= 2, got {self.w2_n}")
         _check(self.k >= 1, f"eval.k must be >= 1, got {self.k}")
@@ -196,6 +269,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
+    """The whole configuration. Sections may be given as their dataclasses or as plain dicts, which are
+    checked like a TOML file: ExperimentConfig(schedule={"T": 100}, model={"prediction": "eps"})."""
+
     seed: int = 0  # every random draw (data, weights, batches, noise, samples) derives from this
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -206,7 +282,26 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        object.__setattr__(self, "seed", _coerce("seed", self.seed, int))
         _check(0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63), got {self.seed}")
+        for name, cls in _sections().items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                object.__setattr__(self, name, _section_from_dict(name, cls, value))
+            elif not isinstance(value, cls):
+                raise ToydiffError(f"[{name}] must be a table of keys (a dict or a {cls.__name__}), got {value!r}")
+        self._check_across()
+
+    def _check_across(self) -> None:
+        """The rules that tie two sections together."""
+        if self.schedule.zero_terminal_snr and self.model.prediction == "eps":
+            raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says "
+                               "nothing about x0; set model.prediction=v (or x0)")
+        T = self.schedule.T
+        for t in self.plot.forward_t:
+            _check(0 <= t <= T, f"plot.forward_t has t = {t}; each t must be in 0..T = 0..{T}")
+        for t in self.plot.field_t:
+            _check(1 <= t <= T, f"plot.field_t has t = {t}; each t must be in 1..T = 1..{T}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,18 +312,19 @@ class ExperimentConfig:
         return tomli_w.dumps(d)
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ToydiffError(message)
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
 
 
+@functools.cache
 def _sections() -> dict[str, type]:
-    return {f.name: get_type_hints(ExperimentConfig)[f.name] for f in dataclasses.fields(ExperimentConfig)
-            if dataclasses.is_dataclass(get_type_hints(ExperimentConfig)[f.name])}
+    hints = _hints(ExperimentConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(ExperimentConfig) if dataclasses.is_dataclass(hints[f.name])}
 
 
 def _coerce(where: str, value: Any, hint: Any) -> Any:
-    """Check one TOML value against a field's type; ints are accepted for floats, nothing else converts."""
+    """Check one value against a field's type; ints are accepted for floats, lists for tuples, nothing else."""
     name = getattr(hint, "__name__", str(hint))
     if hint is bool:
         ok = isinstance(value, bool)
@@ -260,33 +356,29 @@ def from_dict(d: dict[str, Any]) -> ExperimentConfig:
     if not isinstance(d, dict):
         raise ToydiffError("a config must be a table of sections")
     sections = _sections()
-    top_hints = get_type_hints(ExperimentConfig)
-    kwargs: dict[str, Any] = {}
-    for key, value in d.items():
-        if key in sections:
-            if not isinstance(value, dict):
-                raise ToydiffError(f"[{key}] must be a table of keys, got {value!r}")
-            kwargs[key] = _section_from_dict(key, sections[key], value)
-        elif key in top_hints:
-            kwargs[key] = _coerce(key, value, top_hints[key])
-        else:
-            valid = ", ".join([k for k in top_hints if k not in sections] + [f"[{s}]" for s in sections])
-            raise ToydiffError(f"unknown config key '{key}'; valid keys: {valid}")
-    return ExperimentConfig(**kwargs)
+    top = [f.name for f in dataclasses.fields(ExperimentConfig)]
+    for key in d:
+        if key not in top:
+            valid = [k for k in top if k not in sections] + [f"[{s}]" for s in sections]
+            raise ToydiffError(f"unknown config key '{key}'; valid keys: {', '.join(valid)}{did_you_mean(key, top)}")
+    return ExperimentConfig(**d)
 
 
 def _section_from_dict(section: str, cls: type, values: dict[str, Any]):
-    hints = get_type_hints(cls)
-    for key, value in values.items():
-        if key not in hints:
-            raise ToydiffError(f"unknown config key '{section}.{key}'; valid keys in [{section}]: {', '.join(hints)}")
-    return cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ToydiffError(f"unknown config key '{section}.{key}'; valid keys in [{section}]: {', '.join(names)}"
+                               f"{did_you_mean(key, names)}")
+    return cls(**values)
 
 
 def merged(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
     """cfg with the keys named in `updates` (nested like the TOML) replaced; every value is re-checked."""
     d = cfg.to_dict()
     for key, value in updates.items():
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = dataclasses.asdict(value)
         if isinstance(value, dict) and isinstance(d.get(key), dict):
             d[key].update(value)
         else:
@@ -329,7 +421,7 @@ def preset(name: str) -> ExperimentConfig:
     if name == "default":
         return ExperimentConfig()
     if name not in preset_names():
-        raise ToydiffError(f"unknown preset '{name}'; choose one of: {', '.join(['default'] + preset_names())}")
+        raise unknown("preset", name, ["default"] + preset_names())
     text = resources.files("toydiff.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
     return loads(text, source=f"preset '{name}'")
 
@@ -355,6 +447,6 @@ def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCon
             raise ToydiffError(f"--set expects section.key=value, got '{item}'")
         if len(path) == 2 and path[0] not in _sections():
             raise ToydiffError(f"unknown config section '{path[0]}' in --set {item}; "
-                               f"valid sections: {', '.join(_sections())}")
+                               f"valid sections: {', '.join(_sections())}{did_you_mean(path[0], _sections())}")
         cfg = merged(cfg, {path[0]: value} if len(path) == 1 else {path[0]: {path[1]: value}})
     return cfg

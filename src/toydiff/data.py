@@ -1,4 +1,4 @@
-"""Datasets as iid samplers in a registry, and the Scaler that maps data into the model's frame.
+"""Datasets as iid samplers in a registry: what a dataset is, and what is known about it.
 
 A dataset is a `Dataset` spec: its sampler (n, rng, Params) -> (x (n, D) float64, labels (n,)
 int64 or None), its default noise and count, and what is known about it (log-density, distance
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-from sklearn.datasets import make_moons
 
 from . import zoo
-from .config import DataConfig
+from .config import DATASETS as NAMES, DataConfig
 from .errors import ToydiffError
 from .registry import Registry
 from .zoo import Params
@@ -34,18 +33,19 @@ class Dataset:
     iid_twin: Optional[str] = None  # for a sampler that is not iid: the iid sampler of the same law
 
 
-DATASETS: Registry[Dataset] = Registry("dataset")
+DATASETS: Registry[Dataset] = Registry("dataset", NAMES)
 
 
 def params(cfg: DataConfig) -> Params:
     """The dataset's parameters with the config's "auto" values (noise -1, modes 0) resolved; checked."""
     spec = DATASETS.get(cfg.name)
     if cfg.dim != 2 and not spec.any_dim:
-        raise ToydiffError(f"data.dim applies only to datasets of any dimension (gmm), not '{cfg.name}'; "
+        some = ", ".join(n for n in DATASETS.names() if DATASETS.get(n).any_dim)
+        raise ToydiffError(f"data.dim applies only to datasets of any dimension ({some}), not '{cfg.name}'; "
                            "leave it at 2")
     if cfg.modes and not spec.modes:
-        raise ToydiffError(f"data.modes applies to datasets with a count (gaussians, grid, checkerboard, pinwheel, "
-                           f"rings, gmm), not '{cfg.name}'; leave it at 0")
+        some = ", ".join(n for n in DATASETS.names() if DATASETS.get(n).modes)
+        raise ToydiffError(f"data.modes applies to datasets with a count ({some}), not '{cfg.name}'; leave it at 0")
     return Params(noise=spec.noise if cfg.noise < 0 else cfg.noise, scale=cfg.scale,
                   modes=cfg.modes or spec.modes, dim=cfg.dim)
 
@@ -69,6 +69,8 @@ def moons(n: int, rng: np.random.Generator, noise: float = 0.05) -> tuple[np.nda
 
 def sklearn_moons(n: int, rng: np.random.Generator, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's make_moons itself (evenly spaced, n/2 per moon): the guide's data, for exact reproduction."""
+    from sklearn.datasets import make_moons  # sklearn.datasets alone takes seconds to import
+
     x, labels = make_moons(n_samples=n, noise=noise or None, random_state=int(rng.integers(2**31 - 1)))
     return x.astype(np.float64), labels.astype(np.int64)
 
@@ -146,62 +148,3 @@ for _name, _spec in {
 def load_dataset(cfg: DataConfig, n: int, rng: np.random.Generator) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """n points (and labels, or None) of the configured dataset."""
     return DATASETS.get(cfg.name).sample(n, rng, params(cfg))
-
-
-SCALINGS = ("minmax", "standardize")
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """Per-axis affine map x_scaled = (x - shift) / scale, fitted on the training data.
-
-    minmax sends each axis' [min, max] to [-1, 1] (the guide's choice); standardize
-    gives zero mean and unit standard deviation. Samples go back through `inverse`,
-    so every output of toydiff is in data units.
-    """
-
-    kind: str
-    shift: np.ndarray  # (D,) float64
-    scale: np.ndarray  # (D,) float64
-
-    @classmethod
-    def fit(cls, x: np.ndarray, kind: str = "minmax") -> "Scaler":
-        if kind not in SCALINGS:
-            raise ToydiffError(f"unknown scaling '{kind}'; choose one of: {', '.join(SCALINGS)}")
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or x.shape[0] < 2:
-            raise ToydiffError(f"the scaler needs data of shape (n >= 2, D), got {x.shape}")
-        if kind == "minmax":
-            lo, hi = x.min(axis=0), x.max(axis=0)
-            shift, scale = (hi + lo) / 2, (hi - lo) / 2
-        else:
-            shift, scale = x.mean(axis=0), x.std(axis=0)
-        constant = np.flatnonzero(~(scale > 0))
-        if constant.size:
-            raise ToydiffError(f"data column {int(constant[0])} is constant, so {kind} scaling would divide by zero; "
-                               "drop that column")
-        return cls(kind, shift, scale)
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
-
-    def inverse(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(x, dtype=np.float64) * self.scale + self.shift
-
-    @property
-    def log_abs_det(self) -> float:
-        """log |det d x_scaled / d x|: add it to a log-density in the scaled frame to get one in data units."""
-        return float(-np.log(self.scale).sum())
-
-    def to_dict(self) -> dict:
-        return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Scaler":
-        try:
-            kind, shift, scale = d["kind"], np.asarray(d["shift"], np.float64), np.asarray(d["scale"], np.float64)
-        except (KeyError, TypeError, ValueError) as e:
-            raise ToydiffError(f"the stored scaler is malformed ({e}); the run directory is damaged") from None
-        if kind not in SCALINGS or shift.shape != scale.shape or shift.ndim != 1 or not np.all(scale > 0):
-            raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
-        return cls(kind, shift, scale)

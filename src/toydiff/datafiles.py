@@ -28,6 +28,11 @@ MIN_ROWS = 10
 FORMATS = (".csv", ".tsv", ".npy", ".npz", ".parquet")
 
 
+def default_names(dim: int) -> list[str]:
+    """x1, x2, ...: the names of columns that have none (the zoo's, a headerless file's, an array's)."""
+    return [f"x{i + 1}" for i in range(dim)]
+
+
 @dataclass(frozen=True)
 class Table:
     x: np.ndarray  # (n, D) float64, finite
@@ -63,7 +68,7 @@ def column_names(path: str | Path) -> list[str]:
     if suffix in (".csv", ".tsv") and path.is_file():
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             first = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
-        return [f"x{i + 1}" for i in range(len(first))] if all(_is_number(c) for c in first) else \
+        return default_names(len(first)) if all(_is_number(c) for c in first) else \
             [c.strip() for c in first]
     return read_table(path).names if path.is_file() and suffix in FORMATS else []
 
@@ -92,7 +97,7 @@ def _read_text(path: Path, delimiter: str):
         raise ToydiffError(f"data file '{path}' is empty")
     first = rows[0][1]
     if all(_is_number(c) for c in first):
-        names = [f"x{i + 1}" for i in range(len(first))]
+        names = default_names(len(first))
     else:
         names, rows = [c.strip() for c in first], rows[1:]
         if len(set(names)) != len(names):
@@ -132,7 +137,7 @@ def _read_array(path: Path, suffix: str):
         array = loaded[:, None] if loaded.ndim == 1 else loaded
         if array.ndim != 2:
             raise ToydiffError(f"data file '{path}' holds an array of shape {loaded.shape}; it needs rows x columns")
-        names = [f"x{i + 1}" for i in range(array.shape[1])]
+        names = default_names(array.shape[1])
         cells = array
     return names, cells, list(range(1, len(cells) + 1))
 

@@ -17,20 +17,22 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from . import metrics as M
-from .checkpoint import atomic_write_text
 from .config import EvalConfig, ExperimentConfig
-from .data import DATASETS, Scaler, params
-from .zoo import Params
+from .data import DATASETS, params
 from .errors import ToydiffError
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
+from .progress import Progress
 from .runs import Run
 from .runtime import derive_seed, torch_generator
+from .scaler import Scaler
+from .storage import atomic_write_text
+from .zoo import Params
 
 # name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
 FRACTIONS = ("precision", "recall", "coverage", "off_data")  # shares of n points: resolution 1 / n
@@ -246,7 +248,7 @@ def _all_cores():
 
 
 def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 0,
-             log: Callable[[str], None] = lambda s: None) -> dict:
+             log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict:
     """Compare the first spec.n samples (data units) with spec.n fresh iid reference points, beside the floors."""
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 2 or len(samples) == 0:
@@ -272,8 +274,9 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     with _all_cores():
         def compute_floors():
             log(f"computing noise floors: {spec.draws} pairs of {spec.n} iid reference points (cached afterwards)")
-            return floors(target.draw, target.frame, spec, target.support_distance, target.noise,
-                          draw_pair=target.draw_pair)
+            with Progress(spec.draws, "noise floors", "pair", enabled=progress) as bar:
+                return floors(target.draw, target.frame, spec, target.support_distance, target.noise,
+                              progress=lambda i: bar.update(), draw_pair=target.draw_pair)
         floor, cached = cached_floors(key, compute_floors)
         reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
         values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise)
@@ -285,7 +288,8 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     return rep
 
 
-def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = lambda s: None) -> dict:
+def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = lambda s: None,
+                progress: bool = False) -> dict:
     """ELBO and probability-flow ODE NLL of n held-out iid points, per dimension, in data units and bits.
 
     Beside them the data's own entropy where its density is known (noisy moons, by quadrature),
@@ -300,9 +304,11 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     gen = torch_generator(cfg.seed, "eval-nll", run.device)
     log(f"likelihoods of {n} held-out points: ELBO ({run.schedule.T} terms) and probability-flow ODE")
     d, shift = run.dim, -run.scaler.log_abs_det  # nll_data = nll_scaled - log|det|
-    elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn)
-    out = {"n": n, "elbo": float(elbo.mean()) + shift,
-           "ode_nll": float(ode_nll(eps_fn, run.schedule, x, generator=gen).mean()) + shift}
+    with Progress(run.schedule.T, "ELBO", "term", enabled=progress) as bar:
+        elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn, on_step=bar.update)
+    with Progress(None, "ODE likelihood", "evaluation", enabled=progress) as bar:
+        ode = ode_nll(eps_fn, run.schedule, x, generator=gen, on_step=bar.update)
+    out = {"n": n, "elbo": float(elbo.mean()) + shift, "ode_nll": float(ode.mean()) + shift}
     logp = None
     if target.log_density is not None:
         logp = target.log_density(target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-entropy")), 20_000))
@@ -329,12 +335,27 @@ def format_likelihoods(lik: dict) -> str:
 
 
 def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
-                 spec: Optional[EvalConfig] = None, target: Optional[Target] = None) -> dict:
+                 spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False) -> dict:
     """Evaluate a run's samples (and likelihoods) against its data (or `target`); write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
     target = target or target_for(run.config, run.holdout)
-    rep = evaluate(samples, target, spec, seed=run.config.seed, log=log)
+    rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress)
     if spec.nll_n > 0:
-        rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log)
-    atomic_write_text(run.path / "metrics.json", json.dumps(rep, indent=2))
+        rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
+    run.dir.write_metrics(rep)
     return rep
+
+
+def file_reference(run: Run, path: str | Path, columns: Sequence[str] = ()) -> Target:
+    """A data file's rows as the reference for `run` (a test split, say): its columns chosen by name (default:
+    the run's own column names where the file has them all), checked against the run's dimension."""
+    from .datafiles import column_names, read_table
+
+    path = Path(path)
+    if not columns:
+        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
+    table = read_table(path, list(columns))
+    if table.x.shape[1] != run.dim:
+        raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
+                           f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
+    return file_target(table.x)

@@ -1,8 +1,8 @@
 """Compute what each figure shows (the guide's five for 2-D data; pair plot and marginals otherwise), from a Run,
-and write the PNG files.
+and draw it (make_figures: matplotlib Figures) or write it into the run directory (write_figures: PNG files).
 
 The drawing itself lives in `plots` (numpy in, Figure out); this module runs the
-model and the schedule to get the arrays, and owns the file names.
+model and the schedule to get the arrays; the figures' file names are toydiff.rundir's.
 """
 
 from __future__ import annotations
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from . import plots
-from .checkpoint import atomic_write_bytes
-from .errors import ToydiffError
 from .datafiles import column_index
-from .runs import Run, default_names
+from .errors import ToydiffError
+from .runs import Run
 from .runtime import numpy_rng, torch_generator
 from .schedules import NoiseSchedule
+from .storage import atomic_write_bytes
 
 FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")
 
@@ -83,18 +84,11 @@ def schedule_panels(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return panels
 
 
-def _save(fig, path: Path, dpi: int) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The (D, k) projection shown by the pair plot and its axis names: plot.columns of the data by name or
     index, else the first min(D, 4) principal components of the scaled training data (PCA is orthonormal,
     so isotropic noise stays isotropic in the projection)."""
-    names = run.names or default_names(run.dim)
+    names = run.column_names
     if run.config.plot.columns:
         index = [column_index(names, c, "plot.columns: the data") for c in run.config.plot.columns]
         return np.eye(run.dim)[:, index], [names[i] for i in index]
@@ -105,61 +99,66 @@ def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return PCA(n_components=k, random_state=0).fit(data).components_.T, [f"PC{i + 1}" for i in range(k)]
 
 
-def write_figures(run: Run, samples: np.ndarray, out_dir: Path | None = None) -> dict[str, Path]:
-    """Write the figures (PNG) for a run and its samples (data units); returns name -> path.
+def make_figures(run: Run, samples: np.ndarray) -> dict[str, Figure]:
+    """The figures of a run and its samples (data units), as matplotlib Figures, name -> Figure (nothing written).
 
-    D = 2: the guide's five. Other D: a pair plot of samples over data (plot.columns, or the first
-    principal components), the per-column marginals in data units, the forward process in the pair
+    D = 2: the guide's five (FIGURES). Other D: a pair plot of samples over data (plot.columns, or the
+    first principal components), the per-column marginals in data units, the forward process in the pair
     plot's first two axes (D >= 2) and the schedules.
     """
-    out_dir = Path(out_dir or run.path / "figures")
-    out_dir.mkdir(parents=True, exist_ok=True)
     if run.dim != 2:
-        return _write_other_dims(run, samples, out_dir)
+        return _other_dims(run, samples)
     cfg, T = run.config.plot, run.schedule.T
     rng = numpy_rng(run.config.seed, "figures")
     data = run.scaler.transform(run.data)
     density = _subset(data, 2000, rng)
     shown = _subset(data, cfg.points, rng)
-    paths = {
-        "dataset": _save(plots.points_figure(density, shown, "data"), out_dir / "dataset.png", cfg.dpi),
-        "forward": _save(plots.forward_figure(forward_panels(run, cfg.forward_t or default_forward_t(T), shown)),
-                         out_dir / "forward.png", cfg.dpi),
-        "samples": _save(plots.points_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng),
-                                                  "samples over the data"),
-                         out_dir / "samples.png", cfg.dpi),
+    figures = {
+        "dataset": plots.points_figure(density, shown, "data"),
+        "forward": plots.forward_figure(forward_panels(run, cfg.forward_t or default_forward_t(T), shown)),
+        "samples": plots.points_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng),
+                                       "samples over the data"),
     }
-    if run.dim == 2:
-        axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
-        grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
-        _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
-        # at most 20 segments, evenly spaced in t: 1000 Brownian-like steps would hide the path's shape
-        n_steps = len(path) - 1  # T, or fewer on a respaced schedule
-        shown_steps = np.unique(np.linspace(0, n_steps, min(n_steps, 20) + 1).round().astype(int))
-        fig = plots.vector_field_figure(grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
-                                        trajectory=path[shown_steps, 0, :])
-        paths["vector_field"] = _save(fig, out_dir / "vector_field.png", cfg.dpi)
-    paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
+    axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
+    grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
+    _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
+    # at most 20 segments, evenly spaced in t: 1000 Brownian-like steps would hide the path's shape
+    n_steps = len(path) - 1  # T, or fewer on a respaced schedule
+    shown_steps = np.unique(np.linspace(0, n_steps, min(n_steps, 20) + 1).round().astype(int))
+    figures["vector_field"] = plots.vector_field_figure(
+        grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
+        trajectory=path[shown_steps, 0, :])
+    figures["schedules"] = plots.schedule_figure(schedule_panels(run))
+    return figures
+
+
+def write_figures(run: Run, samples: np.ndarray) -> dict[str, Path]:
+    """Draw make_figures' figures into the run directory (PNG, atomically); returns name -> path."""
+    paths = {}
+    run.dir.figures.mkdir(parents=True, exist_ok=True)
+    for name, fig in make_figures(run, samples).items():
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=run.config.plot.dpi)
+        paths[name] = run.dir.figure(name)
+        atomic_write_bytes(paths[name], buf.getvalue())
     return paths
 
 
-def _write_other_dims(run: Run, samples: np.ndarray, out_dir: Path) -> dict[str, Path]:
+def _other_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
     cfg, T = run.config.plot, run.schedule.T
     rng = numpy_rng(run.config.seed, "figures")
     data = run.scaler.transform(run.data)
     projection, names = pair_columns(run, data)
     shown_data = _subset(data, 2000, rng)
     shown_samples = _subset(run.scaler.transform(samples), 2000, rng)
-    paths = {"pairs": _save(plots.pair_figure(shown_data @ projection, shown_samples @ projection,
-                                              [f"{n} (scaled)" for n in names], "samples over the data"),
-                            out_dir / "pairs.png", cfg.dpi),
-             "marginals": _save(plots.marginals_figure(_subset(run.data, 5000, rng), _subset(samples, 5000, rng),
-                                                       run.names or default_names(run.dim)),
-                                out_dir / "marginals.png", cfg.dpi)}
+    figures = {"pairs": plots.pair_figure(shown_data @ projection, shown_samples @ projection,
+                                          [f"{n} (scaled)" for n in names], "samples over the data"),
+               "marginals": plots.marginals_figure(_subset(run.data, 5000, rng), _subset(samples, 5000, rng),
+                                                   run.column_names)}
     if projection.shape[1] >= 2:
         shown = _subset(data, cfg.points, rng)
         panels = [(t, x_t @ projection[:, :2]) for t, x_t in forward_panels(run, cfg.forward_t or default_forward_t(T),
                                                                             shown)]
-        paths["forward"] = _save(plots.forward_figure(panels), out_dir / "forward.png", cfg.dpi)
-    paths["schedules"] = _save(plots.schedule_figure(schedule_panels(run)), out_dir / "schedules.png", cfg.dpi)
-    return paths
+        figures["forward"] = plots.forward_figure(panels)
+    figures["schedules"] = plots.schedule_figure(schedule_panels(run))
+    return figures

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 
-from .errors import ToydiffError
+from .errors import ToydiffError, unknown
 from .parameterization import Prediction, to_eps
 from .samplers import Callback, Denoise
 from .schedules import NoiseSchedule
 
-PREFIX = "diffusers:"
 EXCLUDED = ("Flax", "CogVideoX")  # JAX schedulers; video schedulers that shift the SNR of the schedule handed over
 INSTALL = "pip install 'toydiff[diffusers]'"
 
@@ -67,7 +66,9 @@ def _is_compatible(diffusers, cls) -> bool:
 def build_scheduler(name: str, schedule: NoiseSchedule, spacing: str = "trailing"):
     """The diffusers scheduler class `name`, configured with the schedule's betas, eps prediction, no clipping."""
     diffusers = _module()
-    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") and not name.startswith(EXCLUDED) else None
+    if not name.endswith("Scheduler") or name not in dir(diffusers):
+        raise unknown("diffusers scheduler", name, compatible_schedulers())
+    cls = getattr(diffusers, name) if not name.startswith(EXCLUDED) else None
     if cls is None or not _is_compatible(diffusers, cls):
         raise ToydiffError(f"'{name}' is not a diffusers scheduler toydiff can drive (it needs trained_betas and "
                            f"prediction_type); choose one of: {', '.join(compatible_schedulers())}")
@@ -89,6 +90,15 @@ def build_scheduler(name: str, schedule: NoiseSchedule, spacing: str = "trailing
     return cls(**options)
 
 
+def check_scheduler(name: str, schedule: NoiseSchedule, spacing: str = "trailing", eta: float = 0.0):
+    """Everything about driving scheduler `name` that can fail before sampling (the name, the spacing, eta);
+    returns the scheduler, built."""
+    sched = build_scheduler(name, schedule, spacing)
+    if eta and "eta" not in inspect.signature(sched.step).parameters:
+        raise ToydiffError(f"{name} has no eta; set sample.eta = 0")
+    return sched
+
+
 @torch.no_grad()
 def sample_diffusers(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *, scheduler: str,
                      steps: int = 0, spacing: str = "trailing", eta: float = 0.0,
@@ -98,10 +108,8 @@ def sample_diffusers(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor,
     `schedule` must be the full training schedule (the scheduler picks its `steps` timesteps itself);
     `denoise(x_t, t)` is called with toydiff's t = diffusers' timestep + 1.
     """
-    sched = build_scheduler(scheduler, schedule, spacing)
+    sched = check_scheduler(scheduler, schedule, spacing, eta)
     step_params = inspect.signature(sched.step).parameters
-    if eta and "eta" not in step_params:
-        raise ToydiffError(f"{scheduler} has no eta; set sample.eta = 0")
     extra = {"eta": eta} if "eta" in step_params else {}
     if "generator" in step_params:
         extra["generator"] = generator

@@ -13,13 +13,12 @@ import math
 from typing import Callable
 
 import torch
-from torchdiffeq import odeint
 
+from .losses import LOG_2PI, vlb_term
 from .parameterization import Prediction, to_eps, to_x0
 from .schedules import NoiseSchedule, pf_ode_drift
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-LOG_2PI = math.log(2 * math.pi)
 
 
 def model_eps_fn(denoiser) -> EpsFn:
@@ -33,29 +32,10 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor | float)
     return 0.5 * (((x - mean) ** 2) / var + torch.log(var) + LOG_2PI).sum(-1)
 
 
-def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor,
-              log_var_2: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean_1, e^log_var_1) || N(mean_2, e^log_var_2)) per coordinate (diagonal Gaussians), nats."""
-    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2)
-                  + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1)
-
-
-def vlb_term(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor,
-             log_var: torch.Tensor) -> torch.Tensor:
-    """L_{t-1} of the variational bound per point (B,), nats summed over dimensions, for p(x_{t-1} | x_t) =
-    N(posterior mean at x0_hat, e^log_var): KL(q(x_{t-1} | x_t, x0) || p) for t >= 2, and the continuous
-    Gaussian decoder -log p(x0 | x_1) for t = 1 (Ho et al. 2020, eq. 5)."""
-    mean_q, _ = schedule.posterior(x0, x_t, t)
-    mean_p, _ = schedule.posterior(x0_hat, x_t, t)
-    log_var_q = schedule.gather(schedule.log_beta_tilde_clipped, t, x0)  # exact for t >= 2, finite at t = 1
-    kl = normal_kl(mean_q, log_var_q, mean_p, log_var).sum(1)
-    decoder = 0.5 * ((x0 - mean_p) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(1)
-    return torch.where(t == 1, decoder, kl)
-
-
 @torch.no_grad()
 def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
-             generator: torch.Generator | None = None, variance_fn=None) -> torch.Tensor:
+             generator: torch.Generator | None = None, variance_fn=None,
+             on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """Upper bound on -log p(x0) per point (N,), Ho et al. (2020) eq. 5 with a continuous Gaussian decoder:
 
         L_T = KL(q(x_T | x0) || N(0, I))
@@ -67,6 +47,7 @@ def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
     they leave the bound loose even for a perfect denoiser (0.8 nats per point for a 2-D Gaussian at
     T = 1000, tests/test_likelihood.py). variance_fn(x_t, t) -> v (N, D), a learned variance
     (NoiseSchedule.learned_log_variance), tightens it (Nichol and Dhariwal 2021). The ODE likelihood is exact.
+    on_step() is called after each of the T terms (progress).
     """
     d = x0.shape[1]
     ab_T = float(schedule.alpha_bar64[-1])
@@ -86,12 +67,14 @@ def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
             log_var = torch.full_like(x0, math.log(fixed))
         # 3. the decoder term at t = 1, the KL above it
         total = total + vlb_term(schedule, x0, x_t, t_vec, x0_hat, log_var).double()
+        if on_step is not None:
+            on_step()
     return total
 
 
 def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_divergence: bool | None = None,
             generator: torch.Generator | None = None, rtol: float = 1e-5, atol: float = 1e-5,
-            method: str = "dopri5") -> torch.Tensor:
+            method: str = "dopri5", on_step: Callable[[], None] | None = None) -> torch.Tensor:
     """-log p(x) per point (N,) through the probability-flow ODE (Song et al. 2021), in nats.
 
     The discrete schedule is made continuous by linear interpolation of the log-SNR lambda
@@ -102,6 +85,7 @@ def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_d
     integrated from lambda_1 (t = 1, where x is taken to be the data point) to lambda_T, where
     x ~ N(0, I). log p(x) = log N(x_T; 0, I) + int div f dlambda. The divergence is exact (D
     backward passes) for D <= 8, else Hutchinson's estimator with one seeded Rademacher probe.
+    on_step() is called at every evaluation of the drift (progress; the solver picks how many).
     """
     lam = schedule.log_snr64
     n, d = x0.shape
@@ -122,9 +106,13 @@ def ode_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor, *, exact_d
                               for i in range(d))
             else:
                 div_eps = (torch.autograd.grad((eps * probe).sum(), x)[0] * probe).sum(1)
+        if on_step is not None:
+            on_step()
         dx = pf_ode_drift(x, eps, alpha_bar)
         div = 0.5 * (1 - alpha_bar[:, 0]) * d - 0.5 * (1 - alpha_bar[:, 0]).sqrt() * div_eps  # its divergence
         return dx.detach(), div.detach()
+
+    from torchdiffeq import odeint  # imported where the ODE is solved, not by everything that imports this module
 
     span = torch.tensor([lam[0], lam[-1]], dtype=x0.dtype, device=x0.device)
     xs, integral = odeint(f, (x0, torch.zeros(n, dtype=x0.dtype, device=x0.device)), span,

@@ -18,12 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .config import ModelConfig
+from .config import ARCHS, ModelConfig
 from .errors import ToydiffError
 from .registry import Registry
 
 ModelFn = Callable[[ModelConfig, int, int], nn.Module]
-MODELS: Registry[ModelFn] = Registry("model")
+MODELS: Registry[ModelFn] = Registry("model", ARCHS)
 
 
 class GuideNoisePredictor(nn.Module):
@@ -138,9 +138,6 @@ class MLP(nn.Module):
 
 @MODELS.register("guide")
 def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
-    if cfg.variance == "learned" or classes:
-        raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
-                           "model.variance=learned or model.conditional=true")
     return GuideNoisePredictor(dim, T)
 
 
@@ -150,8 +147,16 @@ def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
     return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs)
 
 
+def check(cfg: ModelConfig, classes: int = 0) -> None:
+    """What the configured network cannot do, refused before anything is built or written."""
+    if cfg.arch == "guide" and (cfg.variance == "learned" or cfg.conditional or classes):
+        raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
+                           "model.variance=learned or model.conditional=true")
+
+
 def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
     """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null)."""
+    check(cfg, classes)
     return MODELS.get(cfg.arch)(cfg, dim, T, classes)
 
 

@@ -16,29 +16,29 @@ import torch
 from .errors import ToydiffError
 from .parameterization import Prediction, to_x0
 from .schedules import NoiseSchedule
+from .zoo import Mixture
 
 
 class GaussianMixture:
-    """Weights (K,), means (K, D), per-axis standard deviations (K, D); float64 throughout."""
+    """Weights (K,), means (K, D), per-axis standard deviations (K, D): a toydiff.zoo.Mixture, with its noised
+    density and exact denoiser in torch (float64 throughout)."""
 
     def __init__(self, weights, means, stds):
-        self.weights = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-        self.means = torch.as_tensor(np.asarray(means, dtype=np.float64))
-        self.stds = torch.as_tensor(np.asarray(stds, dtype=np.float64)).expand_as(self.means).clone()
-        if self.means.ndim != 2 or self.weights.shape != (self.means.shape[0],):
-            raise ToydiffError("a Gaussian mixture needs weights (K,), means (K, D) and stds (K, D) or (K, 1)")
-        if not (torch.all(self.weights > 0) and math.isclose(float(self.weights.sum()), 1.0, rel_tol=1e-9)):
-            raise ToydiffError("mixture weights must be positive and sum to 1")
-        if not torch.all(self.stds > 0):
-            raise ToydiffError("mixture standard deviations must be positive")
+        self.mixture = Mixture(weights, means, stds)
+        self.weights = torch.as_tensor(self.mixture.weights)
+        self.means = torch.as_tensor(self.mixture.means)
+        self.stds = torch.as_tensor(self.mixture.stds)
+
+    @classmethod
+    def of(cls, mixture: Mixture) -> "GaussianMixture":
+        return cls(mixture.weights, mixture.means, mixture.stds)
 
     @property
     def dim(self) -> int:
-        return self.means.shape[1]
+        return self.mixture.dim
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
-        k = rng.choice(len(self.weights), size=n, p=self.weights.numpy())
-        return self.means.numpy()[k] + self.stds.numpy()[k] * rng.standard_normal((n, self.dim))
+        return self.mixture.sample(n, rng)[0]
 
     def _components(self, x: torch.Tensor, alpha_bar: torch.Tensor):
         """Means (N, K, D), variances (N, K, D) of the noised components and log w_k N(x; m_k, v_k) (N, K)."""

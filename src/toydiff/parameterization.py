@@ -17,7 +17,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from .errors import ToydiffError
+from .errors import ToydiffError, unknown
 from .schedules import NoiseSchedule
 
 
@@ -27,59 +27,60 @@ class Prediction(str, Enum):
     V = "v"  # the velocity sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans and Ho 2022)
 
     @classmethod
-    def parse(cls, name: str) -> "Prediction":
+    def parse(cls, name: "Prediction | str") -> "Prediction":
+        """A Prediction from itself or its name ("eps", "x0", "v")."""
         try:
             return cls(name)
         except ValueError:
-            raise ToydiffError(f"unknown prediction '{name}'; choose one of: {', '.join(p.value for p in cls)}") from None
+            raise unknown("prediction", name, [p.value for p in cls]) from None
 
 
 def training_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """What the network should output for x_t made from (x0, eps); alpha_bar broadcasts against x0."""
-    if kind is Prediction.EPS:
+    if kind == Prediction.EPS:
         return eps
-    if kind is Prediction.X0:
+    if kind == Prediction.X0:
         return x0
-    if kind is Prediction.V:
+    if kind == Prediction.V:
         return alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
-    raise ToydiffError(f"unknown prediction {kind!r}")
+    raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
 def min_snr_weight(kind: Prediction, snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Min-SNR-gamma loss weight (Hang et al. 2023) for an MSE on `kind`'s target: the x0-space weight
     min(SNR, gamma) divided by what the target's MSE already weighs x0 errors by (SNR for eps, SNR + 1 for v)."""
     clipped_snr = snr.clamp(max=gamma)
-    if kind is Prediction.X0:
+    if kind == Prediction.X0:
         return clipped_snr
-    if kind is Prediction.EPS:
+    if kind == Prediction.EPS:
         return torch.where(snr > 0, clipped_snr / snr.clamp_min(1e-30), torch.ones_like(snr))
-    if kind is Prediction.V:
+    if kind == Prediction.V:
         return clipped_snr / (snr + 1)
-    raise ToydiffError(f"unknown prediction {kind!r}")
+    raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
 def to_x0(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """x0_hat from a network output."""
-    if kind is Prediction.X0:
+    if kind == Prediction.X0:
         return pred
-    if kind is Prediction.EPS:
+    if kind == Prediction.EPS:
         # x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar), taken as 0 (the data's mean) where abar = 0.
         inv_sqrt = torch.where(alpha_bar > 0, alpha_bar.clamp_min(1e-30).rsqrt(), torch.zeros_like(alpha_bar))
         return (x_t - (1 - alpha_bar).sqrt() * pred) * inv_sqrt
-    if kind is Prediction.V:
+    if kind == Prediction.V:
         return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * pred
-    raise ToydiffError(f"unknown prediction {kind!r}")
+    raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
 def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """eps_hat from a network output (t >= 1, so 1 - abar > 0)."""
-    if kind is Prediction.EPS:
+    if kind == Prediction.EPS:
         return pred
-    if kind is Prediction.X0:
+    if kind == Prediction.X0:
         return (x_t - alpha_bar.sqrt() * pred) / (1 - alpha_bar).sqrt()
-    if kind is Prediction.V:
+    if kind == Prediction.V:
         return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * pred
-    raise ToydiffError(f"unknown prediction {kind!r}")
+    raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
 class Denoiser:
@@ -100,7 +101,7 @@ class Denoiser:
                  learned_variance: bool = False, labels: torch.Tensor | None = None, guidance: float = 1.0):
         self.model = model
         self.schedule = schedule
-        self.prediction = Prediction.parse(prediction) if isinstance(prediction, str) else prediction
+        self.prediction = Prediction.parse(prediction)
         self.learned_variance = learned_variance
         self.labels = labels
         self.guidance = guidance

@@ -111,6 +111,12 @@ class World:
     def is_writer(self) -> bool:
         return self.rank == 0
 
+    def check_batch(self, batch: int) -> None:
+        """A global batch the processes can share evenly, or a one-line error."""
+        if batch % self.size:
+            raise ToydiffError(f"the global batch ({batch}) must be divisible by the {self.size} processes; "
+                               "change train.batch_size")
+
     def shard(self, n: int) -> slice:
         per = n // self.size
         return slice(self.rank * per, (self.rank + 1) * per)

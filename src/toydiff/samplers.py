@@ -6,8 +6,10 @@
 t is (B,) per sample or (1,) for the whole batch. Every sampler here steps the whole batch at one
 t and passes it as (1,): the network then embeds the time once, not once per row, which makes a
 sampling step 1.4-2x cheaper than a forward pass with a per-row t (benchmarks/speed.py).
-`callback(t, x_t, x0_hat)` sees every step, for trajectories and figures. No sampler
-branches on the parameterization, draws a progress bar or touches files.
+`callback(t, x_t, x0_hat)` sees every step, for trajectories, figures and progress. No sampler
+branches on the parameterization, draws a progress bar or touches files. A sampler's options
+are its keyword parameters (ddim's `eta`, ddpm's `variance`): toydiff.sampling reads them off
+the signature, so adding a sampler is its function here and its name in config.SAMPLERS.
 
 t indexes the schedule handed over, which may be a respaced one (`NoiseSchedule.respace`):
 the caller's denoiser maps it to the training t (`schedule.model_t`). The ODE samplers work
@@ -21,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .config import SAMPLERS as NAMES, VARIANCES
 from .errors import ToydiffError
 from .registry import Registry
 from .runtime import NoiseStream
@@ -29,8 +32,14 @@ from .schedules import NoiseSchedule, pf_ode_drift
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 Sampler = Callable[..., torch.Tensor]
-SAMPLERS: Registry[Sampler] = Registry("sampler")
-VARIANCES = ("small", "large", "learned")  # ddpm's sigma_t^2: beta_tilde_t (posterior), beta_t, or the network's
+SAMPLERS: Registry[Sampler] = Registry("sampler", NAMES)
+
+
+def adaptive(fn: Sampler) -> Sampler:
+    """Marks a sampler that chooses its own steps: it calls the denoiser at fractional t and walks the full
+    schedule, never a respaced one (toydiff.sampling reads the mark)."""
+    fn.adaptive = True
+    return fn
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | NoiseStream | None) -> torch.Tensor:
@@ -260,6 +269,7 @@ def sample_dpmpp_3m_sde(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tens
 
 
 @SAMPLERS.register("ode")
+@adaptive
 @torch.no_grad()
 def sample_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                generator: torch.Generator | None = None, callback: Callback = None,

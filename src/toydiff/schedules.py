@@ -14,14 +14,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .config import ScheduleConfig
+from .config import SCHEDULES, SPACINGS, ScheduleConfig, choose
 from .errors import ToydiffError
 from .registry import Registry
 
 BetaFn = Callable[[ScheduleConfig], np.ndarray]
-BETA_SCHEDULES: Registry[BetaFn] = Registry("schedule")
-
-SPACINGS = ("trailing", "linspace", "leading", "karras")
+BETA_SCHEDULES: Registry[BetaFn] = Registry("schedule", SCHEDULES)
 # alpha_bar_T above this leaves x_T visibly different from N(0, I).
 ALPHA_BAR_T_WARN = 1e-2
 
@@ -155,16 +153,15 @@ class NoiseSchedule:
         """
         if not 1 <= steps <= self.T:
             raise ToydiffError(f"sampling steps must be in 1..T = 1..{self.T}, got {steps}")
+        choose("timestep spacing", spacing, SPACINGS)
         if spacing == "trailing":
             kept = np.round(np.arange(steps, 0, -1) * self.T / steps)[::-1]
         elif spacing == "linspace":
             kept = np.round(np.linspace(1, self.T, steps))
         elif spacing == "leading":
             kept = np.arange(steps) * (self.T // steps) + 1
-        elif spacing == "karras":
+        else:  # karras
             kept = self._karras_t(steps)
-        else:
-            raise ToydiffError(f"unknown timestep spacing '{spacing}'; choose one of: {', '.join(SPACINGS)}")
         kept = np.unique(kept.astype(np.int64))
         ab = self.alpha_bar64[np.concatenate([[0], kept])]
         return NoiseSchedule(1 - ab[1:] / ab[:-1], self.device, np.concatenate([[0], self.timesteps[kept]]))

@@ -17,7 +17,6 @@ Grid files (TOML):
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -33,10 +32,26 @@ from typing import Any, Callable
 import numpy as np
 
 from . import config as config_io
-from .checkpoint import atomic_write_bytes, atomic_write_text
 from .config import ExperimentConfig
 from .errors import ToydiffError
-from .workflow import check_config
+from .rundir import RunDir
+from .storage import atomic_write_bytes, atomic_write_text, csv_text
+
+RUNS = "runs"  # the study directory: runs/cellNNN-seedS/ (one run directory each), results.csv, summary.md, study.png
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """The files a study directory holds besides its runs."""
+    results: Path
+    summary: Path
+    figure: Path
+
+    @classmethod
+    def of(cls, out: str | Path) -> "StudyFiles":
+        out = Path(out)
+        return cls(out / "results.csv", out / "summary.md", out / "study.png")
+
 
 # (metric, what the summary shows of it): value or z-score against the noise floor
 SUMMARY = [("knn_auc", "value"), ("mmd2", "z"), ("w2", "value"), ("precision", "value"), ("recall", "value"),
@@ -84,6 +99,8 @@ def parse_cli_axis(item: str) -> tuple[str, list]:
 
 
 def build_grid(base: ExperimentConfig, axes: list, seeds: int, fixed: list[str]) -> Grid:
+    from .workflow import validate
+
     if seeds < 1:
         raise ToydiffError(f"a study needs at least 1 seed per cell, got {seeds}")
     if not axes:
@@ -93,7 +110,7 @@ def build_grid(base: ExperimentConfig, axes: list, seeds: int, fixed: list[str])
     for combo in itertools.product(*[levels for _, levels in axes]):
         levels = {axis: label for (axis, _), (label, _) in zip(axes, combo)}
         overrides = tuple(o for _, sets in combo for o in sets)
-        check_config(config_io.with_overrides(base, list(overrides)))  # every cell is checked before anything runs
+        validate(config_io.with_overrides(base, list(overrides)))  # every cell is checked before anything runs
         cells.append(Cell(",".join(f"{a}={v}" for a, v in levels.items()), levels, overrides))
     return Grid(base, tuple(cells), seeds)
 
@@ -120,12 +137,10 @@ def builtin_grid_path(name: str) -> Path:
 
 
 def run_job(cfg_toml: str, run_dir: str) -> dict:
-    """One (cell, seed): train, sample, evaluate; returns the flat result row. Runs in a worker process."""
+    """One (cell, seed): the main job without figures; returns the flat result row. Runs in a worker process."""
     import torch
 
-    from .evaluation import evaluate_run
-    from .runs import save_samples
-    from .workflow import train_run
+    from .workflow import run_experiment
 
     torch.set_num_threads(1)
     cfg = config_io.loads(cfg_toml)
@@ -133,17 +148,14 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     if path.exists():
         shutil.rmtree(path)  # an unfinished run of this study: start it again
     start = time.perf_counter()
-    run = train_run(cfg, path)
-    samples = run.sample(cfg.eval.n)
-    save_samples(path / "samples", samples, run.names)
-    rep = evaluate_run(run, samples)
+    rep = run_experiment(cfg, path, figures=False).report
     row: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2),
                            "indistinguishable": rep["verdict"].startswith("indistinguishable")}
     for name, m in rep["metrics"].items():
         row[name], row[f"{name}_z"] = m["value"], m["z"]
     for name, r in rep.get("likelihood", {}).get("values", {}).items():
         row[f"{name}_nats_per_dim"] = r["nats_per_dim"]
-    atomic_write_text(path / "result.json", json.dumps(row))
+    RunDir(path).write_result(row)
     return row
 
 
@@ -166,16 +178,16 @@ def prepare_floors(grid: Grid, log: Callable[[str], None]) -> None:
 def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None) -> list[dict]:
     """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot."""
     out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / RUNS).mkdir(parents=True, exist_ok=True)
     todo, rows = [], []
     for i, cell in enumerate(grid.cells):
         for seed in range(grid.seeds):
-            run_dir = out / "runs" / f"cell{i:03d}-seed{seed}"
+            run_dir = out / RUNS / f"cell{i:03d}-seed{seed}"
             cfg = config_io.with_overrides(grid.base, list(cell.overrides) + [f"seed={seed}"])
             meta = {"cell": cell.name, **cell.levels, "seed": seed}
-            done = run_dir / "result.json"
-            if done.is_file():
-                rows.append({**meta, **json.loads(done.read_text(encoding="utf-8"))})
+            done = RunDir(run_dir).read_result()
+            if done is not None:
+                rows.append({**meta, **done})
             else:
                 todo.append((meta, cfg.to_toml(), str(run_dir)))
     log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {jobs} processes")
@@ -223,14 +235,10 @@ def markdown(grid: Grid, summary: list[dict]) -> str:
 def write_outputs(grid: Grid, rows: list[dict], out: Path) -> None:
     if not rows:
         return
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "results.csv", buf.getvalue())
+    files = StudyFiles.of(out)
+    atomic_write_text(files.results, csv_text(rows, list(dict.fromkeys(k for r in rows for k in r))))
     summary = summarize(grid, rows)
-    atomic_write_text(out / "summary.md", markdown(grid, summary))
+    atomic_write_text(files.summary, markdown(grid, summary))
     from .plots import study_figure
 
     labels = [",".join(str(v) for v in c.levels.values()) for c in grid.cells]
@@ -239,4 +247,4 @@ def write_outputs(grid: Grid, rows: list[dict], out: Path) -> None:
     fig = study_figure(labels, panels)
     buf_png = io.BytesIO()
     fig.savefig(buf_png, format="png", dpi=120)
-    atomic_write_bytes(out / "study.png", buf_png.getvalue())
+    atomic_write_bytes(files.figure, buf_png.getvalue())

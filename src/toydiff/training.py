@@ -1,7 +1,8 @@
-"""The training loop: batches, the denoising loss, AdamW, learning-rate schedule, logging and checkpoint hooks.
+"""The training loop: batches, AdamW, learning-rate schedule, EMA, the whole training state, logging and
+checkpoint hooks. The objective itself is toydiff.losses'.
 
 Nothing here knows about files, plots or the command line: the caller passes
-`on_log(row)` and `on_checkpoint(step)` callbacks.
+`on_log(row)` and `on_checkpoint(state)` callbacks.
 """
 
 from __future__ import annotations
@@ -19,127 +20,14 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import TrainConfig
 from .errors import ToydiffError
-from .likelihood import vlb_term
-from .parameterization import Prediction, min_snr_weight, to_x0, training_target
+from .losses import ImportanceTimesteps, Objective, UniformTimesteps, diffusion_loss, timestep_sampler
+from .parameterization import Prediction
+from .progress import Progress
 from .runtime import World
 from .schedules import NoiseSchedule
-
-WEIGHTINGS = ("uniform", "min-snr")
-
-
-class UniformTimesteps:
-    """t ~ U{1..T}, every weight 1: the L_simple of Ho et al. (2020)."""
-
-    def __init__(self, T: int):
-        self.T = T
-
-    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
-        t = torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
-        return t, torch.ones(n, device=device)
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        pass
-
-
-class ImportanceTimesteps(UniformTimesteps):
-    """Importance sampling of t by the loss's second moment (Nichol and Dhariwal 2021, sec. 3.3; improved-diffusion's
-    LossSecondMomentResampler): p_t proportional to sqrt(E[L_t^2]), mixed with 0.1% uniform, and each point's
-    loss weighted by 1 / (T p_t) so the objective's expectation is unchanged. Sampling stays uniform until
-    every t has been seen `history` times. E[L_t^2] is a running mean over the first `history` batches that
-    contain t and an exponential average with weight 1 / history after (improved-diffusion keeps the last 10
-    losses; this keeps the bookkeeping on the device, with no host synchronisation).
-    """
-
-    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001, device: torch.device | str = "cpu"):
-        super().__init__(T)
-        self.history, self.uniform_prob = history, uniform_prob
-        self.second_moment = torch.zeros(T + 1, device=device)
-        self.seen = torch.zeros(T + 1, device=device)
-
-    def probabilities(self) -> torch.Tensor:
-        """p_t for t = 0..T (p_0 = 0)."""
-        uniform = torch.ones_like(self.second_moment)
-        uniform[0] = 0
-        uniform = uniform / self.T
-        root = self.second_moment.sqrt()
-        root[0] = 0
-        p = root / root.sum().clamp_min(1e-30) * (1 - self.uniform_prob) + self.uniform_prob * uniform
-        ready = (self.seen[1:] >= self.history).all()
-        return torch.where(ready, p, uniform)
-
-    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
-        p = self.probabilities()
-        t = torch.multinomial(p, n, replacement=True, generator=generator)
-        return t.to(device), (1.0 / (self.T * p[t])).to(device)
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        t, losses = t.to(self.second_moment.device), losses.detach().float()
-        ok = torch.isfinite(losses)  # a diverging step must not poison p_t (the training loop reports it)
-        sums = torch.zeros_like(self.second_moment).index_add_(0, t, torch.where(ok, losses, 0.0) ** 2)
-        counts = torch.zeros_like(self.seen).index_add_(0, t, ok.float())
-        hit = counts > 0
-        self.seen += hit.float()
-        rate = 1.0 / self.seen.clamp(1, self.history)
-        batch_mean = sums / counts.clamp_min(1)
-        self.second_moment = torch.where(hit, self.second_moment + rate * (batch_mean - self.second_moment),
-                                         self.second_moment)
-
-
-def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
-    if kind == "uniform":
-        return UniformTimesteps(T)
-    if kind == "importance":
-        return ImportanceTimesteps(T, device=device)
-    raise ToydiffError(f"unknown train.timestep_sampling '{kind}'; choose one of: uniform, importance")
-
-
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction,
-                   generator: torch.Generator | None = None, weighting: str = "uniform", gamma: float = 5.0, *,
-                   timesteps: UniformTimesteps | None = None, labels: torch.Tensor | None = None,
-                   learned_variance: bool = False, vlb_weight: float = 0.001, world: World = World(),
-                   autocast: bool = False) -> torch.Tensor:
-    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
-    the MSE between the network and its target, per point, then:
-
-    - weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023);
-    - learned_variance adds lambda T L_t (in bits per dimension, with the mean's gradient stopped): the
-      hybrid loss L_simple + lambda L_vlb of Nichol and Dhariwal (2021, sec. 3.1), lambda = vlb_weight;
-    - labels (B,) condition the network; they are already dropped to the null label where wanted;
-    - with several processes (`world`), every rank draws the whole batch's t and eps and computes the loss on
-      its own shard; the importance sampler sees every rank's losses;
-    - autocast runs the network's forward under bfloat16 autocast; t, eps, x_t, the target and the loss stay
-      float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
-    """
-    timesteps = timesteps or UniformTimesteps(schedule.T)
-    t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
-    eps, x_t = schedule.noise(x0, t, generator)
-    if world.size > 1:
-        s = world.shard(x0.shape[0])
-        x0, t, weights, eps, x_t = x0[s], t[s], weights[s], eps[s], x_t[s]
-        labels = None if labels is None else labels[s]
-    alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
-    target = training_target(prediction, x0, eps, alpha_bar)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(x_t, t) if labels is None else model(x_t, t, labels)
-    out = out.float()
-    pred, v = out.chunk(2, dim=1) if learned_variance else (out, None)
-    per_point = ((pred - target) ** 2).flatten(1).mean(1)
-    if weighting == "min-snr":
-        snr = (alpha_bar / (1 - alpha_bar)).flatten(1)[:, 0]
-        per_point = min_snr_weight(prediction, snr, gamma) * per_point
-    elif weighting != "uniform":
-        raise ToydiffError(f"unknown loss weighting '{weighting}'; choose one of: {', '.join(WEIGHTINGS)}")
-    if learned_variance:
-        x0_hat = to_x0(prediction, pred.detach(), x_t, alpha_bar)  # L_vlb trains the variance only
-        vlb = vlb_term(schedule, x0, x_t, t, x0_hat, schedule.learned_log_variance(v, t))
-        per_point = per_point + vlb_weight * schedule.T * vlb / (x0.shape[1] * math.log(2))
-    timesteps.update(world.gather(t), world.gather(per_point.detach()))
-    return (weights * per_point).mean()
-
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of cfg.lr at a 0-based step: linear warm-up, then constant or cosine decay to 0."""
@@ -284,36 +172,37 @@ def make_state(model: nn.Module, cfg: TrainConfig, T: int, generator: torch.Gene
                       timestep_sampler(cfg.timestep_sampling, T, device), generator)
 
 
-def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig, prediction: Prediction,
-          *, labels: torch.Tensor | None = None, learned_variance: bool = False,
+def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig,
+          objective: Objective | Prediction | str, *, labels: torch.Tensor | None = None,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
           progress: bool = False, world: World = World()) -> list[dict]:
     """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
     Returns the loss-log rows.
 
+    objective: toydiff.losses.Objective, or a bare prediction (eps, x0, v) with cfg's weighting.
     labels (N,) in 0..K-1 train a class-conditional model (model.classes = K), dropped to the null label K
-    with probability cfg.label_dropout. learned_variance: the model outputs [prediction, v], trained with
-    the hybrid loss. Each row is {step, loss (mean over the rows' steps), lr, seconds}. The loss is read
-    back from the device only every cfg.log_every steps, where a non-finite loss or gradient norm (tracked
-    on the device every step) stops training before the next checkpoint could save it. Ctrl-C finishes
-    the current step, calls on_checkpoint and raises Interrupted. With several processes (`world`, under
-    torchrun) the model trains as DistributedDataParallel on shards of one shared global batch.
+    with probability cfg.label_dropout. Each row is {step, loss (mean over the rows' steps), lr, seconds}.
+    The loss is read back from the device only every cfg.log_every steps, where a non-finite loss or
+    gradient norm (tracked on the device every step) stops training before the next checkpoint could save
+    it; the progress display moves every step. Ctrl-C finishes the current step, calls on_checkpoint and
+    raises Interrupted. With several processes (`world`, under torchrun) the model trains as
+    DistributedDataParallel on shards of one shared global batch.
     """
+    if not isinstance(objective, Objective):
+        objective = Objective(objective, cfg.loss_weighting, cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
     model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
         state.generator
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
-    if batch % world.size:
-        raise ToydiffError(f"the global batch ({batch}) must be divisible by the {world.size} processes; "
-                           "change train.batch_size")
+    world.check_batch(batch)
     net = model if world.size == 1 else nn.parallel.DistributedDataParallel(model)
     params = list(model.parameters())  # once: model.parameters() walks the module tree every call
     model.train()
     running = torch.tensor(state.running, device=x0.device)
     first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
     start = time.perf_counter() - state.seconds
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", unit="step", disable=not progress, leave=False)
+    bar = Progress(cfg.steps, "train", "step", enabled=progress, initial=state.step)
     with _sigint_flag(enabled=world.size == 1) as stop:  # under torchrun, Ctrl-C is torchrun's to handle
         for step in range(state.step + 1, cfg.steps + 1):
             if batch >= n:
@@ -323,9 +212,8 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 xb, yb = x0[idx], None if labels is None else labels[idx]
             if yb is not None:
                 yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
-            loss = diffusion_loss(net, schedule, xb, prediction, generator, cfg.loss_weighting, cfg.min_snr_gamma,
-                                  timesteps=state.timesteps, labels=yb, learned_variance=learned_variance,
-                                  vlb_weight=cfg.vlb_weight, world=world, autocast=cfg.autocast == "bf16")
+            loss = diffusion_loss(net, schedule, xb, objective, generator, timesteps=state.timesteps, labels=yb,
+                                  world=world, autocast=cfg.autocast == "bf16")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -337,6 +225,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 ema.update_parameters(model)
             running += loss.detach()
             state.step, state.since = step, state.since + 1
+            bar.update()
             is_checkpoint = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.steps
             if step % cfg.log_every == 0 or step == cfg.steps or is_checkpoint or stop.is_set():
                 _check_finite(int(first_bad), cfg)
@@ -345,7 +234,6 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 row = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                        "seconds": time.perf_counter() - start}
                 state.rows.append(row)
-                bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if on_log is not None:
                     on_log(row)

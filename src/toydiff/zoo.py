@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .oracle import GaussianMixture
+from scipy.special import logsumexp
+
+from .errors import ToydiffError
 
 
 @dataclass(frozen=True)
@@ -54,44 +56,78 @@ def swissroll(n: int, rng: np.random.Generator, p: Params):
     return _noisy(np.c_[t * np.cos(t), t * np.sin(t)] / (4.5 * math.pi), rng, p), None
 
 
-def ring_of_gaussians(p: Params) -> GaussianMixture:
+@dataclass(frozen=True)
+class Mixture:
+    """A Gaussian mixture with diagonal components, in numpy float64: weights (K,), means (K, D), per-axis standard
+    deviations (K, D) (a (K, 1) array is broadcast). toydiff.oracle.GaussianMixture adds its exact denoiser."""
+
+    weights: np.ndarray
+    means: np.ndarray
+    stds: np.ndarray
+
+    def __post_init__(self):
+        weights, means = np.asarray(self.weights, np.float64), np.asarray(self.means, np.float64)
+        if means.ndim != 2 or weights.shape != (means.shape[0],):
+            raise ToydiffError("a Gaussian mixture needs weights (K,), means (K, D) and stds (K, D) or (K, 1)")
+        stds = np.broadcast_to(np.asarray(self.stds, np.float64), means.shape).copy()
+        if not (np.all(weights > 0) and math.isclose(float(weights.sum()), 1.0, rel_tol=1e-9)):
+            raise ToydiffError("mixture weights must be positive and sum to 1")
+        if not np.all(stds > 0):
+            raise ToydiffError("mixture standard deviations must be positive")
+        for name, value in (("weights", weights), ("means", means), ("stds", stds)):
+            object.__setattr__(self, name, value)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def sample(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """n iid points (n, D) and the component each came from (n,)."""
+        k = rng.choice(len(self.weights), size=n, p=self.weights)
+        return self.means[k] + self.stds[k] * rng.standard_normal((n, self.dim)), k.astype(np.int64)
+
+    def log_density(self, x: np.ndarray) -> np.ndarray:
+        """log p(x) (n,) = log sum_k w_k N(x; mu_k, diag(s_k^2))."""
+        x = np.asarray(x, dtype=np.float64)
+        log_n = -0.5 * (((x[:, None, :] - self.means[None]) / self.stds[None]) ** 2
+                        + 2 * np.log(self.stds[None]) + math.log(2 * math.pi)).sum(-1)
+        return logsumexp(np.log(self.weights)[None] + log_n, axis=1)
+
+
+def ring_of_gaussians(p: Params) -> Mixture:
     """`modes` (8) equal Gaussians of std `noise` centred on the circle of radius 2 scale (FFJORD's 8gaussians)."""
     k = p.modes
     angle = 2 * math.pi * np.arange(k) / k
-    return GaussianMixture(np.full(k, 1 / k), 2 * p.scale * np.c_[np.cos(angle), np.sin(angle)],
+    return Mixture(np.full(k, 1 / k), 2 * p.scale * np.c_[np.cos(angle), np.sin(angle)],
                            np.full((k, 1), p.noise))
 
 
-def grid_of_gaussians(p: Params) -> GaussianMixture:
+def grid_of_gaussians(p: Params) -> Mixture:
     """A modes x modes (5 x 5) grid of equal Gaussians at spacing `scale`, centred on 0."""
     side = (np.arange(p.modes) - (p.modes - 1) / 2) * p.scale
     means = np.array([(a, b) for a in side for b in side])
-    return GaussianMixture(np.full(len(means), 1 / len(means)), means, np.full((len(means), 1), p.noise))
+    return Mixture(np.full(len(means), 1 / len(means)), means, np.full((len(means), 1), p.noise))
 
 
-def gaussian_mixture(p: Params) -> GaussianMixture:
+def gaussian_mixture(p: Params) -> Mixture:
     """`modes` equal Gaussians in `dim` dimensions, std `noise`, means uniform in [-2 scale, 2 scale]^dim from a
     generator seeded by (dim, modes) alone: the same distribution for every run with those settings."""
     layout = np.random.default_rng([p.dim, p.modes, 0x6A1])
     means = layout.uniform(-2, 2, size=(p.modes, p.dim)) * p.scale
-    return GaussianMixture(np.full(p.modes, 1 / p.modes), means, np.full((p.modes, 1), p.noise))
+    return Mixture(np.full(p.modes, 1 / p.modes), means, np.full((p.modes, 1), p.noise))
 
 
 def mixture_sampler(make):
     """A zoo sampler drawing from the mixture `make(p)`, labelled by component."""
     def sample(n: int, rng: np.random.Generator, p: Params):
-        gmm = make(p)
-        k = rng.choice(len(gmm.weights), size=n, p=gmm.weights.numpy())
-        x = gmm.means.numpy()[k] + gmm.stds.numpy()[k] * rng.standard_normal((n, gmm.dim))
-        return x, k.astype(np.int64)
+        return make(p).sample(n, rng)
     sample.__doc__ = make.__doc__
     return sample
 
 
 def mixture_log_density(make):
     def log_density(x: np.ndarray, p: Params) -> np.ndarray:
-        import torch
-        return make(p).log_prob(torch.as_tensor(np.asarray(x, dtype=np.float64))).numpy()
+        return make(p).log_density(x)
     return log_density
 
 

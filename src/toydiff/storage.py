@@ -1,29 +1,16 @@
-"""The run directory's file formats: atomic writes, safetensors weights, and a versioned manifest.
+"""File formats: atomic writes, .npy and CSV without pickle, and toydiff-tagged safetensors.
 
-A run directory describes itself, so sampling, plotting and evaluation need nothing
-but its path:
-
-    run.json            format name and version, what was trained, how long it took
-    config.toml         the full ExperimentConfig the run was made with
-    scaler.json         the fitted Scaler (data units <-> the model's frame)
-    train_data.npy      the training data, in data units
-    model.safetensors   the weights (metadata: format, version, step)
-    model_ema.safetensors  their exponential moving average (sampling uses it by default)
-    checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
-                        which `--resume` continues from
-    train_log.csv       step, loss, lr, seconds
-    samples.npy/.csv    generated samples, in data units
-    figures/*.png       the figures
-
-Nothing here is ever unpickled: weights are safetensors, the rest JSON, TOML, CSV and
-.npy read with allow_pickle=False.
+Every file toydiff writes goes to a temporary name beside its target and is renamed over it,
+so a crash leaves the old file whole or the new one whole, never half of either. Nothing is
+ever unpickled: arrays are .npy read with allow_pickle=False, weights and training state are
+safetensors with a format tag and version in their metadata. Which files a run directory holds,
+and what they are called, is toydiff.rundir's business.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -37,12 +24,10 @@ from torch import nn
 
 from .errors import ToydiffError
 
-FORMAT = "toydiff-run"
-VERSION = 1
-MANIFEST = "run.json"
+FORMAT = "toydiff-run"  # the tag in every safetensors file and run manifest toydiff writes
+VERSION = 1  # the newest format version this toydiff reads and writes
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-WEIGHTS = "model.safetensors"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,15 +65,32 @@ def load_npy(path: Path) -> np.ndarray:
         raise ToydiffError(f"'{path}' is not a readable .npy array ({e})") from None
 
 
-def save_csv(path: Path, rows: list[dict[str, Any]] | np.ndarray, header: list[str] | None = None) -> None:
+def csv_text(rows: list[dict[str, Any]] | np.ndarray, header: list[str] | tuple[str, ...] | None = None) -> str:
+    """Rows of dicts, or a 2-D array with its column names, as CSV text (numbers with 7 significant digits)."""
     buf = io.StringIO()
     if isinstance(rows, np.ndarray):
         np.savetxt(buf, rows, delimiter=",", header=",".join(header or []), comments="", fmt="%.7g")
     else:
-        writer = csv.DictWriter(buf, fieldnames=header or (list(rows[0]) if rows else []))
+        writer = csv.DictWriter(buf, fieldnames=list(header or (list(rows[0]) if rows else [])))
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_csv(path: Path, rows: list[dict[str, Any]] | np.ndarray, header: list[str] | tuple[str, ...] | None = None
+             ) -> None:
+    atomic_write_text(path, csv_text(rows, header))
+
+
+def save_table(path: Path, x: np.ndarray, names: list[str]) -> None:
+    """An (n, D) array as .npy (float32) or .csv (headed by `names`), by the path's suffix."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        save_npy(path, np.asarray(x, dtype=np.float32))
+    elif path.suffix == ".csv":
+        save_csv(path, x, names)
+    else:
+        raise ToydiffError(f"'{path}' must end in .npy or .csv")
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -135,54 +137,28 @@ def load_weights(path: Path, model: nn.Module) -> int:
     return int(meta.get("step", "0"))
 
 
-def write_manifest(run_dir: Path, info: dict[str, Any]) -> None:
-    atomic_write_text(Path(run_dir) / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=2))
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ToydiffError(f"run directory '{run_dir}' does not exist; make one with `toydiff run` or `toydiff train`")
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        raise ToydiffError(f"'{run_dir}' is not a toydiff run directory (no {MANIFEST}); "
-                           "make one with `toydiff run` or `toydiff train`")
+def make_staging_dir(target: Path) -> Path:
+    """A fresh hidden directory beside `target` (`publish_dir` renames it there once it is whole); an existing
+    non-empty `target` is refused, never written into."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ToydiffError(f"'{target}' already exists and is not empty; choose another --out or remove it")
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ToydiffError(f"'{path}' is not valid JSON ({e}); the run directory is damaged") from None
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
-        raise ToydiffError(f"'{run_dir}' is not a toydiff run directory ({MANIFEST} has no '{FORMAT}' format tag)")
-    version = info.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise ToydiffError(f"'{run_dir}' has run format version {version!r}; this toydiff reads versions up to "
-                           f"{VERSION}: upgrade toydiff")
-    return info
-
-
-def create_run_dir(run_dir: Path) -> Path:
-    """Make a staging directory beside `run_dir` for a new run (`publish_run_dir` moves it into place); an
-    existing non-empty `run_dir` is never written into."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
-        raise ToydiffError(f"'{run_dir}' already exists and is not empty; choose another --out or remove it")
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}.", suffix=".partial"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
         os.chmod(staging, 0o777 & ~_UMASK)
-        (staging / "figures").mkdir()
     except OSError as e:
-        raise ToydiffError(f"cannot create run directory '{run_dir}': {e}") from None
+        raise ToydiffError(f"cannot create directory '{target}': {e}") from None
     return staging
 
 
-def publish_run_dir(staging: Path, run_dir: Path) -> Path:
-    """Rename a fully written staging directory to `run_dir`: a run directory exists whole or not at all."""
-    run_dir = Path(run_dir)
+def publish_dir(staging: Path, target: Path) -> Path:
+    """Rename a fully written staging directory to `target`: the directory exists whole or not at all."""
+    target = Path(target)
     try:
-        if run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        os.rename(staging, run_dir)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        os.rename(staging, target)
     except OSError as e:
-        raise ToydiffError(f"cannot create run directory '{run_dir}': {e}") from None
-    return run_dir
+        raise ToydiffError(f"cannot create directory '{target}': {e}") from None
+    return target

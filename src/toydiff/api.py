@@ -1,0 +1,131 @@
+"""The Python API, in one screen.
+
+    import toydiff
+    result = toydiff.run(schedule={"T": 100}, train={"steps": 2000}, out="runs/demo")  # the main job
+    print(result.verdict)                      # "indistinguishable from data at n = 5000 (...)" or what is off
+    run = toydiff.load("runs/demo")            # any run directory, loaded back
+    x = run.sample(1000, seed=1)               # (1000, D) in data units
+    report = toydiff.evaluate(run, x)          # each metric beside its noise floor (also writes metrics.json)
+    figs = toydiff.figures(run, x)             # name -> matplotlib Figure; nothing written
+
+Configuration is a toydiff.ExperimentConfig, a plain dict shaped like the TOML file, section
+keyword arguments (schedule={"T": 100}, seed=3) or any mix of them over a preset; all are checked
+like a TOML file, and names are checked against their vocabularies (with a "did you mean").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from . import config as config_io
+from .config import ExperimentConfig
+from .errors import ToydiffError
+from .runs import Run
+from .rundir import RunDir, new_run_path
+from .workflow import Experiment, finish, resume_run, run_experiment
+
+IF_EXISTS = ("error", "replace", "reuse")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_config(config: ExperimentConfig | dict | None = None, preset: str = "default",
+                **sections: Any) -> ExperimentConfig:
+    """The preset, then `config` (a config or a TOML-shaped dict), then the section keyword arguments over it."""
+    cfg = config_io.preset(preset)
+    if config is not None:
+        cfg = config_io.merged(cfg, config if isinstance(config, dict) else config.to_dict())
+    return config_io.merged(cfg, sections) if sections else cfg
+
+
+def run(config: ExperimentConfig | dict | None = None, out: str | Path | None = None, *, preset: str = "default",
+        if_exists: str = "error", figures: bool = True, evaluate: bool = True, progress: bool = True,
+        quiet: bool = False, **sections: Any) -> Experiment:
+    """Train, sample, draw and evaluate, in a new run directory `out` (default runs/NAME-TIMESTAMP).
+
+    if_exists says what an existing `out` means, so a notebook cell can be run again: "error" (the default)
+    refuses it; "replace" deletes it first (only a toydiff run directory, never another folder); "reuse" keeps
+    a run made with this same configuration, resuming its training if it was interrupted and redoing only
+    what is missing (samples, figures, metrics), and refuses one made with another configuration.
+    """
+    cfg = make_config(config, preset, **sections)
+    config_io.choose("if_exists", if_exists, IF_EXISTS)
+    log = (lambda m: None) if quiet else _stderr
+    show = progress and not quiet
+    out = Path(out) if out is not None else new_run_path(preset if preset != "default" else None, cfg)
+    existing = RunDir(out)
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and if_exists != "error":
+        if not existing.is_run():
+            raise ToydiffError(f"'{out}' exists and is not a toydiff run directory; toydiff will not "
+                               f"{'replace' if if_exists == 'replace' else 'reuse'} it: choose another out")
+        if if_exists == "replace":
+            shutil.rmtree(out)
+        elif if_exists == "reuse":
+            return _reuse(cfg, existing, figures=figures, evaluate=evaluate, progress=show, log=log)
+    return run_experiment(cfg, out, figures=figures, evaluate=evaluate, progress=show, log=log)
+
+
+def _reuse(cfg: ExperimentConfig, rd: RunDir, *, figures: bool, evaluate: bool, progress: bool, log) -> Experiment:
+    stored, wanted = rd.read_config().to_dict(), cfg.to_dict()
+    if stored != wanted:
+        differ = [f"{s}.{k}" for s, v in wanted.items() if isinstance(v, dict) for k in v if stored[s][k] != v[k]]
+        differ += [s for s, v in wanted.items() if not isinstance(v, dict) and stored[s] != v]
+        raise ToydiffError(f"'{rd.path}' was made with another configuration ({', '.join(differ[:4])} differ); "
+                           "use if_exists='replace', or another out")
+    if rd.read_manifest().get("status") != "trained":
+        run_ = resume_run(rd.path, progress=progress, log=log)
+    else:
+        run_ = Run.load(rd.path)
+    samples, report = rd.read_samples(), rd.read_metrics() if evaluate else None
+    paths = rd.figure_paths() if figures else {}
+    if samples is None or len(samples) < cfg.sample.n or (evaluate and report is None) or (figures and not paths):
+        return finish(run_, figures=figures, evaluate=evaluate, progress=progress, log=log)
+    log(f"reusing '{rd.path}' (trained, sampled{' and evaluated' if report else ''})")
+    return Experiment(run_, samples, paths, report)
+
+
+def load(path: str | Path, device: str = "auto") -> Run:
+    """A run directory, loaded back: Run.sample, .plan, .denoiser, .config, .data, ..."""
+    return Run.load(path, device=device)
+
+
+def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: Optional[int] = None,
+             draws: Optional[int] = None, data: str | Path | None = None, columns: Sequence[str] = (),
+             progress: bool = True, quiet: bool = False) -> dict:
+    """Judge samples (default: the run's stored samples, drawn afresh when they are fewer than eval.n) against
+    fresh data of the run's distribution, each metric beside its noise floor; the report (dict) is also
+    written to the run's metrics.json. n and draws override eval.n and eval.draws; `data` judges against
+    a file's rows instead (columns matched by name, or chosen with `columns`)."""
+    from .evaluation import evaluate_run, file_reference
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    spec = dataclasses.replace(run.config.eval, **{k: v for k, v in (("n", n), ("draws", draws)) if v is not None})
+    if samples is None:
+        samples = run.dir.read_samples()
+        if samples is None or len(samples) < spec.n:
+            samples = run.sample(spec.n, progress=progress and not quiet)  # the stored ones are too few
+    target = file_reference(run, data, columns) if data is not None else None
+    return evaluate_run(run, samples, log=(lambda m: None) if quiet else _stderr, spec=spec, target=target,
+                        progress=progress and not quiet)
+
+
+def figures(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:
+    """The run's figures as matplotlib Figures (name -> Figure), for its stored samples by default."""
+    from .figures import make_figures
+
+    run = run if isinstance(run, Run) else Run.load(run)
+    if samples is None:
+        samples = run.dir.read_samples()
+        if samples is None:
+            samples = run.sample(run.config.sample.n)
+    return make_figures(run, samples)

@@ -1,0 +1,174 @@
+"""The training objective: which t each point is noised to, the denoising loss and the variational-bound terms.
+
+    objective = Objective.from_config(cfg)                  # prediction, weighting, learned variances
+    loss = diffusion_loss(model, schedule, x0, objective, generator, timesteps=sampler)
+
+L_simple of Ho et al. (2020), optionally min-SNR weighted (Hang et al. 2023), plus lambda L_vlb for
+learned variances (Nichol and Dhariwal 2021); t uniform or importance-sampled. The training loop
+(toydiff.training) and the likelihoods (toydiff.likelihood) both use the bound's terms from here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
+from .parameterization import Prediction, min_snr_weight, to_x0, training_target
+from .registry import Registry
+from .runtime import World
+from .schedules import NoiseSchedule
+
+LOG_2PI = math.log(2 * math.pi)
+TIMESTEP_SAMPLERS: Registry[type] = Registry("train.timestep_sampling", TIMESTEP_SAMPLINGS)
+
+
+@TIMESTEP_SAMPLERS.register("uniform")
+class UniformTimesteps:
+    """t ~ U{1..T}, every weight 1: the L_simple of Ho et al. (2020)."""
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        t = torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+        return t, torch.ones(n, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+
+@TIMESTEP_SAMPLERS.register("importance")
+class ImportanceTimesteps(UniformTimesteps):
+    """Importance sampling of t by the loss's second moment (Nichol and Dhariwal 2021, sec. 3.3; improved-diffusion's
+    LossSecondMomentResampler): p_t proportional to sqrt(E[L_t^2]), mixed with 0.1% uniform, and each point's
+    loss weighted by 1 / (T p_t) so the objective's expectation is unchanged. Sampling stays uniform until
+    every t has been seen `history` times. E[L_t^2] is a running mean over the first `history` batches that
+    contain t and an exponential average with weight 1 / history after (improved-diffusion keeps the last 10
+    losses; this keeps the bookkeeping on the device, with no host synchronisation).
+    """
+
+    def __init__(self, T: int, history: int = 10, uniform_prob: float = 0.001, device: torch.device | str = "cpu"):
+        super().__init__(T)
+        self.history, self.uniform_prob = history, uniform_prob
+        self.second_moment = torch.zeros(T + 1, device=device)
+        self.seen = torch.zeros(T + 1, device=device)
+
+    def probabilities(self) -> torch.Tensor:
+        """p_t for t = 0..T (p_0 = 0)."""
+        uniform = torch.ones_like(self.second_moment)
+        uniform[0] = 0
+        uniform = uniform / self.T
+        root = self.second_moment.sqrt()
+        root[0] = 0
+        p = root / root.sum().clamp_min(1e-30) * (1 - self.uniform_prob) + self.uniform_prob * uniform
+        ready = (self.seen[1:] >= self.history).all()
+        return torch.where(ready, p, uniform)
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        p = self.probabilities()
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
+        return t.to(device), (1.0 / (self.T * p[t])).to(device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        t, losses = t.to(self.second_moment.device), losses.detach().float()
+        ok = torch.isfinite(losses)  # a diverging step must not poison p_t (the training loop reports it)
+        sums = torch.zeros_like(self.second_moment).index_add_(0, t, torch.where(ok, losses, 0.0) ** 2)
+        counts = torch.zeros_like(self.seen).index_add_(0, t, ok.float())
+        hit = counts > 0
+        self.seen += hit.float()
+        rate = 1.0 / self.seen.clamp(1, self.history)
+        batch_mean = sums / counts.clamp_min(1)
+        self.second_moment = torch.where(hit, self.second_moment + rate * (batch_mean - self.second_moment),
+                                         self.second_moment)
+
+
+def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
+    """The t sampler of train.timestep_sampling for T steps."""
+    cls = TIMESTEP_SAMPLERS.get(kind)
+    return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the network is trained to output and how each point's error counts."""
+
+    prediction: Prediction = Prediction.EPS  # the network's target: eps | x0 | v (a name is accepted)
+    weighting: str = "uniform"  # uniform (L_simple) | min-snr
+    gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
+    learned_variance: bool = False  # the network also outputs v; L_hybrid = L_simple + vlb_weight L_vlb
+    vlb_weight: float = 0.001
+
+    def __post_init__(self):
+        object.__setattr__(self, "prediction", Prediction.parse(self.prediction))
+        choose("loss weighting", self.weighting, WEIGHTINGS)
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> "Objective":
+        return cls(cfg.model.prediction, cfg.train.loss_weighting, cfg.train.min_snr_gamma,
+                   cfg.model.variance == "learned", cfg.train.vlb_weight)
+
+
+def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Objective | Prediction | str,
+                   generator: torch.Generator | None = None, *, timesteps: UniformTimesteps | None = None,
+                   labels: torch.Tensor | None = None, world: World = World(), autocast: bool = False) -> torch.Tensor:
+    """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
+    the MSE between the network and its target, per point, then (`objective`; a bare prediction means
+    Objective(prediction)):
+
+    - weighting "min-snr" scales each point's error by min_snr_weight (Hang et al. 2023);
+    - learned_variance adds lambda T L_t (in bits per dimension, with the mean's gradient stopped): the
+      hybrid loss L_simple + lambda L_vlb of Nichol and Dhariwal (2021, sec. 3.1), lambda = vlb_weight;
+    - labels (B,) condition the network; they are already dropped to the null label where wanted;
+    - with several processes (`world`), every rank draws the whole batch's t and eps and computes the loss on
+      its own shard; the importance sampler sees every rank's losses;
+    - autocast runs the network's forward under bfloat16 autocast; t, eps, x_t, the target and the loss stay
+      float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
+    """
+    obj = objective if isinstance(objective, Objective) else Objective(objective)
+    timesteps = timesteps or UniformTimesteps(schedule.T)
+    t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
+    eps, x_t = schedule.noise(x0, t, generator)
+    if world.size > 1:
+        s = world.shard(x0.shape[0])
+        x0, t, weights, eps, x_t = x0[s], t[s], weights[s], eps[s], x_t[s]
+        labels = None if labels is None else labels[s]
+    alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
+    target = training_target(obj.prediction, x0, eps, alpha_bar)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x_t, t) if labels is None else model(x_t, t, labels)
+    out = out.float()
+    pred, v = out.chunk(2, dim=1) if obj.learned_variance else (out, None)
+    per_point = ((pred - target) ** 2).flatten(1).mean(1)
+    if obj.weighting == "min-snr":
+        snr = (alpha_bar / (1 - alpha_bar)).flatten(1)[:, 0]
+        per_point = min_snr_weight(obj.prediction, snr, obj.gamma) * per_point
+    if obj.learned_variance:
+        x0_hat = to_x0(obj.prediction, pred.detach(), x_t, alpha_bar)  # L_vlb trains the variance only
+        vlb = vlb_term(schedule, x0, x_t, t, x0_hat, schedule.learned_log_variance(v, t))
+        per_point = per_point + obj.vlb_weight * schedule.T * vlb / (x0.shape[1] * math.log(2))
+    timesteps.update(world.gather(t), world.gather(per_point.detach()))
+    return (weights * per_point).mean()
+
+
+def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor,
+              log_var_2: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_1, e^log_var_1) || N(mean_2, e^log_var_2)) per coordinate (diagonal Gaussians), nats."""
+    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2)
+                  + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1)
+
+
+def vlb_term(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, x0_hat: torch.Tensor,
+             log_var: torch.Tensor) -> torch.Tensor:
+    """L_{t-1} of the variational bound per point (B,), nats summed over dimensions, for p(x_{t-1} | x_t) =
+    N(posterior mean at x0_hat, e^log_var): KL(q(x_{t-1} | x_t, x0) || p) for t >= 2, and the continuous
+    Gaussian decoder -log p(x0 | x_1) for t = 1 (Ho et al. 2020, eq. 5)."""
+    mean_q, _ = schedule.posterior(x0, x_t, t)
+    mean_p, _ = schedule.posterior(x0_hat, x_t, t)
+    log_var_q = schedule.gather(schedule.log_beta_tilde_clipped, t, x0)  # exact for t >= 2, finite at t = 1
+    kl = normal_kl(mean_q, log_var_q, mean_p, log_var).sum(1)
+    decoder = 0.5 * ((x0 - mean_p) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(1)
+    return torch.where(t == 1, decoder, kl)

@@ -1,0 +1,269 @@
+"""The run directory: every file of a run is named here, once, and read and written through `RunDir`.
+
+A run directory describes itself, so sampling, plotting and evaluation need nothing but its path:
+
+    run.json               format name and version, what was trained, its status, how long it took
+    config.toml            the full ExperimentConfig the run was made with
+    scaler.json            the fitted Scaler (data units <-> the model's frame)
+    train_data.npy         the training data, in data units
+    train_labels.npy       their class labels (conditional models)
+    holdout_data.npy       the rows of the user's file kept out of training (the evaluation's reference)
+    model.safetensors      the weights (metadata: format, version, step)
+    model_ema.safetensors  their exponential moving average (sampling uses it by default)
+    checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
+                           which `--resume` continues from
+    train_log.csv          step, loss, lr, seconds: a row appended as each is logged, rewritten at checkpoints
+    samples.npy / .csv     generated samples, in data units
+    metrics.json           the evaluation: each metric beside its noise floor, the verdict, the likelihoods
+    figures/NAME.png       the figures
+    result.json            a study's row for this run (toydiff.study)
+
+A new run directory is staged under a hidden name and renamed into place once its inputs are
+written (`RunDir.create`, `publish`): it exists whole or not at all. Nothing here is ever
+unpickled (toydiff.storage).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__, config as config_io
+from .config import ExperimentConfig
+from .errors import ToydiffError
+from .scaler import Scaler
+from .storage import (FORMAT, VERSION, atomic_write_text, csv_text, load_npy, load_tensors, load_weights,
+                      make_staging_dir, publish_dir, save_csv, save_npy, save_tensors, save_weights)
+
+MANIFEST = "run.json"
+CONFIG = "config.toml"
+SCALER = "scaler.json"
+TRAIN_DATA = "train_data.npy"
+TRAIN_LABELS = "train_labels.npy"
+HOLDOUT = "holdout_data.npy"
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "model_ema.safetensors"
+CHECKPOINT = "checkpoint.safetensors"
+TRAIN_LOG = "train_log.csv"
+LOG_HEADER = ("step", "loss", "lr", "seconds")
+SAMPLES = "samples"  # .npy and .csv
+METRICS = "metrics.json"
+FIGURES_DIR = "figures"
+RESULT = "result.json"
+
+
+def new_run_path(name: Optional[str], cfg: ExperimentConfig, root: str | Path = "runs") -> Path:
+    """runs/NAME-YYYYmmdd-HHMMSS (with -2, -3, ... if taken) for a new run; NAME defaults to the data file's
+    stem or the dataset's name."""
+    name = name or (Path(cfg.data.path).stem if cfg.data.path else cfg.data.name)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out, k = Path(root) / f"{name}-{stamp}", 1
+    while out.exists():
+        k += 1
+        out = Path(root) / f"{name}-{stamp}-{k}"
+    return out
+
+
+class RunDir:
+    """One run directory on disk: its files' paths, and reading and writing each."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir('{self.path}')"
+
+    # --- paths -------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> Path:
+        return self.path / WEIGHTS
+
+    @property
+    def ema_weights(self) -> Path:
+        return self.path / EMA_WEIGHTS
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def train_log(self) -> Path:
+        return self.path / TRAIN_LOG
+
+    @property
+    def samples(self) -> Path:
+        """samples.npy (beside it, samples.csv)."""
+        return self.path / f"{SAMPLES}.npy"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def figures(self) -> Path:
+        return self.path / FIGURES_DIR
+
+    def figure(self, name: str) -> Path:
+        return self.path / FIGURES_DIR / f"{name}.png"
+
+    def figure_paths(self) -> dict[str, Path]:
+        """The figures written so far, name -> path."""
+        return {p.stem: p for p in sorted(self.figures.glob("*.png"))}
+
+    # --- creating ----------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, target: str | Path) -> "RunDir":
+        """A staging directory beside `target` for a new run (publish it once its inputs are written); an
+        existing non-empty `target` is refused."""
+        staging = cls(make_staging_dir(Path(target)))
+        try:
+            staging.figures.mkdir()
+        except OSError as e:
+            raise ToydiffError(f"cannot create run directory '{target}': {e}") from None
+        return staging
+
+    def publish(self, target: str | Path) -> "RunDir":
+        return RunDir(publish_dir(self.path, Path(target)))
+
+    def write_inputs(self, cfg: ExperimentConfig, scaler: Scaler, x: np.ndarray, labels: Optional[np.ndarray],
+                     holdout: Optional[np.ndarray], info: dict[str, Any]) -> None:
+        """Everything a run is made from, and its manifest (status "training")."""
+        atomic_write_text(self.path / CONFIG, cfg.to_toml())
+        atomic_write_text(self.path / SCALER, json.dumps(scaler.to_dict(), indent=2))
+        save_npy(self.path / TRAIN_DATA, x.astype(np.float32))
+        if labels is not None:
+            save_npy(self.path / TRAIN_LABELS, labels)
+        if holdout is not None:
+            save_npy(self.path / HOLDOUT, holdout)
+        self.write_manifest({"toydiff_version": __version__, **info, "status": "training"})
+
+    # --- the manifest ------------------------------------------------------------------------------------
+    def write_manifest(self, info: dict[str, Any]) -> None:
+        atomic_write_text(self.path / MANIFEST, json.dumps({"format": FORMAT, "version": VERSION, **info}, indent=2))
+
+    def read_manifest(self) -> dict[str, Any]:
+        """The manifest, after checking that this is a toydiff run directory this version can read."""
+        if not self.path.is_dir():
+            raise ToydiffError(f"run directory '{self.path}' does not exist; make one with `toydiff run` or "
+                               "`toydiff train`")
+        path = self.path / MANIFEST
+        if not path.is_file():
+            raise ToydiffError(f"'{self.path}' is not a toydiff run directory (no {MANIFEST}); "
+                               "make one with `toydiff run` or `toydiff train`")
+        try:
+            info = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ToydiffError(f"'{path}' is not valid JSON ({e}); the run directory is damaged") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise ToydiffError(f"'{self.path}' is not a toydiff run directory ({MANIFEST} has no '{FORMAT}' format "
+                               "tag)")
+        version = info.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise ToydiffError(f"'{self.path}' has run format version {version!r}; this toydiff reads versions up "
+                               f"to {VERSION}: upgrade toydiff")
+        return info
+
+    def is_run(self) -> bool:
+        """Whether this path holds a run directory's manifest (a directory safe to replace as a run)."""
+        return (self.path / MANIFEST).is_file()
+
+    # --- reading a run back ------------------------------------------------------------------------------
+    def read_config(self) -> ExperimentConfig:
+        return config_io.load(self.path / CONFIG)
+
+    def read_scaler(self) -> Scaler:
+        try:
+            return Scaler.from_dict(json.loads((self.path / SCALER).read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ToydiffError(f"cannot read '{self.path / SCALER}' ({e}); the run directory is damaged") from None
+
+    def read_data(self, dim: int, conditional: bool, classes: Optional[int]
+                  ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+        """(training data, labels or None, held-out rows or None), each checked against the run's D and the
+        manifest's class count."""
+        data = load_npy(self.path / TRAIN_DATA)
+        if data.ndim != 2 or data.shape[1] != dim:
+            raise ToydiffError(f"'{self.path}' is damaged: {TRAIN_DATA} has shape {data.shape} but the scaler has "
+                               f"{dim} columns")
+        labels = None
+        if conditional:
+            labels = load_npy(self.path / TRAIN_LABELS)
+            if labels.shape != (data.shape[0],) or labels.dtype.kind not in "iu" or classes != int(labels.max()) + 1:
+                raise ToydiffError(f"'{self.path}' is damaged: {TRAIN_LABELS} does not match the training data or "
+                                   f"{MANIFEST}")
+        holdout = load_npy(self.path / HOLDOUT) if (self.path / HOLDOUT).is_file() else None
+        if holdout is not None and (holdout.ndim != 2 or holdout.shape[1] != dim):
+            raise ToydiffError(f"'{self.path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data "
+                               f"{data.shape}")
+        return data, labels, holdout
+
+    def load_weights(self, model: nn.Module, ema: bool) -> None:
+        """The trained weights into `model`; with ema, their moving average where the run has one."""
+        load_weights(self.weights, model)
+        if ema and self.ema_weights.is_file():
+            load_weights(self.ema_weights, model)
+
+    # --- training ----------------------------------------------------------------------------------------
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict[str, str], model: nn.Module,
+                        ema: Optional[nn.Module], step: int, rows: list[dict]) -> None:
+        """The whole training state first, then the plain weights, the EMA and the log, each file atomically."""
+        save_tensors(self.checkpoint, tensors, meta)
+        save_weights(self.weights, model, step)
+        if ema is not None:
+            save_weights(self.ema_weights, ema, step)
+        save_csv(self.train_log, rows, LOG_HEADER)
+
+    def load_checkpoint(self) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+        """The training state saved by save_checkpoint, or None before the first checkpoint."""
+        if not self.checkpoint.is_file():
+            return None
+        return load_tensors(self.checkpoint, "checkpoint")
+
+    def append_log(self, row: dict) -> None:
+        """One loss-log row, appended and flushed as training goes, so the log can be followed live; the file is
+        rewritten whole (atomically) at every checkpoint."""
+        new = not self.train_log.is_file() or self.train_log.stat().st_size == 0
+        text = csv_text([row], LOG_HEADER)
+        with open(self.train_log, "a", encoding="utf-8") as f:
+            f.write(text if new else text.split("\n", 1)[1])
+            f.flush()
+            os.fsync(f.fileno())
+
+    # --- outputs -----------------------------------------------------------------------------------------
+    def write_samples(self, samples: np.ndarray, names: list[str]) -> tuple[Path, Path]:
+        """samples.npy and samples.csv in data units, the CSV headed by the data's column names."""
+        npy, csv = self.samples, self.samples.with_suffix(".csv")
+        save_npy(npy, samples.astype(np.float32))
+        save_csv(csv, samples, names)
+        return npy, csv
+
+    def read_samples(self) -> Optional[np.ndarray]:
+        """The stored samples, or None when there are none."""
+        return load_npy(self.samples) if self.samples.is_file() else None
+
+    def write_metrics(self, report: dict) -> Path:
+        atomic_write_text(self.metrics, json.dumps(report, indent=2))
+        return self.metrics
+
+    def read_metrics(self) -> Optional[dict]:
+        if not self.metrics.is_file():
+            return None
+        try:
+            return json.loads(self.metrics.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise ToydiffError(f"'{self.metrics}' is not valid JSON ({e}); the run directory is damaged") from None
+
+    def write_result(self, row: dict) -> None:
+        atomic_write_text(self.path / RESULT, json.dumps(row))
+
+    def read_result(self) -> Optional[dict]:
+        """A study's stored row for this run, or None when the run has not finished."""
+        path = self.path / RESULT
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
