@@ -153,16 +153,6 @@ def _log(quiet: bool):
 
 
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
-    from .rundir import new_run_path
-    from .runtime import init_world
-    from .workflow import resume_run, run_experiment, train_run
-
-    world, device = init_world(args.device or "auto")
-    log = _log(args.quiet or not world.is_writer)
-    progress = not args.quiet and world.is_writer
-    if world.size > 1 and not args.resume:  # each process on its own device (cuda:LOCAL_RANK or the CPU)
-        args.overrides = list(args.overrides) + [f"train.device={device}"]
-        args.device = None
     cfg, out = None, args.resume
     if args.resume:
         given = [flag for flag, value in (("--preset", args.preset != "default"), ("--config", args.config),
@@ -172,9 +162,21 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
         if given:
             raise ToydiffError(f"--resume continues the run with its own configuration; drop {', '.join(given)}")
     else:
-        cfg = resolve_config(args)
-        if world.size > 1 and not args.out:
-            raise ToydiffError("under torchrun, name the run directory with --out (every process must agree on it)")
+        cfg = resolve_config(args)  # checked before torch is imported: a bad setting answers at once
+
+    from .rundir import new_run_path
+    from .runtime import init_world
+    from .workflow import resume_run, run_experiment, train_run
+
+    world, device = init_world(args.device or "auto")
+    log = _log(args.quiet or not world.is_writer)
+    progress = not args.quiet and world.is_writer
+    if cfg is not None:
+        if world.size > 1:  # each process on its own device (cuda:LOCAL_RANK or the CPU), one agreed directory
+            if not args.out:
+                raise ToydiffError("under torchrun, name the run directory with --out (every process must agree "
+                                   "on it)")
+            cfg = config_io.merged(cfg, {"train": {"device": device}})
         out = Path(args.out) if args.out else new_run_path(args.preset if args.preset != "default" else None, cfg)
     if full:
         result = run_experiment(cfg, out, resume=bool(args.resume), device=device, evaluate=not args.no_eval,

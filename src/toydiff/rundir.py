@@ -218,13 +218,18 @@ class RunDir:
         save_weights(self.weights, model, step)
         if ema is not None:
             save_weights(self.ema_weights, ema, step)
-        save_csv(self.train_log, rows, LOG_HEADER)
+        self.write_log(rows)
 
     def load_checkpoint(self) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
         """The training state saved by save_checkpoint, or None before the first checkpoint."""
         if not self.checkpoint.is_file():
             return None
         return load_tensors(self.checkpoint, "checkpoint")
+
+    def write_log(self, rows: list[dict]) -> None:
+        """The whole loss log, atomically (at checkpoints, and when a resumed run drops the rows logged after
+        its last checkpoint)."""
+        save_csv(self.train_log, rows, LOG_HEADER)
 
     def append_log(self, row: dict) -> None:
         """One loss-log row, appended and flushed as training goes, so the log can be followed live; the file is

@@ -171,6 +171,8 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
         log(f"'{run.path}' is already trained ({state.step} steps)")
         return Run.load(run.path, device=device)
     log(f"resuming '{run.path}' at step {state.step} of {run.config.train.steps}")
+    if world.is_writer:
+        run.dir.write_log(state.rows)  # rows appended after the last checkpoint are logged again from there
     return _train(run, state, info, progress, log, world)
 
 
