@@ -97,10 +97,11 @@ def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optional[torch.device] = None) -> Run:
+def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optional[torch.device] = None,
+                  world: World = World()) -> Run:
     """The run `cfg` describes, before training: its data, fitted scaler, schedule and freshly initialised
     network, in memory (nothing is written). Checks the config first."""
-    validate(cfg)
+    validate(cfg, world)
     device = device or resolve_device(cfg.train.device)
     data = make_data(cfg)
     for c in cfg.plot.columns:  # checked now, not after training
@@ -120,10 +121,9 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
               world: World = World()) -> Run:
     """Make a new run directory at `out` and train the configured model into it. Under torchrun (`world`)
     every process trains, and rank 0 alone makes and writes the directory."""
-    world.check_batch(cfg.train.batch_size)
     device = resolve_device(cfg.train.device)
+    run = untrained_run(cfg, out, device, world)
     threads = set_threads(cfg.train.threads, device, cfg.train.batch_size or cfg.data.n)
-    run = untrained_run(cfg, out, device)
     warning = run.schedule.terminal_warning()
     if warning:
         log(f"warning: {warning}")
