@@ -20,19 +20,19 @@ __version__ = "0.1.0"
 
 # public name -> the module that owns it
 _API = {
-    "run": "api", "load": "api", "evaluate": "api", "figures": "api", "make_config": "api",
+    "run": "api", "load": "api", "evaluate": "api", "plot": "api", "make_config": "api",
     "Experiment": "workflow", "train_run": "workflow", "resume_run": "workflow",
     "Run": "runs", "ExperimentConfig": "config", "ToydiffError": "errors", "NoiseSchedule": "schedules",
 }
 __all__ = ["Experiment", "ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "__version__", "evaluate",
-           "figures", "load", "make_config", "resume_run", "run", "train_run"]
+           "load", "make_config", "plot", "resume_run", "run", "train_run"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ExperimentConfig
     from .errors import ToydiffError
     from .runs import Run
     from .schedules import NoiseSchedule
-    from .api import evaluate, figures, load, make_config, run
+    from .api import evaluate, load, make_config, plot, run
     from .workflow import Experiment, resume_run, train_run
 
 

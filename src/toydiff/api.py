@@ -6,7 +6,7 @@
     run = toydiff.load("runs/demo")            # any run directory, loaded back
     x = run.sample(1000, seed=1)               # (1000, D) in data units
     report = toydiff.evaluate(run, x)          # each metric beside its noise floor (also writes metrics.json)
-    figs = toydiff.figures(run, x)             # name -> matplotlib Figure; nothing written
+    figs = toydiff.plot(run, x)                # name -> matplotlib Figure; nothing written
 
 Configuration is a toydiff.ExperimentConfig, a plain dict shaped like the TOML file, section
 keyword arguments (schedule={"T": 100}, seed=3) or any mix of them over a preset; all are checked
@@ -119,7 +119,7 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
                         progress=progress and not quiet)
 
 
-def figures(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:
+def plot(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:
     """The run's figures as matplotlib Figures (name -> Figure), for its stored samples by default."""
     from .figures import make_figures
 
