@@ -294,7 +294,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             study.build_grid(grid.base, [("x", [("x", ())])], grid.seeds, [])  # the same check as a file's seeds
         name = args.builtin or path.stem
     out = Path(args.out) if args.out else Path("studies") / name
-    study.run_study(grid, out, jobs=args.jobs, log=_log(False))
+    study.run_study(grid, out, jobs=args.jobs, log=_log(False), progress=True)
     files = study.StudyFiles.of(out)
     print(f"study directory: {out}")
     print(f"  results:   {files.results}")

@@ -159,7 +159,7 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     return row
 
 
-def prepare_floors(grid: Grid, log: Callable[[str], None]) -> None:
+def prepare_floors(grid: Grid, log: Callable[[str], None], progress: bool = False) -> None:
     """Compute each distinct noise floor once, before the workers start (they then find it cached)."""
     from .evaluation import evaluate, target_for
 
@@ -172,10 +172,11 @@ def prepare_floors(grid: Grid, log: Callable[[str], None]) -> None:
         key = json.dumps([target.key, cfg.eval.n, cfg.eval.w2_n, cfg.eval.k, cfg.eval.draws])
         if key not in seen:
             seen.add(key)
-            evaluate(target.draw(np.random.default_rng(0), cfg.eval.n), target, cfg.eval, log=log)
+            evaluate(target.draw(np.random.default_rng(0), cfg.eval.n), target, cfg.eval, log=log, progress=progress)
 
 
-def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None) -> list[dict]:
+def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None,
+              progress: bool = False) -> list[dict]:
     """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot."""
     out = Path(out)
     (out / RUNS).mkdir(parents=True, exist_ok=True)
@@ -192,7 +193,7 @@ def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], N
                 todo.append((meta, cfg.to_toml(), str(run_dir)))
     log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {jobs} processes")
     if todo:
-        prepare_floors(grid, log)
+        prepare_floors(grid, log, progress)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
             futures = {pool.submit(run_job, cfg_toml, run_dir): meta for meta, cfg_toml, run_dir in todo}
             for k, fut in enumerate(as_completed(futures), 1):
