@@ -91,6 +91,9 @@ def test_run_then_rerun_the_cell(tmp_path):
     (out / "metrics.json").unlink()
     redone = toydiff.run(QUICK, out, if_exists="reuse", quiet=True)  # only what is missing is redone
     assert (out / "metrics.json").is_file() and redone.report["verdict"] == first.report["verdict"]
+    with pytest.raises(ToydiffError, match="data.dim applies only"):  # refused before the old run is deleted
+        toydiff.run(QUICK, out, if_exists="replace", quiet=True, data={"n": 256, "dim": 3})
+    assert (out / "metrics.json").is_file()
     replaced = toydiff.run(QUICK, out, if_exists="replace", quiet=True, train={"steps": 31})
     assert replaced.run.config.train.steps == 31
     other = tmp_path / "not-a-run"

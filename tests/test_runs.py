@@ -52,6 +52,9 @@ def test_trajectory_runs_from_x_T_to_x_0(trained):
     x, path = trained.sample(10, seed=0, trajectory=True)
     assert path.shape == (trained.schedule.T + 1, 10, 2)
     assert np.allclose(trained.scaler.inverse(path[-1]), x, atol=1e-5)
+    x, path = trained.sample(10, seed=0, sampler="ode", trajectory=True, progress=True)  # the solver's own steps:
+    assert path.shape == (2, 10, 2)  # only x_1, where it stops, and x_0
+    assert np.allclose(trained.scaler.inverse(path[-1]), x, atol=1e-5)
 
 
 def test_sampling_in_batches_keeps_count(trained):

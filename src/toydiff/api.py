@@ -29,7 +29,7 @@ from .config import ExperimentConfig
 from .errors import ToydiffError
 from .runs import Run
 from .rundir import RunDir, new_run_path
-from .workflow import Experiment, finish, resume_run, run_experiment
+from .workflow import Experiment, finish, resume_run, run_experiment, validate
 
 IF_EXISTS = ("error", "replace", "reuse")
 
@@ -69,6 +69,7 @@ def run(config: ExperimentConfig | dict | None = None, out: str | Path | None = 
             raise ToydiffError(f"'{out}' exists and is not a toydiff run directory; toydiff will not "
                                f"{'replace' if if_exists == 'replace' else 'reuse'} it: choose another out")
         if if_exists == "replace":
+            validate(cfg)  # a config that cannot run must not cost the run it would replace
             shutil.rmtree(out)
         elif if_exists == "reuse":
             return _reuse(cfg, existing, figures=figures, evaluate=evaluate, progress=show, log=log)

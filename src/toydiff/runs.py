@@ -150,12 +150,13 @@ class Run:
             visited: list[torch.Tensor] = []
 
             def callback(t, x_t, x0_hat):
-                bar.update()
+                if per_batch:
+                    bar.update()
                 if trajectory:
                     visited.append(x_t.cpu())
             try:
                 x0 = plan.run(self.denoiser_for(labels, cfg.guidance, model), x_T, noise=stream, generator=gen,
-                              bounds=bounds, callback=callback if (trajectory or progress) and per_batch else None)
+                              bounds=bounds, callback=callback if trajectory or (progress and per_batch) else None)
             except compile_errors as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
