@@ -6,7 +6,8 @@
                    model and batch, so the difference is what the loop adds
   naive_loop       a seed-style loop as the guide writes it (fresh t and eps each step, MSE, torch's
                    default AdamW, nothing else), same model and batch
-  threads          toydiff's loop at 1 and 2 torch threads (why toydiff defaults to 1 on the CPU)
+  threads          toydiff's loop at 1 and 2 torch threads, on an idle machine and beside one busy process
+                   (a second job on the machine): why train.threads = auto is 1 on the CPU
   sampling         `Run.sample(n)` with S ancestral steps against S batched forward passes of the same n
                    (the floor; with t per row, and with one t for the batch as the samplers call it),
                    n = 1e3 .. 1e6 (1e7 with --big) in bounded-memory batches, and each call's peak memory
@@ -109,6 +110,25 @@ def training_rows(steps: int, repeats: int, batch: int = 1024, dim: int = 2, row
             "overhead_vs_bare": out["toydiff"] / out["bare"] - 1, "vs_naive": out["toydiff"] / out["naive"]}
 
 
+def thread_rows(steps: int, repeats: int) -> list[dict]:
+    """ms per training step at 1 and 2 threads, batch 1024 and 4096, idle and beside a process that keeps one
+    core busy (what a second job, a browser or a CI neighbour does to a 2-core machine)."""
+    rows = []
+    for load in (False, True):
+        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load else None
+        try:
+            for batch in (1024, 4096):
+                for threads in (1, 2):
+                    r = training_rows(steps, repeats, batch=batch, threads=threads)
+                    rows.append({"busy_process": load, "batch": batch, "threads": threads, "toydiff_ms": r["toydiff_ms"]})
+        finally:
+            if busy is not None:
+                busy.kill()
+                busy.wait()
+    torch.set_num_threads(1)
+    return rows
+
+
 def _peak_rss_mb(run_dir: Path, n: int, steps: int) -> float:
     """Peak resident memory (MB) of a fresh process that loads the run and draws n samples."""
     code = ("import resource, sys, torch; torch.set_num_threads(1); from toydiff import Run; "
@@ -204,6 +224,7 @@ def main() -> None:
     report = {"meta": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                        "cpus": os.cpu_count()}}
     report["train"] = [training_rows(steps, repeats, threads=1), training_rows(steps, repeats, threads=2)]
+    report["threads"] = thread_rows(steps // 2, max(2, repeats // 2))
     report["scaling"] = [training_rows(steps // 2, max(2, repeats // 2), rows=r, dim=d)
                          for r, d in ([(10**3, 2), (10**5, 2), (10**7, 2), (10**4, 8), (10**4, 64)]
                                       if not args.quick else [(10**3, 2), (10**4, 64)])]
@@ -215,6 +236,14 @@ def main() -> None:
     for r in report["train"] + report["scaling"]:
         lines.append(f"| | {r['rows']:.0e} | {r['dim']} | {r['threads']} | {r['toydiff_ms']:.2f} | {r['bare_ms']:.2f} | "
                      f"{r['naive_ms']:.2f} | {100 * r['overhead_vs_bare']:+.0f}% | {r['vs_naive']:.2f} |")
+    lines += ["", "| threads (training step) | machine | batch | 1 thread ms | 2 threads ms | 2 threads / 1 |",
+              "|---|---|---|---|---|---|"]
+    for load in (False, True):
+        for batch in (1024, 4096):
+            one, two = (next(r["toydiff_ms"] for r in report["threads"] if r["busy_process"] == load
+                             and r["batch"] == batch and r["threads"] == k) for k in (1, 2))
+            lines.append(f"| | {'one busy process beside' if load else 'idle'} | {batch} | {one:.2f} | {two:.2f} | "
+                         f"{two / one:.2f} |")
     lines += ["", "| sampling (ddpm, 10 steps) | n | batch | toydiff s | floor s: 10 passes, t per row | overhead | "
               "10 passes, one t | overhead | peak MB over a 1-sample call | output MB |",
               "|---|---|---|---|---|---|---|---|---|---|"]

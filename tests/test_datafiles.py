@@ -158,3 +158,16 @@ def test_eval_against_a_file_matches_columns_by_name_and_refuses_other_dimension
     assert main(["eval", str(out), "--data", str(tmp_path / "wide.npy")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the run models 2 columns (u, v) but" in err and "gives 3" in err
+
+
+def test_a_run_on_a_file_is_announced_as_that_file(tmp_path):
+    """The training message names the user's file, not the default dataset (it once said "on moons")."""
+    from toydiff import config as C, train_run
+    rng = np.random.default_rng(3)
+    path = write_csv(tmp_path / "plants.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(60, 2))],
+                     header="leaf,stem")
+    cfg = C.with_overrides(C.ExperimentConfig(), [f"data.path={path}", "train.steps=2", "schedule.T=4"])
+    said = []
+    train_run(cfg, tmp_path / "run", log=said.append)
+    line = next(m for m in said if m.startswith("training"))
+    assert f"on {path} (n = 48, D = 2)" in line and "moons" not in line

@@ -46,8 +46,9 @@ def interrupt_at_loss_call(monkeypatch, k):
 
 @pytest.mark.parametrize("at, batch", [(3, 64), (27, 64), (27, 2048)])
 def test_ctrl_c_checkpoints_the_step_and_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch, at, batch):
-    """(batch 2048: every core, by train.threads = auto, before and after the resume)"""
-    cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE + [f"train.batch_size={batch}", "data.n=4096"])
+    """(batch 2048 on two threads, before and after the resume)"""
+    cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE + [f"train.batch_size={batch}", "data.n=4096"]
+                           + (["train.threads=2"] if batch > 1024 else []))
     whole = train_run(cfg, tmp_path / "whole")
     interrupt_at_loss_call(monkeypatch, at)
     with pytest.raises(RunInterrupted, match=f"saved step {at} of 60 .*toydiff train --resume"):

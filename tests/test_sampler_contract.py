@@ -29,7 +29,7 @@ from toydiff.sampling import VPDiffusion, make_plan
 from toydiff.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=40))
-STOCHASTIC = {"ddpm", "dpmpp-2m-sde", "dpmpp-3m-sde"}  # the ones that draw noise after x_T (ddim draws at eta > 0)
+STOCHASTIC = {"ddpm", "dpmpp-2m-sde", "dpmpp-2m-sde-heun", "dpmpp-3m-sde"}  # the ones that draw noise after x_T (ddim draws at eta > 0)
 
 
 def mixture(dim: int) -> GaussianMixture:

@@ -124,6 +124,30 @@ def test_respacing_keeps_alpha_bar_at_the_kept_steps(spacing):
         assert kept.tolist() == list(range(100, 1001, 100))
 
 
+@pytest.mark.parametrize("schedule, steps", [(FULL, 50), (FULL, 10), (FULL, 200), (FULL, 1000),
+                                             (NoiseSchedule.from_config(ScheduleConfig(name="linear", T=1000)), 30),
+                                             (NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=20)), 20),
+                                             (NoiseSchedule.from_config(ScheduleConfig(name="polynomial", T=10)), 4)])
+def test_karras_spacing_is_the_nearest_t_to_karras_sigmas_with_every_step_distinct(schedule, steps):
+    """The grid has exactly `steps` distinct t, from T down to 1: each t is the one whose sigma is nearest in log
+    sigma (brute force here) to Karras et al.'s sigmas (eq. 5, rho = 7, from min(sigma_T, 80) to sigma_1,
+    recomputed here), or where an earlier step took it, the next free t below. (It used to round every t up
+    and end at t = 2, merging 50 steps into 49.)"""
+    T = schedule.T
+    r = schedule.respace(steps, "karras")
+    kept = r.timesteps[1:][::-1]  # descending
+    assert len(kept) == steps and kept[0] == T and kept[-1] == 1 and np.all(np.diff(kept) < 0)
+    sig = np.sqrt((1 - schedule.alpha_bar64[1:]) / schedule.alpha_bar64[1:])
+    hi = min(sig[-1], 80.0)
+    n = steps if hi == sig[-1] else steps - 1
+    karras = [(hi ** (1 / 7) + i / max(n - 1, 1) * (sig[0] ** (1 / 7) - hi ** (1 / 7))) ** 7 for i in range(n)]
+    wanted = [T] * (steps - n) + [1 + min(range(T), key=lambda j: abs(np.log(sig[j]) - np.log(s))) for s in karras]
+    wanted[0], wanted[-1] = T, 1
+    for i in range(1, steps):  # the nearest t if it is free, else the next free t below, leaving room to reach 1
+        expect = min(wanted[i], kept[i - 1] - 1)
+        assert kept[i] == max(expect, steps - i), (i, kept.tolist(), wanted)
+
+
 def test_bad_respacing_is_refused():
     with pytest.raises(ToydiffError, match="sampling steps must be in 1..T = 1..1000"):
         FULL.respace(2000)
@@ -203,7 +227,8 @@ def private_cache(tmp_path_factory, monkeypatch):
 @pytest.mark.parametrize("name, steps, spacing", [("ddpm", 1000, "trailing"), ("ddim", 100, "karras"),
                                                   ("euler", 100, "karras"), ("heun", 50, "karras"),
                                                   ("dpmpp-2m", 50, "karras"), ("dpmpp-3m", 25, "karras"),
-                                                  ("dpmpp-2m-sde", 50, "karras"), ("dpmpp-3m-sde", 50, "karras"),
+                                                  ("dpmpp-2m-sde", 50, "karras"), ("dpmpp-2m-sde-heun", 50, "karras"),
+                                                  ("dpmpp-3m-sde", 50, "karras"),
                                                   ("ode", 0, "trailing")])
 def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     """No learning error: each sampler's samples of EIGHT are indistinguishable from iid draws at n = 2000

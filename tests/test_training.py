@@ -154,3 +154,15 @@ def test_bf16_autocast_runs_the_network_in_bfloat16_and_the_loss_in_float32():
     assert abs(half.item() - full.item()) < 0.02 * full.item()  # bfloat16 keeps about 3 significant digits
     half.backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_auto_threads_is_one_thread_on_the_cpu():
+    """train.threads = 0 never takes the multi-thread trap (benchmarks/speed.py: 2 threads ran 2.8-3.9x slower
+    with one other busy process on a 2-core machine); an explicit count is honoured."""
+    from toydiff.runtime import set_threads
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(0, torch.device("cpu")) == 1 and torch.get_num_threads() == 1
+        assert set_threads(2, torch.device("cpu")) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

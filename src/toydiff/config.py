@@ -44,8 +44,8 @@ LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
-SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-3m-sde",
-            "ode")  # toydiff.samplers.SAMPLERS
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
+            "dpmpp-3m-sde", "ode")  # toydiff.samplers.SAMPLERS
 DIFFUSERS_PREFIX = "diffusers:"  # sample.sampler = "diffusers:NAME" drives a diffusers scheduler (toydiff.interop)
 SPACINGS = ("trailing", "linspace", "leading", "karras")  # NoiseSchedule.respace
 SAMPLE_SPACINGS = ("auto",) + SPACINGS
@@ -177,7 +177,7 @@ class TrainConfig(_Section):
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
-    threads: int = 0  # CPU threads for torch; 0 = auto: 1 below 1024-row batches, every core from there (measured)
+    threads: int = 0  # CPU threads for torch; 0 = auto: 1 (more were up to 4x slower on a loaded machine; measured)
     autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs), schedule math and loss in float32
 
     def _check(self):
@@ -204,8 +204,8 @@ class TrainConfig(_Section):
 @dataclass(frozen=True)
 class SampleConfig(_Section):
     SECTION: ClassVar[str] = "sample"
-    sampler: str = "dpmpp-3m-sde"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde | dpmpp-3m-sde | ode
-    #                                | diffusers:NAME (any compatible diffusers scheduler; the [diffusers] extra)
+    sampler: str = "dpmpp-3m-sde"  # ddpm | ddim | euler | heun | dpmpp-2m | dpmpp-3m | dpmpp-2m-sde (midpoint)
+    #                    | dpmpp-2m-sde-heun | dpmpp-3m-sde | ode | diffusers:NAME (a diffusers scheduler; [diffusers] extra)
     steps: int = 50  # sampling steps over a respaced schedule, at most T; 0 (or >= T) = all T
     spacing: str = "auto"  # which t a respaced sampler visits: trailing (starts at T) | linspace | leading | karras
     #                        | auto (trailing for ddpm and diffusers' schedulers, karras for the others)

@@ -92,7 +92,7 @@ class Run:
         scaler = rd.read_scaler()
         data, labels, holdout = rd.read_data(scaler.dim, cfg.model.conditional, info.get("classes"))
         dev = resolve_device(device)
-        set_threads(threads, dev, cfg.sample.batch_size)  # sampling batches (resume_run resets it for training)
+        set_threads(threads, dev)  # for sampling (resume_run sets train.threads for training)
         schedule, model = build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
         if weights:
             rd.load_weights(model, ema=cfg.sample.use_ema)  # sampling uses the moving average when there is one

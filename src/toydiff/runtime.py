@@ -28,18 +28,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-AUTO_THREADS_BATCH = 1024  # on the CPU, batches this large or larger use every core (see set_threads)
+def set_threads(threads: int, device: torch.device) -> int:
+    """Set torch's intra-op threads; 0 = auto: one thread on the CPU, left alone on a GPU.
 
-
-def set_threads(threads: int, device: torch.device, batch: int = 0) -> int:
-    """Set torch's intra-op threads. 0 = auto, by measurement (benchmarks/speed.py, 2 cores, the default MLP):
-    steps on batches below 1024 rows ran no faster on 2 threads than on 1 (32: 1.71 vs 1.70 ms, 512: 2.82 vs
-    2.84), from 1024 rows on they did (4.0 vs 3.4 ms; 4096: 12.8 vs 9.1), so auto is 1 thread below
-    AUTO_THREADS_BATCH rows and every core from there; on a GPU the CPU threads are left alone."""
+    Measured (benchmarks/speed.py, "threads under load", a 2-core machine, the default MLP): on an idle
+    machine 2 threads made a training step up to 1.5x faster at 1024-4096 rows, but with one other busy
+    process on the machine they made it 2.8-3.9x slower (OpenMP threads waiting on a core they do not get;
+    10x was seen elsewhere). The small gain is not worth the trap, so auto never takes it; set
+    train.threads on a machine that is yours alone."""
     if threads == 0:
         if device.type != "cpu":
             return torch.get_num_threads()
-        threads = 1 if batch < AUTO_THREADS_BATCH else (os.cpu_count() or 1)
+        threads = 1
     torch.set_num_threads(threads)
     return threads
 

@@ -198,7 +198,7 @@ def sample_dpmpp_2m(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, 
 
 
 def _dpmpp_multistep(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, order: int, eta: float,
-                     generator: torch.Generator | None, callback: Callback) -> torch.Tensor:
+                     generator: torch.Generator | None, callback: Callback, solver: str = "heun") -> torch.Tensor:
     """DPM-Solver++ multistep of order 2 or 3 in k-diffusion's exponential-integrator form, on x~ with
     lambda = -log sigma; eta = 0 solves the probability-flow ODE, eta > 0 the SDE (Lu et al. 2022, sec. 5).
 
@@ -207,6 +207,8 @@ def _dpmpp_multistep(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor,
              + sigma_{i+1} sqrt(1 - e^{-2 eta h}) z,
     phi_2 = 1 - (1 - e^{-h_eta}) / h_eta, phi_3 = phi_2 / h_eta - 1/2, and D_0 = x0_hat, D_1, D_2 the first
     and second divided differences (in lambda) of the last three x0 predictions (fewer on the first steps).
+    solver "midpoint" replaces the second-order coefficient phi_2 by (1 - e^{-h_eta}) / 2 (Lu et al.'s
+    SDE-DPM-Solver++(2M) as written in the paper; "heun" is k-diffusion's other choice).
     """
     sigmas = _sigma_grid(schedule)
     x0_of = _ve_denoiser(denoise, sigmas)
@@ -235,7 +237,8 @@ def _dpmpp_multistep(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor,
         elif history:
             # 2b. second order from the previous prediction
             x0_1, h_1 = history[0]
-            x = x + phi_2 * (x0_hat - x0_1) / (h_1 / h)
+            coef = phi_2 if solver == "heun" else -0.5 * math.expm1(-h_eta)
+            x = x + coef * (x0_hat - x0_1) / (h_1 / h)
         # 3. the SDE's fresh noise
         if eta > 0:
             z = randn_like(x, generator)
@@ -256,8 +259,19 @@ def sample_dpmpp_3m(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                         generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
-    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Algorithm 3 with eta = 1): second-order multistep on the reverse SDE."""
-    return _dpmpp_multistep(denoise, schedule, x, 2, 1.0, generator, callback)
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022) in its midpoint form: second-order multistep on the reverse SDE,
+    the form diffusers' DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++") and k-diffusion's
+    sample_dpmpp_2m_sde use by default (tests/test_interop.py checks it step for step)."""
+    return _dpmpp_multistep(denoise, schedule, x, 2, 1.0, generator, callback, solver="midpoint")
+
+
+@SAMPLERS.register("dpmpp-2m-sde-heun")
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                             generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) with the "heun" second-order coefficient phi_2 (k-diffusion's and diffusers'
+    solver_type="heun"); toydiff's dpmpp-2m-sde before it took the midpoint form."""
+    return _dpmpp_multistep(denoise, schedule, x, 2, 1.0, generator, callback, solver="heun")
 
 
 @SAMPLERS.register("dpmpp-3m-sde")

@@ -167,12 +167,26 @@ class NoiseSchedule:
         return NoiseSchedule(1 - ab[1:] / ab[:-1], self.device, np.concatenate([[0], self.timesteps[kept]]))
 
     def _karras_t(self, steps: int, rho: float = 7.0, sigma_max: float = 80.0) -> np.ndarray:
-        """T, then the t nearest to Karras sigmas from min(sigma_T, sigma_max) down to sigma_1 (steps in all)."""
-        sig = np.sqrt((1 - self.alpha_bar64[1:]) / np.maximum(self.alpha_bar64[1:], 1e-300))
-        lo, hi = sig[0] ** (1 / rho), min(sig[-1], sigma_max) ** (1 / rho)
-        targets = (hi + np.linspace(0, 1, max(steps - 1, 1)) * (lo - hi)) ** rho
-        inner = np.searchsorted(sig, targets).clip(0, self.T - 1) + 1  # sig is increasing in t
-        return np.concatenate([[self.T], inner])[:steps]
+        """`steps` distinct t from T down to 1, each the t whose sigma is nearest (in log sigma) to Karras et
+        al.'s (2022, eq. 5) sigma_i = (s_max^(1/rho) + i / (n - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
+        s_min = sigma_1. With sigma_T <= sigma_max the n = steps sigmas run from sigma_T; above it the grid is
+        t = T, then n = steps - 1 sigmas from sigma_max. Where the dense low-noise end maps two sigmas to one
+        t, the later ones move down to the next free t (so a 50-step grid has 50 steps and ends at t = 1)."""
+        sig = np.sqrt((1 - self.alpha_bar64[1:]) / np.maximum(self.alpha_bar64[1:], 1e-300))  # sigma_t, t = 1..T
+        if steps == 1:
+            return np.array([self.T])
+        top = min(sig[-1], sigma_max)
+        n = steps if top == sig[-1] else steps - 1
+        ramp = np.linspace(0, 1, n)
+        targets = (top ** (1 / rho) + ramp * (sig[0] ** (1 / rho) - top ** (1 / rho))) ** rho
+        t = np.abs(np.log(sig)[None, :] - np.log(targets)[:, None]).argmin(1) + 1  # nearest in log sigma
+        t = np.concatenate([[self.T], t])[-steps:] if n < steps else t
+        t[0], t[-1] = self.T, 1
+        k = np.arange(steps)
+        t = np.clip(t, steps - k, self.T - k)  # room for the steps before and after position k
+        for i in range(1, steps):
+            t[i] = min(t[i], t[i - 1] - 1)
+        return t
 
     @property
     def log_snr64(self) -> np.ndarray:

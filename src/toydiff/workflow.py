@@ -123,7 +123,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     every process trains, and rank 0 alone makes and writes the directory."""
     device = resolve_device(cfg.train.device)
     run = untrained_run(cfg, out, device, world)
-    threads = set_threads(cfg.train.threads, device, cfg.train.batch_size or cfg.data.n)
+    threads = set_threads(cfg.train.threads, device)
     warning = run.schedule.terminal_warning()
     if warning:
         log(f"warning: {warning}")
@@ -157,7 +157,7 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
     run = Run.load(path, device=device, weights=False)
     info = run.dir.read_manifest()
-    set_threads(run.config.train.threads, run.device, run.config.train.batch_size or len(run.data))
+    set_threads(run.config.train.threads, run.device)
     state = make_state(run.model, run.config.train, run.schedule.T,
                        torch_generator(run.config.seed, "train", run.device), run.device)
     saved = run.dir.load_checkpoint()
