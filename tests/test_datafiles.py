@@ -171,3 +171,31 @@ def test_a_run_on_a_file_is_announced_as_that_file(tmp_path):
     train_run(cfg, tmp_path / "run", log=said.append)
     line = next(m for m in said if m.startswith("training"))
     assert f"on {path} (n = 48, D = 2)" in line and "moons" not in line
+
+
+def test_what_the_evaluation_needs_is_checked_before_training(tmp_path, capsys):
+    """A file too small for the held-out reference, or a column constant in the held-out rows, is refused by
+    `toydiff run` before the first step (naming the column and the fix); `train` and `run --no-eval` go on."""
+    from toydiff.runtime import numpy_rng
+    rng = np.random.default_rng(4)
+    small = write_csv(tmp_path / "small.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(142, 2))],
+                      header="a,b")
+    quick = ["--set", "train.steps=3", "--set", "schedule.T=4"]
+    assert main(["run", "--data", str(small), "--out", str(tmp_path / "r1")] + quick) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs at least 40 held-out rows and this run has 28" in err and "--no-eval" in err
+    assert not (tmp_path / "r1").exists()
+    assert main(["run", "--quiet", "--no-eval", "--data", str(small), "--out", str(tmp_path / "r2")] + quick) == 0
+    assert main(["train", "--quiet", "--data", str(small), "--out", str(tmp_path / "r3")] + quick) == 0
+    # 'spike' is 0 except in 3 rows, all of them training rows: constant in the 40 held-out rows
+    held = set(numpy_rng(0, "holdout").permutation(200)[:40].tolist())
+    spiky = [i for i in range(200) if i not in held][:3]
+    rows = [[repr(float(a)), "1" if i in spiky else "0"] for i, a in enumerate(rng.normal(size=200))]
+    path = write_csv(tmp_path / "spiky.csv", rows, header="a,spike")
+    assert main(["run", "--data", str(path), "--out", str(tmp_path / "r4")] + quick) == 2
+    err = capsys.readouterr().err
+    assert "column 'spike' is constant (0) in the 40 held-out rows" in err and "data.columns" in err
+    assert not (tmp_path / "r4").exists()
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "r5")] + quick) == 0
+    err = capsys.readouterr().err
+    assert "warning: column 'spike' is 0 in 98% of the 160 training rows" in err

@@ -25,6 +25,7 @@ import numpy as np
 from .errors import ToydiffError
 
 MIN_ROWS = 10
+NEAR_CONSTANT = 0.95  # a column whose commonest value fills this share of a split's rows gets a warning
 FORMATS = (".csv", ".tsv", ".npy", ".npz", ".parquet")
 
 
@@ -148,6 +149,23 @@ def _is_number(cell) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+def column_warnings(x: np.ndarray, names: Sequence[str], where: str) -> list[str]:
+    """Refuse a column that is constant in the rows x (n, D) (`where` names them, e.g. "the 30 held-out
+    rows"); return a warning for each nearly constant one (one value in >= NEAR_CONSTANT of the rows)."""
+    warnings = []
+    for j, name in enumerate(names):
+        values, counts = np.unique(x[:, j], return_counts=True)
+        if len(values) == 1:
+            raise ToydiffError(f"column '{name}' is constant ({values[0]:g}) in {where}, so scaling it would divide "
+                               "by zero; leave it out with data.columns (--columns), or change data.holdout")
+        share = counts.max() / len(x)
+        if share >= NEAR_CONSTANT:
+            warnings.append(f"column '{name}' is {values[counts.argmax()]:g} in {share:.0%} of {where}: what the "
+                            "model learns and what the evaluation sees of it rest on the few other rows; consider "
+                            "leaving it out with data.columns")
+    return warnings
 
 
 def column_index(names: Sequence[str], column: str, where: str) -> int:

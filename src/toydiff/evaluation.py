@@ -25,6 +25,7 @@ import torch
 from . import metrics as M
 from .config import EvalConfig, ExperimentConfig
 from .data import DATASETS, params
+from .datafiles import column_warnings, default_names
 from .errors import ToydiffError
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .progress import Progress
@@ -216,14 +217,26 @@ def file_target(holdout: np.ndarray) -> Target:
                   max_n=len(holdout) // 2, draw_pair=draw_pair)
 
 
+def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
+                    names: Optional[Sequence[str]] = None) -> list[str]:
+    """What the evaluation of a run on a file needs of its held-out rows, checked before training: enough of
+    them and no constant column (one-line errors that name the fix); nearly constant columns are returned as
+    warnings. Nothing to check for the zoo's datasets, which are drawn afresh."""
+    if not cfg.data.path:
+        return []
+    rows = 0 if holdout is None else len(holdout)
+    if rows < 2 * MIN_EVAL_N:
+        raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this run "
+                           f"has {rows}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip the "
+                           "evaluation (--no-eval)")
+    return column_warnings(holdout, names or default_names(holdout.shape[1]), f"the {rows} held-out rows")
+
+
 def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None) -> Target:
     """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
     file, its held-out rows."""
     if cfg.data.path:
-        if holdout is None or len(holdout) < 2 * MIN_EVAL_N:
-            rows = 0 if holdout is None else len(holdout)
-            raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this "
-                               f"run has {rows}; raise data.holdout (now {cfg.data.holdout}) or use more rows")
+        check_reference(cfg, holdout)
         return file_target(holdout)
     spec = DATASETS.get(cfg.data.name)
     name = spec.iid_twin or cfg.data.name

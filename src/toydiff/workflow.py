@@ -25,7 +25,7 @@ import torch
 
 from . import data as datasets
 from .config import ExperimentConfig
-from .datafiles import column_index, default_names, read_table
+from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError
 from .losses import Objective
 from .models import check as check_model, count_parameters
@@ -118,14 +118,20 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = _silent,
-              world: World = World()) -> Run:
+              world: World = World(), evaluate: bool = False) -> Run:
     """Make a new run directory at `out` and train the configured model into it. Under torchrun (`world`)
-    every process trains, and rank 0 alone makes and writes the directory."""
+    every process trains, and rank 0 alone makes and writes the directory. evaluate: the run will be
+    evaluated, so what the evaluation needs of a file's held-out rows is checked before training too."""
     device = resolve_device(cfg.train.device)
     run = untrained_run(cfg, out, device, world)
     threads = set_threads(cfg.train.threads, device)
-    warning = run.schedule.terminal_warning()
-    if warning:
+    warnings = [run.schedule.terminal_warning()]
+    if cfg.data.path:
+        warnings += column_warnings(run.data, run.names, f"the {len(run.data)} training rows")
+    if evaluate:
+        from .evaluation import check_reference
+        warnings += check_reference(cfg, run.holdout, run.names)
+    for warning in filter(None, warnings):
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
@@ -239,7 +245,7 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     if resume:
         run = resume_run(out, device=device, progress=progress, log=log, world=world)
     else:
-        run = train_run(cfg, out, progress=progress, log=log, world=world)
+        run = train_run(cfg, out, progress=progress, log=log, world=world, evaluate=evaluate)
     world.close()  # training is the only collective work; rank 0 goes on alone
     if not world.is_writer:
         return None
