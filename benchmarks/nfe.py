@@ -31,7 +31,8 @@ from toydiff import config as C
 from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
 from toydiff.data import params
-from toydiff.evaluation import Target, evaluate, flagged, target_for
+from toydiff.evaluation import evaluate, flagged
+from toydiff.reference import Target, target_for
 from toydiff.oracle import GaussianMixture, moons_mixture
 from toydiff.samplers import SAMPLERS
 from toydiff.scaler import Scaler

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from toydiff import config as C
-from toydiff.evaluation import evaluate, flagged, target_for
+from toydiff.evaluation import evaluate, flagged
+from toydiff.reference import target_for
 from toydiff.losses import Objective
 from toydiff.runtime import torch_generator
 from toydiff.training import make_state, train

@@ -150,7 +150,8 @@ def test_eval_against_a_file_matches_columns_by_name_and_refuses_other_dimension
     out = tmp_path / "run"
     assert main(["run", "--quiet", "--no-eval", "--data", str(train), "--out", str(out), "--set", "train.steps=30",
                  "--set", "schedule.T=8"]) == 0
-    test = write_csv(tmp_path / "test.csv", [["label", repr(float(b)), repr(float(a))] for a, b in x[:100]],
+    unseen = np.c_[rng.normal(size=100), rng.normal(size=100) * 3 + 7]  # a test split: rows the run never saw
+    test = write_csv(tmp_path / "test.csv", [["label", repr(float(b)), repr(float(a))] for a, b in unseen],
                      header="note,v,u")
     assert main(["eval", str(out), "--data", str(test), "--draws", "3"]) == 0
     assert "at n = 50" in capsys.readouterr().out  # half the test file's 100 rows, columns u, v found by name
@@ -199,3 +200,28 @@ def test_what_the_evaluation_needs_is_checked_before_training(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "r5")] + quick) == 0
     err = capsys.readouterr().err
     assert "warning: column 'spike' is 0 in 98% of the 160 training rows" in err
+
+
+def test_eval_never_judges_a_run_on_its_own_training_rows(tmp_path, capsys):
+    """`eval --data` leaves out the file's rows that are training rows of the run, saying how many, and refuses a
+    file with too few others (judging a model on what it trained on rewards memorizing it)."""
+    rng = np.random.default_rng(5)
+    x = np.c_[rng.normal(size=300), rng.normal(size=300) * 2]
+    whole = write_csv(tmp_path / "whole.csv", [[repr(float(a)), repr(float(b))] for a, b in x], header="u,v")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--no-eval", "--data", str(whole), "--out", str(out), "--set", "train.steps=20",
+                 "--set", "schedule.T=8"]) == 0
+    capsys.readouterr()
+    training = np.load(out / "train_data.npy")
+    fresh = np.c_[rng.normal(size=110), rng.normal(size=110) * 2]
+    rows = lambda a: [[repr(float(u)), repr(float(v))] for u, v in a]  # noqa: E731
+    mostly_seen = write_csv(tmp_path / "seen.csv", rows(np.r_[training[:100], fresh[:10]]), header="u,v")
+    assert main(["eval", str(out), "--data", str(mostly_seen), "--draws", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "only 10 of the 110 rows of" in err and "at least 40 rows it has not seen" in err
+    mixed = write_csv(tmp_path / "mixed.csv", rows(np.r_[fresh[10:], training[:50]]), header="u,v")
+    assert main(["eval", str(out), "--data", str(mixed), "--draws", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "left out 50 of the 150 rows" in captured.err and "at n = 50" in captured.out  # half the 100 unseen
+    import json
+    assert json.loads((out / "metrics.json").read_text())["reference"]["training_rows_dropped"] == 50

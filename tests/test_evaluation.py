@@ -8,7 +8,8 @@ import pytest
 from toydiff import config as C
 from toydiff.config import EvalConfig
 from toydiff.errors import ToydiffError
-from toydiff.evaluation import Target, evaluate, floors, target_for
+from toydiff.evaluation import evaluate, floors
+from toydiff.reference import Target, target_for
 
 
 def small(n=300, draws=4, w2_n=200):

@@ -236,7 +236,8 @@ def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     at 250-500 steps: one or two metrics at z = 3.1-3.5 depending on the seed.)"""
     from toydiff.config import EvalConfig
     from toydiff.scaler import Scaler
-    from toydiff.evaluation import Target, evaluate
+    from toydiff.evaluation import evaluate
+    from toydiff.reference import Target
     draw = lambda rng, n: EIGHT.sample(n, rng)  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "eight-gaussians"})
     s = FULL.respace(steps, spacing) if steps else FULL

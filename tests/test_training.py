@@ -157,7 +157,7 @@ def test_bf16_autocast_runs_the_network_in_bfloat16_and_the_loss_in_float32():
 
 
 def test_auto_threads_is_one_thread_on_the_cpu():
-    """train.threads = 0 never takes the multi-thread trap (benchmarks/speed.py: 2 threads ran 2.8-3.9x slower
+    """train.threads = 0 never takes the multi-thread trap (benchmarks/speed.py: 2 threads ran 1.6-3.6x slower
     with one other busy process on a 2-core machine); an explicit count is honoured."""
     from toydiff.runtime import set_threads
     before = torch.get_num_threads()

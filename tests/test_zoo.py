@@ -153,7 +153,8 @@ def test_an_8d_gaussian_mixture_beats_a_gaussian_fit_and_its_nll_meets_the_true_
     test and MMD, and the exact ODE NLL of held-out points is within 0.3 nats of the true entropy (the
     Gaussian fit's NLL is more than 1 nat above it). Measured: AUC 0.53 vs 0.9+, NLL - H 0.07 at 1500 steps."""
     from toydiff import config as C, train_run
-    from toydiff.evaluation import evaluate, evaluate_run, target_for
+    from toydiff.evaluation import evaluate, evaluate_run
+    from toydiff.reference import target_for
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=8", "data.modes=4", "train.steps=1500",
                                                   "eval.n=2000", "eval.w2_n=500", "eval.draws=10", "eval.nll_n=500"])
     run = train_run(cfg, tmp_path / "run")

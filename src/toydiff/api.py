@@ -107,7 +107,8 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
     fresh data of the run's distribution, each metric beside its noise floor; the report (dict) is also
     written to the run's metrics.json. n and draws override eval.n and eval.draws; `data` judges against
     a file's rows instead (columns matched by name, or chosen with `columns`)."""
-    from .evaluation import evaluate_run, file_reference
+    from .evaluation import evaluate_run
+    from .reference import file_reference
 
     run = run if isinstance(run, Run) else Run.load(run)
     spec = dataclasses.replace(run.config.eval, **{k: v for k, v in (("n", n), ("draws", draws)) if v is not None})
@@ -115,9 +116,9 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
         samples = run.dir.read_samples()
         if samples is None or len(samples) < spec.n:
             samples = run.sample(spec.n, progress=progress and not quiet)  # the stored ones are too few
-    target = file_reference(run, data, columns) if data is not None else None
-    return evaluate_run(run, samples, log=(lambda m: None) if quiet else _stderr, spec=spec, target=target,
-                        progress=progress and not quiet)
+    log = (lambda m: None) if quiet else _stderr
+    target = file_reference(run, data, columns, log) if data is not None else None
+    return evaluate_run(run, samples, log=log, spec=spec, target=target, progress=progress and not quiet)
 
 
 def plot(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:

@@ -9,31 +9,28 @@ Floors depend only on the data distribution, n and the scaler, so they are cache
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import metrics as M
-from .config import EvalConfig, ExperimentConfig
-from .data import DATASETS, params
-from .datafiles import column_warnings, default_names
+from .config import EvalConfig
 from .errors import ToydiffError
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .progress import Progress
+from .reference import Target, target_for
 from .runs import Run
 from .runtime import derive_seed, torch_generator
 from .scaler import Scaler
 from .storage import atomic_write_text
-from .zoo import Params
 
 # name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
 FRACTIONS = ("precision", "recall", "coverage", "off_data")  # shares of n points: resolution 1 / n
@@ -182,73 +179,6 @@ def format_table(rep: dict) -> str:
     return "\n".join(lines)
 
 
-FRAME_POINTS = 100_000  # iid points whose per-axis min-max defines the evaluation frame
-MIN_EVAL_N = 20  # the fewest samples a comparison is made with
-
-
-@dataclass(frozen=True)
-class Target:
-    """The data distribution a run is judged against: an iid sampler, a fixed frame, what floors depend on."""
-
-    draw: Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> (n, D) data units
-    frame: Scaler  # per-axis min-max of FRAME_POINTS iid points: one frame for every run on this data
-    key: dict  # everything the floors depend on besides the EvalConfig
-    support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
-    noise: float = 0.0
-    log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
-    # a finite reference (the user's held-out rows): the largest n whose two floor draws can be disjoint, and
-    # the draw of such a pair; None for samplers, whose draws are independent
-    max_n: Optional[int] = None
-    draw_pair: Optional[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = None
-
-
-def file_target(holdout: np.ndarray) -> Target:
-    """The user's held-out rows as the reference: the model's samples meet n of them, and each floor pair is
-    two disjoint n-subsets of them (so n is at most half the held-out rows)."""
-    holdout = np.asarray(holdout, dtype=np.float64)
-
-    def draw_pair(rng: np.random.Generator, n: int):
-        order = rng.permutation(len(holdout))
-        return holdout[order[:n]], holdout[order[n:2 * n]]
-
-    digest = hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest()[:16]
-    return Target(lambda rng, n: draw_pair(rng, n)[0], Scaler.fit(holdout, "minmax"),
-                  {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)},
-                  max_n=len(holdout) // 2, draw_pair=draw_pair)
-
-
-def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
-                    names: Optional[Sequence[str]] = None) -> list[str]:
-    """What the evaluation of a run on a file needs of its held-out rows, checked before training: enough of
-    them and no constant column (one-line errors that name the fix); nearly constant columns are returned as
-    warnings. Nothing to check for the zoo's datasets, which are drawn afresh."""
-    if not cfg.data.path:
-        return []
-    rows = 0 if holdout is None else len(holdout)
-    if rows < 2 * MIN_EVAL_N:
-        raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this run "
-                           f"has {rows}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip the "
-                           "evaluation (--no-eval)")
-    return column_warnings(holdout, names or default_names(holdout.shape[1]), f"the {rows} held-out rows")
-
-
-def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None) -> Target:
-    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
-    file, its held-out rows."""
-    if cfg.data.path:
-        check_reference(cfg, holdout)
-        return file_target(holdout)
-    spec = DATASETS.get(cfg.data.name)
-    name = spec.iid_twin or cfg.data.name
-    spec, p = DATASETS.get(name), params(cfg.data)
-    draw = lambda rng, n: spec.sample(n, rng, p)[0]  # noqa: E731
-    frame = Scaler.fit(draw(np.random.default_rng(0xF7A3E), FRAME_POINTS), "minmax")
-    key = {"dataset": name, "noise": p.noise}
-    key.update({k: v for k, v in asdict(p).items() if k != "noise" and v != asdict(Params(0.0))[k]})
-    bind = lambda fn: None if fn is None else functools.partial(fn, p=p)  # noqa: E731
-    return Target(draw, frame, key, bind(spec.support_distance), p.noise, bind(spec.log_density))
-
-
 @contextmanager
 def _all_cores():
     """Large pairwise-distance work uses every core (unlike the tiny networks)."""
@@ -351,24 +281,9 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
                  spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False) -> dict:
     """Evaluate a run's samples (and likelihoods) against its data (or `target`); write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
-    target = target or target_for(run.config, run.holdout)
+    target = target or target_for(run.config, run.holdout, run.data)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress)
     if spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
     run.dir.write_metrics(rep)
     return rep
-
-
-def file_reference(run: Run, path: str | Path, columns: Sequence[str] = ()) -> Target:
-    """A data file's rows as the reference for `run` (a test split, say): its columns chosen by name (default:
-    the run's own column names where the file has them all), checked against the run's dimension."""
-    from .datafiles import column_names, read_table
-
-    path = Path(path)
-    if not columns:
-        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
-    table = read_table(path, list(columns))
-    if table.x.shape[1] != run.dim:
-        raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
-                           f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
-    return file_target(table.x)

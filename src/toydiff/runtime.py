@@ -33,7 +33,7 @@ def set_threads(threads: int, device: torch.device) -> int:
 
     Measured (benchmarks/speed.py, "threads under load", a 2-core machine, the default MLP): on an idle
     machine 2 threads made a training step up to 1.5x faster at 1024-4096 rows, but with one other busy
-    process on the machine they made it 2.8-3.9x slower (OpenMP threads waiting on a core they do not get;
+    process on the machine they made it 1.6-3.6x slower (OpenMP threads waiting on a core they do not get;
     10x was seen elsewhere). The small gain is not worth the trap, so auto never takes it; set
     train.threads on a machine that is yours alone."""
     if threads == 0:

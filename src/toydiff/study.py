@@ -161,7 +161,8 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
 
 def prepare_floors(grid: Grid, log: Callable[[str], None], progress: bool = False) -> None:
     """Compute each distinct noise floor once, before the workers start (they then find it cached)."""
-    from .evaluation import evaluate, target_for
+    from .evaluation import evaluate
+    from .reference import target_for
 
     seen = set()
     for cell in grid.cells:

@@ -129,8 +129,8 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     if cfg.data.path:
         warnings += column_warnings(run.data, run.names, f"the {len(run.data)} training rows")
     if evaluate:
-        from .evaluation import check_reference
-        warnings += check_reference(cfg, run.holdout, run.names)
+        from .reference import check_reference
+        warnings += check_reference(cfg, run.holdout, run.names, run.data)
     for warning in filter(None, warnings):
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
