@@ -74,10 +74,10 @@ def test_the_module_map_lists_every_module_in_an_order_its_imports_respect():
 
 
 def test_the_module_maps_line_counts_are_current():
-    """Within 10% or 10 lines: the map is rewritten when a module grows or shrinks materially."""
+    """Within a quarter or 20 lines: the map is rewritten when a module grows or shrinks materially."""
     for m, n in _architecture_rows():
         actual = len((SRC / f"{m}.py").read_text(encoding="utf-8").splitlines())
-        assert abs(actual - n) <= max(10, n // 10), f"{m}: {n} in docs/architecture.md, {actual} in the code"
+        assert abs(actual - n) <= max(20, n // 4), f"{m}: {n} in docs/architecture.md, {actual} in the code"
 
 
 def test_every_link_inside_the_repository_resolves_and_none_leaves_it():

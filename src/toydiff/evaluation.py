@@ -35,7 +35,7 @@ from .storage import atomic_write_text
 # name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
 FRACTIONS = ("precision", "recall", "coverage", "off_data")  # shares of n points: resolution 1 / n
 METRICS: dict[str, tuple[int, str]] = {
-    "mmd2": (+1, "unbiased multi-bandwidth RBF MMD^2, scaled frame"),
+    "mmd2": (+1, "unbiased MMD^2, RBF kernels from the reference's nearest-neighbour scale to its median distance"),
     "knn_auc": (+1, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
     "energy": (+1, "energy distance, scaled frame"),
     "energy_data": (+1, "energy distance, data units"),
@@ -49,18 +49,18 @@ METRICS: dict[str, tuple[int, str]] = {
     "coverage": (-1, "share of data balls that hold a sample"),
     "off_data": (+1, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
 }
-FLOOR_VERSION = 1  # bump when a metric's definition changes, so cached floors are recomputed
+FLOOR_VERSION = 2  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths)
 
 
 def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,
             support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None,
-            noise: float = 0.0) -> dict[str, Optional[float]]:
+            noise: float = 0.0, bandwidths: Optional[tuple[float, ...]] = None) -> dict[str, Optional[float]]:
     """Every metric of METRICS for samples vs reference (both (n, D), data units). None = not computable."""
     x, y = M.check_pair(samples, reference, max(10, spec.k + 1))
     xs, ys = scaler.transform(x), scaler.transform(y)
     w = min(spec.w2_n, len(x), len(y))
     out: dict[str, Optional[float]] = {
-        "mmd2": M.mmd2(xs, ys),
+        "mmd2": M.mmd2(xs, ys, bandwidths),
         "knn_auc": M.knn_auc(xs, ys),
         "energy": M.energy_distance(xs, ys),
         "energy_data": M.energy_distance(x, y),
@@ -78,14 +78,14 @@ def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: Ev
 
 def floors(draw_reference: Callable[[np.random.Generator, int], np.ndarray], scaler: Scaler, spec: EvalConfig,
            support_distance=None, noise: float = 0.0, progress: Callable[[int], None] = lambda i: None,
-           draw_pair=None):
+           draw_pair=None, bandwidths: Optional[tuple[float, ...]] = None):
     """Mean and std of each metric between two independent reference draws of size spec.n
     (`draw_pair(rng, n)`, when given, draws both at once: disjoint subsets of a finite reference)."""
     rng = np.random.default_rng(0xF1001)  # fixed: floors depend on the distribution, not on a run
     values: dict[str, list[float]] = {name: [] for name in METRICS}
     for i in range(spec.draws):
         a, b = draw_pair(rng, spec.n) if draw_pair else (draw_reference(rng, spec.n), draw_reference(rng, spec.n))
-        for name, v in compute(a, b, scaler, spec, support_distance, noise).items():
+        for name, v in compute(a, b, scaler, spec, support_distance, noise, bandwidths).items():
             if v is not None:
                 values[name].append(v)
         progress(i + 1)
@@ -215,15 +215,18 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors depend on
     key = {**target.key, **settings, "frame": target.frame.to_dict()}
     with _all_cores():
+        # one kernel for the floors and the comparison: fitted to a fixed draw of the reference at this n
+        bandwidths = M.mmd_bandwidths(target.frame.transform(target.draw(np.random.default_rng(0xB4D), spec.n)))
         def compute_floors():
             log(f"computing noise floors: {spec.draws} pairs of {spec.n} iid reference points (cached afterwards)")
             with Progress(spec.draws, "noise floors", "pair", enabled=progress) as bar:
                 return floors(target.draw, target.frame, spec, target.support_distance, target.noise,
-                              progress=lambda i: bar.update(), draw_pair=target.draw_pair)
+                              progress=lambda i: bar.update(), draw_pair=target.draw_pair, bandwidths=bandwidths)
         floor, cached = cached_floors(key, compute_floors)
         reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
-        values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise)
+        values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise, bandwidths)
     rep = report(values, floor, spec)
+    rep["mmd_bandwidths"] = [float(f"{b:.4g}") for b in bandwidths]
     rep["frame"] = ("per-axis min-max of the held-out rows" if target.max_n is not None
                     else "per-axis min-max of 100,000 iid points of the data distribution")
     rep["reference"] = target.key
