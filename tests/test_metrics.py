@@ -113,3 +113,5 @@ def test_mmd_and_energy_see_a_shift_in_any_dimension_and_pass_iid_data(dim):
     for name in ("mmd2", "energy"):
         assert same[name]["z"] < 3 < moved[name]["z"], (name, same[name]["z"], moved[name]["z"])
     assert same["mmd2"]["floor_std"] > 1e-5
+    for name in ("energy", "w2", "sliced_w2", "knn_auc"):  # no other distance-based metric degenerates either
+        assert same[name]["floor_std"] > 1e-3 * abs(same[name]["floor_mean"]) and same[name]["floor_std"] > 0
