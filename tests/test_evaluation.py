@@ -102,3 +102,28 @@ def test_flagged_lists_the_metrics_above_z_max_in_report_order():
     rep = {"spec": {"z_max": 3.0}, "metrics": {"mmd2": {"z": 3.5}, "w2": {"z": None}, "knn_auc": {"z": 3.0},
                                               "off_data": {"z": 12.0}, "recall": {"z": -8.0}}}
     assert flagged(rep) == ["mmd2", "off_data"]  # 3.0 is within; None (no floor) and good-side z never flag
+
+
+def test_memorization_is_measured_against_its_floor_and_flagged_with_what_to_do(tmp_path, monkeypatch, capsys):
+    """Samples that copy training rows are closer to one than 90% of fresh data is: the share (0.1 expected)
+    lies far beyond its floor, the verdict names it and `toydiff run` says what to do; fresh data passes."""
+    import toydiff
+    from toydiff.evaluation import evaluate, memorization_warning
+    from toydiff.scaler import Scaler
+    draw = lambda rng, n: rng.normal(size=(n, 3))  # noqa: E731
+    t = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 10_000)), {"dataset": "gauss3"})
+    rng = np.random.default_rng(1)
+    training = draw(rng, 400)
+    fresh = evaluate(draw(rng, 300), t, small(draws=20), training=training)["metrics"]["memorized"]
+    assert abs(fresh["floor_mean"] - 0.1) < 0.02 and fresh["z"] < 3
+    copies = training[rng.integers(0, 400, 300)] + 1e-3 * rng.normal(size=(300, 3))
+    rep = evaluate(copies, t, small(draws=20), training=training)
+    assert rep["metrics"]["memorized"]["value"] > 0.9 and "memorized z = " in rep["verdict"]
+    assert "memorizing its 400 training rows" in memorization_warning(rep, 400)
+    assert memorization_warning(evaluate(draw(rng, 300), t, small(draws=20), training=training), 400) is None
+    # wired into the main job: a run whose samples are its training rows is warned about
+    from toydiff.runs import Run
+    monkeypatch.setattr(Run, "sample", lambda self, n, **kw: self.data[np.arange(n) % len(self.data)].astype(float))
+    toydiff.run({"data": {"n": 400}, "schedule": {"T": 8}, "train": {"steps": 2}, "sample": {"n": 300},
+                 "eval": {"n": 300, "draws": 5, "w2_n": 50, "nll_n": 0}}, tmp_path / "copy", figures=False)
+    assert "warning: 100% of the samples are closer to a training row" in capsys.readouterr().err

@@ -33,7 +33,7 @@ from .scaler import Scaler
 from .storage import atomic_write_text
 
 # name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
-FRACTIONS = ("precision", "recall", "coverage", "off_data")  # shares of n points: resolution 1 / n
+FRACTIONS = ("precision", "recall", "coverage", "off_data", "memorized")  # shares of n points: resolution 1 / n
 METRICS: dict[str, tuple[int, str]] = {
     "mmd2": (+1, "unbiased MMD^2, RBF kernels from the reference's nearest-neighbour scale to its median distance"),
     "knn_auc": (+1, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
@@ -48,6 +48,7 @@ METRICS: dict[str, tuple[int, str]] = {
     "density": (-1, "k-NN density (Naeem et al. 2020)"),
     "coverage": (-1, "share of data balls that hold a sample"),
     "off_data": (+1, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
+    "memorized": (+1, "share of samples closer to a training row than 90% of fresh data is (0.1 expected)"),
 }
 FLOOR_VERSION = 2  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths)
 
@@ -160,7 +161,7 @@ def report(values: dict, floor: dict, spec: EvalConfig) -> dict:
         ratio = (v / f["mean"]) if (v is not None and f and f["mean"] > 2 * f["std"] > 0
                                     and METRICS[name][0] > 0) else None
         rows[name] = {"value": v, "floor_mean": f["mean"] if f else None, "floor_std": f["std"] if f else None,
-                      "ratio": ratio, "z": z[name], "about": METRICS[name][1]}
+                      "ratio": ratio, "z": z.get(name), "about": METRICS[name][1]}
     return {"n": spec.n, "spec": asdict(spec), "metrics": rows, "verdict": verdict(z, spec.n, spec.z_max)}
 
 
@@ -191,7 +192,8 @@ def _all_cores():
 
 
 def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 0,
-             log: Callable[[str], None] = lambda s: None, progress: bool = False) -> dict:
+             log: Callable[[str], None] = lambda s: None, progress: bool = False,
+             training: Optional[np.ndarray] = None) -> dict:
     """Compare the first spec.n samples (data units) with spec.n fresh iid reference points, beside the floors."""
     samples = np.asarray(samples, dtype=np.float64)
     if samples.ndim != 2 or len(samples) == 0:
@@ -225,6 +227,9 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
         floor, cached = cached_floors(key, compute_floors)
         reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
         values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise, bandwidths)
+        if training is not None:  # its floor depends on the training rows, so it is not cached; it costs seconds
+            floor = {**floor, "memorized": memorization_floor(target, spec, training)}
+            values["memorized"] = M.memorized_share(*(target.frame.transform(a) for a in (samples, reference, training)))
     rep = report(values, floor, spec)
     rep["mmd_bandwidths"] = [float(f"{b:.4g}") for b in bandwidths]
     rep["frame"] = ("per-axis min-max of the held-out rows" if target.max_n is not None
@@ -232,6 +237,29 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     rep["reference"] = target.key
     rep["floors_cached"] = cached
     return rep
+
+
+def memorization_warning(report: dict, n_train: int) -> Optional[str]:
+    """A warning, with what to do, when the report flags the samples as copies of training rows."""
+    row = report["metrics"].get("memorized")
+    if not row or row["z"] is None or row["z"] <= report["spec"]["z_max"]:
+        return None
+    return (f"{row['value']:.0%} of the samples are closer to a training row than 90% of fresh data is (10% "
+            f"expected): the model is memorizing its {n_train} training rows rather than learning their "
+            "distribution; train fewer steps (train.steps), use a smaller network (model.width, model.depth) "
+            "or give it more rows")
+
+
+def memorization_floor(target: Target, spec: EvalConfig, training: np.ndarray) -> dict:
+    """memorized_share between pairs of fresh reference draws (disjoint held-out halves for a file), against
+    the run's training rows: mean and spread over spec.draws pairs (about 0.1 and its sampling noise)."""
+    rng, train = np.random.default_rng(0xD0C), target.frame.transform(training)
+    values = []
+    for _ in range(spec.draws):
+        a, b = target.draw_pair(rng, spec.n) if target.draw_pair else (target.draw(rng, spec.n),
+                                                                          target.draw(rng, spec.n))
+        values.append(M.memorized_share(target.frame.transform(a), target.frame.transform(b), train))
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "draws": len(values)}
 
 
 def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = lambda s: None,
@@ -285,7 +313,7 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     """Evaluate a run's samples (and likelihoods) against its data (or `target`); write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
     target = target or target_for(run.config, run.holdout, run.data)
-    rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress)
+    rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
     if spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
     run.dir.write_metrics(rep)

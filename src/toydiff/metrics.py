@@ -152,6 +152,17 @@ def prdc(samples: np.ndarray, reference: np.ndarray, k: int = 5) -> dict[str, fl
             "density": count / (k * len(fake)), "coverage": covered / len(real)}
 
 
+def memorized_share(samples: np.ndarray, reference: np.ndarray, training: np.ndarray, quantile: float = 0.1) -> float:
+    """Share of samples closer to a training row than `quantile` of the reference's rows are (distance to the
+    closest training record, Euclidean). Fresh data scores `quantile` (0.1) up to sampling noise; a model
+    that reproduces its training rows scores more (a copy of them scores 1)."""
+    x, y = check_pair(samples, reference)
+    train = check_pair(training, y)[0]
+    nearest = NearestNeighbors(n_neighbors=1).fit(train)
+    cut = np.quantile(nearest.kneighbors(y)[0][:, 0], quantile)
+    return float(np.mean(nearest.kneighbors(x)[0][:, 0] < cut))
+
+
 def off_data_fraction(distance: np.ndarray, threshold: float) -> float:
     """Share of points whose distance to the data's support exceeds `threshold`."""
     return float(np.mean(np.asarray(distance) > threshold))

@@ -266,6 +266,9 @@ def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: b
         log("drawing figures")
         result.figures = write_figures(run, samples)
     if evaluate:
-        from .evaluation import evaluate_run
+        from .evaluation import evaluate_run, memorization_warning
         result.report = evaluate_run(run, samples, log=log, progress=progress)
+        warning = memorization_warning(result.report, len(run.data))
+        if warning:
+            log(f"warning: {warning}")
     return result
