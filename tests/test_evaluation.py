@@ -33,8 +33,9 @@ def test_floors_shrink_as_n_grows(target):
 
 def test_data_is_indistinguishable_and_a_gaussian_is_not(target):
     rng = np.random.default_rng(3)
-    rep = evaluate(target.draw(rng, 300), target, small(draws=20))  # few draws leave the floor's std too loose
-    assert rep["verdict"].startswith("indistinguishable from data at n = 300")
+    rep = evaluate(target.draw(rng, 1000), target, small(1000, draws=20))  # few draws leave the floor too loose
+    assert rep["verdict"].startswith("indistinguishable from data at n = 1000")
+    assert rep["power"]["conclusive"] and rep["power"]["auc_shift"] < 0.1
     data = target.draw(rng, 5000)
     gauss = rng.multivariate_normal(data.mean(0), np.cov(data.T), size=300)
     rep = evaluate(gauss, target, small(draws=20))
@@ -127,3 +128,21 @@ def test_memorization_is_measured_against_its_floor_and_flagged_with_what_to_do(
     toydiff.run({"data": {"n": 400}, "schedule": {"T": 8}, "train": {"steps": 2}, "sample": {"n": 300},
                  "eval": {"n": 300, "draws": 5, "w2_n": 50, "nll_n": 0}}, tmp_path / "copy", figures=False)
     assert "warning: 100% of the samples are closer to a training row" in capsys.readouterr().err
+
+
+def test_a_test_without_power_says_inconclusive_and_how_many_points_would_decide(target):
+    """At n = 60 the floor of the classifier's AUC is so wide that an AUC of 0.7 could pass: iid data is then
+    "inconclusive", not "indistinguishable", with the n that would decide; a difference found is still a
+    finding ("distinguishable") at any n. The AUC shift seen with 80% power is (z_max + 0.84) floor
+    deviations, and shrinks like 1 / sqrt(n)."""
+    from toydiff.evaluation import POWER_Z
+    rng = np.random.default_rng(4)
+    rep = evaluate(target.draw(rng, 60), target, small(60, draws=20))
+    sees = rep["power"]
+    assert rep["verdict"].startswith("inconclusive at n = 60: every metric is within 3 floor deviations")
+    assert sees["auc_shift"] == pytest.approx((3 + POWER_Z) * rep["metrics"]["knn_auc"]["floor_std"])
+    assert sees["auc_shift"] > 0.1 and not sees["conclusive"]
+    assert sees["n_for_conclusive"] == int(np.ceil(60 * (sees["auc_shift"] / 0.1) ** 2)) > 60
+    assert f"about n = {sees['n_for_conclusive']} samples" in rep["verdict"]
+    far = target.draw(rng, 60) + [0.5, 0.0]
+    assert evaluate(far, target, small(60, draws=20))["verdict"].startswith("distinguishable from data at n = 60")

@@ -118,13 +118,40 @@ def flagged(report: dict) -> list[str]:
     return [name for name, row in report["metrics"].items() if row["z"] is not None and row["z"] > z_max]
 
 
-def verdict(z: dict[str, Optional[float]], n: int, z_max: float) -> str:
+POWER_Z = 0.8416  # the standard normal's 80th percentile: detection at 80% power sits this far beyond z_max
+INCONCLUSIVE_AUC = 0.1  # a test that could miss a classifier AUC shift this large cannot call samples alike
+
+
+def power(floor: dict, n: int, z_max: float) -> Optional[dict]:
+    """The smallest differences the test sees with 80% power at this n, from the floors' own spread (a
+    simulation on the reference itself): a shift of (z_max + 0.84) floor deviations, for the classifier's
+    AUC and for MMD^2, and whether the AUC shift is small enough (INCONCLUSIVE_AUC) for a verdict of "alike".
+    The AUC floor's spread shrinks like 1 / sqrt(n), which gives the n that would be conclusive."""
+    auc = floor.get("knn_auc")
+    if not auc or not auc["std"] > 0:
+        return None
+    shift = (z_max + POWER_Z) * auc["std"]
+    mmd = floor.get("mmd2")
+    return {"auc_shift": shift, "mmd2_shift": (z_max + POWER_Z) * mmd["std"] if mmd else None,
+            "conclusive": shift <= INCONCLUSIVE_AUC,
+            "n_for_conclusive": int(math.ceil(n * (shift / INCONCLUSIVE_AUC) ** 2))}
+
+
+def verdict(z: dict[str, Optional[float]], n: int, z_max: float, sees: Optional[dict] = None) -> str:
+    """One sentence: "distinguishable" names the metrics beyond z_max floor deviations (a difference found is a
+    finding at any n); with none, "indistinguishable" when the test had the power to see an AUC shift of
+    INCONCLUSIVE_AUC (`sees`, from power()), else "inconclusive", with the n that would decide."""
     flagged = sorted(((name, s) for name, s in z.items() if s is not None and s > z_max), key=lambda p: -p[1])
-    if not flagged:
-        return f"indistinguishable from data at n = {n} (every metric within {z_max:g} floor deviations)"
-    listed = ", ".join(f"{name} z = {s:.1f}" for name, s in flagged[:4])
-    more = f" and {len(flagged) - 4} more" if len(flagged) > 4 else ""
-    return f"distinguishable from data at n = {n}: {listed}{more}"
+    if flagged:
+        listed = ", ".join(f"{name} z = {s:.1f}" for name, s in flagged[:4])
+        more = f" and {len(flagged) - 4} more" if len(flagged) > 4 else ""
+        return f"distinguishable from data at n = {n}: {listed}{more}"
+    if sees is not None and not sees["conclusive"]:
+        return (f"inconclusive at n = {n}: every metric is within {z_max:g} floor deviations, but at this n a "
+                f"classifier AUC up to {0.5 + sees['auc_shift']:.2f} could go unseen (80% power); about n = "
+                f"{sees['n_for_conclusive']} samples and as many reference points would decide")
+    seen = f"; an AUC of {0.5 + sees['auc_shift']:.3f} or more would be seen, 80% power" if sees else ""
+    return f"indistinguishable from data at n = {n} (every metric within {z_max:g} floor deviations{seen})"
 
 
 def floor_cache_path(key: dict) -> Path:
@@ -162,7 +189,9 @@ def report(values: dict, floor: dict, spec: EvalConfig) -> dict:
                                     and METRICS[name][0] > 0) else None
         rows[name] = {"value": v, "floor_mean": f["mean"] if f else None, "floor_std": f["std"] if f else None,
                       "ratio": ratio, "z": z.get(name), "about": METRICS[name][1]}
-    return {"n": spec.n, "spec": asdict(spec), "metrics": rows, "verdict": verdict(z, spec.n, spec.z_max)}
+    sees = power(floor, spec.n, spec.z_max)
+    return {"n": spec.n, "spec": asdict(spec), "metrics": rows, "power": sees,
+            "verdict": verdict(z, spec.n, spec.z_max, sees)}
 
 
 def format_table(rep: dict) -> str:
