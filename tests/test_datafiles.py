@@ -225,3 +225,24 @@ def test_eval_never_judges_a_run_on_its_own_training_rows(tmp_path, capsys):
     assert "left out 50 of the 150 rows" in captured.err and "at n = 50" in captured.out  # half the 100 unseen
     import json
     assert json.loads((out / "metrics.json").read_text())["reference"]["training_rows_dropped"] == 50
+
+
+def test_a_conditional_run_on_a_file_judges_each_class_on_its_own_held_out_rows(tmp_path):
+    """The held-out rows keep their labels (holdout_labels.npy); a class with enough of them is judged on
+    them alone, a class with too few is named and not judged."""
+    import json
+    rng = np.random.default_rng(6)
+    rows = [[repr(float(rng.normal(c))), repr(float(rng.normal())), kind]
+            for kind, c, count in (("a", -2.0, 285), ("b", 2.0, 285), ("rare", 0.0, 30)) for _ in range(count)]
+    path = write_csv(tmp_path / "kinds.csv", rows, header="u,v,kind")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--data", str(path), "--label-column", "kind", "--out", str(out),
+                 "--set", "train.steps=30", "--set", "schedule.T=8", "--set", "eval.draws=3",
+                 "--set", "eval.nll_n=0"]) == 0
+    held = np.load(out / "holdout_labels.npy")
+    assert held.shape == (120,) and set(held.tolist()) == {0, 1, 2}
+    per_class = json.loads((out / "metrics.json").read_text())["per_class"]
+    assert set(per_class) == {"a", "b", "rare"}
+    assert per_class["rare"]["verdict"].startswith("not judged: fewer than 40 held-out rows")
+    for kind in ("a", "b"):  # half of each class's own held-out rows, at most half of eval.n / 3
+        assert per_class[kind]["n"] == (held == ["a", "b"].index(kind)).sum() // 2

@@ -26,7 +26,7 @@ from .config import EvalConfig
 from .errors import ToydiffError
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .progress import Progress
-from .reference import Target, target_for
+from .reference import MIN_EVAL_N, Target, class_targets, target_for
 from .runs import Run
 from .runtime import derive_seed, torch_generator
 from .scaler import Scaler
@@ -206,6 +206,8 @@ def format_table(rep: dict) -> str:
         lines.append(f"{name:<15}{num(r['value']):>11}{num(r['floor_mean']):>13}{num(r['floor_std']):>11}"
                      f"{ratio:>8}{z:>8}")
     lines.append(f"verdict: {rep['verdict']}")
+    for name, row in rep.get("per_class", {}).items():
+        lines.append(f"  class {name}: {row['verdict']}")
     return "\n".join(lines)
 
 
@@ -238,8 +240,9 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
             f"instead of eval.n = {spec.n}")
         spec = replace(spec, n=target.max_n)
     if len(samples) < spec.n:
-        if len(samples) < 20:
-            raise ToydiffError(f"{len(samples)} samples are too few to evaluate; draw at least 20 (eval.n = {spec.n})")
+        if len(samples) < MIN_EVAL_N:
+            raise ToydiffError(f"{len(samples)} samples are too few to evaluate; draw at least {MIN_EVAL_N} "
+                               f"(eval.n = {spec.n})")
         log(f"only {len(samples)} samples: evaluating at n = {len(samples)} instead of eval.n = {spec.n}")
         spec = replace(spec, n=len(samples))
     samples = samples[:spec.n]
@@ -337,12 +340,53 @@ def format_likelihoods(lik: dict) -> str:
     return "\n".join(lines)
 
 
+def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Each class of a conditional run judged on its own: spec.n / K samples of class k (at least MIN_EVAL_N)
+    against that class's reference, beside its own floors, and a class-accuracy check: a k-NN classifier
+    fitted to the training rows names the class of the samples about as often as of real rows of the class
+    (a two-proportion z beyond z_max is flagged). Classes with too few held-out rows are named, not judged."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    targets = class_targets(run.config, run.classes, run.holdout, run.holdout_labels, run.data)
+    frame = next((t.frame for t in targets.values() if t is not None), None)
+    if frame is None:
+        return {}
+    clf = KNeighborsClassifier(15).fit(frame.transform(run.data), run.labels)
+    out = {}
+    for k, target in targets.items():
+        name = run.class_names[k] if run.class_names else str(k)
+        if target is None:
+            out[name] = {"verdict": f"not judged: fewer than {2 * MIN_EVAL_N} held-out rows of this class"}
+            continue
+        n = max(MIN_EVAL_N, min(spec.n // run.classes, target.max_n or spec.n))
+        log(f"class {name}: {n} samples against its own reference")
+        samples = run.sample(n, seed=derive_seed(run.config.seed, f"class-{k}"), label=k)
+        rep = evaluate(samples, target, replace(spec, n=n), seed=run.config.seed, training=run.data[run.labels == k])
+        reference = target.draw(np.random.default_rng(derive_seed(run.config.seed, f"class-ref-{k}")), rep["n"])
+        acc = [float(np.mean(clf.predict(frame.transform(x[:rep["n"]])) == k)) for x in (samples, reference)]
+        spread = math.sqrt(sum(a * (1 - a) for a in acc) / rep["n"]) or 1.0 / rep["n"]
+        z_acc = (acc[1] - acc[0]) / spread
+        flags, verdict_k = flagged(rep), rep["verdict"]
+        if z_acc > spec.z_max:
+            verdict_k = (f"distinguishable from data at n = {rep['n']}: the classifier names the class of "
+                         f"{acc[0]:.0%} of the samples and {acc[1]:.0%} of the data (z = {z_acc:.1f})"
+                         + (f"; also {', '.join(flags)}" if flags else ""))
+            flags = flags + ["class_accuracy"]
+        out[name] = {"n": rep["n"], "verdict": verdict_k, "flagged": flags,
+                     "class_accuracy": {"samples": acc[0], "reference": acc[1], "z": z_acc},
+                     "power": rep["power"], "metrics": {m: r["z"] for m, r in rep["metrics"].items()}}
+    return out
+
+
 def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
                  spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False) -> dict:
-    """Evaluate a run's samples (and likelihoods) against its data (or `target`); write RUN_DIR/metrics.json."""
+    """Evaluate a run's samples (and likelihoods) against its data (or `target`); a conditional run's classes
+    are also judged each on its own (per_class); write RUN_DIR/metrics.json."""
     spec = spec or run.config.eval
     target = target or target_for(run.config, run.holdout, run.data)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
+    if run.classes:
+        rep["per_class"] = per_class(run, spec, log)
     if spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
     run.dir.write_metrics(rep)

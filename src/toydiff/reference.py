@@ -9,6 +9,7 @@ Everything evaluation will need of a file's held-out rows is checked before trai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from dataclasses import asdict, dataclass
@@ -95,6 +96,37 @@ def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray], names:
     if dropped:
         warnings.append(f"{dropped} held-out rows are copies of training rows; the evaluation leaves them out")
     return warnings
+
+
+def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndarray] = None,
+                  holdout_labels: Optional[np.ndarray] = None, training: Optional[np.ndarray] = None
+                  ) -> dict[int, Optional[Target]]:
+    """One reference per class of a conditional run, in the pooled reference's frame: the zoo dataset's draws
+    of that class (the label its sampler gives: the moon, the component, ...), or the held-out rows of that
+    class of the user's file that are not training rows; None for a class with fewer than 2 * MIN_EVAL_N."""
+    pooled = target_for(cfg, holdout, training)
+    if cfg.data.path:
+        out: dict[int, Optional[Target]] = {}
+        for k in range(classes):
+            rows, dropped = unseen_rows(holdout[holdout_labels == k], training) if holdout_labels is not None \
+                else (np.empty((0, pooled.frame.dim)), 0)
+            out[k] = None if len(rows) < 2 * MIN_EVAL_N else \
+                dataclasses.replace(file_target(rows, dropped), frame=pooled.frame)
+        return out
+    spec = DATASETS.get(DATASETS.get(cfg.data.name).iid_twin or cfg.data.name)
+    p = params(cfg.data)
+
+    def draw_class(k: int):
+        def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+            parts, have = [], 0
+            while have < n:  # rejection: the dataset's own draws, kept where they fall in class k
+                x, labels = spec.sample(2 * n, rng, p)
+                parts.append(x[labels == k])
+                have += len(parts[-1])
+            return np.concatenate(parts)[:n]
+        return draw
+    return {k: dataclasses.replace(pooled, draw=draw_class(k), key={**pooled.key, "class": k}, log_density=None)
+            for k in range(classes)}
 
 
 def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None,

@@ -8,6 +8,7 @@ A run directory describes itself, so sampling, plotting and evaluation need noth
     train_data.npy         the training data, in data units
     train_labels.npy       their class labels (conditional models)
     holdout_data.npy       the rows of the user's file kept out of training (the evaluation's reference)
+    holdout_labels.npy     their class labels (conditional runs on a file: each class judged on its own rows)
     model.safetensors      the weights (metadata: format, version, step)
     model_ema.safetensors  their exponential moving average (sampling uses it by default)
     checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
@@ -48,6 +49,7 @@ SCALER = "scaler.json"
 TRAIN_DATA = "train_data.npy"
 TRAIN_LABELS = "train_labels.npy"
 HOLDOUT = "holdout_data.npy"
+HOLDOUT_LABELS = "holdout_labels.npy"
 WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "model_ema.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
@@ -133,7 +135,8 @@ class RunDir:
         return RunDir(publish_dir(self.path, Path(target)))
 
     def write_inputs(self, cfg: ExperimentConfig, scaler: Scaler, x: np.ndarray, labels: Optional[np.ndarray],
-                     holdout: Optional[np.ndarray], info: dict[str, Any]) -> None:
+                     holdout: Optional[np.ndarray], info: dict[str, Any],
+                     holdout_labels: Optional[np.ndarray] = None) -> None:
         """Everything a run is made from, and its manifest (status "training")."""
         atomic_write_text(self.path / CONFIG, cfg.to_toml())
         atomic_write_text(self.path / SCALER, json.dumps(scaler.to_dict(), indent=2))
@@ -142,6 +145,8 @@ class RunDir:
             save_npy(self.path / TRAIN_LABELS, labels)
         if holdout is not None:
             save_npy(self.path / HOLDOUT, holdout)
+        if holdout is not None and holdout_labels is not None:
+            save_npy(self.path / HOLDOUT_LABELS, holdout_labels)
         self.write_manifest({"toydiff_version": __version__, **info, "status": "training"})
 
     # --- the manifest ------------------------------------------------------------------------------------
@@ -203,6 +208,15 @@ class RunDir:
             raise ToydiffError(f"'{self.path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data "
                                f"{data.shape}")
         return data, labels, holdout
+
+    def read_holdout_labels(self, holdout: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """The class labels of the held-out rows, where the run kept them."""
+        if holdout is None or not (self.path / HOLDOUT_LABELS).is_file():
+            return None
+        labels = load_npy(self.path / HOLDOUT_LABELS)
+        if labels.shape != (len(holdout),) or labels.dtype.kind not in "iu":
+            raise ToydiffError(f"'{self.path}' is damaged: {HOLDOUT_LABELS} does not match {HOLDOUT}")
+        return labels
 
     def load_weights(self, model: nn.Module, ema: bool) -> None:
         """The trained weights into `model`; with ema, their moving average where the run has one."""

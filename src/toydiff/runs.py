@@ -53,6 +53,7 @@ class Run:
     names: Optional[list[str]] = None  # the D column names (x1, x2, ... for the zoo)
     holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
     class_names: list[str] = field(default_factory=list)  # the label values behind class indices 0..K-1
+    holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -99,7 +100,7 @@ class Run:
         model.eval()
         names = info.get("columns") or default_names(data.shape[1])
         return cls(rd.path, cfg, scaler, schedule, model, data, dev, labels, names, holdout,
-                   info.get("class_names") or [])
+                   info.get("class_names") or [], rd.read_holdout_labels(holdout) if labels is not None else None)
 
     def settings(self, **given) -> SampleConfig:
         """The run's [sample] settings with the given ones replaced (None keeps the run's), checked like a config."""

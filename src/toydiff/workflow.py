@@ -53,6 +53,7 @@ class Data:
     names: list[str]
     classes: list[str]
     holdout: Optional[np.ndarray] = None
+    holdout_labels: Optional[np.ndarray] = None
 
 
 def make_data(cfg: ExperimentConfig) -> Data:
@@ -69,7 +70,9 @@ def make_data(cfg: ExperimentConfig) -> Data:
         raise ToydiffError(f"data.holdout = {cfg.data.holdout} leaves {len(train_rows)} of the file's {len(order)} "
                            "rows to train on; lower it")
     labels = None if table.labels is None else table.labels[train_rows]
-    return Data(table.x[train_rows], labels, table.names, table.classes, table.x[held] if len(held) else None)
+    held_labels = None if table.labels is None or not len(held) else table.labels[held]
+    return Data(table.x[train_rows], labels, table.names, table.classes, table.x[held] if len(held) else None,
+                held_labels)
 
 
 def validate(cfg: ExperimentConfig, world: World = World()) -> None:
@@ -114,7 +117,7 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
     scaler = Scaler.fit(data.x, cfg.data.scaling, data.names)
     schedule, model = build(cfg, data.x.shape[1], device, classes)
     return Run(Path(path), cfg, scaler, schedule, model, data.x.astype(np.float32), device, labels, data.names,
-               data.holdout, data.classes if classes else [])
+               data.holdout, data.classes if classes else [], data.holdout_labels if classes else None)
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = _silent,
@@ -146,7 +149,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
             "device": str(device), "threads": threads}
     staging = RunDir.create(Path(out))
     try:
-        staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info)
+        staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels)
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
         raise
