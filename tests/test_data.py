@@ -131,3 +131,31 @@ def test_moons_oracle_mixture_has_the_moons_density():
     exact = moons_log_density(x, 0.05)
     mixture = moons_mixture(0.05).log_prob(torch.as_tensor(x)).numpy()
     assert np.abs(mixture - exact).max() < 1e-3
+
+
+def test_the_quantile_scaler_is_scikit_learns_rank_gauss_on_continuous_columns():
+    """On columns without ties, transform equals sklearn's QuantileTransformer(output_distribution="normal")
+    (an independent implementation), endpoints included; inverse undoes it."""
+    from sklearn.preprocessing import QuantileTransformer
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.gamma(2.0, size=3000), rng.normal(size=3000) * 5 + 1, rng.uniform(-3, 3, size=3000)]
+    ours = Scaler.fit(x, "quantile")
+    theirs = QuantileTransformer(n_quantiles=1000, output_distribution="normal").fit(x)
+    probe = np.r_[x[:500], x.min(0)[None], x.max(0)[None]]
+    assert np.allclose(ours.transform(probe), theirs.transform(probe), atol=1e-6)
+    assert np.allclose(ours.inverse(ours.transform(x[:500])), x[:500], atol=1e-6)
+    assert ours.log_abs_det is None and Scaler.from_dict(ours.to_dict()).to_dict() == ours.to_dict()
+
+
+def test_the_quantile_scaler_keeps_bounded_spiky_columns_in_range_with_their_spikes():
+    """Pixel-like counts 0..16, 40% zeros and 15% sixteens: whatever the model outputs, the inverse map gives
+    values inside [0, 16], and standard normal draws come back with the spikes' shares."""
+    rng = np.random.default_rng(1)
+    kind = rng.choice(3, size=5000, p=[0.4, 0.15, 0.45])
+    x = np.where(kind == 0, 0.0, np.where(kind == 1, 16.0, rng.integers(1, 16, size=5000)))[:, None]
+    s = Scaler.fit(x, "quantile")
+    back = s.inverse(rng.normal(size=(20_000, 1)) * 3)  # far wider than N(0, 1): still in range
+    assert back.min() == 0.0 and back.max() == 16.0
+    drawn = s.inverse(rng.normal(size=(20_000, 1)))
+    assert abs(np.mean(drawn == 0.0) - 0.4) < 0.02 and abs(np.mean(drawn == 16.0) - 0.15) < 0.02
+    assert np.array_equal(s.inverse(s.transform(np.array([[0.0], [16.0]]))), [[0.0], [16.0]])

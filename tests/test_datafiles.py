@@ -246,3 +246,23 @@ def test_a_conditional_run_on_a_file_judges_each_class_on_its_own_held_out_rows(
     assert per_class["rare"]["verdict"].startswith("not judged: fewer than 40 held-out rows")
     for kind in ("a", "b"):  # half of each class's own held-out rows, at most half of eval.n / 3
         assert per_class[kind]["n"] == (held == ["a", "b"].index(kind)).sum() // 2
+
+
+@pytest.mark.slow
+def test_bounded_spiky_integer_columns_come_back_in_range_whole_and_with_their_spikes(tmp_path):
+    """Digits-like pixel counts (0..16; 40% zeros, 15% sixteens per column): with data.scaling = quantile the
+    samples stay in [0, 16], are whole numbers like the file's column, and each column's shares of 0 and 16
+    land within 0.04 of the data's (0.016 at most, measured). With min-max scaling the same data came back
+    from -0.7 to 31.8."""
+    rng = np.random.default_rng(7)
+    kind = rng.choice(3, size=(2000, 4), p=[0.4, 0.15, 0.45])
+    x = np.where(kind == 0, 0, np.where(kind == 1, 16, rng.integers(1, 16, size=(2000, 4))))
+    path = write_csv(tmp_path / "pixels.csv", [[str(int(v)) for v in row] for row in x], header="p1,p2,p3,p4")
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--no-eval", "--data", str(path), "--out", str(out), "--set", "data.scaling=quantile",
+                 "--set", "train.steps=1500", "--set", "sample.n=4000"]) == 0
+    samples = np.load(out / "samples.npy")
+    assert samples.min() >= 0 and samples.max() <= 16 and np.array_equal(samples, np.round(samples))
+    for j in range(4):
+        assert abs(np.mean(samples[:, j] == 0) - np.mean(x[:, j] == 0)) < 0.04
+        assert abs(np.mean(samples[:, j] == 16) - np.mean(x[:, j] == 16)) < 0.04

@@ -35,7 +35,7 @@ else:  # pragma: no cover
 # The closed vocabularies, each with the registry that implements it.
 DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid", "checkerboard", "pinwheel",
             "spirals", "rings", "gmm")  # toydiff.data.DATASETS
-SCALINGS = ("minmax", "standardize")  # toydiff.scaler.Scaler
+SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.scaler.Scaler
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
@@ -92,6 +92,7 @@ class DataConfig(_Section):
     modes: int = 0  # the dataset's count (gaussians 8, grid 5 per side, checkerboard 4, pinwheel 5, rings 4, gmm 8)
     dim: int = 2  # gmm: the dimension
     scaling: str = "minmax"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
+    #                          | quantile: each column through its distribution to a standard normal (tables)
     path: str = ""  # the user's data: a .csv, .tsv, .npy, .npz or .parquet file; set, it replaces name and n
     columns: tuple[str, ...] = ()  # file columns to model, by name or 0-based index; () = all but the label
     label_column: str = ""  # file column of class labels (model.conditional uses them); "" = none
@@ -216,6 +217,7 @@ class SampleConfig(_Section):
     use_ema: bool = True  # sample with the EMA weights when the run has them
     clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
     compile: bool = False  # torch.compile the network for sampling: pays only for large jobs (docs/benchmarks.md)
+    round_integers: bool = True  # a file's columns whose values are all whole numbers: samples rounded to them
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

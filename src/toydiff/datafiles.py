@@ -41,6 +41,7 @@ class Table:
     names: list[str]  # the D column names
     classes: list[str]  # the label values behind indices 0..K-1 ([] without labels)
     dropped: int = 0  # rows dropped for missing values (drop_missing)
+    integer: tuple[bool, ...] = ()  # per column: every value is a whole number (samples are rounded back)
 
 
 def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str = "",
@@ -233,4 +234,5 @@ def _finish(path: Path, names: list[str], cells, x: np.ndarray, keep: np.ndarray
                                f"({classes[0]!r}); a conditional model needs at least two")
         index = {v: i for i, v in enumerate(classes)}
         labels = np.array([index[v] for v in raw], dtype=np.int64)
-    return Table(x, labels, [names[c] for c in chosen], classes, int((~keep).sum()))
+    integer = tuple(bool(np.all(x[:, j] == np.round(x[:, j]))) for j in range(x.shape[1]))
+    return Table(x, labels, [names[c] for c in chosen], classes, int((~keep).sum()), integer)

@@ -387,7 +387,10 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
     if run.classes:
         rep["per_class"] = per_class(run, spec, log)
-    if spec.nll_n > 0:
+    if spec.nll_n > 0 and run.scaler.log_abs_det is None:
+        log(f"likelihoods skipped: the {run.scaler.kind} scaler is not affine, so a density in the model's frame "
+            "says nothing exact in data units (a column's spikes have none)")
+    elif spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
     run.dir.write_metrics(rep)
     return rep

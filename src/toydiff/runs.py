@@ -54,6 +54,7 @@ class Run:
     holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
     class_names: list[str] = field(default_factory=list)  # the label values behind class indices 0..K-1
     holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
+    integer_columns: list[int] = field(default_factory=list)  # columns of whole numbers in the user's file
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -99,8 +100,10 @@ class Run:
             rd.load_weights(model, ema=cfg.sample.use_ema)  # sampling uses the moving average when there is one
         model.eval()
         names = info.get("columns") or default_names(data.shape[1])
+        integer = [names.index(c) for c in info.get("integer_columns") or [] if c in names]
         return cls(rd.path, cfg, scaler, schedule, model, data, dev, labels, names, holdout,
-                   info.get("class_names") or [], rd.read_holdout_labels(holdout) if labels is not None else None)
+                   info.get("class_names") or [], rd.read_holdout_labels(holdout) if labels is not None else None,
+                   integer)
 
     def settings(self, **given) -> SampleConfig:
         """The run's [sample] settings with the given ones replaced (None keeps the run's), checked like a config."""
@@ -125,6 +128,7 @@ class Run:
         `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
         x_T .. x_0 in the model's scaled frame (the frame of the figures). compile runs the network through
         torch.compile (compiled once per Run, again for each new batch shape). progress shows the steps.
+        Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
         """
         if n < 1:
             raise ToydiffError(f"the number of samples must be >= 1, got {n}")
@@ -168,6 +172,8 @@ class Run:
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
         bar.close()
+        if cfg.round_integers and self.integer_columns:  # whole-number columns come back as whole numbers
+            samples[:, self.integer_columns] = np.round(samples[:, self.integer_columns])
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples

@@ -54,6 +54,7 @@ class Data:
     classes: list[str]
     holdout: Optional[np.ndarray] = None
     holdout_labels: Optional[np.ndarray] = None
+    integer: tuple[bool, ...] = ()  # per column: whole numbers only in the user's file
 
 
 def make_data(cfg: ExperimentConfig) -> Data:
@@ -72,7 +73,7 @@ def make_data(cfg: ExperimentConfig) -> Data:
     labels = None if table.labels is None else table.labels[train_rows]
     held_labels = None if table.labels is None or not len(held) else table.labels[held]
     return Data(table.x[train_rows], labels, table.names, table.classes, table.x[held] if len(held) else None,
-                held_labels)
+                held_labels, table.integer)
 
 
 def validate(cfg: ExperimentConfig, world: World = World()) -> None:
@@ -117,7 +118,8 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
     scaler = Scaler.fit(data.x, cfg.data.scaling, data.names)
     schedule, model = build(cfg, data.x.shape[1], device, classes)
     return Run(Path(path), cfg, scaler, schedule, model, data.x.astype(np.float32), device, labels, data.names,
-               data.holdout, data.classes if classes else [], data.holdout_labels if classes else None)
+               data.holdout, data.classes if classes else [], data.holdout_labels if classes else None,
+               [j for j, whole in enumerate(data.integer) if whole])
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = _silent,
@@ -145,6 +147,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     info = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "dim": int(x.shape[1]),
             "n_train": int(x.shape[0]), "classes": run.classes, "columns": run.names,
             "class_names": run.class_names, "source": cfg.data.path or cfg.data.name,
+            "integer_columns": [run.column_names[j] for j in run.integer_columns],
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
             "device": str(device), "threads": threads}
     staging = RunDir.create(Path(out))
