@@ -232,9 +232,10 @@ def test_a_conditional_run_on_a_file_judges_each_class_on_its_own_held_out_rows(
     them alone, a class with too few is named and not judged."""
     import json
     rng = np.random.default_rng(6)
-    rows = [[repr(float(rng.normal(c))), repr(float(rng.normal())), kind]
-            for kind, c, count in (("a", -2.0, 285), ("b", 2.0, 285), ("rare", 0.0, 30)) for _ in range(count)]
-    path = write_csv(tmp_path / "kinds.csv", rows, header="u,v,kind")
+    # column w is 0 throughout class a (constant within a class is fine: classes are judged in the pooled frame)
+    rows = [[repr(float(rng.normal(c))), repr(float(rng.normal())), "0" if kind == "a" else repr(float(rng.normal())),
+             kind] for kind, c, count in (("a", -2.0, 285), ("b", 2.0, 285), ("rare", 0.0, 30)) for _ in range(count)]
+    path = write_csv(tmp_path / "kinds.csv", rows, header="u,v,w,kind")
     out = tmp_path / "run"
     assert main(["run", "--quiet", "--data", str(path), "--label-column", "kind", "--out", str(out),
                  "--set", "train.steps=30", "--set", "schedule.T=8", "--set", "eval.draws=3",

@@ -48,10 +48,11 @@ class Target:
     draw_pair: Optional[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = None
 
 
-def file_target(holdout: np.ndarray, dropped: int = 0) -> Target:
+def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None) -> Target:
     """The user's held-out rows as the reference: the model's samples meet n of them, and each floor pair is
     two disjoint n-subsets of them (so n is at most half the held-out rows). dropped: how many rows were
-    left out for being training rows (unseen_rows), reported with the reference."""
+    left out for being training rows (unseen_rows), reported with the reference. frame: the evaluation
+    frame (default: the rows' own per-axis min-max; a class's rows are judged in the pooled frame)."""
     holdout = np.asarray(holdout, dtype=np.float64)
 
     def draw_pair(rng: np.random.Generator, n: int):
@@ -62,7 +63,7 @@ def file_target(holdout: np.ndarray, dropped: int = 0) -> Target:
     key = {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)}
     if dropped:
         key["training_rows_dropped"] = dropped
-    return Target(lambda rng, n: draw_pair(rng, n)[0], Scaler.fit(holdout, "minmax"), key,
+    return Target(lambda rng, n: draw_pair(rng, n)[0], frame or Scaler.fit(holdout, "minmax"), key,
                   max_n=len(holdout) // 2, draw_pair=draw_pair)
 
 
@@ -110,8 +111,7 @@ def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndar
         for k in range(classes):
             rows, dropped = unseen_rows(holdout[holdout_labels == k], training) if holdout_labels is not None \
                 else (np.empty((0, pooled.frame.dim)), 0)
-            out[k] = None if len(rows) < 2 * MIN_EVAL_N else \
-                dataclasses.replace(file_target(rows, dropped), frame=pooled.frame)
+            out[k] = None if len(rows) < 2 * MIN_EVAL_N else file_target(rows, dropped, pooled.frame)
         return out
     spec = DATASETS.get(DATASETS.get(cfg.data.name).iid_twin or cfg.data.name)
     p = params(cfg.data)
