@@ -1,0 +1,118 @@
+"""The verdict's calibration on a held-out panel of real and synthetic tables (issue #13's goal).
+
+Each table is split at random, again for every repeat, into training rows (40%), reference rows (30%,
+the evaluation's held-out rows) and candidate rows (30%). The candidate is judged against the reference
+exactly as `toydiff eval` judges a run on a file (file_target, 14 metrics beside their floors, memorization
+against the training rows, power), as it is and with known defects:
+
+  iid        the candidate itself: should never be called distinguishable (the false-alarm rate)
+  shift      the widest column shifted by one of its standard deviations
+  blur       Gaussian noise of half of each column's standard deviation added
+  drop       the commonest class left out (the candidate refilled from the other classes)
+  memorized  training rows with 1e-3 of each column's standard deviation of noise (a model that copies)
+
+A defect should be called distinguishable or inconclusive, never indistinguishable. Tables: the zoo's
+moons (D = 2) and an 8-D Gaussian mixture, and scikit-learn's bundled wine (D = 13), breast cancer (30)
+and digits (64). None of them was used to choose any default. Prints JSON and a table; writes
+benchmarks/results/panel.json and .md.
+
+    .venv/bin/python benchmarks/panel.py --repeats 20        # about 30 minutes on 2 CPU cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toydiff.config import DataConfig, EvalConfig
+from toydiff.data import load_dataset
+from toydiff.evaluation import evaluate
+from toydiff.reference import file_target
+
+CASES = ("iid", "shift", "blur", "drop", "memorized")
+
+
+def tables() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    from sklearn.datasets import load_breast_cancer, load_digits, load_wine
+    out = {}
+    for name, cfg, n in (("moons", DataConfig(), 3000), ("gmm-8d", DataConfig(name="gmm", dim=8), 3000)):
+        out[name] = load_dataset(cfg, n, np.random.default_rng(0))
+    for name, loader in (("wine", load_wine), ("breast-cancer", load_breast_cancer), ("digits", load_digits)):
+        bunch = loader()
+        out[name] = (bunch.data.astype(np.float64), bunch.target.astype(np.int64))
+    return out
+
+
+def candidates(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> dict[str, tuple[np.ndarray, ...]]:
+    """(training, reference, candidate) per case, from one random split of the table."""
+    order = rng.permutation(len(x))
+    a, b = int(0.4 * len(x)), int(0.7 * len(x))
+    train, ref, cand, cand_y = x[order[:a]], x[order[a:b]], x[order[b:]], y[order[b:]]
+    sd = x.std(0)
+    shifted = cand.copy()
+    widest = int(np.argmax(sd))  # digits' column 0 is all zeros: a "shift" by its deviation would change nothing
+    shifted[:, widest] += sd[widest]
+    commonest = np.bincount(cand_y).argmax()
+    others = cand[cand_y != commonest]
+    dropped = others[rng.integers(0, len(others), len(cand))]
+    copied = train[rng.integers(0, len(train), len(cand))] + 1e-3 * sd * rng.normal(size=cand.shape)
+    return {"iid": (train, ref, cand), "shift": (train, ref, shifted),
+            "blur": (train, ref, cand + 0.5 * sd * rng.normal(size=cand.shape)),
+            "drop": (train, ref, dropped), "memorized": (train, ref, copied)}
+
+
+def judge(train: np.ndarray, ref: np.ndarray, cand: np.ndarray, draws: int) -> str:
+    keep = np.ptp(ref, 0) > 0  # a column constant in this reference (digits' border pixels) cannot be framed
+    target = file_target(ref[:, keep])
+    spec = EvalConfig(n=min(len(cand), target.max_n), draws=draws, w2_n=500, nll_n=0)
+    verdict = evaluate(cand[:, keep], target, spec, training=train[:, keep])["verdict"]
+    return verdict.split(" ")[0]  # distinguishable | indistinguishable | inconclusive
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20, help="random splits per table")
+    parser.add_argument("--draws", type=int, default=20, help="floor pairs per evaluation (eval.draws)")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name, (x, y) in tables().items():
+        start = time.perf_counter()
+        counts = {case: Counter() for case in CASES}
+        for r in range(args.repeats):
+            for case, parts in candidates(x, y, np.random.default_rng([r, len(x)])).items():
+                if case != "iid" and r >= max(3, args.repeats // 4):
+                    continue  # the defects are clear-cut; the false-alarm rate needs every repeat
+                counts[case][judge(*parts, args.draws)] += 1
+        a, b = int(0.4 * len(x)), int(0.7 * len(x))
+        rows.append({"table": name, "rows": len(x), "dim": x.shape[1], "n": min(len(x) - b, (b - a) // 2),
+                     "seconds": round(time.perf_counter() - start, 1),
+                     **{case: dict(counts[case]) for case in CASES}})
+        print(json.dumps(rows[-1]), flush=True)
+    lines = ["| table | rows | D | n | " + " | ".join(CASES) + " |", "|---|---|---|---|" + "---|" * len(CASES)]
+    for r in rows:
+        cells = [" / ".join(f"{r[c].get(v, 0)}" for v in ("distinguishable", "inconclusive", "indistinguishable"))
+                 for c in CASES]
+        lines.append(f"| {r['table']} | {r['rows']} | {r['dim']} | {r['n']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Cells: distinguishable / inconclusive / indistinguishable, over the repeats.")
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "repeats": args.repeats, "draws": args.draws}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "panel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / "panel.md").write_text("\n".join(lines) + "\n")
+    print(json.dumps({"meta": meta, "rows": rows}))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
