@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from report import machine, publish
 from toydiff import config as C
 from toydiff import train_run
 from toydiff.config import EvalConfig, ScheduleConfig
@@ -145,14 +144,7 @@ def main() -> None:
     else:
         steps, train_steps, spec = [10, 20, 30, 50, 100, 250, 1000], 4000, EvalConfig(n=5000, draws=20, nll_n=0)
     rows = oracle_rows(steps, spec) + moons_oracle_rows(steps, spec) + trained_rows(steps, train_steps, spec)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
-            "eval": dataclasses.asdict(spec)}
-    (out / "nfe.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "nfe.md").write_text(table(rows))
-    print(json.dumps({"meta": meta, "rows": rows}))
-    print(table(rows))
+    publish(args.out, "nfe", {"meta": machine(threads=1, eval=dataclasses.asdict(spec)), "rows": rows}, table(rows))
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from report import machine, publish
 from toydiff.config import DataConfig, EvalConfig
 from toydiff.data import load_dataset
 from toydiff.evaluation import evaluate
@@ -104,14 +103,8 @@ def main() -> None:
         lines.append(f"| {r['table']} | {r['rows']} | {r['dim']} | {r['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells: distinguishable / inconclusive / indistinguishable, over the repeats.")
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-            "repeats": args.repeats, "draws": args.draws}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "panel.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "panel.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({"meta": meta, "rows": rows}))
-    print("\n".join(lines))
+    publish(args.out, "panel", {"meta": machine(repeats=args.repeats, draws=args.draws), "rows": rows},
+            "\n".join(lines))
 
 
 if __name__ == "__main__":

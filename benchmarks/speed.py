@@ -24,9 +24,7 @@ and writes benchmarks/results/speed.json and speed.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from report import machine, publish
 from toydiff import config as C
 from toydiff import train_run
 from toydiff.models import build_model
@@ -221,8 +220,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for speed.json and speed.md")
     args = parser.parse_args()
     steps, repeats = (20, 2) if args.quick else (200, 5)
-    report = {"meta": {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-                       "cpus": os.cpu_count()}}
+    report = {"meta": machine(cpus=os.cpu_count())}
     report["train"] = [training_rows(steps, repeats, threads=1), training_rows(steps, repeats, threads=2)]
     report["threads"] = thread_rows(steps // 2, max(2, repeats // 2))
     report["scaling"] = [training_rows(steps // 2, max(2, repeats // 2), rows=r, dim=d)
@@ -258,12 +256,7 @@ def main() -> None:
         for r in report["compile"]:
             lines.append(f"| {r['kind']} | {r['batch']} | {r['eager_ms']:.2f} | {r['compiled_ms']:.2f} | "
                          f"{r['speedup']:.2f}x | {r['compile_first_call_s']:.1f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(report, indent=2))
-    (out / "speed.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps(report))
-    print("\n".join(lines))
+    publish(args.out, "speed", report, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import platform
 import time
-from pathlib import Path
 
 import torch
 
+from report import machine, publish
 from toydiff import config as C
 from toydiff.evaluation import evaluate, flagged
 from toydiff.reference import target_for
@@ -111,14 +109,8 @@ def main() -> None:
         b = r["fewest_flags"]
         lines.append(f"| {r['setting']} | {hit} | {b['step']}, {b['train_s']} s, {b['auc']:.3f}, "
                      f"{', '.join(b['flagged']) or 'none'} |")
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 1,
-            "budget_s": args.budget}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "time_to_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out / "time_to_quality.md").write_text("\n".join(lines) + "\n")
-    print(json.dumps({"meta": meta, "rows": rows}))
-    print("\n".join(lines))
+    publish(args.out, "time_to_quality", {"meta": machine(threads=1, budget_s=args.budget), "rows": rows},
+            "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
-import platform
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from report import machine, publish
 from toydiff import config as C
 from toydiff.data import DATASETS
 from toydiff.evaluation import flagged
@@ -71,14 +70,8 @@ def main() -> None:
         verdict = "indistinguishable" if not r["flagged"] else "flagged: " + ", ".join(r["flagged"])
         table.append(f"| {r['dataset']} | {verdict} | {r['knn_auc']:.3f} ({r['knn_auc_z']:.1f}) | {r['mmd2_z']:.1f} | "
                      f"{r['w2']:.3f} ({r['w2_floor']:.3f}) | {r['job_seconds']:.0f} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "quick": args.quick}
     light = [{k: v for k, v in r.items() if k not in ("data", "samples")} for r in rows]
-    (out / "zoo.json").write_text(json.dumps({"meta": meta, "rows": light}, indent=2))
-    (out / "zoo.md").write_text("\n".join(table) + "\n")
-    print(json.dumps({"meta": meta, "rows": light}))
-    print("\n".join(table))
+    publish(args.out, "zoo", {"meta": machine(quick=args.quick), "rows": light}, "\n".join(table))
 
 
 if __name__ == "__main__":

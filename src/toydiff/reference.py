@@ -78,6 +78,20 @@ def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.nd
     return rows[keep], int((~keep).sum())
 
 
+def reference_rows(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
+                   training: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """A file run's held-out rows that are not copies of training rows, and how many were; a one-line error
+    naming the fix when fewer than 2 * MIN_EVAL_N remain."""
+    rows, dropped = unseen_rows(holdout, training) if holdout is not None else (None, 0)
+    count = 0 if rows is None else len(rows)
+    if count < 2 * MIN_EVAL_N:
+        also = f" ({dropped} more are copies of training rows)" if dropped else ""
+        raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this run "
+                           f"has {count}{also}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip "
+                           "the evaluation (--no-eval)")
+    return rows, dropped
+
+
 def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray], names: Optional[Sequence[str]] = None,
                     training: Optional[np.ndarray] = None) -> list[str]:
     """What the evaluation of a run on a file needs of its held-out rows, checked before training: enough of
@@ -86,14 +100,8 @@ def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray], names:
     drawn afresh."""
     if not cfg.data.path:
         return []
-    rows, dropped = unseen_rows(holdout, training) if holdout is not None else (None, 0)
-    count = 0 if rows is None else len(rows)
-    if count < 2 * MIN_EVAL_N:
-        also = f" ({dropped} more are copies of training rows)" if dropped else ""
-        raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this run "
-                           f"has {count}{also}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip "
-                           "the evaluation (--no-eval)")
-    warnings = column_warnings(rows, names or default_names(rows.shape[1]), f"the {count} held-out rows")
+    rows, dropped = reference_rows(cfg, holdout, training)
+    warnings = column_warnings(rows, names or default_names(rows.shape[1]), f"the {len(rows)} held-out rows")
     if dropped:
         warnings.append(f"{dropped} held-out rows are copies of training rows; the evaluation leaves them out")
     return warnings
@@ -134,8 +142,7 @@ def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None,
     """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
     file, its held-out rows that are not also training rows."""
     if cfg.data.path:
-        check_reference(cfg, holdout, training=training)
-        return file_target(*unseen_rows(holdout, training))
+        return file_target(*reference_rows(cfg, holdout, training))
     spec = DATASETS.get(cfg.data.name)
     name = spec.iid_twin or cfg.data.name
     spec, p = DATASETS.get(name), params(cfg.data)
