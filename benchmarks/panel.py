@@ -17,6 +17,8 @@ and digits (64). None of them was used to choose any default. Prints JSON and a 
 benchmarks/results/panel.json and .md.
 
     .venv/bin/python benchmarks/panel.py --repeats 20        # about 30 minutes on 2 CPU cores
+
+It also prints what n affords (power_table): the AUC shift the classifier test sees at each n.
 """
 
 from __future__ import annotations
@@ -32,20 +34,26 @@ import torch
 from report import machine, publish
 from toydiff.config import DataConfig, EvalConfig
 from toydiff.data import load_dataset
-from toydiff.evaluation import evaluate
+from toydiff.evaluation import evaluate, z_limit
 from toydiff.reference import file_target
 
 CASES = ("iid", "shift", "blur", "drop", "memorized")
 
 
-def tables() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from sklearn.datasets import load_breast_cancer, load_digits, load_wine
+TABLES = ("moons", "gmm-8d", "wine", "breast-cancer", "digits")
+
+
+def tables(names=TABLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(rows, class labels) of each named table."""
+    from sklearn import datasets
+    zoo = {"moons": DataConfig(), "gmm-8d": DataConfig(name="gmm", dim=8)}
     out = {}
-    for name, cfg, n in (("moons", DataConfig(), 3000), ("gmm-8d", DataConfig(name="gmm", dim=8), 3000)):
-        out[name] = load_dataset(cfg, n, np.random.default_rng(0))
-    for name, loader in (("wine", load_wine), ("breast-cancer", load_breast_cancer), ("digits", load_digits)):
-        bunch = loader()
-        out[name] = (bunch.data.astype(np.float64), bunch.target.astype(np.int64))
+    for name in names:
+        if name in zoo:
+            out[name] = load_dataset(zoo[name], 3000, np.random.default_rng(0))
+        else:
+            bunch = getattr(datasets, "load_" + name.replace("-", "_"))()
+            out[name] = (bunch.data.astype(np.float64), bunch.target.astype(np.int64))
     return out
 
 
@@ -75,6 +83,23 @@ def judge(train: np.ndarray, ref: np.ndarray, cand: np.ndarray, draws: int) -> s
     return verdict.split(" ")[0]  # distinguishable | indistinguishable | inconclusive
 
 
+def power_table(draws: int) -> list[dict]:
+    """What n affords: the classifier-AUC shift seen with 80% power at each n, from `draws` pairs of iid moons
+    (the AUC floor's spread depends on n far more than on the data), as `toydiff eval` computes it."""
+    from toydiff.config import ExperimentConfig
+    from toydiff.evaluation import power
+    from toydiff.metrics import knn_auc
+    from toydiff.reference import target_for
+
+    target, rng, out = target_for(ExperimentConfig()), np.random.default_rng(0), []
+    for n in (20, 50, 100, 200, 500, 1000, 2000, 5000):
+        auc = [knn_auc(*(target.frame.transform(target.draw(rng, n)) for _ in range(2))) for _ in range(draws)]
+        sees = power({"knn_auc": {"mean": float(np.mean(auc)), "std": float(np.std(auc, ddof=1))}}, n,
+                     z_limit(EvalConfig().z_max, draws))
+        out.append({"n": n, "auc_shift": round(sees["auc_shift"], 3), "conclusive": sees["conclusive"]})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="random splits per table")
@@ -92,7 +117,7 @@ def main() -> None:
                     continue  # the defects are clear-cut; the false-alarm rate needs every repeat
                 counts[case][judge(*parts, args.draws)] += 1
         a, b = int(0.4 * len(x)), int(0.7 * len(x))
-        rows.append({"table": name, "rows": len(x), "dim": x.shape[1], "n": min(len(x) - b, (b - a) // 2),
+        rows.append({"table": name, "rows": len(x), "dim": x.shape[1], "n": min(len(x) - b, b - a),
                      "seconds": round(time.perf_counter() - start, 1),
                      **{case: dict(counts[case]) for case in CASES}})
         print(json.dumps(rows[-1]), flush=True)
@@ -103,8 +128,12 @@ def main() -> None:
         lines.append(f"| {r['table']} | {r['rows']} | {r['dim']} | {r['n']} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Cells: distinguishable / inconclusive / indistinguishable, over the repeats.")
-    publish(args.out, "panel", {"meta": machine(repeats=args.repeats, draws=args.draws), "rows": rows},
-            "\n".join(lines))
+    sees = power_table(args.draws)
+    lines += ["", "| n compared | AUC shift seen (80% power) | verdict possible |", "|---|---|---|"]
+    lines += [f"| {p['n']} | {p['auc_shift']:.3f} | {'indistinguishable' if p['conclusive'] else 'inconclusive at best'} |"
+              for p in sees]
+    publish(args.out, "panel", {"meta": machine(repeats=args.repeats, draws=args.draws), "rows": rows,
+                                "power": sees}, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def test_a_users_csv_trains_samples_and_evaluates_from_one_command(tmp_path, cap
     header = (out / "samples.csv").read_text().splitlines()[0]
     assert header == "height,weight"
     assert np.load(out / "holdout_data.npy").shape == (120, 2) and np.load(out / "train_data.npy").shape == (480, 2)
-    assert "at n = 60" in (out / "metrics.json").read_text()  # half the 120 held-out rows
+    assert "at n = 120" in (out / "metrics.json").read_text()  # all 120 held-out rows
     samples = np.load(out / "samples.npy")
     assert 80 < np.median(samples[:, 1]) < 150  # data units, not the scaled frame
     import json
@@ -154,7 +154,7 @@ def test_eval_against_a_file_matches_columns_by_name_and_refuses_other_dimension
     test = write_csv(tmp_path / "test.csv", [["label", repr(float(b)), repr(float(a))] for a, b in unseen],
                      header="note,v,u")
     assert main(["eval", str(out), "--data", str(test), "--draws", "3"]) == 0
-    assert "at n = 50" in capsys.readouterr().out  # half the test file's 100 rows, columns u, v found by name
+    assert "at n = 100" in capsys.readouterr().out  # the test file's 100 rows, columns u, v found by name
     np.save(tmp_path / "wide.npy", np.zeros((100, 3)) + np.arange(100)[:, None])
     assert main(["eval", str(out), "--data", str(tmp_path / "wide.npy")]) == 2
     err = capsys.readouterr().err
@@ -179,12 +179,12 @@ def test_what_the_evaluation_needs_is_checked_before_training(tmp_path, capsys):
     `toydiff run` before the first step (naming the column and the fix); `train` and `run --no-eval` go on."""
     from toydiff.runtime import numpy_rng
     rng = np.random.default_rng(4)
-    small = write_csv(tmp_path / "small.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(142, 2))],
+    small = write_csv(tmp_path / "small.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(90, 2))],
                       header="a,b")
     quick = ["--set", "train.steps=3", "--set", "schedule.T=4"]
     assert main(["run", "--data", str(small), "--out", str(tmp_path / "r1")] + quick) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "needs at least 40 held-out rows and this run has 28" in err and "--no-eval" in err
+    assert err.count("\n") == 1 and "needs at least 20 held-out rows and this run has 18" in err and "--no-eval" in err
     assert not (tmp_path / "r1").exists()
     assert main(["run", "--quiet", "--no-eval", "--data", str(small), "--out", str(tmp_path / "r2")] + quick) == 0
     assert main(["train", "--quiet", "--data", str(small), "--out", str(tmp_path / "r3")] + quick) == 0
@@ -218,11 +218,11 @@ def test_eval_never_judges_a_run_on_its_own_training_rows(tmp_path, capsys):
     mostly_seen = write_csv(tmp_path / "seen.csv", rows(np.r_[training[:100], fresh[:10]]), header="u,v")
     assert main(["eval", str(out), "--data", str(mostly_seen), "--draws", "3"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "only 10 of the 110 rows of" in err and "at least 40 rows it has not seen" in err
+    assert err.count("\n") == 1 and "only 10 of the 110 rows of" in err and "at least 20 rows it has not seen" in err
     mixed = write_csv(tmp_path / "mixed.csv", rows(np.r_[fresh[10:], training[:50]]), header="u,v")
     assert main(["eval", str(out), "--data", str(mixed), "--draws", "3"]) == 0
     captured = capsys.readouterr()
-    assert "left out 50 of the 150 rows" in captured.err and "at n = 50" in captured.out  # half the 100 unseen
+    assert "left out 50 of the 150 rows" in captured.err and "at n = 100" in captured.out  # the 100 unseen rows
     import json
     assert json.loads((out / "metrics.json").read_text())["reference"]["training_rows_dropped"] == 50
 
@@ -244,9 +244,9 @@ def test_a_conditional_run_on_a_file_judges_each_class_on_its_own_held_out_rows(
     assert held.shape == (120,) and set(held.tolist()) == {0, 1, 2}
     per_class = json.loads((out / "metrics.json").read_text())["per_class"]
     assert set(per_class) == {"a", "b", "rare"}
-    assert per_class["rare"]["verdict"].startswith("not judged: fewer than 40 held-out rows")
-    for kind in ("a", "b"):  # half of each class's own held-out rows, at most half of eval.n / 3
-        assert per_class[kind]["n"] == (held == ["a", "b"].index(kind)).sum() // 2
+    assert per_class["rare"]["verdict"].startswith("not judged: fewer than 20 held-out rows")
+    for kind in ("a", "b"):  # each class's own held-out rows, at most eval.n / 3
+        assert per_class[kind]["n"] == (held == ["a", "b"].index(kind)).sum()
 
 
 @pytest.mark.slow

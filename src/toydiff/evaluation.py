@@ -1,10 +1,15 @@
 """Evaluate samples against a fresh iid reference, each metric beside its finite-sample noise floor.
 
-The floor of a metric at sample size n is its value between two independent reference
-samples of size n: its mean and spread over `draws` pairs. A metric's z-score is how
-many floor deviations the model's value lies on the bad side of the floor's mean; the
-verdict calls a run indistinguishable from data when every z is at most `z_max`.
-Floors depend only on the data distribution, n and the scaler, so they are cached.
+The floor of a metric at sample size n is its value between two samples of size n that come from the same
+law: its mean and spread over `draws` pairs. For a dataset with a sampler they are two independent
+reference draws; they depend only on the distribution, n and the frame, so they are cached. For a finite
+reference (a file's held-out rows) they are the samples and the reference points shuffled together and
+split in two, a permutation test: re-splits of the held-out rows alone would be too narrow a floor, since
+they never hold a point beyond those rows, and called iid samples of real tables distinguishable up to
+30% of the time (docs/evaluation.md). A metric's z-score is how many floor deviations the model's value
+lies on the bad side of the floor's mean; the verdict calls a run indistinguishable from data when every
+z is within `z_limit` (eval.z_max, widened for a floor estimated from eval.draws pairs) and the test had
+the power to see a difference.
 """
 
 from __future__ import annotations
@@ -77,21 +82,37 @@ def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: Ev
     return out
 
 
-def floors(draw_reference: Callable[[np.random.Generator, int], np.ndarray], scaler: Scaler, spec: EvalConfig,
-           support_distance=None, noise: float = 0.0, progress: Callable[[int], None] = lambda i: None,
-           draw_pair=None, bandwidths: Optional[tuple[float, ...]] = None):
-    """Mean and std of each metric between two independent reference draws of size spec.n
-    (`draw_pair(rng, n)`, when given, draws both at once: disjoint subsets of a finite reference)."""
-    rng = np.random.default_rng(0xF1001)  # fixed: floors depend on the distribution, not on a run
+def floors(draw_pair: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], scaler: Scaler,
+           spec: EvalConfig, support_distance=None, noise: float = 0.0,
+           progress: Callable[[int], None] = lambda i: None, bandwidths: Optional[tuple[float, ...]] = None):
+    """Mean and std of each metric over spec.draws pairs `draw_pair(rng, spec.n)` of data-like points: two
+    independent reference draws (fresh_pairs) or two halves of the compared points shuffled (shuffled_pairs)."""
+    rng = np.random.default_rng(0xF1001)  # fixed: a floor depends on the data, not on a run's seed
     values: dict[str, list[float]] = {name: [] for name in METRICS}
     for i in range(spec.draws):
-        a, b = draw_pair(rng, spec.n) if draw_pair else (draw_reference(rng, spec.n), draw_reference(rng, spec.n))
-        for name, v in compute(a, b, scaler, spec, support_distance, noise, bandwidths).items():
+        for name, v in compute(*draw_pair(rng, spec.n), scaler, spec, support_distance, noise, bandwidths).items():
             if v is not None:
                 values[name].append(v)
         progress(i + 1)
     return {name: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
                    "draws": len(v)} for name, v in values.items() if v}
+
+
+def fresh_pairs(draw: Callable[[np.random.Generator, int], np.ndarray]):
+    """Two independent draws of a reference sampler: the metric between two samples of the data itself."""
+    return lambda rng, n: (draw(rng, n), draw(rng, n))
+
+
+def shuffled_pairs(samples: np.ndarray, reference: np.ndarray):
+    """The samples and the reference points pooled and split at random into two halves: a permutation test
+    (exact whenever samples and reference are exchangeable, whatever the size of the pool). Used for a
+    finite reference, whose own re-splits would miss how far a fresh sample strays beyond its rows."""
+    pool = np.concatenate([samples, reference])
+
+    def draw_pair(rng: np.random.Generator, n: int):
+        order = rng.permutation(len(pool))
+        return pool[order[:n]], pool[order[n:2 * n]]
+    return draw_pair
 
 
 def z_scores(values: dict[str, Optional[float]], floor: dict, n: int) -> dict[str, Optional[float]]:
@@ -112,46 +133,56 @@ def z_scores(values: dict[str, Optional[float]], floor: dict, n: int) -> dict[st
     return out
 
 
+def z_limit(z_max: float, draws: int) -> float:
+    """The z beyond which a metric is flagged: z_max read as the normal tail it names (z_max = 3: 0.13%),
+    for a floor whose mean and spread are estimates from `draws` pairs. A new value's distance from them,
+    in estimated deviations, follows Student's t with draws - 1 degrees of freedom, widened by
+    sqrt(1 + 1 / draws) (the prediction interval): 3.53 for z_max = 3 and 20 pairs, 3.24 for 40, tending
+    to z_max. Flagging at z_max itself would triple a normal metric's false alarms at 20 pairs (0.43%)."""
+    from scipy import stats
+
+    return float(stats.t.ppf(stats.norm.cdf(z_max), draws - 1) * math.sqrt(1 + 1 / draws))
+
+
 def flagged(report: dict) -> list[str]:
-    """The metrics of an `evaluate` report outside their noise floors (z > z_max), in the report's order."""
-    z_max = report["spec"]["z_max"]
-    return [name for name, row in report["metrics"].items() if row["z"] is not None and row["z"] > z_max]
+    """The metrics of an `evaluate` report outside their noise floors (z > z_limit), in the report's order."""
+    return [name for name, row in report["metrics"].items() if row["z"] is not None and row["z"] > report["z_limit"]]
 
 
-POWER_Z = 0.8416  # the standard normal's 80th percentile: detection at 80% power sits this far beyond z_max
+POWER_Z = 0.8416  # the standard normal's 80th percentile: detection at 80% power sits this far beyond the limit
 INCONCLUSIVE_AUC = 0.1  # a test that could miss a classifier AUC shift this large cannot call samples alike
 
 
-def power(floor: dict, n: int, z_max: float) -> Optional[dict]:
+def power(floor: dict, n: int, limit: float) -> Optional[dict]:
     """The smallest differences the test sees with 80% power at this n, from the floors' own spread (a
-    simulation on the reference itself): a shift of (z_max + 0.84) floor deviations, for the classifier's
+    simulation on the reference itself): a shift of (limit + 0.84) floor deviations, for the classifier's
     AUC and for MMD^2, and whether the AUC shift is small enough (INCONCLUSIVE_AUC) for a verdict of "alike".
     The AUC floor's spread shrinks like 1 / sqrt(n), which gives the n that would be conclusive."""
     auc = floor.get("knn_auc")
     if not auc or not auc["std"] > 0:
         return None
-    shift = (z_max + POWER_Z) * auc["std"]
+    shift = (limit + POWER_Z) * auc["std"]
     mmd = floor.get("mmd2")
-    return {"auc_shift": shift, "mmd2_shift": (z_max + POWER_Z) * mmd["std"] if mmd else None,
+    return {"auc_shift": shift, "mmd2_shift": (limit + POWER_Z) * mmd["std"] if mmd else None,
             "conclusive": shift <= INCONCLUSIVE_AUC,
             "n_for_conclusive": int(math.ceil(n * (shift / INCONCLUSIVE_AUC) ** 2))}
 
 
-def verdict(z: dict[str, Optional[float]], n: int, z_max: float, sees: Optional[dict] = None) -> str:
-    """One sentence: "distinguishable" names the metrics beyond z_max floor deviations (a difference found is a
-    finding at any n); with none, "indistinguishable" when the test had the power to see an AUC shift of
-    INCONCLUSIVE_AUC (`sees`, from power()), else "inconclusive", with the n that would decide."""
-    flagged = sorted(((name, s) for name, s in z.items() if s is not None and s > z_max), key=lambda p: -p[1])
+def verdict(z: dict[str, Optional[float]], n: int, limit: float, sees: Optional[dict] = None) -> str:
+    """One sentence: "distinguishable" names the metrics beyond `limit` floor deviations (z_limit; a difference
+    found is a finding at any n); with none, "indistinguishable" when the test had the power to see an AUC
+    shift of INCONCLUSIVE_AUC (`sees`, from power()), else "inconclusive", with the n that would decide."""
+    flagged = sorted(((name, s) for name, s in z.items() if s is not None and s > limit), key=lambda p: -p[1])
     if flagged:
         listed = ", ".join(f"{name} z = {s:.1f}" for name, s in flagged[:4])
         more = f" and {len(flagged) - 4} more" if len(flagged) > 4 else ""
         return f"distinguishable from data at n = {n}: {listed}{more}"
     if sees is not None and not sees["conclusive"]:
-        return (f"inconclusive at n = {n}: every metric is within {z_max:g} floor deviations, but at this n a "
+        return (f"inconclusive at n = {n}: every metric is within {limit:.2f} floor deviations, but at this n a "
                 f"classifier AUC up to {0.5 + sees['auc_shift']:.2f} could go unseen (80% power); about n = "
                 f"{sees['n_for_conclusive']} samples and as many reference points would decide")
     seen = f"; an AUC of {0.5 + sees['auc_shift']:.3f} or more would be seen, 80% power" if sees else ""
-    return f"indistinguishable from data at n = {n} (every metric within {z_max:g} floor deviations{seen})"
+    return f"indistinguishable from data at n = {n} (every metric within {limit:.2f} floor deviations{seen})"
 
 
 def floor_cache_path(key: dict) -> Path:
@@ -189,9 +220,10 @@ def report(values: dict, floor: dict, spec: EvalConfig) -> dict:
                                     and METRICS[name][0] > 0) else None
         rows[name] = {"value": v, "floor_mean": f["mean"] if f else None, "floor_std": f["std"] if f else None,
                       "ratio": ratio, "z": z.get(name), "about": METRICS[name][1]}
-    sees = power(floor, spec.n, spec.z_max)
-    return {"n": spec.n, "spec": asdict(spec), "metrics": rows, "power": sees,
-            "verdict": verdict(z, spec.n, spec.z_max, sees)}
+    limit = z_limit(spec.z_max, spec.draws)
+    sees = power(floor, spec.n, limit)
+    return {"n": spec.n, "spec": asdict(spec), "z_limit": limit, "metrics": rows, "power": sees,
+            "verdict": verdict(z, spec.n, limit, sees)}
 
 
 def format_table(rep: dict) -> str:
@@ -206,6 +238,10 @@ def format_table(rep: dict) -> str:
         lines.append(f"{name:<15}{num(r['value']):>11}{num(r['floor_mean']):>13}{num(r['floor_std']):>11}"
                      f"{ratio:>8}{z:>8}")
     lines.append(f"verdict: {rep['verdict']}")
+    if rep.get("nfe") is not None:
+        how = rep.get("sampling") or {}
+        lines.append(f"nfe: {rep['nfe']:g} network evaluations per sample ({how.get('sampler')}, "
+                     f"{how.get('steps')} steps, {how.get('spacing')} spacing)")
     for name, row in rep.get("per_class", {}).items():
         lines.append(f"  class {name}: {row['verdict']}")
     return "\n".join(lines)
@@ -236,7 +272,7 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
     if samples.shape[1] != reference_probe.shape[1]:
         raise ToydiffError(f"the samples have {samples.shape[1]} columns but the data has {reference_probe.shape[1]}")
     if target.max_n is not None and spec.n > target.max_n:
-        log(f"the reference has {2 * target.max_n} held-out rows: evaluating at n = {target.max_n} "
+        log(f"the reference has {target.max_n} held-out rows: evaluating at n = {target.max_n} "
             f"instead of eval.n = {spec.n}")
         spec = replace(spec, n=target.max_n)
     if len(samples) < spec.n:
@@ -246,26 +282,36 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
         log(f"only {len(samples)} samples: evaluating at n = {len(samples)} instead of eval.n = {spec.n}")
         spec = replace(spec, n=len(samples))
     samples = samples[:spec.n]
-    settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors depend on
-    key = {**target.key, **settings, "frame": target.frame.to_dict()}
     with _all_cores():
         # one kernel for the floors and the comparison: fitted to a fixed draw of the reference at this n
         bandwidths = M.mmd_bandwidths(target.frame.transform(target.draw(np.random.default_rng(0xB4D), spec.n)))
-        def compute_floors():
-            log(f"computing noise floors: {spec.draws} pairs of {spec.n} iid reference points (cached afterwards)")
-            with Progress(spec.draws, "noise floors", "pair", enabled=progress) as bar:
-                return floors(target.draw, target.frame, spec, target.support_distance, target.noise,
-                              progress=lambda i: bar.update(), draw_pair=target.draw_pair, bandwidths=bandwidths)
-        floor, cached = cached_floors(key, compute_floors)
         reference = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), spec.n)
         values = compute(samples, reference, target.frame, spec, target.support_distance, target.noise, bandwidths)
+        finite = target.max_n is not None
+        pairs = shuffled_pairs(samples, reference) if finite else fresh_pairs(target.draw)
+
+        def compute_floors():
+            log(f"computing noise floors: {spec.draws} pairs of {spec.n} points, "
+                + ("samples and held-out rows shuffled" if finite else "iid reference draws (cached afterwards)"))
+            with Progress(spec.draws, "noise floors", "pair", enabled=progress) as bar:
+                return floors(pairs, target.frame, spec, target.support_distance, target.noise,
+                              progress=lambda i: bar.update(), bandwidths=bandwidths)
+        if finite:  # the permutation floors depend on the samples: nothing to cache
+            floor, cached = compute_floors(), False
+        else:
+            settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors use
+            floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors)
         if training is not None:  # its floor depends on the training rows, so it is not cached; it costs seconds
-            floor = {**floor, "memorized": memorization_floor(target, spec, training)}
-            values["memorized"] = M.memorized_share(*(target.frame.transform(a) for a in (samples, reference, training)))
+            train = target.frame.transform(training)
+            floor = {**floor, "memorized": memorization_floor(pairs, target.frame, spec, train)}
+            values["memorized"] = M.memorized_share(target.frame.transform(samples), target.frame.transform(reference),
+                                                    train)
     rep = report(values, floor, spec)
     rep["mmd_bandwidths"] = [float(f"{b:.4g}") for b in bandwidths]
-    rep["frame"] = ("per-axis min-max of the held-out rows" if target.max_n is not None
+    rep["frame"] = ("per-axis min-max of the held-out rows" if finite
                     else "per-axis min-max of 100,000 iid points of the data distribution")
+    rep["floors"] = ("permutation: the samples and as many held-out rows, shuffled and split in two" if finite
+                     else "two independent iid draws of the data")
     rep["reference"] = target.key
     rep["floors_cached"] = cached
     return rep
@@ -274,7 +320,7 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
 def memorization_warning(report: dict, n_train: int) -> Optional[str]:
     """A warning, with what to do, when the report flags the samples as copies of training rows."""
     row = report["metrics"].get("memorized")
-    if not row or row["z"] is None or row["z"] <= report["spec"]["z_max"]:
+    if not row or row["z"] is None or row["z"] <= report["z_limit"]:
         return None
     return (f"{row['value']:.0%} of the samples are closer to a training row than 90% of fresh data is (10% "
             f"expected): the model is memorizing its {n_train} training rows rather than learning their "
@@ -282,15 +328,14 @@ def memorization_warning(report: dict, n_train: int) -> Optional[str]:
             "or give it more rows")
 
 
-def memorization_floor(target: Target, spec: EvalConfig, training: np.ndarray) -> dict:
-    """memorized_share between pairs of fresh reference draws (disjoint held-out halves for a file), against
-    the run's training rows: mean and spread over spec.draws pairs (about 0.1 and its sampling noise)."""
-    rng, train = np.random.default_rng(0xD0C), target.frame.transform(training)
-    values = []
+def memorization_floor(draw_pair, frame: Scaler, spec: EvalConfig, training: np.ndarray) -> dict:
+    """memorized_share between the pairs of data-like points the other floors use (`floors`), against the
+    run's training rows (`training`, in the frame): mean and spread over spec.draws pairs (about 0.1 and
+    its sampling noise)."""
+    rng, values = np.random.default_rng(0xD0C), []
     for _ in range(spec.draws):
-        a, b = target.draw_pair(rng, spec.n) if target.draw_pair else (target.draw(rng, spec.n),
-                                                                          target.draw(rng, spec.n))
-        values.append(M.memorized_share(target.frame.transform(a), target.frame.transform(b), train))
+        a, b = draw_pair(rng, spec.n)
+        values.append(M.memorized_share(frame.transform(a), frame.transform(b), training))
     return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)), "draws": len(values)}
 
 
@@ -356,7 +401,7 @@ def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s:
     for k, target in targets.items():
         name = run.class_names[k] if run.class_names else str(k)
         if target is None:
-            out[name] = {"verdict": f"not judged: fewer than {2 * MIN_EVAL_N} held-out rows of this class"}
+            out[name] = {"verdict": f"not judged: fewer than {MIN_EVAL_N} held-out rows of this class"}
             continue
         n = max(MIN_EVAL_N, min(spec.n // run.classes, target.max_n or spec.n))
         log(f"class {name}: {n} samples against its own reference")
@@ -379,18 +424,23 @@ def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s:
 
 
 def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
-                 spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False) -> dict:
+                 spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False,
+                 sampling: Optional[dict] = None) -> dict:
     """Evaluate a run's samples (and likelihoods) against its data (or `target`); a conditional run's classes
-    are also judged each on its own (per_class); write RUN_DIR/metrics.json."""
+    are also judged each on its own (per_class); write RUN_DIR/metrics.json. `sampling` (Run.last_sampling:
+    sampler, steps, spacing, nfe), where known, is reported with them: `nfe` is the samples' network
+    evaluations per sample."""
     spec = spec or run.config.eval
     target = target or target_for(run.config, run.holdout, run.data)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
+    if sampling is not None:
+        rep["nfe"], rep["sampling"] = sampling.get("nfe"), sampling
     if run.classes:
         rep["per_class"] = per_class(run, spec, log)
     if spec.nll_n > 0 and run.scaler.log_abs_det is None:
         log(f"likelihoods skipped: the {run.scaler.kind} scaler is not affine, so a density in the model's frame "
             "says nothing exact in data units (a column's spikes have none)")
     elif spec.nll_n > 0:
-        rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, 2 * (target.max_n or spec.nll_n)), log, progress)
+        rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, target.max_n or spec.nll_n), log, progress)
     run.dir.write_metrics(rep)
     return rep

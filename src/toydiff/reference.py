@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .runs import Run
 
 FRAME_POINTS = 100_000  # iid points whose per-axis min-max defines the evaluation frame
-MIN_EVAL_N = 20  # the fewest samples a comparison is made with
+MIN_EVAL_N = 20  # the fewest samples a comparison is made with, and the fewest held-out rows of a file
 
 
 @dataclass(frozen=True)
@@ -42,29 +42,26 @@ class Target:
     support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
     noise: float = 0.0
     log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
-    # a finite reference (the user's held-out rows): the largest n whose two floor draws can be disjoint, and
-    # the draw of such a pair; None for samplers, whose draws are independent
+    # a finite reference (the user's held-out rows): how many rows it has, so n at most; None for samplers,
+    # whose draws are independent. The floors of a finite reference are a permutation test (evaluation.py).
     max_n: Optional[int] = None
-    draw_pair: Optional[Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]] = None
 
 
 def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None) -> Target:
-    """The user's held-out rows as the reference: the model's samples meet n of them, and each floor pair is
-    two disjoint n-subsets of them (so n is at most half the held-out rows). dropped: how many rows were
-    left out for being training rows (unseen_rows), reported with the reference. frame: the evaluation
-    frame (default: the rows' own per-axis min-max; a class's rows are judged in the pooled frame)."""
+    """The user's held-out rows as the reference: the model's samples meet n of them (all of them at most).
+    dropped: how many rows were left out for being training rows (unseen_rows), reported with the
+    reference. frame: the evaluation frame (default: the rows' own per-axis min-max; a class's rows are
+    judged in the pooled frame)."""
     holdout = np.asarray(holdout, dtype=np.float64)
 
-    def draw_pair(rng: np.random.Generator, n: int):
-        order = rng.permutation(len(holdout))
-        return holdout[order[:n]], holdout[order[n:2 * n]]
+    def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+        return holdout[rng.permutation(len(holdout))[:n]]
 
     digest = hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest()[:16]
     key = {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)}
     if dropped:
         key["training_rows_dropped"] = dropped
-    return Target(lambda rng, n: draw_pair(rng, n)[0], frame or Scaler.fit(holdout, "minmax"), key,
-                  max_n=len(holdout) // 2, draw_pair=draw_pair)
+    return Target(draw, frame or Scaler.fit(holdout, "minmax"), key, max_n=len(holdout))
 
 
 def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
@@ -81,12 +78,12 @@ def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.nd
 def reference_rows(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
                    training: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
     """A file run's held-out rows that are not copies of training rows, and how many were; a one-line error
-    naming the fix when fewer than 2 * MIN_EVAL_N remain."""
+    naming the fix when fewer than MIN_EVAL_N remain."""
     rows, dropped = unseen_rows(holdout, training) if holdout is not None else (None, 0)
     count = 0 if rows is None else len(rows)
-    if count < 2 * MIN_EVAL_N:
+    if count < MIN_EVAL_N:
         also = f" ({dropped} more are copies of training rows)" if dropped else ""
-        raise ToydiffError(f"evaluating a run on a file needs at least {2 * MIN_EVAL_N} held-out rows and this run "
+        raise ToydiffError(f"evaluating a run on a file needs at least {MIN_EVAL_N} held-out rows and this run "
                            f"has {count}{also}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip "
                            "the evaluation (--no-eval)")
     return rows, dropped
@@ -112,14 +109,14 @@ def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndar
                   ) -> dict[int, Optional[Target]]:
     """One reference per class of a conditional run, in the pooled reference's frame: the zoo dataset's draws
     of that class (the label its sampler gives: the moon, the component, ...), or the held-out rows of that
-    class of the user's file that are not training rows; None for a class with fewer than 2 * MIN_EVAL_N."""
+    class of the user's file that are not training rows; None for a class with fewer than MIN_EVAL_N."""
     pooled = target_for(cfg, holdout, training)
     if cfg.data.path:
         out: dict[int, Optional[Target]] = {}
         for k in range(classes):
             rows, dropped = unseen_rows(holdout[holdout_labels == k], training) if holdout_labels is not None \
                 else (np.empty((0, pooled.frame.dim)), 0)
-            out[k] = None if len(rows) < 2 * MIN_EVAL_N else file_target(rows, dropped, pooled.frame)
+            out[k] = None if len(rows) < MIN_EVAL_N else file_target(rows, dropped, pooled.frame)
         return out
     spec = DATASETS.get(DATASETS.get(cfg.data.name).iid_twin or cfg.data.name)
     p = params(cfg.data)
@@ -169,10 +166,10 @@ def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
         raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
                            f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
     rows, dropped = unseen_rows(table.x, run.data)
-    if len(rows) < 2 * MIN_EVAL_N:
+    if len(rows) < MIN_EVAL_N:
         raise ToydiffError(f"only {len(rows)} of the {len(table.x)} rows of '{path}' are not training rows of the "
                            f"run; judging a model on the rows it trained on rewards memorizing them, so the "
-                           f"evaluation needs at least {2 * MIN_EVAL_N} rows it has not seen: use a held-out file")
+                           f"evaluation needs at least {MIN_EVAL_N} rows it has not seen: use a held-out file")
     if dropped:
         log(f"left out {dropped} of the {len(table.x)} rows of '{path}': they are training rows of the run")
     return file_target(rows, dropped)
