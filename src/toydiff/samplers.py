@@ -133,7 +133,14 @@ def _ve_denoiser(denoise: Denoise, sigmas: list[float]):
 
 def _karras_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, callback: Callback,
                 second_order: bool) -> torch.Tensor:
-    """Euler or Heun steps on dx~/dsigma = (x~ - x0_hat) / sigma over the schedule's sigmas."""
+    """Euler or Heun steps on the probability-flow ODE over the schedule's sigmas.
+
+    Euler is dx~/dsigma = (x~ - x0_hat) / sigma, one step x~ + (sigma' - sigma) d. Heun's trapezoid is taken
+    in s = sigma / (1 + sigma) on y = x~ / (1 + sigma) = (1 - s) x0 + s eps, where dy/ds = (y - x0_hat) / s
+    (for a flow-matching model, its own time and velocity). Its Euler part is the same step (both are exact
+    for a constant x0_hat), but its correction stays bounded from any sigma_T, where the trapezoid in sigma
+    multiplies the second prediction's error by sigma_T / sigma' (from the flow grid's sigma_T = 1e4, a
+    5-step Heun landed samples 4 units off Two Moons; measured) and VP grids start at sigma_T ~ 1e2..1e4."""
     sigmas = _sigma_grid(schedule)
     x0_of = _ve_denoiser(denoise, sigmas)
     x = x * (1 + sigmas[-1] ** 2) ** 0.5
@@ -142,13 +149,14 @@ def _karras_ode(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, call
         if callback is not None:
             callback(t, x / (1 + sigmas[t] ** 2) ** 0.5, x0_hat)
         d = (x - x0_hat) / sigmas[t]
-        dt = sigmas[t - 1] - sigmas[t]
-        x_euler = x + dt * d
+        x_euler = x + (sigmas[t - 1] - sigmas[t]) * d
         if not second_order or sigmas[t - 1] == 0:  # the last step to sigma = 0 stays Euler (no division by 0)
             x = x_euler
         else:
-            d_next = (x_euler - x0_of(x_euler, t - 1)) / sigmas[t - 1]
-            x = x + dt * (d + d_next) / 2
+            s, s_next = sigmas[t] / (1 + sigmas[t]), sigmas[t - 1] / (1 + sigmas[t - 1])
+            y, y_euler = x / (1 + sigmas[t]), x_euler / (1 + sigmas[t - 1])
+            v, v_next = (y - x0_hat) / s, (y_euler - x0_of(x_euler, t - 1)) / s_next
+            x = (y + (s_next - s) * (v + v_next) / 2) * (1 + sigmas[t - 1])
     return x
 
 
@@ -165,7 +173,8 @@ def sample_euler(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
 @torch.no_grad()
 def sample_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                 generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
-    """Implements Algorithm 2 (Heun steps, no churn) of Karras et al. (2022): 2 S - 1 evaluations for S steps."""
+    """Heun steps (Algorithm 2 of Karras et al. 2022, no churn), the trapezoid taken in s = sigma / (1 + sigma)
+    (see _karras_ode): 2 S - 1 evaluations for S steps."""
     return _karras_ode(denoise, schedule, x, callback, second_order=True)
 
 
