@@ -112,13 +112,16 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
 
     run = run if isinstance(run, Run) else Run.load(run)
     spec = dataclasses.replace(run.config.eval, **{k: v for k, v in (("n", n), ("draws", draws)) if v is not None})
+    sampling = None  # how the samples were drawn, where known (their NFE goes in the report)
     if samples is None:
-        samples = run.dir.read_samples()
+        samples, sampling = run.dir.read_samples(), run.dir.read_sampling()
         if samples is None or len(samples) < spec.n:
             samples = run.sample(spec.n, progress=progress and not quiet)  # the stored ones are too few
+            sampling = run.last_sampling
     log = (lambda m: None) if quiet else _stderr
     target = file_reference(run, data, columns, log) if data is not None else None
-    return evaluate_run(run, samples, log=log, spec=spec, target=target, progress=progress and not quiet)
+    return evaluate_run(run, samples, log=log, spec=spec, target=target, progress=progress and not quiet,
+                        sampling=sampling)
 
 
 def plot(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:

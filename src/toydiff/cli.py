@@ -235,7 +235,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
                         progress=not args.quiet)
     samples = result[0] if args.trajectory else result
     if out is None:
-        npy, csv = run.dir.write_samples(samples, run.column_names)
+        npy, csv = run.dir.write_samples(samples, run.column_names, run.last_sampling)
         print(f"wrote {len(samples)} samples to {npy} and {csv} (data units)")
     else:
         save_table(out, samples, run.column_names)

@@ -37,12 +37,14 @@ DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid
             "spirals", "rings", "gmm")  # toydiff.data.DATASETS
 SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.scaler.Scaler
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
+PROCESSES = ("ddpm", "flow")  # toydiff.schedules.NoiseSchedule.from_config, toydiff.parameterization
+COUPLINGS = ("independent", "ot")  # toydiff.losses.couple (flow matching's pairing of data and noise)
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
 MODEL_VARIANCES = ("fixed", "learned")
 LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
-TIMESTEP_SAMPLINGS = ("uniform", "importance")  # toydiff.losses.TIMESTEP_SAMPLERS
+TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
             "dpmpp-3m-sde", "ode")  # toydiff.samplers.SAMPLERS
@@ -115,8 +117,11 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class ScheduleConfig(_Section):
     SECTION: ClassVar[str] = "schedule"
+    process: str = "ddpm"  # ddpm (the discrete VP process of the betas below) | flow (flow matching's straight
+    #                        path x_t = (1 - t) x0 + t eps, continuous t; the betas below are unused)
     name: str = "cosine"  # beta schedule: linear | polynomial | cosine | sigmoid
-    T: int = 1000  # diffusion steps; t runs 1..T, t = 0 is the data (training cost does not grow with T)
+    T: int = 1000  # diffusion steps; t runs 1..T, t = 0 is the data (training cost does not grow with T);
+    #                flow: the time grid t = k / T the samplers may visit (training draws t continuously)
     beta_start: float = 1e-4  # linear: beta_1 (Ho et al. 2020 use 1e-4 with T = 1000)
     beta_end: float = 0.02  # linear: beta_T (Ho et al. 2020 use 0.02 with T = 1000)
     beta_max: float = 0.99  # polynomial: beta_t = (beta_max * t / T) ** power, so beta_T = beta_max ** power
@@ -129,6 +134,7 @@ class ScheduleConfig(_Section):
     zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 exactly (Lin et al. 2023); needs v or x0 prediction
 
     def _check(self):
+        choose("schedule.process", self.process, PROCESSES)
         choose("schedule", self.name, SCHEDULES)
         _check(self.T >= 1, f"schedule.T must be >= 1, got {self.T}")
         _check(self.sigmoid_end > self.sigmoid_start and self.sigmoid_tau > 0,
@@ -172,6 +178,9 @@ class TrainConfig(_Section):
     loss_weighting: str = "uniform"  # uniform (L_simple) | min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
     timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
+    #                                     | logit-normal (flow: t = sigmoid(N(0, 1)), Esser et al. 2024)
+    coupling: str = "independent"  # flow: independent | ot (each batch's data and noise paired by exact
+    #                                optimal transport, Tong et al. 2024; POT's exact solver)
     vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
     label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
@@ -185,6 +194,7 @@ class TrainConfig(_Section):
         choose("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         choose("train.loss_weighting", self.loss_weighting, WEIGHTINGS)
         choose("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        choose("train.coupling", self.coupling, COUPLINGS)
         choose("train.autocast", self.autocast, AUTOCASTS)
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
@@ -296,6 +306,25 @@ class ExperimentConfig:
 
     def _check_across(self) -> None:
         """The rules that tie two sections together."""
+        flow = self.schedule.process == "flow"
+        if flow and self.schedule.zero_terminal_snr:
+            raise ToydiffError("schedule.zero_terminal_snr rescales the ddpm process's betas; the flow path has none "
+                               "(set schedule.zero_terminal_snr=false)")
+        if flow and self.model.variance == "learned":
+            raise ToydiffError("model.variance = learned belongs to the ddpm process (its reverse steps' variances); "
+                               "flow matching's sampler is an ODE: set model.variance=fixed")
+        if flow and self.train.timestep_sampling == "importance":
+            raise ToydiffError("train.timestep_sampling = importance needs the ddpm process's discrete t; with "
+                               "schedule.process=flow choose uniform or logit-normal")
+        if not flow and self.train.timestep_sampling == "logit-normal":
+            raise ToydiffError("train.timestep_sampling = logit-normal draws flow matching's continuous t; set "
+                               "schedule.process=flow, or choose uniform or importance")
+        if not flow and self.train.coupling != "independent":
+            raise ToydiffError(f"train.coupling = {self.train.coupling} pairs data and noise for flow matching; set "
+                               "schedule.process=flow, or train.coupling=independent")
+        if flow and self.train.loss_weighting != "uniform":
+            raise ToydiffError("train.loss_weighting = min-snr weighs the ddpm process's SNR; flow matching trains "
+                               "with uniform weights (train.loss_weighting=uniform)")
         if self.schedule.zero_terminal_snr and self.model.prediction == "eps":
             raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says "
                                "nothing about x0; set model.prediction=v (or x0)")

@@ -20,7 +20,7 @@ from .datafiles import column_index
 from .errors import ToydiffError
 from .runs import Run
 from .runtime import numpy_rng, torch_generator
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, flow_scale, flow_time
 from .storage import atomic_write_bytes
 
 FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")
@@ -54,7 +54,10 @@ def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[
     panels = []
     for t in ts:
         t_vec = torch.full((len(x0_t),), t, dtype=torch.long, device=run.device)
-        panels.append((t, run.schedule.q_sample(x0_t, t_vec, eps).cpu().numpy()))
+        x_t = run.schedule.q_sample(x0_t, t_vec, eps)
+        if run.config.schedule.process == "flow":  # the flow's own x_s = (1 - s) x0 + s eps, not its VP view
+            x_t = x_t * flow_scale(flow_time(run.schedule.log_snr_at(t_vec[:1]))).float()
+        panels.append((t, x_t.cpu().numpy()))
     return panels
 
 
@@ -70,17 +73,22 @@ def field_panels(run: Run, ts: tuple[int, ...], grid: np.ndarray) -> list[tuple[
 
 
 def schedule_panels(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """linear and polynomial (the guide's Fig. 5), and the configured schedule if it is another, at the same T."""
+    """linear and polynomial (the guide's Fig. 5), and the configured schedule if it is another, at the same T;
+    for a flow-matching run, its straight path seen as a VP schedule (schedules.flow_betas) beside them."""
     cfg = run.config.schedule
+    flow = cfg.process == "flow"
     names = ["linear", "polynomial"] + ([cfg.name] if cfg.name not in ("linear", "polynomial") else [])
     panels = []
     for name in names:
         try:
-            s = NoiseSchedule.from_config(dataclasses.replace(cfg, name=name))
+            s = NoiseSchedule.from_config(dataclasses.replace(cfg, name=name, process="ddpm"))
         except ToydiffError:  # e.g. linear's beta_end > 1: nothing to compare with
             continue
-        title = f"{name}{' (this run)' if name == cfg.name else ''}, $T={s.T}$"
+        title = f"{name}{' (this run)' if name == cfg.name and not flow else ''}, $T={s.T}$"
         panels.append((title, s.betas64, 1 - s.alpha_bar64))
+    if flow:
+        panels.append((f"flow matching (this run), $T={run.schedule.T}$", run.schedule.betas64,
+                       1 - run.schedule.alpha_bar64))
     return panels
 
 

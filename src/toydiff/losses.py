@@ -6,6 +6,9 @@
 L_simple of Ho et al. (2020), optionally min-SNR weighted (Hang et al. 2023), plus lambda L_vlb for
 learned variances (Nichol and Dhariwal 2021); t uniform or importance-sampled. The training loop
 (toydiff.training) and the likelihoods (toydiff.likelihood) both use the bound's terms from here.
+For schedule.process = flow the same call trains conditional flow matching (flow_matching_loss):
+continuous t, uniform or logit-normal, noise paired with the data independently or by minibatch
+optimal transport (couple).
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
-from .parameterization import Prediction, min_snr_weight, to_x0, training_target
+from .config import COUPLINGS, PROCESSES, TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
+from .parameterization import Prediction, flow_target, min_snr_weight, to_x0, training_target
 from .registry import Registry
 from .runtime import World
 from .schedules import NoiseSchedule
@@ -86,10 +89,49 @@ class ImportanceTimesteps(UniformTimesteps):
                                          self.second_moment)
 
 
-def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
-    """The t sampler of train.timestep_sampling for T steps."""
+@TIMESTEP_SAMPLERS.register("logit-normal")
+class LogitNormalTimes:
+    """Flow matching's continuous t = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024): more of the batch at middle
+    times, where the velocity is hardest to learn. continuous=False is not offered (config refuses it)."""
+
+    continuous = True
+
+    def __init__(self, T: int):
+        self.T = T
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device)), torch.ones(n, device=device)
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        pass
+
+
+class UniformTimes(LogitNormalTimes):
+    """Flow matching's continuous t ~ U(0, 1)."""
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        return torch.rand(n, generator=generator, device=device), torch.ones(n, device=device)
+
+
+def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu", process: str = "ddpm"):
+    """The t sampler of train.timestep_sampling for T steps; for the flow process, continuous t in (0, 1)."""
     cls = TIMESTEP_SAMPLERS.get(kind)
+    if choose("schedule.process", process, PROCESSES) == "flow":
+        return UniformTimes(T) if cls is UniformTimesteps else cls(T)
     return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
+
+
+def couple(x0: torch.Tensor, eps: torch.Tensor, coupling: str) -> torch.Tensor:
+    """eps reordered to pair with x0 (B, D): unchanged ("independent"), or ("ot") the exact optimal-transport
+    assignment between the batch's data and noise under squared Euclidean cost (minibatch OT, Tong et al.
+    2024; POT's network simplex: with uniform weights on two equal batches the plan is a permutation)."""
+    if choose("train.coupling", coupling, COUPLINGS) == "independent":
+        return eps
+    import ot
+
+    cost = torch.cdist(x0.double(), eps.double()).pow(2).cpu().numpy()
+    plan = ot.emd(ot.unif(len(x0)), ot.unif(len(eps)), cost, numItermax=10**7)
+    return eps[torch.as_tensor(plan.argmax(1), device=eps.device)]
 
 
 @dataclass(frozen=True)
@@ -101,15 +143,19 @@ class Objective:
     gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
     learned_variance: bool = False  # the network also outputs v; L_hybrid = L_simple + vlb_weight L_vlb
     vlb_weight: float = 0.001
+    process: str = "ddpm"  # ddpm | flow (flow_matching_loss)
+    coupling: str = "independent"  # flow: how noise is paired with data (couple)
 
     def __post_init__(self):
         object.__setattr__(self, "prediction", Prediction.parse(self.prediction))
         choose("loss weighting", self.weighting, WEIGHTINGS)
+        choose("schedule.process", self.process, PROCESSES)
+        choose("train.coupling", self.coupling, COUPLINGS)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> "Objective":
         return cls(cfg.model.prediction, cfg.train.loss_weighting, cfg.train.min_snr_gamma,
-                   cfg.model.variance == "learned", cfg.train.vlb_weight)
+                   cfg.model.variance == "learned", cfg.train.vlb_weight, cfg.schedule.process, cfg.train.coupling)
 
 
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Objective | Prediction | str,
@@ -129,6 +175,9 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
       float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
     """
     obj = objective if isinstance(objective, Objective) else Objective(objective)
+    if obj.process == "flow":
+        return flow_matching_loss(model, schedule.T, x0, obj, generator, timesteps=timesteps, labels=labels,
+                                  world=world, autocast=autocast)
     timesteps = timesteps or UniformTimesteps(schedule.T)
     t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
     eps, x_t = schedule.noise(x0, t, generator)
@@ -151,6 +200,28 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
         vlb = vlb_term(schedule, x0, x_t, t, x0_hat, schedule.learned_log_variance(v, t))
         per_point = per_point + obj.vlb_weight * schedule.T * vlb / (x0.shape[1] * math.log(2))
     timesteps.update(world.gather(t), world.gather(per_point.detach()))
+    return (weights * per_point).mean()
+
+
+def flow_matching_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Objective,
+                       generator: torch.Generator | None = None, *, timesteps=None, labels: torch.Tensor | None = None,
+                       world: World = World(), autocast: bool = False) -> torch.Tensor:
+    """Conditional flow matching (Lipman et al. 2023; Liu et al. 2023): t from `timesteps` (continuous, in
+    (0, 1); default uniform), eps ~ N(0, I) paired with x0 by objective.coupling, x_t = (1 - t) x0 + t eps,
+    and the MSE between the network at (x_t, t T) and its target (flow_target: the velocity eps - x0 for
+    prediction v), per point, then averaged. Several processes and autocast as in diffusion_loss."""
+    timesteps = timesteps or UniformTimes(T)
+    t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
+    eps = couple(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), objective.coupling)
+    if world.size > 1:
+        s = world.shard(x0.shape[0])
+        x0, t, weights, eps = x0[s], t[s], weights[s], eps[s]
+        labels = None if labels is None else labels[s]
+    tt = t[:, None]
+    x_t = (1 - tt) * x0 + tt * eps
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(x_t, t * T) if labels is None else model(x_t, t * T, labels)
+    per_point = ((out.float() - flow_target(objective.prediction, x0, eps)) ** 2).flatten(1).mean(1)
     return (weights * per_point).mean()
 
 

@@ -3,7 +3,9 @@
 For x0 ~ sum_k w_k N(mu_k, diag(s_k^2)), the noised x_t = sqrt(abar) x0 + sqrt(1 - abar) eps is
 again a mixture, sum_k w_k N(sqrt(abar) mu_k, diag(abar s_k^2 + 1 - abar)), so its score and the
 Bayes-optimal eps_hat = -sqrt(1 - abar) grad log p_t(x_t) are exact. Measuring a sampler or a
-likelihood with the oracle separates their error from any learning error.
+likelihood with the oracle separates their error from any learning error. Flow matching's path is
+the same law up to scale (schedules.flow_betas), so the same oracle gives its exact velocity
+(`velocity`) and, on a flow grid, its exact denoiser (`denoiser`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from .errors import ToydiffError
 from .parameterization import Prediction, to_x0
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, flow_scale
 from .zoo import Mixture
 
 
@@ -61,6 +63,17 @@ class GaussianMixture:
         r = torch.softmax(log_w, dim=1)[:, :, None]
         score = -(r * diff / v).sum(1)
         return (-(1 - ab.to(torch.float64))[:, None].sqrt() * score).to(x_t.dtype)
+
+    def velocity(self, x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The exact flow-matching velocity E[eps - x0 | x_s] at x_s = (1 - s) x0 + s eps, s in (0, 1) (B,) or
+        (1,): in the VP view x_t = x_s / c(s), abar = (1 - s)^2 / c(s)^2, x0_hat from the exact eps, and
+        v = (x_s - x0_hat) / s."""
+        s = s.to(torch.float64).reshape(-1, 1).expand(x_s.shape[0], 1)
+        c = flow_scale(s)
+        alpha_bar = ((1 - s) / c) ** 2
+        x_t = x_s.to(torch.float64) / c
+        x0_hat = to_x0(Prediction.EPS, self.eps(x_t, s[:, 0], alpha_bar[:, 0]).to(torch.float64), x_t, alpha_bar)
+        return ((x_s.to(torch.float64) - x0_hat) / s).to(x_s.dtype)
 
     def scaled(self, shift, scale) -> "GaussianMixture":
         """The law of (x - shift) / scale (per-axis shift and scale (D,)): a Scaler's frame."""

@@ -8,6 +8,11 @@ near 0, so x0_hat = 0 is used.
 
 `Denoiser` wraps a network and a schedule into the one interface every sampler calls:
 denoise(x_t, t) -> x0_hat, whatever the network predicts.
+
+Flow matching's straight path x_s = (1 - s) x0 + s eps (continuous s in [0, 1]) has its own
+conversions (flow_target, flow_to_x0): there v is the path's velocity dx_s/ds = eps - x0 (Lipman
+et al. 2023; Liu et al. 2023), the flow's counterpart of the VP v above (itself the velocity of the
+VP path in its angle). `FlowDenoiser` is the same interface over the flow's grid (schedules.flow_betas).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ToydiffError, unknown
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, flow_scale, flow_time
 
 
 class Prediction(str, Enum):
@@ -83,6 +88,28 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
     raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
+def flow_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """What a flow-matching network should output for x_s made from (x0, eps): the velocity eps - x0, x0 or eps."""
+    if kind == Prediction.V:
+        return eps - x0
+    if kind == Prediction.X0:
+        return x0
+    if kind == Prediction.EPS:
+        return eps
+    raise unknown("prediction", kind, [p.value for p in Prediction])
+
+
+def flow_to_x0(kind: Prediction, pred: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x0_hat from a flow-matching network's output at x_s = (1 - s) x0 + s eps (s broadcasts against x_s)."""
+    if kind == Prediction.V:
+        return x_s - s * pred
+    if kind == Prediction.X0:
+        return pred
+    if kind == Prediction.EPS:  # undefined at s = 1 (pure noise), which the grid never reaches (FLOW_T_MAX)
+        return (x_s - s * pred) / (1 - s)
+    raise unknown("prediction", kind, [p.value for p in Prediction])
+
+
 class Denoiser:
     """denoise(x_t (B, D), t (B,) or (1,) in 1..T) -> x0_hat (B, D), for a network of any prediction kind.
 
@@ -105,12 +132,14 @@ class Denoiser:
         self.learned_variance = learned_variance
         self.labels = labels
         self.guidance = guidance
+        self.calls = 0  # network evaluations so far (a guided call evaluates both branches in one batch: 1)
         if labels is None and guidance != 1.0:
             raise ToydiffError("classifier-free guidance needs class labels to guide towards; "
                                "train with model.conditional=true, or set sample.guidance=1")
 
     def output(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The network's (guided) prediction (B, D) and its variance output v (B, D), or None."""
+        self.calls += 1
         if self.labels is None:
             out = self.model(x_t, t)
         elif self.guidance == 1.0:
@@ -142,6 +171,39 @@ class Denoiser:
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the predicted noise (the vector field of the guide's Fig. 4 is its negative)."""
         return to_eps(self.prediction, self.output(x_t, t)[0], x_t, self.schedule.alpha_bar_at(t, x_t))
+
+
+class FlowDenoiser(Denoiser):
+    """A flow-matching network behind the same interface: denoise(x_t, t) with x_t and t those of the VP view of
+    the flow's grid (schedule = flow_betas). Each call reads the flow time s off the log-SNR (flow_time; a
+    fractional t interpolates the log-SNR, so the adaptive solver is served too), hands the network the flow's
+    own x_s = c(s) x_t and its time as s T (the scale the network's embedding expects of t), and converts its
+    output (velocity, x0 or eps) to x0_hat. No learned variances: the flow is sampled as an ODE."""
+
+    def __init__(self, model: nn.Module, schedule: NoiseSchedule, prediction: Prediction | str, *,
+                 labels: torch.Tensor | None = None, guidance: float = 1.0, learned_variance: bool = False):
+        if learned_variance:
+            raise ToydiffError("a flow-matching model has no learned variances; train with model.variance=fixed")
+        super().__init__(model, schedule, prediction, labels=labels, guidance=guidance)
+
+    def flow_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_s, s): the flow's state and time (s shaped to broadcast against x_s) at VP grid point t."""
+        s = flow_time(self.schedule.log_snr_at(t.to(x_t.device)))
+        s = s.to(x_t.dtype).reshape(s.shape + (1,) * (x_t.ndim - s.ndim))
+        return flow_scale(s) * x_t, s
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x_s, s = self.flow_input(x_t, t)
+        pred = self.output(x_s, s.flatten(1)[:, 0] * self.schedule.T)[0]
+        return flow_to_x0(self.prediction, pred, x_s, s)
+
+    def with_variance(self, x_t: torch.Tensor, t: torch.Tensor):
+        raise ToydiffError("a flow-matching model did not learn variances; sample with variance small or large")
+
+    def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The VP view's eps_hat (the same noise the flow's x_s mixes in): (x_t - sqrt(abar) x0_hat) / sqrt(1 - abar)."""
+        alpha_bar = self.schedule.alpha_bar_at(t, x_t)
+        return (x_t - alpha_bar.sqrt() * self(x_t, t)) / (1 - alpha_bar).sqrt()
 
 
 def clipped(denoise, low: torch.Tensor, high: torch.Tensor):

@@ -56,6 +56,7 @@ CHECKPOINT = "checkpoint.safetensors"
 TRAIN_LOG = "train_log.csv"
 LOG_HEADER = ("step", "loss", "lr", "seconds")
 SAMPLES = "samples"  # .npy and .csv
+SAMPLING = "samples.json"  # how the samples were drawn: sampler, steps, spacing, nfe
 METRICS = "metrics.json"
 FIGURES_DIR = "figures"
 RESULT = "result.json"
@@ -256,12 +257,25 @@ class RunDir:
             os.fsync(f.fileno())
 
     # --- outputs -----------------------------------------------------------------------------------------
-    def write_samples(self, samples: np.ndarray, names: list[str]) -> tuple[Path, Path]:
-        """samples.npy and samples.csv in data units, the CSV headed by the data's column names."""
-        npy, csv = self.samples, self.samples.with_suffix(".csv")
+    def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None) -> tuple[Path, Path]:
+        """samples.npy and samples.csv in data units, the CSV headed by the data's column names; `sampling`
+        (Run.last_sampling: sampler, steps, spacing, nfe) beside them in samples.json, or none left stale."""
+        npy, csv, about = self.samples, self.samples.with_suffix(".csv"), self.path / SAMPLING
         save_npy(npy, samples.astype(np.float32))
         save_csv(csv, samples, names)
+        if sampling is not None:
+            atomic_write_text(about, json.dumps(sampling))
+        else:
+            about.unlink(missing_ok=True)
         return npy, csv
+
+    def read_sampling(self) -> Optional[dict]:
+        """How the stored samples were drawn (samples.json), or None when unknown or unreadable."""
+        try:
+            about = json.loads((self.path / SAMPLING).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return about if isinstance(about, dict) else None
 
     def read_samples(self) -> Optional[np.ndarray]:
         """The stored samples, or None when there are none."""

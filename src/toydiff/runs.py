@@ -20,7 +20,7 @@ from .config import ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError
 from .models import build_model
-from .parameterization import Denoiser
+from .parameterization import Denoiser, FlowDenoiser
 from .progress import Progress
 from .rundir import RunDir
 from .runtime import NoiseStream, derive_seed, resolve_device, set_threads
@@ -56,6 +56,8 @@ class Run:
     holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
     integer_columns: list[int] = field(default_factory=list)  # columns of whole numbers in the user's file
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
+    # how the last `sample` call drew: sampler, steps, spacing and nfe (network evaluations per sample)
+    last_sampling: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dir(self) -> RunDir:
@@ -76,8 +78,9 @@ class Run:
 
     def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0,
                      model: nn.Module | None = None) -> Denoiser:
-        return Denoiser(self.model if model is None else model, self.schedule, self.config.model.prediction,
-                        learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
+        cls = FlowDenoiser if self.config.schedule.process == "flow" else Denoiser
+        return cls(self.model if model is None else model, self.schedule, self.config.model.prediction,
+                   learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
 
     @property
     def denoiser(self) -> Denoiser:
@@ -143,7 +146,7 @@ class Run:
         model = self._compiled() if cfg.compile else self.model
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile else ()  # () catches nothing
         samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
-        paths = []
+        paths, calls = [], 0
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
         bar = Progress(batches * per_batch if per_batch else batches, "sample", "step" if per_batch else "batch",
                        enabled=progress)
@@ -159,19 +162,23 @@ class Run:
                     bar.update()
                 if trajectory:
                     visited.append(x_t.cpu())
+            denoiser = self.denoiser_for(labels, cfg.guidance, model)
             try:
-                x0 = plan.run(self.denoiser_for(labels, cfg.guidance, model), x_T, noise=stream, generator=gen,
+                x0 = plan.run(denoiser, x_T, noise=stream, generator=gen,
                               bounds=bounds, callback=callback if trajectory or (progress and per_batch) else None)
             except compile_errors as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
                                    "(sample.compile = false)") from None
+            calls += denoiser.calls  # each sample of the batch saw every call
             if not per_batch:
                 bar.update()
             samples[start:start + b] = self.scaler.inverse(x0.cpu().double().numpy())
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
         bar.close()
+        self.last_sampling = {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
+                              "nfe": round(calls / batches, 2)}
         if cfg.round_integers and self.integer_columns:  # whole-number columns come back as whole numbers
             samples[:, self.integer_columns] = np.round(samples[:, self.integer_columns])
         if trajectory:

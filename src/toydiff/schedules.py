@@ -68,6 +68,33 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1 - np.concatenate([[ab[0]], ab[1:] / ab[:-1]])
 
 
+FLOW_T_MAX = 1 - 1e-4  # flow: the grid's last time; t = 1 (pure noise) lies at infinite noise in the VP view
+
+
+def flow_betas(T: int) -> np.ndarray:
+    """Flow matching's straight path on the time grid t_k = FLOW_T_MAX k / T, written as a VP schedule.
+
+    x_t = (1 - t) x0 + t eps is c(t) (sqrt(abar) x0 + sqrt(1 - abar) eps) with c(t) = sqrt((1 - t)^2 + t^2)
+    and abar(t) = (1 - t)^2 / c(t)^2: the same law up to the scale c(t), so every sampler, respacing and
+    likelihood of the VP process walks the flow path unchanged, told t through the log-SNR (flow_time);
+    the network sees the flow's own x_t and t (parameterization.FlowDenoiser). Its sigma = t / (1 - t).
+    The grid stops at FLOW_T_MAX, where x_t differs from pure noise by 1e-4 x0, since sigma is infinite at t = 1."""
+    t = FLOW_T_MAX * np.arange(T + 1) / T
+    alpha_bar = (1 - t) ** 2 / ((1 - t) ** 2 + t**2)
+    return 1 - alpha_bar[1:] / alpha_bar[:-1]
+
+
+def flow_time(log_snr: torch.Tensor) -> torch.Tensor:
+    """The flow time t at a VP log-SNR lambda (flow_betas): sigma = e^(-lambda / 2) = t / (1 - t), so
+    t = sigmoid(-lambda / 2) (from lambda, not alpha_bar: 1 - alpha_bar cancels badly at small t)."""
+    return torch.sigmoid(-0.5 * log_snr)
+
+
+def flow_scale(t: torch.Tensor) -> torch.Tensor:
+    """c(t) = sqrt((1 - t)^2 + t^2): the flow's x_t is c(t) times the VP process's x_t (flow_betas)."""
+    return ((1 - t) ** 2 + t**2).sqrt()
+
+
 def pf_ode_drift(x: torch.Tensor, eps: torch.Tensor, alpha_bar) -> torch.Tensor:
     """dx/dlambda of the probability-flow ODE (Song et al. 2021) in log-SNR time lambda = log(abar / (1 - abar)):
     0.5 (1 - abar) x - 0.5 sqrt(1 - abar) eps_hat. Shared by the adaptive sampler and the likelihood ODE."""
@@ -131,6 +158,9 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, device: torch.device | str = "cpu") -> "NoiseSchedule":
+        """The configured beta schedule, or (schedule.process = flow) the flow path's grid (flow_betas)."""
+        if cfg.process == "flow":
+            return cls(flow_betas(cfg.T), device=device)
         betas = BETA_SCHEDULES.get(cfg.name)(cfg)
         if cfg.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -205,13 +235,18 @@ class NoiseSchedule:
         continuous-time view of the ODEs)."""
         if not t.is_floating_point():
             return self.gather(self.alpha_bar, t, x)
-        lam = torch.as_tensor(self.log_snr64, device=x.device, dtype=torch.float64)
-        tt = t.to(device=x.device, dtype=torch.float64).clamp(1, self.T)
+        return append_dims(torch.sigmoid(self.log_snr_at(t)).to(x.dtype), x.ndim)
+
+    def log_snr_at(self, t: torch.Tensor) -> torch.Tensor:
+        """lambda_t (float64, t's shape) for integer t in 1..T, or fractional t interpolated linearly."""
+        lam = torch.as_tensor(self.log_snr64, device=t.device, dtype=torch.float64)
+        if not t.is_floating_point():
+            return lam[t.clamp(1, self.T) - 1]
+        tt = t.to(torch.float64).clamp(1, self.T)
         lo = tt.floor().long().clamp(max=self.T - 1) if self.T > 1 else tt.floor().long()
         hi = (lo + 1).clamp(max=self.T)
         w = tt - lo
-        value = (1 - w) * lam[lo - 1] + w * lam[hi - 1]
-        return append_dims(torch.sigmoid(value).to(x.dtype), x.ndim)
+        return (1 - w) * lam[lo - 1] + w * lam[hi - 1]
 
     def model_t(self, i: torch.Tensor) -> torch.Tensor:
         """The training schedule's t for indices i of this (possibly respaced) schedule; a fractional i

@@ -150,7 +150,7 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     start = time.perf_counter()
     rep = run_experiment(cfg, path, figures=False).report
     row: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 2),
-                           "indistinguishable": rep["verdict"].startswith("indistinguishable")}
+                           "indistinguishable": rep["verdict"].startswith("indistinguishable"), "nfe": rep.get("nfe")}
     for name, m in rep["metrics"].items():
         row[name], row[f"{name}_z"] = m["value"], m["z"]
     for name, r in rep.get("likelihood", {}).get("values", {}).items():
@@ -168,7 +168,7 @@ def prepare_floors(grid: Grid, log: Callable[[str], None], progress: bool = Fals
     for cell in grid.cells:
         cfg = config_io.with_overrides(grid.base, list(cell.overrides))
         if cfg.data.path:
-            continue  # a file's floors come from each run's own held-out rows
+            continue  # a file's floors are a permutation test of each run's own samples
         target = target_for(cfg)
         key = json.dumps([target.key, cfg.eval.n, cfg.eval.w2_n, cfg.eval.k, cfg.eval.draws])
         if key not in seen:

@@ -164,12 +164,13 @@ class TrainState:
 
 
 def make_state(model: nn.Module, cfg: TrainConfig, T: int, generator: torch.Generator,
-               device: torch.device | str = "cpu") -> TrainState:
-    """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and the configured t sampler."""
+               device: torch.device | str = "cpu", process: str = "ddpm") -> TrainState:
+    """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and the configured t sampler (of
+    the process: ddpm's discrete t, or flow matching's continuous one)."""
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
     return TrainState(model, optimizer, scheduler, make_ema(model, cfg.ema_decay),
-                      timestep_sampler(cfg.timestep_sampling, T, device), generator)
+                      timestep_sampler(cfg.timestep_sampling, T, device, process), generator)
 
 
 def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig,

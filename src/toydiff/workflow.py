@@ -140,7 +140,8 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
-    state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train", device), device)
+    state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train", device), device,
+                       cfg.schedule.process)
     if not world.is_writer:
         return _train(run, state, {}, False, _silent, world)
     x = run.data
@@ -157,9 +158,11 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
         shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
         raise
     run.path = staging.publish(Path(out)).path
+    process = (f"flow matching ({cfg.train.timestep_sampling} t, {cfg.train.coupling} coupling)"
+               if cfg.schedule.process == "flow" else
+               f"T = {run.schedule.T} {cfg.schedule.name}, alpha_bar_T = {run.schedule.alpha_bar_T:.3g}")
     log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
-        f"(n = {x.shape[0]}, D = {x.shape[1]}), T = {run.schedule.T} {cfg.schedule.name}, "
-        f"alpha_bar_T = {run.schedule.alpha_bar_T:.3g}, {cfg.train.steps} steps on {device}")
+        f"(n = {x.shape[0]}, D = {x.shape[1]}), {process}, {cfg.train.steps} steps on {device}")
     return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world)
 
 
@@ -171,7 +174,7 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     info = run.dir.read_manifest()
     set_threads(run.config.train.threads, run.device)
     state = make_state(run.model, run.config.train, run.schedule.T,
-                       torch_generator(run.config.seed, "train", run.device), run.device)
+                       torch_generator(run.config.seed, "train", run.device), run.device, run.config.schedule.process)
     saved = run.dir.load_checkpoint()
     if saved is not None:
         try:
@@ -265,7 +268,7 @@ def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: b
     plan = run.plan()
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")
     samples = run.sample(cfg.sample.n, progress=progress)
-    run.dir.write_samples(samples, run.column_names)
+    run.dir.write_samples(samples, run.column_names, run.last_sampling)
     result = Experiment(run, samples)
     if figures:
         from .figures import write_figures
@@ -273,7 +276,7 @@ def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: b
         result.figures = write_figures(run, samples)
     if evaluate:
         from .evaluation import evaluate_run, memorization_warning
-        result.report = evaluate_run(run, samples, log=log, progress=progress)
+        result.report = evaluate_run(run, samples, log=log, progress=progress, sampling=run.last_sampling)
         warning = memorization_warning(result.report, len(run.data))
         if warning:
             log(f"warning: {warning}")
