@@ -182,3 +182,9 @@ def test_a_flow_run_trains_samples_evaluates_and_records_its_nfe(tmp_path):
     assert run.last_sampling["nfe"] == 9  # Heun: 2 S - 1 evaluations
     assert np.isfinite(x).all() and np.abs(x.mean(0) - [0.5, 0.25]).max() < 0.3  # the moons' centre
     assert np.isfinite(report["likelihood"]["values"]["ode_nll"]["nats"])
+    from toydiff.figures import forward_panels  # drawn in the flow's own frame: x_t = (1 - t) x0 + t eps
+    T = run.schedule.T
+    (_, data), (_, mid), (_, noise) = forward_panels(run, (0, T // 2, T), run.scaler.transform(run.data[:500]))
+    s = FLOW_T_MAX / 2
+    eps = (noise - (1 - FLOW_T_MAX) * data) / FLOW_T_MAX
+    assert np.allclose(mid, (1 - s) * data + s * eps, atol=1e-4)

@@ -72,6 +72,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_config_args(p)
     _add_out_args(p)
 
+    p = add("distill", "train a few-step student of a trained run into a new run directory, and judge it")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the teacher run")
+    p.add_argument("--method", default="reflow", choices=config_io.DISTILL_METHODS,
+                   help="reflow: a flow-matching student on the teacher's ODE pairs (default)")
+    p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (its NFE; default 4)")
+    p.add_argument("--pairs", type=int, default=20_000, help="noise -> data pairs drawn from the teacher (default "
+                   "20000)")
+    p.add_argument("--train-steps", type=int, help="the student's training steps (default: the teacher's)")
+    p.add_argument("--out", metavar="DIR", help="the student's run directory (default: runs/distill-TIMESTAMP)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
+
     p = add("sample", "draw samples from a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
@@ -216,6 +229,20 @@ def _print_report(run, report: dict) -> None:
         print(format_likelihoods(report["likelihood"]))
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import distill_run
+    from .rundir import new_run_path
+    from .workflow import finish
+
+    log = _log(args.quiet)
+    out = Path(args.out) if args.out else new_run_path("distill", config_io.ExperimentConfig())
+    run = distill_run(args.run_dir, out, method=args.method, steps=args.steps, pairs=args.pairs,
+                      train_steps=args.train_steps, device=args.device, progress=not args.quiet, log=log)
+    result = finish(run, evaluate=not args.no_eval, progress=not args.quiet, log=log)
+    _print_run(run, result)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import Run
     from .storage import save_npy, save_table
@@ -309,7 +336,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study, "config": cmd_config}
+COMMANDS = {"distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study,
+            "config": cmd_config}
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -38,7 +38,8 @@ DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid
 SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.scaler.Scaler
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
 PROCESSES = ("ddpm", "flow")  # toydiff.schedules.NoiseSchedule.from_config, toydiff.parameterization
-COUPLINGS = ("independent", "ot")  # toydiff.losses.couple (flow matching's pairing of data and noise)
+COUPLINGS = ("independent", "ot", "reflow")  # toydiff.losses (flow matching's pairing of data and noise)
+DISTILL_METHODS = ("reflow",)  # toydiff.distill
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
 MODEL_VARIANCES = ("fixed", "learned")
@@ -180,7 +181,8 @@ class TrainConfig(_Section):
     timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
     #                                     | logit-normal (flow: t = sigmoid(N(0, 1)), Esser et al. 2024)
     coupling: str = "independent"  # flow: independent | ot (each batch's data and noise paired by exact
-    #                                optimal transport, Tong et al. 2024; POT's exact solver)
+    #                                optimal transport, Tong et al. 2024; POT's exact solver) | reflow (each
+    #                                row's own noise, from a teacher's ODE: set by `toydiff distill`)
     vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
     label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off

@@ -46,6 +46,14 @@ def _subset(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return x[rng.choice(len(x), size=min(k, len(x)), replace=False)]
 
 
+def _frame_scale(run: Run, t: int) -> float:
+    """What x_t is drawn in: the process's own frame. For a flow run its x_t = (1 - t) x0 + t eps, c(t) times
+    the VP view its schedule and denoiser work in (schedules.flow_betas); 1 for ddpm."""
+    if run.config.schedule.process != "flow":
+        return 1.0
+    return float(flow_scale(flow_time(run.schedule.log_snr_at(torch.tensor([t])))))
+
+
 def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """x_t ~ q(x_t | x_0) for the same points and the same eps at every t."""
     x0_t = torch.as_tensor(x0, dtype=torch.float32, device=run.device)
@@ -54,10 +62,7 @@ def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[
     panels = []
     for t in ts:
         t_vec = torch.full((len(x0_t),), t, dtype=torch.long, device=run.device)
-        x_t = run.schedule.q_sample(x0_t, t_vec, eps)
-        if run.config.schedule.process == "flow":  # the flow's own x_s = (1 - s) x0 + s eps, not its VP view
-            x_t = x_t * flow_scale(flow_time(run.schedule.log_snr_at(t_vec[:1]))).float()
-        panels.append((t, x_t.cpu().numpy()))
+        panels.append((t, (run.schedule.q_sample(x0_t, t_vec, eps) * _frame_scale(run, t)).cpu().numpy()))
     return panels
 
 
@@ -68,7 +73,7 @@ def field_panels(run: Run, ts: tuple[int, ...], grid: np.ndarray) -> list[tuple[
     out = []
     for t in ts:
         t_vec = torch.full((len(g),), t, dtype=torch.long, device=run.device)
-        out.append((t, run.denoiser.eps(g, t_vec).cpu().numpy()))
+        out.append((t, run.denoiser.eps(g / _frame_scale(run, t), t_vec).cpu().numpy()))
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .config import COUPLINGS, PROCESSES, TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
+from .errors import ToydiffError
 from .parameterization import Prediction, flow_target, min_snr_weight, to_x0, training_target
 from .registry import Registry
 from .runtime import World
@@ -127,6 +128,8 @@ def couple(x0: torch.Tensor, eps: torch.Tensor, coupling: str) -> torch.Tensor:
     2024; POT's network simplex: with uniform weights on two equal batches the plan is a permutation)."""
     if choose("train.coupling", coupling, COUPLINGS) == "independent":
         return eps
+    if coupling == "reflow":
+        raise ToydiffError("the reflow coupling's noise comes with the data (flow_matching_loss), not from couple")
     import ot
 
     cost = torch.cdist(x0.double(), eps.double()).pow(2).cpu().numpy()
@@ -209,10 +212,15 @@ def flow_matching_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Ob
     """Conditional flow matching (Lipman et al. 2023; Liu et al. 2023): t from `timesteps` (continuous, in
     (0, 1); default uniform), eps ~ N(0, I) paired with x0 by objective.coupling, x_t = (1 - t) x0 + t eps,
     and the MSE between the network at (x_t, t T) and its target (flow_target: the velocity eps - x0 for
-    prediction v), per point, then averaged. Several processes and autocast as in diffusion_loss."""
+    prediction v), per point, then averaged. With coupling "reflow" each row of x0 is [x0 | eps], its noise
+    fixed (toydiff.distill). Several processes and autocast as in diffusion_loss."""
     timesteps = timesteps or UniformTimes(T)
     t, weights = timesteps.sample(x0.shape[0], generator, x0.device)
-    eps = couple(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), objective.coupling)
+    if objective.coupling == "reflow":  # each row carries its own noise, [x0 | eps] (toydiff.distill)
+        x0, eps = x0.chunk(2, dim=1)
+    else:
+        eps = couple(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype),
+                     objective.coupling)
     if world.size > 1:
         s = world.shard(x0.shape[0])
         x0, t, weights, eps = x0[s], t[s], weights[s], eps[s]

@@ -55,6 +55,7 @@ EMA_WEIGHTS = "model_ema.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 TRAIN_LOG = "train_log.csv"
 LOG_HEADER = ("step", "loss", "lr", "seconds")
+TRAIN_NOISE = "train_noise.npy"  # reflow students: the noise paired with each training row (model frame)
 SAMPLES = "samples"  # .npy and .csv
 SAMPLING = "samples.json"  # how the samples were drawn: sampler, steps, spacing, nfe
 METRICS = "metrics.json"
@@ -137,8 +138,9 @@ class RunDir:
 
     def write_inputs(self, cfg: ExperimentConfig, scaler: Scaler, x: np.ndarray, labels: Optional[np.ndarray],
                      holdout: Optional[np.ndarray], info: dict[str, Any],
-                     holdout_labels: Optional[np.ndarray] = None) -> None:
-        """Everything a run is made from, and its manifest (status "training")."""
+                     holdout_labels: Optional[np.ndarray] = None, noise: Optional[np.ndarray] = None) -> None:
+        """Everything a run is made from, and its manifest (status "training"); `noise`: a reflow student's noise
+        paired with each training row."""
         atomic_write_text(self.path / CONFIG, cfg.to_toml())
         atomic_write_text(self.path / SCALER, json.dumps(scaler.to_dict(), indent=2))
         save_npy(self.path / TRAIN_DATA, x.astype(np.float32))
@@ -148,6 +150,8 @@ class RunDir:
             save_npy(self.path / HOLDOUT, holdout)
         if holdout is not None and holdout_labels is not None:
             save_npy(self.path / HOLDOUT_LABELS, holdout_labels)
+        if noise is not None:
+            save_npy(self.path / TRAIN_NOISE, noise.astype(np.float32))
         self.write_manifest({"toydiff_version": __version__, **info, "status": "training"})
 
     # --- the manifest ------------------------------------------------------------------------------------
@@ -209,6 +213,18 @@ class RunDir:
             raise ToydiffError(f"'{self.path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data "
                                f"{data.shape}")
         return data, labels, holdout
+
+    def read_train_noise(self, shape: tuple[int, int]) -> np.ndarray:
+        """A reflow student's noise, one row per training row (`shape`), or a one-line error."""
+        path = self.path / TRAIN_NOISE
+        if not path.is_file():
+            raise ToydiffError(f"'{self.path}' is damaged: a reflow run trains on {TRAIN_NOISE}, its noise paired with "
+                               "each training row, and it is missing; distill the teacher again (`toydiff distill`)")
+        noise = load_npy(path)
+        if noise.shape != tuple(shape):
+            raise ToydiffError(f"'{self.path}' is damaged: {TRAIN_NOISE} has shape {noise.shape}, the training data "
+                               f"{tuple(shape)}")
+        return noise
 
     def read_holdout_labels(self, holdout: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The class labels of the held-out rows, where the run kept them."""

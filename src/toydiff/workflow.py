@@ -127,8 +127,21 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     """Make a new run directory at `out` and train the configured model into it. Under torchrun (`world`)
     every process trains, and rank 0 alone makes and writes the directory. evaluate: the run will be
     evaluated, so what the evaluation needs of a file's held-out rows is checked before training too."""
+    if cfg.train.coupling == "reflow":
+        raise ToydiffError("train.coupling = reflow trains on the noise-data pairs of a teacher's ODE; make them "
+                           "with `toydiff distill TEACHER_RUN --method reflow`")
     device = resolve_device(cfg.train.device)
-    run = untrained_run(cfg, out, device, world)
+    return start_training(untrained_run(cfg, out, device, world), out, progress=progress, log=log, world=world,
+                          evaluate=evaluate)
+
+
+def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = _silent,
+                   world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
+                   noise: Optional[np.ndarray] = None) -> Run:
+    """Train an untrained `run` (untrained_run's, or a distilled student's) into a new run directory at `out`:
+    warnings, the training state, the directory with its inputs (and `extra` in its manifest, `noise` for a
+    reflow student), then the loop."""
+    cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
     warnings = [run.schedule.terminal_warning()]
     if cfg.data.path:
@@ -150,10 +163,10 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
             "class_names": run.class_names, "source": cfg.data.path or cfg.data.name,
             "integer_columns": [run.column_names[j] for j in run.integer_columns],
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
-            "device": str(device), "threads": threads}
+            "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
     try:
-        staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels)
+        staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels, noise)
     except BaseException:
         shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
         raise
@@ -204,6 +217,8 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     writer = world.is_writer
     try:
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
+        if cfg.train.coupling == "reflow":  # each row trains with its own noise: [x0 | eps]
+            x0 = torch.cat([x0, torch.as_tensor(rd.read_train_noise(x0.shape), device=run.device)], dim=1)
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
         rows = train(state, run.schedule, x0, cfg.train, Objective.from_config(cfg), labels=y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
