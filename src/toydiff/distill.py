@@ -46,9 +46,9 @@ def student_config(teacher: ExperimentConfig, steps: int, train_steps: Optional[
                                    eta=0.0))
 
 
-def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow", steps: int = 4, pairs: int = 20_000,
-            train_steps: Optional[int] = None, device: str = "auto", progress: bool = False,
-            log: Callable[[str], None] = lambda s: None) -> Run:
+def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow", steps: int = 4,
+                pairs: int = 20_000, train_steps: Optional[int] = None, device: str = "auto", progress: bool = False,
+                log: Callable[[str], None] = lambda s: None) -> Run:
     """Train a `method` student of the run at `teacher` into a new run directory `out` (see the module)."""
     choose("distill method", method, DISTILL_METHODS)
     if steps < 1:
