@@ -49,7 +49,7 @@ def _subset(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 def _frame_scale(run: Run, t: int) -> float:
     """What x_t is drawn in: the process's own frame. For a flow run its x_t = (1 - t) x0 + t eps, c(t) times
     the VP view its schedule and denoiser work in (schedules.flow_betas); 1 for ddpm."""
-    if run.config.schedule.process != "flow":
+    if run.config.schedule.process != "flow" or t == 0:  # t = 0 is the data itself
         return 1.0
     return float(flow_scale(flow_time(run.schedule.log_snr_at(torch.tensor([t])))))
 
