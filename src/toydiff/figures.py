@@ -51,7 +51,7 @@ def _frame_scale(run: Run, t: int) -> float:
     the VP view its schedule and denoiser work in (schedules.flow_betas); 1 for ddpm."""
     if run.config.schedule.process != "flow" or t == 0:  # t = 0 is the data itself
         return 1.0
-    return float(flow_scale(flow_time(run.schedule.log_snr_at(torch.tensor([t])))))
+    return float(flow_scale(flow_time(run.schedule, torch.tensor([t]))))
 
 
 def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[int, np.ndarray]]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .config import COUPLINGS, PROCESSES, TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
 from .errors import ToydiffError
-from .parameterization import Prediction, flow_target, min_snr_weight, to_x0, training_target
+from .parameterization import Prediction, flow_network_time, flow_target, min_snr_weight, to_x0, training_target
 from .registry import Registry
 from .runtime import World
 from .schedules import NoiseSchedule
@@ -90,28 +90,20 @@ class ImportanceTimesteps(UniformTimesteps):
                                          self.second_moment)
 
 
-@TIMESTEP_SAMPLERS.register("logit-normal")
-class LogitNormalTimes:
-    """Flow matching's continuous t = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024): more of the batch at middle
-    times, where the velocity is hardest to learn. continuous=False is not offered (config refuses it)."""
-
-    continuous = True
-
-    def __init__(self, T: int):
-        self.T = T
-
-    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
-        return torch.sigmoid(torch.randn(n, generator=generator, device=device)), torch.ones(n, device=device)
-
-    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
-        pass
-
-
-class UniformTimes(LogitNormalTimes):
-    """Flow matching's continuous t ~ U(0, 1)."""
+class UniformTimes(UniformTimesteps):
+    """Flow matching's continuous t ~ U(0, 1) (train.timestep_sampling = uniform under the flow process)."""
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
         return torch.rand(n, generator=generator, device=device), torch.ones(n, device=device)
+
+
+@TIMESTEP_SAMPLERS.register("logit-normal")
+class LogitNormalTimes(UniformTimesteps):
+    """Flow matching's continuous t = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024): more of the batch at middle
+    times, where the velocity is hardest to learn (flow only; config refuses it for ddpm)."""
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        return torch.sigmoid(torch.randn(n, generator=generator, device=device)), torch.ones(n, device=device)
 
 
 def timestep_sampler(kind: str, T: int, device: torch.device | str = "cpu", process: str = "ddpm"):
@@ -228,7 +220,8 @@ def flow_matching_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Ob
     tt = t[:, None]
     x_t = (1 - tt) * x0 + tt * eps
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(x_t, t * T) if labels is None else model(x_t, t * T, labels)
+        t_net = flow_network_time(t, T)
+        out = model(x_t, t_net) if labels is None else model(x_t, t_net, labels)
     per_point = ((out.float() - flow_target(objective.prediction, x0, eps)) ** 2).flatten(1).mean(1)
     return (weights * per_point).mean()
 

@@ -88,6 +88,12 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
     raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
+def flow_network_time(s: torch.Tensor, T: int) -> torch.Tensor:
+    """What a flow-matching network is told of flow time s in [0, 1]: s T, the scale its time embedding expects
+    of the ddpm process's t in 1..T (training and sampling both ask here)."""
+    return s * T
+
+
 def flow_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """What a flow-matching network should output for x_s made from (x0, eps): the velocity eps - x0, x0 or eps."""
     if kind == Prediction.V:
@@ -188,13 +194,13 @@ class FlowDenoiser(Denoiser):
 
     def flow_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_s, s): the flow's state and time (s shaped to broadcast against x_s) at VP grid point t."""
-        s = flow_time(self.schedule.log_snr_at(t.to(x_t.device)))
+        s = flow_time(self.schedule, t.to(x_t.device))
         s = s.to(x_t.dtype).reshape(s.shape + (1,) * (x_t.ndim - s.ndim))
         return flow_scale(s) * x_t, s
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_s, s = self.flow_input(x_t, t)
-        pred = self.output(x_s, s.flatten(1)[:, 0] * self.schedule.T)[0]
+        pred = self.output(x_s, flow_network_time(s.flatten(1)[:, 0], self.schedule.T))[0]
         return flow_to_x0(self.prediction, pred, x_s, s)
 
     def with_variance(self, x_t: torch.Tensor, t: torch.Tensor):

@@ -84,10 +84,11 @@ def flow_betas(T: int) -> np.ndarray:
     return 1 - alpha_bar[1:] / alpha_bar[:-1]
 
 
-def flow_time(log_snr: torch.Tensor) -> torch.Tensor:
-    """The flow time t at a VP log-SNR lambda (flow_betas): sigma = e^(-lambda / 2) = t / (1 - t), so
-    t = sigmoid(-lambda / 2) (from lambda, not alpha_bar: 1 - alpha_bar cancels badly at small t)."""
-    return torch.sigmoid(-0.5 * log_snr)
+def flow_time(schedule: "NoiseSchedule", t: torch.Tensor) -> torch.Tensor:
+    """The flow time s (float64, t's shape) of grid point t (integer, or fractional: the log-SNR interpolated)
+    of a flow schedule (flow_betas): sigma = e^(-lambda / 2) = s / (1 - s), so s = sigmoid(-lambda_t / 2)
+    (from lambda, not alpha_bar: 1 - alpha_bar cancels badly at small s)."""
+    return torch.sigmoid(-0.5 * schedule.log_snr_at(t))
 
 
 def flow_scale(t: torch.Tensor) -> torch.Tensor:
