@@ -31,12 +31,13 @@ bench: setup
 	$(BIN)/python benchmarks/speed.py $(ARGS)
 	$(BIN)/python benchmarks/time_to_quality.py
 
-# Every benchmark (about 2 hours more): samplers against NFE, few-step generation, the zoo gallery, and the
-# verdict's calibration on the held-out panel.
+# Every benchmark (about 2 hours more): samplers against NFE, few-step generation, the zoo gallery, the
+# metrics' null laws on development tables and the verdict's calibration on the held-out panel.
 bench-all: bench
 	$(BIN)/python benchmarks/nfe.py
 	$(BIN)/python benchmarks/fewstep.py
 	$(BIN)/python benchmarks/zoo.py
+	$(BIN)/python benchmarks/null_tails.py
 	$(BIN)/python benchmarks/panel.py
 
 clean:

@@ -12,11 +12,13 @@ against the training rows, power), as it is and with known defects:
   memorized  training rows with 1e-3 of each column's standard deviation of noise (a model that copies)
 
 A defect should be called distinguishable or inconclusive, never indistinguishable. Tables: the zoo's
-moons (D = 2) and an 8-D Gaussian mixture, and scikit-learn's bundled wine (D = 13), breast cancer (30)
-and digits (64). None of them was used to choose any default. Prints JSON and a table; writes
+moons (D = 2) and an 8-D Gaussian mixture (3000 rows each), scikit-learn's bundled wine (D = 13, 178
+rows), breast cancer (30, 569) and digits (64, 1797), and the zoo's circles at 10,000 rows (n = 3000 compared
+points). None of them was used to choose any default. Prints JSON and a table; writes
 benchmarks/results/panel.json and .md.
 
-    .venv/bin/python benchmarks/panel.py --repeats 20        # about 30 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/panel.py --repeats 20        # about 80 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/panel.py --tables wine,digits  # some of them
 
 It also prints what n affords (power_table): the AUC shift the classifier test sees at each n.
 """
@@ -40,17 +42,18 @@ from toydiff.reference import file_target
 CASES = ("iid", "shift", "blur", "drop", "memorized")
 
 
-TABLES = ("moons", "gmm-8d", "wine", "breast-cancer", "digits")
+TABLES = ("moons", "gmm-8d", "wine", "breast-cancer", "digits", "circles-10k")
 
 
 def tables(names=TABLES) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(rows, class labels) of each named table."""
     from sklearn import datasets
-    zoo = {"moons": DataConfig(), "gmm-8d": DataConfig(name="gmm", dim=8)}
+    zoo = {"moons": (DataConfig(), 3000), "gmm-8d": (DataConfig(name="gmm", dim=8), 3000),
+           "circles-10k": (DataConfig(name="circles"), 10_000)}
     out = {}
     for name in names:
         if name in zoo:
-            out[name] = load_dataset(zoo[name], 3000, np.random.default_rng(0))
+            out[name] = load_dataset(zoo[name][0], zoo[name][1], np.random.default_rng(0))
         else:
             bunch = getattr(datasets, "load_" + name.replace("-", "_"))()
             out[name] = (bunch.data.astype(np.float64), bunch.target.astype(np.int64))
@@ -104,11 +107,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="random splits per table")
     parser.add_argument("--draws", type=int, default=20, help="floor pairs per evaluation (eval.draws)")
+    parser.add_argument("--tables", default=",".join(TABLES), help="comma-separated, of: " + ", ".join(TABLES))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for name, (x, y) in tables().items():
+    for name, (x, y) in tables(args.tables.split(",")).items():
         start = time.perf_counter()
         counts = {case: Counter() for case in CASES}
         for r in range(args.repeats):

@@ -1,6 +1,7 @@
 """Noise floors, z-scores and the verdict; `toydiff eval`."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def target():
 def test_floors_shrink_as_n_grows(target):
     f_small = floors(fresh_pairs(target.draw), target.frame, small(200, 6, 200), target.support_distance, target.noise)
     f_large = floors(fresh_pairs(target.draw), target.frame, small(1600, 6, 1600), target.support_distance, target.noise)
-    for name in ("w2", "sliced_w2"):  # biased upward at finite n; the unbiased ones centre on 0
+    for name in ("w2", "sliced_w2", "mmd2", "energy"):  # every one but the AUC is biased upward at finite n
         assert f_large[name]["mean"] < f_small[name]["mean"]
     for name in ("mmd2", "knn_auc", "energy"):
         assert f_large[name]["std"] < f_small[name]["std"]
@@ -120,6 +121,45 @@ def test_the_flag_limit_keeps_z_max_s_false_alarm_rate_for_a_floor_from_few_pair
         if draws == 20:
             assert z_limit(3.0, draws) == pytest.approx(3.53, abs=0.01) and np.mean(z > 3.0) > 2.5 * stats.norm.sf(3)
     assert z_limit(3.0, 10_000) == pytest.approx(3.0, abs=0.01)
+
+
+def test_a_bounded_metric_s_z_is_the_normal_reading_of_its_gamma_tail():
+    """A chi-square law with nu degrees of freedom is the gamma law of mean nu and variance 2 nu: a bounded
+    metric whose floor has those moments gets z = Phi^-1 of the chi-square's own cdf (scipy.stats.chi2 as the
+    oracle), on either side of the floor and for a larger-is-better share read against its bound of 1. A
+    metric without a bound (the AUC), and a floor within one deviation of its bound, keep the plain z."""
+    from scipy import stats
+
+    from toydiff.evaluation import z_scores
+    nu, scale = 6.0, 1e-3
+    floor = {"energy": {"mean": nu * scale, "std": math.sqrt(2 * nu) * scale},
+             "recall": {"mean": 1 - nu * scale, "std": math.sqrt(2 * nu) * scale},
+             "knn_auc": {"mean": 0.5, "std": 0.01}, "off_data": {"mean": 0.002, "std": 0.003}}
+    for x in (2.0, 6.0, 20.0, 35.0):
+        oracle = stats.norm.ppf(stats.chi2.cdf(x, nu))
+        z = z_scores({"energy": x * scale, "recall": 1 - x * scale, "knn_auc": 0.55, "off_data": 0.011}, floor, 900)
+        assert z["energy"] == pytest.approx(oracle, rel=1e-6) and z["recall"] == pytest.approx(oracle, rel=1e-6)
+        assert z["knn_auc"] == pytest.approx(5.0) and z["off_data"] == pytest.approx(3.0)
+    assert stats.norm.ppf(stats.chi2.cdf(35.0, nu)) < (35.0 - nu) / math.sqrt(2 * nu) - 2  # the tail is long
+
+
+def test_the_gamma_reading_holds_a_skewed_metric_near_the_tail_z_max_names():
+    """The null law of a degenerate V-statistic (MMD^2, energy) is a weighted sum of chi-squares. Simulated
+    as chi-square with 4 degrees of freedom (skewness 1.4, as the energy distance has on 2-D tables), a floor
+    from 20 draws and one new draw, 40,000 times: read as a normal law a new draw passes z_limit about 11
+    times as often as z_max's normal tail says; read as a gamma law, less than 2.5 times."""
+    from scipy import stats
+
+    from toydiff.evaluation import z_limit, z_scores
+    rng = np.random.default_rng(5)
+    draws = stats.chi2.rvs(4, size=(40_000, 21), random_state=rng) / 900
+    limit, nominal = z_limit(3.0, 20), stats.norm.sf(3.0)
+    gamma = plain = 0
+    for row in draws:
+        mean, std = row[:20].mean(), row[:20].std(ddof=1)
+        gamma += z_scores({"energy": row[20]}, {"energy": {"mean": mean, "std": std}}, 900)["energy"] > limit
+        plain += (row[20] - mean) / std > limit
+    assert plain / len(draws) > 8 * nominal and gamma / len(draws) < 2.5 * nominal
 
 
 def test_memorization_is_measured_against_its_floor_and_flagged_with_what_to_do(tmp_path, monkeypatch, capsys):

@@ -21,7 +21,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -37,25 +37,36 @@ from .runtime import derive_seed, torch_generator
 from .scaler import Scaler
 from .storage import atomic_write_text
 
-# name -> (direction, what it is): direction +1 means larger is worse, -1 larger is better.
+
+class Metric(NamedTuple):
+    """direction: +1 when larger is worse, -1 when larger is better. bound: the value two identical samples
+    give, which no pair passes on its good side (None: none, as for the classifier's AUC); the floor's law
+    is read as a gamma law anchored there (z_scores). about: what it is, for the table and metrics.json."""
+    direction: int
+    bound: Optional[float]
+    about: str
+
+
 FRACTIONS = ("precision", "recall", "coverage", "off_data", "memorized")  # shares of n points: resolution 1 / n
-METRICS: dict[str, tuple[int, str]] = {
-    "mmd2": (+1, "unbiased MMD^2, RBF kernels from the reference's nearest-neighbour scale to its median distance"),
-    "knn_auc": (+1, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
-    "energy": (+1, "energy distance, scaled frame"),
-    "energy_data": (+1, "energy distance, data units"),
-    "w2": (+1, "exact 2-Wasserstein on the first w2_n points, scaled frame"),
-    "w2_data": (+1, "exact 2-Wasserstein on the first w2_n points, data units"),
-    "sliced_w2": (+1, "sliced 2-Wasserstein, scaled frame"),
-    "sliced_w2_data": (+1, "sliced 2-Wasserstein, data units"),
-    "precision": (-1, "share of samples inside the data's k-NN balls"),
-    "recall": (-1, "share of data inside the samples' k-NN balls"),
-    "density": (-1, "k-NN density (Naeem et al. 2020)"),
-    "coverage": (-1, "share of data balls that hold a sample"),
-    "off_data": (+1, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
-    "memorized": (+1, "share of samples closer to a training row than 90% of fresh data is (0.1 expected)"),
+METRICS: dict[str, Metric] = {
+    "mmd2": Metric(+1, 0.0, "MMD^2 (V-statistic), RBF kernels from the reference's nearest-neighbour scale to its "
+                            "median distance"),
+    "knn_auc": Metric(+1, None, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
+    "energy": Metric(+1, 0.0, "energy distance (V-statistic), scaled frame"),
+    "energy_data": Metric(+1, 0.0, "energy distance (V-statistic), data units"),
+    "w2": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, scaled frame"),
+    "w2_data": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, data units"),
+    "sliced_w2": Metric(+1, 0.0, "sliced 2-Wasserstein, scaled frame"),
+    "sliced_w2_data": Metric(+1, 0.0, "sliced 2-Wasserstein, data units"),
+    "precision": Metric(-1, 1.0, "share of samples inside the data's k-NN balls"),
+    "recall": Metric(-1, 1.0, "share of data inside the samples' k-NN balls"),
+    "density": Metric(-1, None, "k-NN density (Naeem et al. 2020)"),
+    "coverage": Metric(-1, 1.0, "share of data balls that hold a sample"),
+    "off_data": Metric(+1, 0.0, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
+    "memorized": Metric(+1, 0.0, "share of samples closer to a training row than 90% of fresh data is (0.1 expected)"),
 }
-FLOOR_VERSION = 2  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths)
+FLOOR_VERSION = 3  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
+# 3: MMD^2 and energy as V-statistics)
 
 
 def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,
@@ -118,18 +129,37 @@ def shuffled_pairs(samples: np.ndarray, reference: np.ndarray):
 def z_scores(values: dict[str, Optional[float]], floor: dict, n: int) -> dict[str, Optional[float]]:
     """Floor deviations on the bad side of the floor's mean (negative: better than two draws of the data).
 
+    A metric with a bound (Metric.bound: MMD^2, energy, W2, the shares) measures a discrepancy
+    d = direction * (value - bound) >= 0 whose law between two samples of one distribution is skewed to the
+    bad side: a degenerate V-statistic such as MMD^2 or the energy distance is a weighted sum of
+    chi-squares, which Gretton et al. (2009) approximate by a gamma law with its mean and variance. Its z
+    is the normal deviation of the same tail, z = Phi^-1(G(d)), G the gamma law of the floor's mean and
+    variance of d; read as a normal law instead, these metrics fired up to 16 times the tail z_max names
+    (benchmarks/null_tails.py). Where the floor lies within one deviation of the bound (gamma shape below
+    1: a law piled at the bound, a poor model of a few rare points) and for metrics without one (the
+    AUC, density), z is the plain distance from the floor's mean in deviations.
+
     A share of n points cannot resolve less than 1 / n, so that is the smallest deviation used for
     them (a noise-free floor of exactly 0 then counts each offending sample as one deviation).
     """
-    out = {}
+    from scipy import stats
+
+    out: dict[str, Optional[float]] = {}
     for name, v in values.items():
         f = floor.get(name)
         if v is None or f is None:
             out[name] = None
             continue
-        direction = METRICS[name][0]
-        resolution = 1.0 / n if name in FRACTIONS else 1e-12
-        out[name] = direction * (v - f["mean"]) / max(f["std"], resolution)
+        metric = METRICS[name]
+        sd = max(f["std"], 1.0 / n if name in FRACTIONS else 1e-12)
+        z = metric.direction * (v - f["mean"]) / sd
+        if metric.bound is not None:
+            d, mean = metric.direction * (v - metric.bound), metric.direction * (f["mean"] - metric.bound)
+            shape = (mean / sd) ** 2
+            if mean > 0 and shape >= 1:
+                tail = float(stats.norm.isf(stats.gamma.sf(d, shape, scale=sd**2 / mean)))
+                z = tail if math.isfinite(tail) else z  # beyond float range either way: the plain z says how far
+        out[name] = float(z)
     return out
 
 
@@ -217,9 +247,9 @@ def report(values: dict, floor: dict, spec: EvalConfig) -> dict:
         v = values.get(name)
         # a ratio only means something where the floor is clearly above zero (W2, sliced W2, AUC)
         ratio = (v / f["mean"]) if (v is not None and f and f["mean"] > 2 * f["std"] > 0
-                                    and METRICS[name][0] > 0) else None
+                                    and METRICS[name].direction > 0) else None
         rows[name] = {"value": v, "floor_mean": f["mean"] if f else None, "floor_std": f["std"] if f else None,
-                      "ratio": ratio, "z": z.get(name), "about": METRICS[name][1]}
+                      "ratio": ratio, "z": z.get(name), "about": METRICS[name].about}
     limit = z_limit(spec.z_max, spec.draws)
     sees = power(floor, spec.n, limit)
     return {"n": spec.n, "spec": asdict(spec), "z_limit": limit, "metrics": rows, "power": sees,

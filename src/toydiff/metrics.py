@@ -57,22 +57,22 @@ def sliced_w2(samples: np.ndarray, reference: np.ndarray, projections: int = 200
 
 
 def _within_and_between(x: np.ndarray, y: np.ndarray, block_sum: Callable[[torch.Tensor], float],
-                        at_zero: float, dtype=torch.float64) -> tuple[float, float, float]:
-    """Unbiased means of a kernel of the distance: within x (off-diagonal), within y, and between x and y.
-
-    block_sum(d) sums the kernel over a block of distances; at_zero is the kernel's value at d = 0.
-    """
+                        dtype=torch.float64) -> tuple[float, float, float]:
+    """Means of a kernel of the distance over all pairs within x, within y and between x and y, each point's
+    pair with itself included (V-statistics). block_sum(d) sums the kernel over a block of distances."""
     n, m = len(x), len(y)
     kxx = sum(block_sum(d) for _, d in _blocks(x, x, dtype))
     kyy = sum(block_sum(d) for _, d in _blocks(y, y, dtype))
     kxy = sum(block_sum(d) for _, d in _blocks(x, y, dtype))
-    return (kxx - n * at_zero) / (n * (n - 1)), (kyy - m * at_zero) / (m * (m - 1)), kxy / (n * m)
+    return kxx / n**2, kyy / m**2, kxy / (n * m)
 
 
 def energy_distance(samples: np.ndarray, reference: np.ndarray) -> float:
-    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely and Rizzo), unbiased U-statistics."""
+    """Energy distance 2 E|X - Y| - E|X - X'| - E|Y - Y'| (Szekely and Rizzo) as a V-statistic, like scipy's
+    and dcor's: never negative, 0 only for identical samples, so its floor has a known bound (a gamma law
+    anchored at 0, evaluation.z_scores)."""
     x, y = check_pair(samples, reference)
-    xx, yy, xy = _within_and_between(x, y, lambda d: float(d.sum()), 0.0)
+    xx, yy, xy = _within_and_between(x, y, lambda d: float(d.sum()))
     return 2 * xy - xx - yy
 
 
@@ -96,7 +96,8 @@ def mmd_bandwidths(reference: np.ndarray, scales: int = MMD_SCALES) -> tuple[flo
 
 
 def mmd2(samples: np.ndarray, reference: np.ndarray, bandwidths: Optional[tuple[float, ...]] = None) -> float:
-    """Unbiased MMD^2 (Gretton et al. 2012) with an RBF kernel averaged over several bandwidths (default:
+    """MMD^2 as a V-statistic (Gretton et al. 2012's biased estimate: never negative, so its floor has a known
+    bound, evaluation.z_scores) with an RBF kernel averaged over several bandwidths (default:
     mmd_bandwidths(reference); pass them explicitly to compare several pairs on one kernel).
 
     Kernel values are computed in float32 and summed per row, then in float64."""
@@ -113,7 +114,7 @@ def mmd2(samples: np.ndarray, reference: np.ndarray, bandwidths: Optional[tuple[
             total += float(k.sum(1).double().sum())
         return total / len(bandwidths)
 
-    xx, yy, xy = _within_and_between(x, y, block_sum, 1.0, dtype=torch.float32)
+    xx, yy, xy = _within_and_between(x, y, block_sum, dtype=torch.float32)
     return xx + yy - 2 * xy
 
 
