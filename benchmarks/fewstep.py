@@ -5,21 +5,29 @@ generative process toydiff has, beside each process's exact-denoiser ceiling, on
             cosine schedule, or the flow path's): the solver's error alone, no learning error
   trained   the default recipe (6000 steps) with schedule.process = ddpm and = flow, 3 training seeds
   reflow    `toydiff distill` of each flow run (20,000 pairs from its ODE, 6000 steps), sampled the same way
+  progressive  `toydiff distill --method progressive --steps 1` of each ddpm run: rounds from 512 DDIM steps
+            down to 1, 1500 training steps each; the student after each round is judged at its own step
+            count with DDIM (its sampler), so one distillation gives the 16, 8, 4, 2 and 1 NFE rows
 
 Samplers: euler and dpmpp-2m (one evaluation a step, so NFE = steps) on the uniform (trailing) and Karras
 grids. Every row is judged by `evaluate` at n = 5000 against fresh iid moons, all metrics beside their
 floors; the table gives, per process and NFE, the sampler and grid with the lowest mean k-NN AUC over the
 seeds (a measurement, not a default), its AUC (mean and spread over seeds), how many seeds were called
 indistinguishable, and the ceiling's best AUC. Training seconds per run are reported. Few-step students
-(reflow, distillation, consistency) join as rows when they exist.
+(consistency) join as rows when they exist. With --models, only those models are rerun and the other
+rows are kept from the existing results file (its meta says which models were run when).
 
-    .venv/bin/python benchmarks/fewstep.py            # about 35 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/fewstep.py --quick    # a smoke run, about a minute
+    .venv/bin/python benchmarks/fewstep.py            # about 50 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/fewstep.py --models progressive   # the progressive rows only
+    .venv/bin/python benchmarks/fewstep.py --quick    # a smoke run, about two minutes
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -40,8 +48,9 @@ from toydiff.runtime import NoiseStream
 from toydiff.samplers import SAMPLERS
 
 PROCESSES = ("ddpm", "flow")
-ROWS = ("ddpm", "flow", "reflow")  # the table's models: the two processes, and the flow runs' reflow students
+ROWS = ("ddpm", "flow", "reflow", "progressive")  # the two processes, the flow runs' reflow and ddpm runs' progressive
 SAMPLERS_TRIED = ("euler", "dpmpp-2m")
+PROGRESSIVE_SAMPLER = ("ddim", "trailing")  # what a progressive student was distilled for
 SPACINGS_TRIED = ("trailing", "karras")
 
 
@@ -70,32 +79,69 @@ def ceiling_rows(run, nfes, target, spec) -> list[dict]:
     return rows
 
 
+def progressive_rows(run, seed, nfes, target, spec, train_seconds, tmp, quick) -> list[dict]:
+    """`toydiff distill --method progressive --steps 1` of `run`; each round's student judged at its own NFE."""
+    rows, judging = [], [0.0]
+
+    def judge_round(steps, model):
+        if steps in nfes:
+            begin = time.perf_counter()
+            student = dataclasses.replace(run, model=model)
+            x = student.sample(spec.n, sampler=PROGRESSIVE_SAMPLER[0], steps=steps, spacing=PROGRESSIVE_SAMPLER[1])
+            rows.append({"process": "progressive", "model": "trained", "seed": seed, "sampler": PROGRESSIVE_SAMPLER[0],
+                         "spacing": PROGRESSIVE_SAMPLER[1], "nfe": steps, **judge(x, target, spec)})
+            print(rows[-1], flush=True)
+            judging[0] += time.perf_counter() - begin
+    start = time.perf_counter()
+    student = distill_run(run.path, Path(tmp) / f"progressive-{seed}", method="progressive", steps=1,
+                          train_steps=9 * (100 if quick else 1500), on_round=judge_round)
+    seconds = time.perf_counter() - start - judging[0]  # the distillation alone, not the judging between rounds
+    judge_round(1, student.model)
+    train_seconds.setdefault("progressive", []).append(round(seconds, 1))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 300 steps, n = 500")
+    parser.add_argument("--models", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS))
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    chosen = args.models.split(",")
     seeds, nfes = ((0,), (1, 4)) if args.quick else ((0, 1, 2), (1, 2, 4, 8, 16))
     spec = EvalConfig(n=500 if args.quick else 5000, nll_n=0)
     target = target_for(C.ExperimentConfig())
-    rows, train_seconds = [], {}
+    rows, train_seconds, runs_at = [], {}, {}
+    previous = Path(args.out) / "fewstep.json"
+    if set(chosen) != set(ROWS) and previous.exists():
+        kept = json.loads(previous.read_text())
+        rows = [r for r in kept["rows"] if r["process"] not in chosen]
+        train_seconds = {k: v for k, v in kept["train_seconds"].items() if k not in chosen}
+        runs_at = {k: v for k, v in kept["meta"].get("run_at", {}).items() if k not in chosen}
+    today = datetime.date.today().isoformat()
     with tempfile.TemporaryDirectory() as tmp:
         for process in PROCESSES:
+            students = {"flow": "reflow", "ddpm": "progressive"}[process]
+            if process not in chosen and students not in chosen:
+                continue
             for seed in seeds:
                 cfg = C.ExperimentConfig(seed=seed, schedule={"process": process},
                                          train={"steps": 300} if args.quick else {})
                 start = time.perf_counter()
                 run = train_run(cfg, Path(tmp) / f"{process}-{seed}")
-                train_seconds.setdefault(process, []).append(round(time.perf_counter() - start, 1))
-                if seed == seeds[0]:
+                if process in chosen:  # a teacher trained only for its students keeps the earlier rows' time
+                    train_seconds.setdefault(process, []).append(round(time.perf_counter() - start, 1))
+                models = [(process, run)] if process in chosen else []
+                if seed == seeds[0] and process in chosen:
                     rows += ceiling_rows(run, nfes, target, spec)
-                models = [(process, run)]
-                if process == "flow":
+                if students == "reflow" and "reflow" in chosen:
                     start = time.perf_counter()
                     student = distill_run(run.path, Path(tmp) / f"reflow-{seed}", pairs=2000 if args.quick else 20_000)
                     train_seconds.setdefault("reflow", []).append(round(time.perf_counter() - start, 1))
                     models.append(("reflow", student))
+                if students == "progressive" and "progressive" in chosen:
+                    rows += progressive_rows(run, seed, nfes, target, spec, train_seconds, tmp, args.quick)
                 for name, model in models:
                     for nfe in nfes:
                         for sampler in SAMPLERS_TRIED:
@@ -105,6 +151,7 @@ def main() -> None:
                                 rows.append({"process": name, "model": "trained", "seed": seed, "sampler": sampler,
                                              "spacing": spacing, "nfe": nfe, **judge(x, target, spec)})
                         print(rows[-1], flush=True)
+    runs_at.update({m: today for m in chosen})
     lines = ["| process | NFE | best sampler (grid) | k-NN AUC, trained (mean +- sd, seeds) | indistinguishable "
              "| worst metric (z) | ceiling: exact denoiser's best AUC |", "|---|---|---|---|---|---|---|"]
     summary = []
@@ -113,7 +160,10 @@ def main() -> None:
             def of(model, sampler, spacing):
                 return [r for r in rows if (r["process"], r["model"], r["nfe"], r["sampler"], r["spacing"])
                         == (process, model, nfe, sampler, spacing)]
-            combos = [(s, g) for s in SAMPLERS_TRIED for g in SPACINGS_TRIED]
+            combos = [PROGRESSIVE_SAMPLER] if process == "progressive" else \
+                [(s, g) for s in SAMPLERS_TRIED for g in SPACINGS_TRIED]
+            if not of("trained", *combos[0]):
+                continue
             best = min(combos, key=lambda c: np.mean([r["knn_auc"] for r in of("trained", *c)]))
             trained = of("trained", *best)
             auc = [r["knn_auc"] for r in trained]
@@ -129,7 +179,7 @@ def main() -> None:
     seconds = {p: float(np.mean(s)) for p, s in train_seconds.items()}
     lines += ["", "Training seconds per run (mean): " + ", ".join(f"{p} {s:.0f} s" for p, s in seconds.items()),
               f"k-NN AUC floor at n = {spec.n}: about 0.50 (an AUC is judged against its floor's spread)."]
-    publish(args.out, "fewstep", {"meta": machine(seeds=list(seeds), nfes=list(nfes), n=spec.n),
+    publish(args.out, "fewstep", {"meta": machine(seeds=list(seeds), nfes=list(nfes), n=spec.n, run_at=runs_at),
                                   "summary": summary, "train_seconds": train_seconds, "rows": rows},
             "\n".join(lines))
 

@@ -1,4 +1,4 @@
-"""`toydiff distill`: few-step students of a trained run (reflow so far)."""
+"""`toydiff distill`: few-step students of a trained run (reflow, progressive, consistency)."""
 
 import json
 
@@ -8,7 +8,7 @@ import torch
 
 from toydiff.cli import main
 from toydiff.config import ScheduleConfig
-from toydiff.losses import Objective, diffusion_loss
+from toydiff.losses import Consistency, Objective, Progressive, ddim_step, diffusion_loss, progressive_target
 from toydiff.schedules import NoiseSchedule
 
 
@@ -24,6 +24,111 @@ def test_the_reflow_loss_pairs_each_row_with_its_own_noise():
     t = torch.rand(32, generator=torch.Generator().manual_seed(9))[:, None]
     x_t = (1 - t) * x0 + t * eps
     assert float(loss) == pytest.approx(float(((0.3 * x_t - 0.002 * t * 100 - (eps - x0)) ** 2).mean()), rel=1e-6)
+
+
+def test_the_progressive_target_makes_one_ddim_step_land_where_the_teacher_s_two_do():
+    """Salimans and Ho's x~ is the x0 whose one DDIM step from x_t reaches the teacher's two-step endpoint (for
+    any teacher: here a nonlinear one), a point-mass teacher's target is the point itself, and the loss is
+    max(SNR, 1) |x0_hat - x~|^2 recomputed by hand from the same draws, DDIM written out from its eq. 12."""
+    schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
+    grid = schedule.respace(8).timesteps_t
+    teacher = lambda x, t: torch.tanh(x) * 0.7 + 0.01 * t[:, None]  # noqa: E731
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(64, 2, generator=g)
+    for t, mid, end in ((8, 7, 6), (2, 1, 0)):
+        ab = [schedule.alpha_bar[grid[k]].double() for k in (t, mid, end)]
+        tt, tm = torch.full((64,), int(grid[t])), torch.full((64,), int(grid[mid]))
+        x = x_t.double()
+        x0a = teacher(x, tt)
+        x_mid = ab[1].sqrt() * x0a + (1 - ab[1]).sqrt() * (x - ab[0].sqrt() * x0a) / (1 - ab[0]).sqrt()
+        x_end = ddim_step(x_mid, teacher(x_mid, tm), ab[1], ab[2])
+        target = progressive_target(x, x_end, ab[0], ab[2])
+        assert torch.allclose(ddim_step(x, target, ab[0], ab[2]), x_end, atol=1e-9)
+        point = torch.tensor([0.3, -1.2], dtype=torch.float64)
+        x_end = ddim_step(ddim_step(x, point, ab[0], ab[1]), point, ab[1], ab[2])
+        assert torch.allclose(progressive_target(x, x_end, ab[0], ab[2]), point.expand_as(x), atol=1e-9)
+    student = lambda net: (lambda x, t: net(x, t))  # noqa: E731
+    net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
+    x0 = torch.randn(32, 2, generator=g)
+    loss = diffusion_loss(net, schedule, x0, Progressive(teacher, student, grid), torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)  # the loss's draws, in its order: the step index, then the noise
+    i = torch.randint(1, 5, (32,), generator=g)
+    eps = torch.randn(32, 2, generator=g)
+    t, mid, end = grid[2 * i], grid[2 * i - 1], grid[2 * i - 2]
+    ab_t, ab_m, ab_e = (schedule.alpha_bar[s][:, None] for s in (t, mid, end))
+    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
+    x_mid = ab_m.sqrt() * teacher(x_t, t) + (1 - ab_m).sqrt() * (x_t - ab_t.sqrt() * teacher(x_t, t)) / (1 - ab_t).sqrt()
+    x0b = teacher(x_mid, mid)
+    x_end = ab_e.sqrt() * x0b + (1 - ab_e).sqrt() * (x_mid - ab_m.sqrt() * x0b) / (1 - ab_m).sqrt()
+    r = ((1 - ab_e) / (1 - ab_t)).sqrt()
+    target = (x_end - r * x_t) / (ab_e.sqrt() - r * ab_t.sqrt())
+    weight = (ab_t / (1 - ab_t))[:, 0].clamp_min(1)
+    assert float(loss) == pytest.approx(float((weight * ((net(x_t, t) - target) ** 2).mean(1)).mean()), rel=1e-5)
+
+
+def test_a_consistency_function_is_the_identity_at_zero_noise_by_construction():
+    """A consistency student's f is its x0_hat: for a v or eps network (the ones distillation accepts),
+    f(x, t = 0) = x exactly whatever the network outputs (Song et al. 2023's boundary condition), and the
+    loss's target at t_0 = 0 is the teacher's DDIM endpoint itself, for a flow network too (which is never
+    asked at s = 0): a student that outputs that endpoint at t_1 has zero loss there."""
+    from toydiff.parameterization import Denoiser
+
+    net = lambda x, t: 5 * torch.sin(3 * x) + t[:, None]  # noqa: E731
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
+    schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
+    for prediction in ("v", "eps"):
+        assert torch.equal(Denoiser(net, schedule, prediction)(x, torch.zeros(50, dtype=torch.long)), x)
+    flow = NoiseSchedule.from_config(ScheduleConfig(T=100, process="flow"))
+    grid = torch.tensor([0, 50])  # one pair: t_1 = 50 -> t_0 = 0
+    teacher = lambda x, t: torch.tanh(x)  # noqa: E731  its DDIM step to t = 0 lands on tanh(x_t)
+    oracle = lambda model: (lambda x, t: torch.tanh(x) if int(t[0]) == 50 else net(x, t))  # noqa: E731
+    loss = diffusion_loss(None, flow, x, Consistency(teacher, oracle, grid), torch.Generator().manual_seed(0))
+    assert float(loss) == 0.0
+
+
+def test_consistency_sampling_with_the_exact_consistency_function_draws_the_data_in_any_number_of_steps():
+    """For data N(m, s^2 I) the probability-flow ODE maps x_t to x0 = m + s (x_t - sqrt(abar) m) /
+    sqrt(abar s^2 + 1 - abar) (closed form): multistep consistency sampling with that f draws exactly
+    N(m, s^2) after 1 step and after 5 (the fresh noise keeps each intermediate x_t on its marginal)."""
+    from toydiff.samplers import SAMPLERS
+
+    m, s = torch.tensor([0.4, -0.7], dtype=torch.float64), 0.3
+    g = torch.Generator().manual_seed(0)
+    for steps in (1, 5):
+        grid = NoiseSchedule.from_config(ScheduleConfig(T=200)).respace(steps)
+
+        def exact(x, t):
+            ab = grid.alpha_bar64[int(t[0])]
+            return m + s * (x - ab**0.5 * m) / (ab * s**2 + 1 - ab) ** 0.5
+        x_T = torch.randn(200_000, 2, generator=g, dtype=torch.float64)
+        sample = SAMPLERS.get("consistency")(exact, grid, x_T, generator=g)
+        assert torch.allclose(sample.mean(0), m, atol=0.003)
+        assert torch.allclose(sample.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.003)
+
+
+def test_the_consistency_loss_is_the_distance_between_neighbours_on_the_teacher_s_path():
+    """Recomputed by hand from the same draws: n ~ U{1..N}, x_tn from q(x_t | x0), the teacher's DDIM step
+    to t_n-1, and |f(x_tn, t_n) - f(x^_tn-1, t_n-1)|^2 with f the student's x0_hat (v prediction)."""
+    from toydiff.parameterization import Denoiser
+
+    schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
+    grid = schedule.respace(10).timesteps_t
+    teacher = lambda x, t: torch.tanh(x) * 0.7  # noqa: E731
+    net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
+    student = lambda model: Denoiser(model, schedule, "v")  # noqa: E731
+    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(net, schedule, x0, Consistency(teacher, student, grid), torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    i = torch.randint(1, 11, (32,), generator=g)
+    eps = torch.randn(32, 2, generator=g)
+    t, s = grid[i], grid[i - 1]
+    ab_t, ab_s = schedule.alpha_bar[t][:, None], schedule.alpha_bar[s][:, None]
+    x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
+    x0_t = teacher(x_t, t)
+    x_s = ab_s.sqrt() * x0_t + (1 - ab_s).sqrt() * (x_t - ab_t.sqrt() * x0_t) / (1 - ab_t).sqrt()
+    f = lambda x, tt, ab: ab.sqrt() * x - (1 - ab).sqrt() * net(x, tt)  # noqa: E731  x0 from v
+    expected = ((f(x_t, t, ab_t) - f(x_s, s, ab_s)) ** 2).mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +173,67 @@ def test_a_reflow_student_is_a_complete_run_that_walks_straighter_paths(teacher,
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # already trained: resumes to the same end
 
 
+@pytest.mark.slow
+def test_a_progressive_student_takes_in_k_steps_what_its_teacher_takes_in_2k(teacher, tmp_path, monkeypatch):
+    """One round (the first grid set to 8 steps): on a fixed noise batch the student's 4 DDIM steps land nearer
+    the teacher's 8 DDIM steps than the teacher's own 4 do; the run records its teacher and rounds, samples in 4
+    evaluations, and cannot be resumed once cut short (its teachers were in memory)."""
+    import toydiff
+    from toydiff import distill
+
+    monkeypatch.setattr(distill, "PROGRESSIVE_START", 8)
+    out = tmp_path / "student"
+    assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
+                 "--train-steps", "1500", "--quiet"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["method"] == "progressive" and info["rounds"] == 1 and info["teacher_steps"] == 8
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 4
+    t, s = toydiff.load(teacher), toydiff.load(out)
+    assert s.config.sample.sampler == "ddim" and s.config.sample.steps == 4
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
+    ddim = lambda run, k: run.plan(run.settings(sampler="ddim", steps=k, spacing="trailing")).run(  # noqa: E731
+        run.denoiser, z.clone(), noise=None)
+    teacher_8, teacher_4, student_4 = ddim(t, 8), ddim(t, 4), ddim(s, 4)
+    err = lambda a: float((a - teacher_8).norm(dim=1).mean())  # noqa: E731
+    assert err(student_4) < 0.2 * err(teacher_4), (err(student_4), err(teacher_4))
+    manifest = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**manifest, "status": "training"}))
+    with pytest.raises(toydiff.ToydiffError, match="cannot resume"):
+        toydiff.resume_run(out)
+
+
+@pytest.mark.slow
+def test_a_consistency_student_maps_noise_to_the_end_of_its_teacher_s_ode_in_one_step(teacher, tmp_path):
+    """The student's one evaluation f(x_T, T) lands nearer the teacher's ODE endpoint (its DDIM on the
+    distillation grid) than the teacher's own one-step DDIM does; the run records its teacher, samples by
+    multistep consistency sampling in 2 evaluations, and a student is not distilled again."""
+    import toydiff
+    from toydiff import distill
+
+    out = tmp_path / "student"
+    assert main(["distill", str(teacher), "--out", str(out), "--method", "consistency", "--steps", "2",
+                 "--train-steps", "1500", "--quiet"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["method"] == "consistency" and info["grid"] == distill.CONSISTENCY_GRID
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 2
+    t, s = toydiff.load(teacher), toydiff.load(out)
+    assert s.config.sample.sampler == "consistency"
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
+    ddim = lambda k: t.plan(t.settings(sampler="ddim", steps=k, spacing="trailing")).run(  # noqa: E731
+        t.denoiser, z.clone(), noise=None)
+    endpoint, one_step = ddim(distill.CONSISTENCY_GRID), ddim(1)
+    student = s.plan(s.settings(steps=1)).run(s.denoiser, z.clone(), noise=None)
+    err = lambda a: float((a - endpoint).norm(dim=1).mean())  # noqa: E731
+    assert err(student) < 0.5 * err(one_step), (err(student), err(one_step))
+    assert main(["distill", str(out), "--out", str(tmp_path / "again"), "--method", "consistency"]) == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--steps", "0"], "--steps must be >= 1"),
     (["--method", "reflw"], "did you mean 'reflow'"),
     (["--pairs", "1"], "--pairs must be >= 2"),
     (["--train-steps", "0"], "--train-steps must be >= 1"),
+    (["--method", "progressive", "--steps", "600"], "no room to halve"),
 ])
 def test_bad_distill_input_is_a_one_line_error_and_writes_nothing(teacher, tmp_path, capsys, args, message):
     assert main(["distill", str(teacher), "--out", str(tmp_path / "s")] + args) == 2
@@ -89,6 +250,14 @@ def test_what_cannot_be_distilled_is_refused(tmp_path, capsys):
                  "--set", "schedule.T=4"]) == 0
     assert main(["distill", str(cond), "--out", str(tmp_path / "s")]) == 2
     assert "class-conditional run is not supported yet" in capsys.readouterr().err
+    for prediction, method, message in (("eps", "progressive", "predicts x0 or v"),
+                                        ("x0", "consistency", "predicts v or eps")):
+        run = tmp_path / prediction
+        assert main(["train", "--quiet", "--out", str(run), "--set", f"model.prediction={prediction}",
+                     "--set", "train.steps=2", "--set", "schedule.T=64"]) == 0
+        assert main(["distill", str(run), "--out", str(tmp_path / "s"), "--method", method]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
     assert main(["run", "--out", str(tmp_path / "r"), "--set", "schedule.process=flow",
                  "--set", "train.coupling=reflow"]) == 2
     assert "toydiff distill TEACHER_RUN --method reflow" in capsys.readouterr().err

@@ -75,11 +75,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = add("distill", "train a few-step student of a trained run into a new run directory, and judge it")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the teacher run")
     p.add_argument("--method", default="reflow", choices=config_io.DISTILL_METHODS,
-                   help="reflow: a flow-matching student on the teacher's ODE pairs (default)")
+                   help="reflow: a flow-matching student on the teacher's ODE pairs (default); progressive: "
+                   "halve the teacher's DDIM steps round by round down to --steps")
     p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (its NFE; default 4)")
-    p.add_argument("--pairs", type=int, default=20_000, help="noise -> data pairs drawn from the teacher (default "
-                   "20000)")
-    p.add_argument("--train-steps", type=int, help="the student's training steps (default: the teacher's)")
+    p.add_argument("--pairs", type=int, default=20_000, help="reflow: noise -> data pairs drawn from the teacher "
+                   "(default 20000)")
+    p.add_argument("--train-steps", type=int, help="the student's training steps, all rounds together (default: "
+                   "reflow the teacher's, progressive 1500 a round)")
     p.add_argument("--out", metavar="DIR", help="the student's run directory (default: runs/distill-TIMESTAMP)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")

@@ -39,7 +39,8 @@ SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.scaler.Scaler
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
 PROCESSES = ("ddpm", "flow")  # toydiff.schedules.NoiseSchedule.from_config, toydiff.parameterization
 COUPLINGS = ("independent", "ot", "reflow")  # toydiff.losses (flow matching's pairing of data and noise)
-DISTILL_METHODS = ("reflow",)  # toydiff.distill
+DISTILL_METHODS = ("reflow", "progressive", "consistency")  # toydiff.distill
+TEACHER_IN_MEMORY = ("progressive", "consistency")  # distill methods whose students train against a loaded teacher
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
 MODEL_VARIANCES = ("fixed", "learned")
@@ -48,7 +49,7 @@ WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
-            "dpmpp-3m-sde", "ode")  # toydiff.samplers.SAMPLERS
+            "dpmpp-3m-sde", "ode", "consistency")  # toydiff.samplers.SAMPLERS
 DIFFUSERS_PREFIX = "diffusers:"  # sample.sampler = "diffusers:NAME" drives a diffusers scheduler (toydiff.interop)
 SPACINGS = ("trailing", "linspace", "leading", "karras")  # NoiseSchedule.respace
 SAMPLE_SPACINGS = ("auto",) + SPACINGS

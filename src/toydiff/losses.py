@@ -8,13 +8,15 @@ learned variances (Nichol and Dhariwal 2021); t uniform or importance-sampled. T
 (toydiff.training) and the likelihoods (toydiff.likelihood) both use the bound's terms from here.
 For schedule.process = flow the same call trains conditional flow matching (flow_matching_loss):
 continuous t, uniform or logit-normal, noise paired with the data independently or by minibatch
-optimal transport (couple).
+optimal transport (couple). Distilled students train through the same call with a `Progressive`
+objective (progressive_loss; toydiff.distill runs the rounds) or a `Consistency` one (consistency_loss).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -24,7 +26,7 @@ from .errors import ToydiffError
 from .parameterization import Prediction, flow_network_time, flow_target, min_snr_weight, to_x0, training_target
 from .registry import Registry
 from .runtime import World
-from .schedules import NoiseSchedule
+from .schedules import NoiseSchedule, append_dims
 
 LOG_2PI = math.log(2 * math.pi)
 TIMESTEP_SAMPLERS: Registry[type] = Registry("train.timestep_sampling", TIMESTEP_SAMPLINGS)
@@ -153,7 +155,93 @@ class Objective:
                    cfg.model.variance == "learned", cfg.train.vlb_weight, cfg.schedule.process, cfg.train.coupling)
 
 
-def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Objective | Prediction | str,
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0_hat, toydiff.parameterization's
+
+
+@dataclass(frozen=True)
+class Progressive:
+    """One round of progressive distillation (Salimans and Ho 2022, Algorithm 2): the student learns to take
+    in one deterministic DDIM step the two its frozen teacher takes on an N-step grid.
+
+    teacher: the teacher's denoise(x_t, t) -> x0_hat (frozen, no gradient). student: the student's denoiser
+    around a network (called with the training loop's network, which may be wrapped). grid: (N + 1,) the
+    teacher's t_0 = 0 < t_1 < ... < t_N on the training schedule (a respaced grid's timesteps), N even."""
+
+    teacher: Denoise
+    student: Callable[[nn.Module], Denoise]
+    grid: torch.Tensor
+
+
+def ddim_step(x_t: torch.Tensor, x0_hat: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
+    """The deterministic DDIM step (Song et al. 2021, eq. 12 with eta = 0) from alpha_bar ab_t to ab_s, per row."""
+    eps = (x_t - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+    return ab_s.sqrt() * x0_hat + (1 - ab_s).sqrt() * eps
+
+
+def progressive_target(x_t: torch.Tensor, x_s: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor) -> torch.Tensor:
+    """The x0 whose single DDIM step from x_t (alpha_bar ab_t) lands on x_s (ab_s): Salimans and Ho's
+    x~ = (x_s - (sigma_s / sigma_t) x_t) / (alpha_s - (sigma_s / sigma_t) alpha_t), alpha = sqrt(ab),
+    sigma = sqrt(1 - ab); at ab_s = 1 (the data) it is x_s itself."""
+    ratio = ((1 - ab_s) / (1 - ab_t)).sqrt()
+    return (x_s - ratio * x_t) / (ab_s.sqrt() - ratio * ab_t.sqrt())
+
+
+def progressive_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Progressive,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Salimans and Ho (2022), Algorithm 2: each point noised to a random even grid point t_2i, the teacher's
+    two DDIM steps t_2i -> t_2i-1 -> t_2i-2 give the target x~ (progressive_target), and the student's x0_hat
+    at t_2i meets it in the truncated-SNR weighted squared error max(SNR_t, 1) |x0_hat - x~|^2 (their
+    'truncated SNR' weighting, which keeps the high-noise steps a few-step student lives on in play)."""
+    grid = objective.grid.to(x0.device)
+    i = torch.randint(1, (grid.numel() - 1) // 2 + 1, (x0.shape[0],), generator=generator, device=x0.device)
+    t, mid, end = grid[2 * i], grid[2 * i - 1], grid[2 * i - 2]
+    eps, x_t = schedule.noise(x0, t, generator)
+    ab_t, ab_mid, ab_end = (schedule.gather(schedule.alpha_bar, s, x0) for s in (t, mid, end))
+    with torch.no_grad():
+        x_mid = ddim_step(x_t, objective.teacher(x_t, t), ab_t, ab_mid)
+        x_end = ddim_step(x_mid, objective.teacher(x_mid, mid), ab_mid, ab_end)
+        target = progressive_target(x_t, x_end, ab_t, ab_end)
+    x0_hat = objective.student(model)(x_t, t)
+    weight = (ab_t / (1 - ab_t)).flatten(1)[:, 0].clamp_min(1.0)
+    return (weight * ((x0_hat - target) ** 2).flatten(1).mean(1)).mean()
+
+
+@dataclass(frozen=True)
+class Consistency:
+    """Consistency distillation (Song et al. 2023, Algorithm 2): the student's consistency function f (its
+    x0_hat) must agree at neighbouring points t_n > t_n-1 of an N-step grid on one path of the frozen
+    teacher's ODE (one DDIM step between them), down to t_0 = 0, where f is the identity (the target there is
+    the teacher's endpoint itself). A v or eps network's x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)
+    tends to x_t as abar -> 1 whatever it outputs, so f stays continuous at the boundary and well-conditioned
+    at low noise (Karras et al.'s c_skip and c_out play that part in Song et al.).
+    teacher: its denoise(x_t, t) -> x0_hat. student: the student's denoiser around a network. grid:
+    (N + 1,) the t_0 = 0 < t_1 < ... < t_N on the training schedule."""
+
+    teacher: Denoise
+    student: Callable[[nn.Module], Denoise]
+    grid: torch.Tensor
+
+
+def consistency_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Consistency,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Song et al. (2023), Algorithm 2 with the squared L2 distance and lambda = 1: n ~ U{1..N}, x_{t_n} from
+    q(x_t | x0), the teacher's DDIM step to x^_{t_n-1}, and |f(x_{t_n}, t_n) - f-(x^_{t_n-1}, t_n-1)|^2 with
+    the target f- the student itself without gradient (Song and Dhariwal 2024 drop the EMA target)."""
+    grid = objective.grid.to(x0.device)
+    i = torch.randint(1, grid.numel(), (x0.shape[0],), generator=generator, device=x0.device)
+    t, s = grid[i], grid[i - 1]
+    _, x_t = schedule.noise(x0, t, generator)
+    ab_t, ab_s = schedule.gather(schedule.alpha_bar, t, x0), schedule.gather(schedule.alpha_bar, s, x0)
+    f = objective.student(model)
+    with torch.no_grad():
+        x_s = ddim_step(x_t, objective.teacher(x_t, t), ab_t, ab_s)
+        # f(x, 0) = x: the boundary condition, exact whatever the network (a flow network never sees s = 0)
+        target = torch.where(append_dims(s == 0, x_s.ndim), x_s, f(x_s, s))
+    return ((f(x_t, t) - target) ** 2).flatten(1).mean(1).mean()
+
+
+def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
+                   objective: Objective | Progressive | Consistency | Prediction | str,
                    generator: torch.Generator | None = None, *, timesteps: UniformTimesteps | None = None,
                    labels: torch.Tensor | None = None, world: World = World(), autocast: bool = False) -> torch.Tensor:
     """L_simple of Ho et al. (2020), eq. 14: t ~ U{1..T} (or `timesteps`' importance sampler), eps ~ N(0, I),
@@ -169,6 +257,10 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, 
     - autocast runs the network's forward under bfloat16 autocast; t, eps, x_t, the target and the loss stay
       float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
     """
+    if isinstance(objective, Progressive):
+        return progressive_loss(model, schedule, x0, objective, generator)
+    if isinstance(objective, Consistency):
+        return consistency_loss(model, schedule, x0, objective, generator)
     obj = objective if isinstance(objective, Objective) else Objective(objective)
     if obj.process == "flow":
         return flow_matching_loss(model, schedule.T, x0, obj, generator, timesteps=timesteps, labels=labels,

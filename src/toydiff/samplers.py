@@ -116,6 +116,26 @@ def sample_ddim(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
     return x
 
 
+@SAMPLERS.register("consistency")
+@torch.no_grad()
+def sample_consistency(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                       generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements multistep consistency sampling (Song et al. 2023, Algorithm 1): x0_hat = f(x_T, T), then
+    at each lower grid point t the estimate is noised afresh, x_t = sqrt(abar_t) x0_hat + sqrt(1 - abar_t) z,
+    and denoised again: one evaluation a step, the last estimate returned. Made for consistency models
+    (`toydiff distill --method consistency`), whose x0_hat maps any x_t to the end of its ODE path; a
+    diffusion model's x0_hat is a posterior mean, which this sampler only blurs."""
+    x0_hat = x
+    for t in range(schedule.T, 0, -1):
+        if t < schedule.T:
+            ab = schedule.alpha_bar64[t]
+            x = ab**0.5 * x0_hat + (1 - ab) ** 0.5 * randn_like(x, generator)
+        x0_hat = denoise(x, _index(t, x))
+        if callback is not None:
+            callback(t, x, x0_hat)
+    return x0_hat
+
+
 def _sigma_grid(schedule: NoiseSchedule) -> list[float]:
     sigmas = schedule.sigmas.tolist()
     if not torch.isfinite(torch.tensor(sigmas[-1])):

@@ -43,12 +43,13 @@ def sampling_steps(steps: int, T: int) -> int:
 
 
 def resolve_spacing(spacing: str, sampler: str) -> str:
-    """sample.spacing "auto": trailing t for ddpm and diffusers' schedulers (trailing is what they all accept),
-    Karras sigmas for the ODE and SDE solvers, the grids each was measured best on (benchmarks/nfe.py)."""
+    """sample.spacing "auto": trailing t for ddpm, consistency and diffusers' schedulers (trailing is what they
+    all accept), Karras sigmas for the ODE and SDE solvers, the grids each was measured best on
+    (benchmarks/nfe.py)."""
     choose("sample.spacing", spacing, SAMPLE_SPACINGS)
     if spacing != "auto":
         return spacing
-    return "trailing" if sampler == "ddpm" or sampler.startswith(DIFFUSERS_PREFIX) else "karras"
+    return "trailing" if sampler in ("ddpm", "consistency") or sampler.startswith(DIFFUSERS_PREFIX) else "karras"
 
 
 def check_conditioning(classes: Optional[int], label: int, guidance: float) -> None:

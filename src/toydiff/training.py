@@ -23,7 +23,8 @@ from torch import nn
 
 from .config import TrainConfig
 from .errors import ToydiffError
-from .losses import ImportanceTimesteps, Objective, UniformTimesteps, diffusion_loss, timestep_sampler
+from .losses import (Consistency, ImportanceTimesteps, Objective, Progressive, UniformTimesteps, diffusion_loss,
+                     timestep_sampler)
 from .parameterization import Prediction
 from .progress import Progress
 from .runtime import World
@@ -174,14 +175,15 @@ def make_state(model: nn.Module, cfg: TrainConfig, T: int, generator: torch.Gene
 
 
 def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig,
-          objective: Objective | Prediction | str, *, labels: torch.Tensor | None = None,
+          objective: Objective | Progressive | Consistency | Prediction | str, *, labels: torch.Tensor | None = None,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
           progress: bool = False, world: World = World()) -> list[dict]:
     """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
     Returns the loss-log rows.
 
-    objective: toydiff.losses.Objective, or a bare prediction (eps, x0, v) with cfg's weighting.
+    objective: toydiff.losses.Objective, or a bare prediction (eps, x0, v) with cfg's weighting, or a
+    distilled student's (toydiff.losses.Progressive, Consistency).
     labels (N,) in 0..K-1 train a class-conditional model (model.classes = K), dropped to the null label K
     with probability cfg.label_dropout. Each row is {step, loss (mean over the rows' steps), lr, seconds}.
     The loss is read back from the device only every cfg.log_every steps, where a non-finite loss or
@@ -190,7 +192,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     raises Interrupted. With several processes (`world`, under torchrun) the model trains as
     DistributedDataParallel on shards of one shared global batch.
     """
-    if not isinstance(objective, Objective):
+    if not isinstance(objective, (Objective, Progressive, Consistency)):
         objective = Objective(objective, cfg.loss_weighting, cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
     model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
         state.generator

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from . import data as datasets
-from .config import ExperimentConfig
+from .config import TEACHER_IN_MEMORY, ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError
-from .losses import Objective
+from .losses import Consistency, Objective, Progressive
 from .models import check as check_model, count_parameters
 from .rundir import RunDir
 from .runs import Run, build
@@ -137,10 +137,11 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
 
 def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = _silent,
                    world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
-                   noise: Optional[np.ndarray] = None) -> Run:
+                   noise: Optional[np.ndarray] = None,
+                   objective: Optional[Progressive | Consistency] = None) -> Run:
     """Train an untrained `run` (untrained_run's, or a distilled student's) into a new run directory at `out`:
     warnings, the training state, the directory with its inputs (and `extra` in its manifest, `noise` for a
-    reflow student), then the loop."""
+    reflow student), then the loop (on `objective` instead of the config's: a distilled student's)."""
     cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
     warnings = [run.schedule.terminal_warning()]
@@ -156,7 +157,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train", device), device,
                        cfg.schedule.process)
     if not world.is_writer:
-        return _train(run, state, {}, False, _silent, world)
+        return _train(run, state, {}, False, _silent, world, objective)
     x = run.data
     info = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "dim": int(x.shape[1]),
             "n_train": int(x.shape[0]), "classes": run.classes, "columns": run.names,
@@ -176,7 +177,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
                f"T = {run.schedule.T} {cfg.schedule.name}, alpha_bar_T = {run.schedule.alpha_bar_T:.3g}")
     log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
         f"(n = {x.shape[0]}, D = {x.shape[1]}), {process}, {cfg.train.steps} steps on {device}")
-    return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world)
+    return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)
 
 
 def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False, log: Log = _silent,
@@ -185,6 +186,10 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
     run = Run.load(path, device=device, weights=False)
     info = run.dir.read_manifest()
+    if info.get("method") in TEACHER_IN_MEMORY and info.get("status") != "trained":
+        raise ToydiffError(f"'{path}' is a {info['method']} student cut short; it trains against a teacher held in "
+                           f"memory and cannot resume: run `toydiff distill {info.get('teacher')} --method "
+                           f"{info['method']}` again")
     set_threads(run.config.train.threads, run.device)
     state = make_state(run.model, run.config.train, run.schedule.T,
                        torch_generator(run.config.seed, "train", run.device), run.device, run.config.schedule.process)
@@ -204,7 +209,8 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     return _train(run, state, info, progress, log, world)
 
 
-def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, world: World = World()) -> Run:
+def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, world: World = World(),
+           objective: Optional[Progressive | Consistency] = None) -> Run:
     """Train `state` to cfg.train.steps, checkpointing the whole state every train.checkpoint_every steps, on
     Ctrl-C and at the end; the loss log grows a row at a time between checkpoints."""
     cfg, rd = run.config, RunDir(run.path)
@@ -220,7 +226,7 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
         if cfg.train.coupling == "reflow":  # each row trains with its own noise: [x0 | eps]
             x0 = torch.cat([x0, torch.as_tensor(rd.read_train_noise(x0.shape), device=run.device)], dim=1)
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
-        rows = train(state, run.schedule, x0, cfg.train, Objective.from_config(cfg), labels=y,
+        rows = train(state, run.schedule, x0, cfg.train, objective or Objective.from_config(cfg), labels=y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
                      progress=progress, world=world)
     except Interrupted as e:
