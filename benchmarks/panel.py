@@ -17,7 +17,7 @@ rows), breast cancer (30, 569) and digits (64, 1797), and the zoo's circles at 1
 points). None of them was used to choose any default. Prints JSON and a table; writes
 benchmarks/results/panel.json and .md.
 
-    .venv/bin/python benchmarks/panel.py --repeats 20        # about 80 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/panel.py --repeats 20        # about 50 minutes on 2 CPU cores
     .venv/bin/python benchmarks/panel.py --tables wine,digits  # some of them
 
 It also prints what n affords (power_table): the AUC shift the classifier test sees at each n.
