@@ -146,6 +146,16 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     return start_training(student, out, progress=progress, log=log, extra=record, noise=z.astype(np.float32))
 
 
+def _teacher_copy(t: Run, cfg: ExperimentConfig, out: str | Path, device: str) -> Run:
+    """The student run of `cfg` at `out`, in memory: the teacher's training rows, scaler and (EMA) weights."""
+    validate(cfg)
+    dev = resolve_device(device)
+    schedule, model = build(cfg, t.dim, dev)
+    model.load_state_dict(t.model.state_dict())
+    return Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
+               integer_columns=t.integer_columns)
+
+
 def _progressive(t: Run, out: str | Path, steps: int, train_steps: Optional[int], device: str, progress: bool,
                  log: Callable[[str], None], on_round: Optional[Callable[[int, torch.nn.Module], None]]) -> Run:
     if t.config.model.prediction == "eps":
@@ -154,12 +164,8 @@ def _progressive(t: Run, out: str | Path, steps: int, train_steps: Optional[int]
                            "train the teacher with model.prediction=v")
     rounds = progressive_rounds(steps, t.schedule.T)
     cfg = progressive_config(t.config, steps, train_steps, rounds)
-    validate(cfg)
-    dev = resolve_device(device)
-    schedule, model = build(cfg, t.dim, dev)
-    model.load_state_dict(t.model.state_dict())  # the teacher's (EMA) weights start the student
-    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
-                  integer_columns=t.integer_columns)
+    student = _teacher_copy(t, cfg, out, device)
+    schedule, model, dev = student.schedule, student.model, student.device
     x0 = torch.as_tensor(t.scaler.transform(t.data), dtype=torch.float32, device=dev)
 
     def round_objective(n: int) -> Progressive:
@@ -191,15 +197,10 @@ def _consistency(t: Run, out: str | Path, steps: int, train_steps: Optional[int]
     if t.dir.read_manifest().get("method") == "consistency":
         raise ToydiffError(f"'{t.path}' is already a consistency student; distill the run it came from")
     cfg = consistency_config(t.config, steps, train_steps)
-    validate(cfg)
-    dev = resolve_device(device)
-    schedule, model = build(cfg, t.dim, dev)
-    model.load_state_dict(t.model.state_dict())  # the teacher's (EMA) weights start the student
-    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
-                  integer_columns=t.integer_columns)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    student = _teacher_copy(t, cfg, out, device)
+    teacher = copy.deepcopy(student.model).eval().requires_grad_(False)
     objective = Consistency(teacher=t.denoiser_for(model=teacher), student=lambda net: student.denoiser_for(model=net),
-                            grid=schedule.respace(CONSISTENCY_GRID).timesteps_t)
+                            grid=student.schedule.respace(CONSISTENCY_GRID).timesteps_t)
     log(f"consistency distillation on the teacher's {CONSISTENCY_GRID}-step DDIM grid, {cfg.train.steps} steps")
     log("warning: consistency distillation is experimental here: measured far from the data at this budget "
         "(docs/benchmarks.md); --method progressive is the few-step student that works")
