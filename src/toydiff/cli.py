@@ -53,6 +53,11 @@ def _add_out_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    """--device for the commands that load a trained run (those that train set train.device instead)."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The parser and its subcommands' parsers by name."""
     parser = _Parser(prog="toydiff", description="Diffusion models on low-dimensional data.")
@@ -83,7 +88,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--train-steps", type=int, help="the student's training steps, all rounds together (default: "
                    "reflow the teacher's, progressive 1500 a round)")
     p.add_argument("--out", metavar="DIR", help="the student's run directory (default: runs/distill-TIMESTAMP)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_device_arg(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
 
@@ -108,12 +113,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "conditional (default: the run's sample.guidance)")
     p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
     p.add_argument("--trajectory", metavar="FILE", help="also write the reverse paths x_T..x_0 (scaled frame) here, .npy")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
     p = add("plot", "draw the figures of a trained run (the guide's five for 2-D data)")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_device_arg(p)
 
     p = add("eval", "judge a run's samples against fresh iid data, each metric beside its noise floor")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -122,7 +127,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--data", metavar="FILE", help="judge against this file's rows instead (e.g. a test split)")
     p.add_argument("--columns", metavar="A,B,...", help="the --data file's columns, in the run's order (default: "
                    "the run's column names)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display or messages, only the table")
 
     p = add("study", "run a grid of configurations x seeds in parallel; resumable")

@@ -19,8 +19,9 @@ steps from N = K 2^R (the smallest such N >= PROGRESSIVE_START) to K on the trai
 is ill-conditioned at the high-noise steps a few-step student lives on), trains on the teacher's own
 training rows, and samples with `steps` DDIM steps. --train-steps is the total over the R rounds (default
 PROGRESSIVE_ROUND_STEPS a round), each round with a fresh optimizer (their recipe) starting from the
-previous round's EMA weights; `on_round(steps, model)` sees each round's student. Only the last round is checkpointed in the run directory: the earlier ones train
-against teachers held in memory, so a student cut short is distilled again rather than resumed.
+previous round's EMA weights; `on_round(steps, model)` sees each round's student. Only the last round is
+checkpointed in the run directory: the earlier ones train against teachers held in memory, so a student
+cut short is distilled again rather than resumed.
 
 consistency (Song et al. 2023, consistency distillation): the student starts as a copy of the teacher and
 learns to give the same x0_hat at neighbouring points of one path of the teacher's ODE (one DDIM step

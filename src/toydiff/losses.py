@@ -23,7 +23,8 @@ from torch import nn
 
 from .config import COUPLINGS, PROCESSES, TIMESTEP_SAMPLINGS, WEIGHTINGS, ExperimentConfig, choose
 from .errors import ToydiffError
-from .parameterization import Prediction, flow_network_time, flow_target, min_snr_weight, to_x0, training_target
+from .parameterization import (Denoise, Prediction, flow_network_time, flow_target, min_snr_weight, to_x0,
+                               training_target)
 from .registry import Registry
 from .runtime import World
 from .schedules import NoiseSchedule, append_dims
@@ -153,9 +154,6 @@ class Objective:
     def from_config(cls, cfg: ExperimentConfig) -> "Objective":
         return cls(cfg.model.prediction, cfg.train.loss_weighting, cfg.train.min_snr_gamma,
                    cfg.model.variance == "learned", cfg.train.vlb_weight, cfg.schedule.process, cfg.train.coupling)
-
-
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> x0_hat, toydiff.parameterization's
 
 
 @dataclass(frozen=True)

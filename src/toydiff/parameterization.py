@@ -18,6 +18,7 @@ VP path in its angle). `FlowDenoiser` is the same interface over the flow's grid
 from __future__ import annotations
 
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ from torch import nn
 from .errors import ToydiffError, unknown
 from .schedules import NoiseSchedule, flow_scale, flow_time
 
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # denoise(x_t, t) -> x0_hat: what samplers call
 
 class Prediction(str, Enum):
     EPS = "eps"  # the noise (Ho et al. 2020)

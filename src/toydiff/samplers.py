@@ -25,11 +25,11 @@ import torch
 
 from .config import SAMPLERS as NAMES, VARIANCES
 from .errors import ToydiffError
+from .parameterization import Denoise
 from .registry import Registry
 from .runtime import NoiseStream
 from .schedules import NoiseSchedule, pf_ode_drift
 
-Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Callback = Optional[Callable[[int, torch.Tensor, torch.Tensor], None]]
 Sampler = Callable[..., torch.Tensor]
 SAMPLERS: Registry[Sampler] = Registry("sampler", NAMES)
