@@ -67,7 +67,7 @@ def sweep(denoise_for, schedule: NoiseSchedule, steps: list[int], x_T: torch.Ten
         seconds = time.perf_counter() - start
         rep = evaluate(to_data(x.cpu().double().numpy()), target, spec)
         rows.append(_row(model, f"ode (tol {tol:g})", 0, calls[0], seconds, rep))
-    for name in [n for n in SAMPLERS.names() if n != "ode"]:
+    for name in [n for n in SAMPLERS.names() if n not in ("ode", "meanflow")]:  # meanflow: a mean-flow model's own
         for k in steps:
             s = schedule.respace(k, SPACING.get(name, "karras"))
             start = time.perf_counter()

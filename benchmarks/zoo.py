@@ -27,7 +27,7 @@ from toydiff import config as C
 from toydiff.data import DATASETS
 from toydiff.evaluation import flagged
 from toydiff.plots import gallery_figure
-from toydiff.workflow import run_experiment
+from toydiff.experiment import run_experiment
 
 NAMES = [n for n in DATASETS.names() if n not in ("sklearn-moons", "gmm")]  # the 2-D zoo (gmm: any D)
 

@@ -55,7 +55,7 @@ def test_config_prints_resolved_toml(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--preset", "nope"], "unknown preset 'nope'; choose one of: default, guide"),
+    (["run", "--preset", "nope"], "unknown preset 'nope'; choose one of: default, fast, guide"),
     (["run", "--set", "data.name=spiral"], "unknown dataset 'spiral'; choose one of: moons, sklearn-moons"),
     (["run", "--set", "schedule.name=sig"], "unknown schedule 'sig'; choose one of: linear, polynomial, cosine, sigmoid"),
     (["run", "--set", "model.arch=unet"], "unknown model 'unet'; choose one of: guide, mlp"),

@@ -45,7 +45,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
     ("plot.field_t=[1.5]", "plot.field_t must be list of integers"),
     ("noequals", "--set expects section.key=value"),
     ("a.b.c=1", "--set expects section.key=value"),
-    ("data=3", "\\[data\\] must be a table"),
+    ("data=3", "\\[data\\] is a section; set one of its keys, --set data.KEY=VALUE"),
     ("schedule.T=0", "schedule.T must be >= 1, got 0"),
     ("sample.n=0", "sample.n must be >= 1, got 0"),
     ("train.lr=-1", "train.lr must be > 0"),
@@ -75,5 +75,5 @@ def test_merged_keeps_unnamed_keys():
 
 
 def test_unknown_preset_lists_the_choices():
-    with pytest.raises(ToydiffError, match="unknown preset 'fast'; choose one of: default, guide"):
-        C.preset("fast")
+    with pytest.raises(ToydiffError, match="unknown preset 'quick'; choose one of: default, fast, guide"):
+        C.preset("quick")

@@ -273,3 +273,129 @@ def test_a_reflow_run_without_its_noise_is_a_damaged_run(teacher, tmp_path, caps
     assert main(["train", "--resume", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "train_noise.npy" in err and "toydiff distill" in err
+
+
+QUICK = ["--set", "train.steps=60", "--set", "train.batch_size=128", "--set", "data.n=500", "--set", "schedule.T=64",
+         "--set", "eval.n=300", "--set", "eval.draws=3", "--set", "eval.nll_n=0"]
+
+
+def test_a_run_with_a_distill_recipe_trains_its_teacher_beside_it_and_is_the_student(tmp_path):
+    """`toydiff run` with [distill] (the fast preset's way): the configured run trains as the teacher at
+    OUT-teacher, whose manifest names its student; OUT is the progressive student, which records the teacher,
+    samples in distill.steps evaluations and carries no recipe of its own (it is not distilled again)."""
+    import toydiff
+
+    out = tmp_path / "fast"
+    assert main(["run", "--quiet", "--out", str(out), "--set", "distill.method=progressive", "--set", "distill.steps=2",
+                 "--set", "distill.train_steps=50"] + QUICK) == 0
+    teacher = tmp_path / "fast-teacher"
+    assert json.loads((teacher / "run.json").read_text())["student"] == str(out.resolve())
+    info = json.loads((out / "run.json").read_text())
+    assert info["method"] == "progressive" and info["teacher"] == str(teacher.resolve()) and info["rounds"] == 5
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 2
+    student = toydiff.load(out)
+    assert student.config.distill.method == "none" and student.config.sample.steps == 2
+    assert toydiff.load(teacher).config.distill.method == "progressive"
+
+
+def test_resuming_a_teacher_goes_on_to_its_student(tmp_path):
+    """A teacher whose student was never made (the command cut short after training) makes it on resume."""
+    from toydiff.config import ExperimentConfig, merged
+    from toydiff.rundir import teacher_path
+    from toydiff.experiment import run_experiment
+    from toydiff.workflow import train_run
+
+    out = tmp_path / "fast"
+    cfg = merged(ExperimentConfig(), {
+        "train": {"steps": 30, "batch_size": 128}, "data": {"n": 300}, "schedule": {"process": "flow", "T": 64},
+        "eval": {"n": 300, "draws": 3, "nll_n": 0}, "distill": {"method": "reflow", "pairs": 300,
+                                                                 "train_steps": 20}})
+    train_run(cfg, teacher_path(out), extra={"student": str(out.resolve())})
+    assert not out.exists()
+    result = run_experiment(None, teacher_path(out), resume=True, figures=False)
+    assert result.path == out.resolve() and json.loads((out / "run.json").read_text())["method"] == "reflow"
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 4
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model.prediction=eps", "predicts x0 or v"),
+    ("distill.steps=0", "distill.steps must be >= 1"),
+    ("distill.method=progresive", "did you mean 'progressive'"),
+    ("distill.steps=40", "no room to halve"),
+])
+def test_a_recipe_that_cannot_be_distilled_is_refused_before_the_teacher_trains(tmp_path, capsys, setting, message):
+    out = tmp_path / "fast"
+    assert main(["run", "--out", str(out), "--set", "distill.method=progressive", "--set", setting] + QUICK) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists() and not (tmp_path / "fast-teacher").exists()
+
+
+def test_the_fast_preset_is_a_few_step_recipe():
+    from toydiff.config import preset
+    cfg = preset("fast")
+    assert cfg.distill.method == "progressive" and cfg.distill.steps <= 4 and cfg.model.prediction in ("v", "x0")
+
+
+def test_consistency_training_pairs_two_grid_points_of_one_noise_draw():
+    """Consistency training (no teacher), recomputed by hand: n ~ U{1..N}, one eps for both x_tn and x_tn-1 from
+    q(x_t | x0), and |f(x_tn, t_n) - f(x_tn-1, t_n-1)|^2, with the data point itself as the target at t_0 = 0."""
+    from toydiff.parameterization import Denoiser
+
+    schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
+    grid = schedule.respace(10).timesteps_t
+    net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
+    student = lambda model: Denoiser(model, schedule, "v")  # noqa: E731
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
+    loss = diffusion_loss(net, schedule, x0, Consistency(None, student, grid), torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    i = torch.randint(1, 11, (64,), generator=g)
+    eps = torch.randn(64, 2, generator=g)
+    t, s = grid[i], grid[i - 1]
+    ab_t, ab_s = schedule.alpha_bar[t][:, None], schedule.alpha_bar[s][:, None]
+    x_t, x_s = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps, ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+    f = lambda x, tt, ab: ab.sqrt() * x - (1 - ab).sqrt() * net(x, tt)  # noqa: E731  x0 from v
+    target = torch.where((s == 0)[:, None], x0, f(x_s, s, ab_s))
+    assert (s == 0).any()
+    assert float(loss) == pytest.approx(float(((f(x_t, t, ab_t) - target) ** 2).mean()), rel=1e-5)
+
+
+def test_a_consistency_trained_run_samples_by_consistency_sampling(tmp_path, capsys):
+    """`toydiff run --set train.objective=consistency` (the settings in either order) trains with no teacher,
+    warns that it is experimental, and its samples record the sampler's evaluations; a sampler that reads
+    x0_hat as a posterior mean, or an x0 network, is refused before anything is written."""
+    out = tmp_path / "ct"
+    for first, second in (("train.objective=consistency", "sample.sampler=consistency"),
+                          ("sample.sampler=consistency", "train.objective=consistency")):
+        assert main(["config", "--set", first, "--set", second]) == 0
+    capsys.readouterr()
+    assert main(["run", "--out", str(out), "--set", "train.objective=consistency", "--set",
+                 "sample.sampler=consistency", "--set", "sample.steps=2"] + QUICK) == 0
+    assert "consistency training is experimental" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["nfe"] == 2
+    for setting, message in (("sample.sampler=euler", "set sample.sampler=consistency"),
+                             ("model.prediction=x0", "needs model.prediction = v or eps")):
+        assert main(["run", "--out", str(tmp_path / "bad"), "--set", "train.objective=consistency",
+                     "--set", "sample.sampler=consistency", "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_python_api_reuses_or_replaces_a_recipe_s_two_run_directories(tmp_path):
+    """toydiff.run with a [distill] recipe: if_exists="reuse" compares the teacher's configuration (the student's
+    is its own) and keeps the student; "replace" deletes the teacher with its student."""
+    import toydiff
+
+    sections = dict(train={"steps": 30, "batch_size": 128}, data={"n": 300}, schedule={"process": "flow", "T": 64},
+                    eval={"n": 300, "draws": 3, "nll_n": 0},
+                    distill={"method": "reflow", "pairs": 300, "train_steps": 20})
+    out = tmp_path / "fast"
+    first = toydiff.run(out=out, quiet=True, figures=False, **sections)
+    again = toydiff.run(out=out, quiet=True, figures=False, if_exists="reuse", **sections)
+    assert again.path == first.path and again.report == first.report
+    with pytest.raises(toydiff.ToydiffError, match="another configuration"):
+        toydiff.run(out=out, quiet=True, figures=False, if_exists="reuse", seed=1, **sections)
+    stamp = (tmp_path / "fast-teacher" / "run.json").stat().st_mtime_ns
+    toydiff.run(out=out, quiet=True, figures=False, if_exists="replace", **sections)
+    assert (tmp_path / "fast-teacher" / "run.json").stat().st_mtime_ns != stamp

@@ -12,7 +12,9 @@ a new sampler is covered by registering it.
 - driven by the exact denoiser of a Gaussian mixture, the output is finite and lands on the mixture: its
   weights, its means, and its spread to within the discretisation error of 40 steps (how close each
   sampler gets with more steps is tests/test_samplers.py's business); the consistency sampler, made for
-  a consistency function rather than a denoiser, is held to a Gaussian's exact ODE map instead.
+  a consistency function rather than a denoiser, is held to a Gaussian's exact ODE map instead. The meanflow
+  sampler also tells the denoiser where each step lands (denoise(x_t, t, r)); a denoiser that ignores r (as
+  here) makes it deterministic DDIM, and its exact mean velocity is tests/test_meanflow.py's business.
 
 Every registered vocabulary has its implementation (config <-> registries).
 """
@@ -38,8 +40,13 @@ def mixture(dim: int) -> GaussianMixture:
     return GaussianMixture(np.array([0.3, 0.7]), means, np.full((2, 1), 0.1))
 
 
+def ignoring_r(denoise):
+    return lambda x, t, *r: denoise(x, t)
+
+
 def run(name, x_T, generator, dim=2, callback=None):
-    return SAMPLERS.get(name)(mixture(dim).denoiser(SCHEDULE), SCHEDULE, x_T, generator=generator, callback=callback)
+    denoise = ignoring_r(mixture(dim).denoiser(SCHEDULE))
+    return SAMPLERS.get(name)(denoise, SCHEDULE, x_T, generator=generator, callback=callback)
 
 
 def test_the_contract_covers_every_registered_sampler():
@@ -107,7 +114,7 @@ def test_every_sampler_runs_through_the_plan(name):
     if name.startswith("diffusers:"):
         pytest.importorskip("diffusers")
     plan = make_plan(SampleConfig(sampler=name, steps=10, spacing="trailing"), VPDiffusion(SCHEDULE))
-    x = plan.run(lambda x, t: torch.zeros_like(x), torch.randn(5, 2), noise=NoiseStream(0, 0, 5),
+    x = plan.run(lambda x, t, *r: torch.zeros_like(x), torch.randn(5, 2), noise=NoiseStream(0, 0, 5),
                  generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 2) and torch.isfinite(x).all()
     adaptive = getattr(SAMPLERS.get(name), "adaptive", False) if name in SAMPLERS else False

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 # public name -> the module that owns it
 _API = {
     "run": "api", "load": "api", "evaluate": "api", "plot": "api", "make_config": "api",
-    "Experiment": "workflow", "train_run": "workflow", "resume_run": "workflow",
+    "Experiment": "experiment", "train_run": "workflow", "resume_run": "workflow",
     "Run": "runs", "ExperimentConfig": "config", "ToydiffError": "errors", "NoiseSchedule": "schedules",
 }
 __all__ = ["Experiment", "ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "__version__", "evaluate",
@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .runs import Run
     from .schedules import NoiseSchedule
     from .api import evaluate, load, make_config, plot, run
-    from .workflow import Experiment, resume_run, train_run
+    from .experiment import Experiment
+    from .workflow import resume_run, train_run
 
 
 def __getattr__(name: str) -> Any:

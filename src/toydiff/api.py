@@ -28,8 +28,9 @@ from . import config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .runs import Run
-from .rundir import RunDir, new_run_path
-from .workflow import Experiment, finish, resume_run, run_experiment, validate
+from .rundir import RunDir, new_run_path, teacher_path
+from .experiment import Experiment, finish, run_experiment
+from .workflow import resume_run, validate
 
 IF_EXISTS = ("error", "replace", "reuse")
 
@@ -71,13 +72,16 @@ def run(config: ExperimentConfig | dict | None = None, out: str | Path | None = 
         if if_exists == "replace":
             validate(cfg)  # a config that cannot run must not cost the run it would replace
             shutil.rmtree(out)
+            if cfg.distill.method != "none" and RunDir(teacher_path(out)).is_run():
+                shutil.rmtree(teacher_path(out))  # a [distill] recipe's teacher goes with its student
         elif if_exists == "reuse":
             return _reuse(cfg, existing, figures=figures, evaluate=evaluate, progress=show, log=log)
     return run_experiment(cfg, out, figures=figures, evaluate=evaluate, progress=show, log=log)
 
 
 def _reuse(cfg: ExperimentConfig, rd: RunDir, *, figures: bool, evaluate: bool, progress: bool, log) -> Experiment:
-    stored, wanted = rd.read_config().to_dict(), cfg.to_dict()
+    made = RunDir(teacher_path(rd.path)) if cfg.distill.method != "none" else rd  # a student's config is its own
+    stored, wanted = made.read_config().to_dict(), cfg.to_dict()
     if stored != wanted:
         differ = [f"{s}.{k}" for s, v in wanted.items() if isinstance(v, dict) for k in v if stored[s][k] != v[k]]
         differ += [s for s, v in wanted.items() if not isinstance(v, dict) and stored[s] != v]

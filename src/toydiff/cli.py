@@ -79,12 +79,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = add("distill", "train a few-step student of a trained run into a new run directory, and judge it")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the teacher run")
+    recipe = config_io.DistillConfig()
     p.add_argument("--method", default="reflow", choices=config_io.DISTILL_METHODS,
                    help="reflow: a flow-matching student on the teacher's ODE pairs (default); progressive: "
-                   "halve the teacher's DDIM steps round by round down to --steps")
-    p.add_argument("--steps", type=int, default=4, help="the student's sampling steps (its NFE; default 4)")
-    p.add_argument("--pairs", type=int, default=20_000, help="reflow: noise -> data pairs drawn from the teacher "
-                   "(default 20000)")
+                   "halve the teacher's DDIM steps round by round down to --steps; consistency: consistency "
+                   "distillation (experimental)")
+    p.add_argument("--steps", type=int, default=recipe.steps,
+                   help=f"the student's sampling steps (its NFE; default {recipe.steps})")
+    p.add_argument("--pairs", type=int, default=recipe.pairs, help="reflow: noise -> data pairs drawn from the "
+                   f"teacher (default {recipe.pairs})")
     p.add_argument("--train-steps", type=int, help="the student's training steps, all rounds together (default: "
                    "reflow the teacher's, progressive 1500 a round)")
     p.add_argument("--out", metavar="DIR", help="the student's run directory (default: runs/distill-TIMESTAMP)")
@@ -184,9 +187,10 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     else:
         cfg = resolve_config(args)  # checked before torch is imported: a bad setting answers at once
 
+    from .experiment import run_experiment
     from .rundir import new_run_path
     from .runtime import init_world
-    from .workflow import resume_run, run_experiment, train_run
+    from .workflow import resume_run, train_run
 
     world, device = init_world(args.device or "auto")
     log = _log(args.quiet or not world.is_writer)
@@ -239,7 +243,7 @@ def _print_report(run, report: dict) -> None:
 def cmd_distill(args: argparse.Namespace) -> int:
     from .distill import distill_run
     from .rundir import new_run_path
-    from .workflow import finish
+    from .experiment import finish
 
     log = _log(args.quiet)
     out = Path(args.out) if args.out else new_run_path("distill", config_io.ExperimentConfig())

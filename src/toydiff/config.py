@@ -40,6 +40,7 @@ SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.B
 PROCESSES = ("ddpm", "flow")  # toydiff.schedules.NoiseSchedule.from_config, toydiff.parameterization
 COUPLINGS = ("independent", "ot", "reflow")  # toydiff.losses (flow matching's pairing of data and noise)
 DISTILL_METHODS = ("reflow", "progressive", "consistency")  # toydiff.distill
+RUN_DISTILL = ("none",) + DISTILL_METHODS  # distill.method: what `toydiff run` makes of the run it trained
 TEACHER_IN_MEMORY = ("progressive", "consistency")  # distill methods whose students train against a loaded teacher
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
@@ -48,8 +49,10 @@ LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
+OBJECTIVES = ("denoise", "consistency", "meanflow")  # toydiff.losses: the process's own loss | consistency training
+#                                                    | MeanFlow (flow only)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
-            "dpmpp-3m-sde", "ode", "consistency")  # toydiff.samplers.SAMPLERS
+            "dpmpp-3m-sde", "ode", "consistency", "meanflow")  # toydiff.samplers.SAMPLERS
 DIFFUSERS_PREFIX = "diffusers:"  # sample.sampler = "diffusers:NAME" drives a diffusers scheduler (toydiff.interop)
 SPACINGS = ("trailing", "linspace", "leading", "karras")  # NoiseSchedule.respace
 SAMPLE_SPACINGS = ("auto",) + SPACINGS
@@ -152,6 +155,7 @@ class ModelConfig(_Section):
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
     fourier_octaves: int = 3  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
+    time_scale: float = 0.0  # mlp: the time embedding's angle at t = T; 0 = auto (toydiff.models.time_scale)
     variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
     conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
 
@@ -163,6 +167,7 @@ class ModelConfig(_Section):
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
+        _check(self.time_scale >= 0, f"model.time_scale must be >= 0 (0 = auto), got {self.time_scale}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,10 @@ class TrainConfig(_Section):
     coupling: str = "independent"  # flow: independent | ot (each batch's data and noise paired by exact
     #                                optimal transport, Tong et al. 2024; POT's exact solver) | reflow (each
     #                                row's own noise, from a teacher's ODE: set by `toydiff distill`)
+    objective: str = "denoise"  # denoise (the process's own loss) | consistency (consistency training, Song et al.
+    #                             2023, Algorithm 3; no teacher; sample it with sample.sampler = consistency)
+    #                             | meanflow (flow: the mean velocity over [r, t], Geng et al. 2025; its sampler
+    #                             is sample.sampler = meanflow)
     vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
     label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
@@ -199,6 +208,7 @@ class TrainConfig(_Section):
         choose("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         choose("train.coupling", self.coupling, COUPLINGS)
         choose("train.autocast", self.autocast, AUTOCASTS)
+        choose("train.objective", self.objective, OBJECTIVES)
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
@@ -283,6 +293,25 @@ class EvalConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DistillConfig(_Section):
+    """A few-step student made by `toydiff run` itself (the `fast` preset): with a method set, the configured
+    run trains as the teacher, in the run directory's sibling OUT-teacher, and OUT is its student
+    (toydiff.distill, the same as `toydiff distill OUT-teacher --method ... --out OUT`)."""
+    SECTION: ClassVar[str] = "distill"
+    method: str = "none"  # none | reflow | progressive | consistency (toydiff.distill)
+    steps: int = 4  # the student's sampling steps: its network evaluations per sample
+    train_steps: int = 0  # the student's training steps, all rounds together; 0 = the method's default
+    pairs: int = 20_000  # reflow: noise -> data pairs drawn from the teacher's ODE
+
+    def _check(self):
+        choose("distill.method", self.method, RUN_DISTILL)
+        _check(self.steps >= 1, f"distill.steps must be >= 1 (the student's sampling steps), got {self.steps}")
+        _check(self.train_steps >= 0, f"distill.train_steps must be >= 0 (0 = the method's default), got "
+                                      f"{self.train_steps}")
+        _check(self.pairs >= 2, f"distill.pairs must be >= 2, got {self.pairs}")
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole configuration. Sections may be given as their dataclasses or as plain dicts, which are
     checked like a TOML file: ExperimentConfig(schedule={"T": 100}, model={"prediction": "eps"})."""
@@ -295,6 +324,7 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     plot: PlotConfig = field(default_factory=PlotConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         object.__setattr__(self, "seed", _coerce("seed", self.seed, int))
@@ -310,6 +340,22 @@ class ExperimentConfig:
     def _check_across(self) -> None:
         """The rules that tie two sections together."""
         flow = self.schedule.process == "flow"
+        if self.train.objective == "consistency":
+            _check(self.model.prediction != "x0", "train.objective = consistency needs model.prediction = v or eps: "
+                   "their x0_hat is x_t itself at zero noise (the consistency function's boundary condition)")
+            _check(self.model.variance == "fixed" and not self.model.conditional and self.train.coupling != "reflow",
+                   "train.objective = consistency trains an unconditional model with fixed variances on independent "
+                   "noise: set model.variance=fixed, model.conditional=false, train.coupling=independent")
+            _check(self.sample.sampler == "consistency", "a consistency-trained model's x0_hat is the end of its ODE "
+                   "path, not a posterior mean: set sample.sampler=consistency")
+        if self.train.objective == "meanflow":
+            _check(flow and self.model.prediction == "v" and self.model.arch == "mlp", "train.objective = meanflow "
+                   "learns the flow's mean velocity: set schedule.process=flow, model.prediction=v, model.arch=mlp")
+            _check(not self.model.conditional and self.train.coupling != "reflow" and self.train.autocast == "none",
+                   "train.objective = meanflow trains an unconditional model on fresh noise in float32: set "
+                   "model.conditional=false, train.coupling=independent (or ot), train.autocast=none")
+        _check(self.sample.sampler != "meanflow" or self.train.objective == "meanflow", "sample.sampler = meanflow "
+               "steps with a mean velocity, which only a model trained with train.objective=meanflow has")
         if flow and self.schedule.zero_terminal_snr:
             raise ToydiffError("schedule.zero_terminal_snr rescales the ddpm process's betas; the flow path has none "
                                "(set schedule.zero_terminal_snr=false)")
@@ -474,7 +520,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """Apply `--set section.key=value` overrides; each goes through the same checks as a TOML file."""
+    """Apply `--set section.key=value` overrides, all at once (a rule that ties two settings together sees both,
+    in whatever order they were given); they go through the same checks as a TOML file."""
+    updates: dict[str, Any] = {}
     for item in overrides:
         path, value = parse_override(item)
         if len(path) > 2:
@@ -482,5 +530,10 @@ def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCon
         if len(path) == 2 and path[0] not in _sections():
             raise ToydiffError(f"unknown config section '{path[0]}' in --set {item}; "
                                f"valid sections: {', '.join(_sections())}{did_you_mean(path[0], _sections())}")
-        cfg = merged(cfg, {path[0]: value} if len(path) == 1 else {path[0]: {path[1]: value}})
-    return cfg
+        if len(path) == 1 and path[0] in _sections():
+            raise ToydiffError(f"--set {item}: [{path[0]}] is a section; set one of its keys, --set {path[0]}.KEY=VALUE")
+        if len(path) == 1:
+            updates[path[0]] = value
+        else:
+            updates.setdefault(path[0], {})[path[1]] = value
+    return merged(cfg, updates) if updates else cfg

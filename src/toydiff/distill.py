@@ -44,9 +44,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import DISTILL_METHODS, ExperimentConfig, choose
+from .config import DISTILL_METHODS, DistillConfig, ExperimentConfig, choose
 from .errors import ToydiffError
-from .losses import Consistency, Progressive
+from .losses import CONSISTENCY_GRID, Consistency, Progressive
 from .runs import Run, build
 from .runtime import NoiseStream, derive_seed, resolve_device, torch_generator
 from .training import make_state, train
@@ -55,7 +55,6 @@ from .workflow import start_training, validate
 TEACHER_SAMPLER = {"sampler": "dpmpp-3m", "steps": 50, "spacing": "karras"}  # deterministic, at the floor
 PROGRESSIVE_START = 512  # the first grid: where the teacher's DDIM meets its ODE (dev table, docs/benchmarks.md)
 PROGRESSIVE_ROUND_STEPS = 1500  # training steps per round by default (dev table: 2000 beat 860 clearly)
-CONSISTENCY_GRID = 64  # consistency distillation's N: the teacher's DDIM steps its student learns to agree across
 
 
 def reflow_config(teacher: ExperimentConfig, steps: int, train_steps: Optional[int] = None) -> ExperimentConfig:
@@ -71,7 +70,7 @@ def reflow_config(teacher: ExperimentConfig, steps: int, train_steps: Optional[i
                                   else teacher.train.timestep_sampling,
                                   steps=train_steps or teacher.train.steps),
         sample=dataclasses.replace(teacher.sample, sampler="euler", steps=steps, spacing="trailing", variance="auto",
-                                   eta=0.0))
+                                   eta=0.0), distill=DistillConfig())
 
 
 def progressive_rounds(steps: int, T: int) -> int:
@@ -96,7 +95,8 @@ def progressive_config(teacher: ExperimentConfig, steps: int, train_steps: Optio
         train=dataclasses.replace(teacher.train, steps=per_round,
                                   warmup_steps=min(teacher.train.warmup_steps, per_round // 10),
                                   checkpoint_every=min(teacher.train.checkpoint_every, per_round)),
-        sample=dataclasses.replace(teacher.sample, sampler="ddim", steps=steps, spacing="trailing", eta=0.0))
+        sample=dataclasses.replace(teacher.sample, sampler="ddim", steps=steps, spacing="trailing", eta=0.0),
+        distill=DistillConfig())
 
 
 def consistency_config(teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
@@ -105,12 +105,32 @@ def consistency_config(teacher: ExperimentConfig, steps: int, train_steps: Optio
     return dataclasses.replace(
         teacher, train=dataclasses.replace(teacher.train, steps=train_steps or teacher.train.steps),
         sample=dataclasses.replace(teacher.sample, sampler="consistency", steps=steps, spacing="trailing",
-                                   variance="auto", eta=0.0))
+                                   variance="auto", eta=0.0), distill=DistillConfig())
 
 
-def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow", steps: int = 4,
-                pairs: int = 20_000, train_steps: Optional[int] = None, device: str = "auto", progress: bool = False,
-                log: Callable[[str], None] = lambda s: None,
+def check(cfg: ExperimentConfig, method: str, steps: int) -> None:
+    """Refuse, before anything is trained, a teacher configuration `method` cannot distill to `steps` steps."""
+    choose("distill method", method, DISTILL_METHODS)
+    if steps < 1:
+        raise ToydiffError(f"--steps must be >= 1 (the student's sampling steps), got {steps}")
+    if cfg.model.conditional:
+        raise ToydiffError("distilling a class-conditional run is not supported yet (its pairs would need a label "
+                           "each); distill an unconditional run")
+    if method == "progressive" and cfg.model.prediction == "eps":
+        raise ToydiffError("progressive distillation needs a teacher that predicts x0 or v: an eps-prediction "
+                           "student cannot take the high-noise steps of a few-step grid (Salimans and Ho 2022); "
+                           "train the teacher with model.prediction=v")
+    if method == "progressive":
+        progressive_rounds(steps, cfg.schedule.T)
+    if method == "consistency" and cfg.model.prediction == "x0":
+        raise ToydiffError("consistency distillation needs a teacher that predicts v or eps: their x0_hat is x_t "
+                           "itself at zero noise (the consistency function's boundary condition), an x0 "
+                           "network's is not; train the teacher with model.prediction=v")
+
+
+def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow", steps: int = DistillConfig.steps,
+                pairs: int = DistillConfig.pairs, train_steps: Optional[int] = None, device: str = "auto",
+                progress: bool = False, log: Callable[[str], None] = lambda s: None,
                 on_round: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Run:
     """Train a `method` student of the run at `teacher` into a new run directory `out` (see the module)."""
     choose("distill method", method, DISTILL_METHODS)
@@ -121,9 +141,7 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     if train_steps is not None and train_steps < 1:
         raise ToydiffError(f"--train-steps must be >= 1, got {train_steps}")
     t = Run.load(teacher, device=device)
-    if t.classes:
-        raise ToydiffError("distilling a class-conditional run is not supported yet (its pairs would need a label "
-                           "each); distill an unconditional run")
+    check(t.config, method, steps)
     if method == "progressive":
         return _progressive(t, out, steps, train_steps, device, progress, log, on_round)
     if method == "consistency":
@@ -159,10 +177,6 @@ def _teacher_copy(t: Run, cfg: ExperimentConfig, out: str | Path, device: str) -
 
 def _progressive(t: Run, out: str | Path, steps: int, train_steps: Optional[int], device: str, progress: bool,
                  log: Callable[[str], None], on_round: Optional[Callable[[int, torch.nn.Module], None]]) -> Run:
-    if t.config.model.prediction == "eps":
-        raise ToydiffError("progressive distillation needs a teacher that predicts x0 or v: an eps-prediction "
-                           "student cannot take the high-noise steps of a few-step grid (Salimans and Ho 2022); "
-                           "train the teacher with model.prediction=v")
     rounds = progressive_rounds(steps, t.schedule.T)
     cfg = progressive_config(t.config, steps, train_steps, rounds)
     student = _teacher_copy(t, cfg, out, device)
@@ -191,10 +205,6 @@ def _progressive(t: Run, out: str | Path, steps: int, train_steps: Optional[int]
 
 def _consistency(t: Run, out: str | Path, steps: int, train_steps: Optional[int], device: str, progress: bool,
                  log: Callable[[str], None]) -> Run:
-    if t.config.model.prediction == "x0":
-        raise ToydiffError("consistency distillation needs a teacher that predicts v or eps: their x0_hat is x_t "
-                           "itself at zero noise (the consistency function's boundary condition), an x0 "
-                           "network's is not; train the teacher with model.prediction=v")
     if t.dir.read_manifest().get("method") == "consistency":
         raise ToydiffError(f"'{t.path}' is already a consistency student; distill the run it came from")
     cfg = consistency_config(t.config, steps, train_steps)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,11 @@ from .runtime import World
 from .schedules import NoiseSchedule, append_dims
 
 LOG_2PI = math.log(2 * math.pi)
+CONSISTENCY_GRID = 64  # N of consistency training and distillation: the grid whose neighbours must agree
+MEANFLOW_RATIO = 0.25  # MeanFlow: share of each batch with r < t (the rest has r = t: flow matching); Geng et al.'s
+MEANFLOW_POWER = 0.5  # MeanFlow's adaptive loss weight 1 / (|error|^2 + c)^p, c = 1e-3 (Geng et al.'s best p is 1;
+#                      on the development table p = 1 biased the flow itself, docs/benchmarks.md)
+MEANFLOW_C = 1e-3
 TIMESTEP_SAMPLERS: Registry[type] = Registry("train.timestep_sampling", TIMESTEP_SAMPLINGS)
 
 
@@ -143,6 +148,7 @@ class Objective:
     vlb_weight: float = 0.001
     process: str = "ddpm"  # ddpm | flow (flow_matching_loss)
     coupling: str = "independent"  # flow: how noise is paired with data (couple)
+    mean_flow: bool = False  # flow: learn the mean velocity over [r, t] (meanflow_loss; train.objective = meanflow)
 
     def __post_init__(self):
         object.__setattr__(self, "prediction", Prediction.parse(self.prediction))
@@ -153,7 +159,8 @@ class Objective:
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> "Objective":
         return cls(cfg.model.prediction, cfg.train.loss_weighting, cfg.train.min_snr_gamma,
-                   cfg.model.variance == "learned", cfg.train.vlb_weight, cfg.schedule.process, cfg.train.coupling)
+                   cfg.model.variance == "learned", cfg.train.vlb_weight, cfg.schedule.process, cfg.train.coupling,
+                   cfg.train.objective == "meanflow")
 
 
 @dataclass(frozen=True)
@@ -209,13 +216,15 @@ class Consistency:
     """Consistency distillation (Song et al. 2023, Algorithm 2): the student's consistency function f (its
     x0_hat) must agree at neighbouring points t_n > t_n-1 of an N-step grid on one path of the frozen
     teacher's ODE (one DDIM step between them), down to t_0 = 0, where f is the identity (the target there is
-    the teacher's endpoint itself). A v or eps network's x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)
+    the teacher's endpoint itself). Without a teacher it is consistency training (their Algorithm 3): the
+    DDIM step is taken with the data point itself as x0_hat, so x_t-n-1 is the same draw of noise one grid
+    point lower (the one-sample estimate of the teacher's step; train.objective = consistency). A v or eps network's x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar)
     tends to x_t as abar -> 1 whatever it outputs, so f stays continuous at the boundary and well-conditioned
     at low noise (Karras et al.'s c_skip and c_out play that part in Song et al.).
     teacher: its denoise(x_t, t) -> x0_hat. student: the student's denoiser around a network. grid:
     (N + 1,) the t_0 = 0 < t_1 < ... < t_N on the training schedule."""
 
-    teacher: Denoise
+    teacher: Optional[Denoise]
     student: Callable[[nn.Module], Denoise]
     grid: torch.Tensor
 
@@ -232,7 +241,7 @@ def consistency_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor
     ab_t, ab_s = schedule.gather(schedule.alpha_bar, t, x0), schedule.gather(schedule.alpha_bar, s, x0)
     f = objective.student(model)
     with torch.no_grad():
-        x_s = ddim_step(x_t, objective.teacher(x_t, t), ab_t, ab_s)
+        x_s = ddim_step(x_t, x0 if objective.teacher is None else objective.teacher(x_t, t), ab_t, ab_s)
         # f(x, 0) = x: the boundary condition, exact whatever the network (a flow network never sees s = 0)
         target = torch.where(append_dims(s == 0, x_s.ndim), x_s, f(x_s, s))
     return ((f(x_t, t) - target) ** 2).flatten(1).mean(1).mean()
@@ -260,6 +269,8 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     if isinstance(objective, Consistency):
         return consistency_loss(model, schedule, x0, objective, generator)
     obj = objective if isinstance(objective, Objective) else Objective(objective)
+    if obj.process == "flow" and obj.mean_flow:
+        return meanflow_loss(model, schedule.T, x0, obj, generator, timesteps=timesteps, world=world)
     if obj.process == "flow":
         return flow_matching_loss(model, schedule.T, x0, obj, generator, timesteps=timesteps, labels=labels,
                                   world=world, autocast=autocast)
@@ -314,6 +325,36 @@ def flow_matching_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Ob
         out = model(x_t, t_net) if labels is None else model(x_t, t_net, labels)
     per_point = ((out.float() - flow_target(objective.prediction, x0, eps)) ** 2).flatten(1).mean(1)
     return (weights * per_point).mean()
+
+
+def meanflow_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Objective,
+                  generator: torch.Generator | None = None, *, timesteps=None, world: World = World()) -> torch.Tensor:
+    """MeanFlow (Geng et al. 2025, Algorithm 1): two times from `timesteps`, t the larger and r the smaller, r set
+    to t for all but MEANFLOW_RATIO of the batch; x_t = (1 - t) x0 + t eps (eps paired by objective.coupling) and
+    v = eps - x0; the network's u(x_t, r, t) (its interval input h = t - r) and du/dt along (v, dr = 0, dt = 1),
+    one forward-mode pass (torch.func.jvp); the target v - (t - r) du/dt without gradient (the MeanFlow
+    identity), and the squared error |u - target|^2 weighted adaptively by 1 / (|error|^2 + c)^p, also without
+    gradient (MEANFLOW_POWER). Where r = t the target is v: flow matching. Several processes as in flow_matching_loss."""
+    timesteps = timesteps or UniformTimes(T)
+    n = x0.shape[0]
+    a, _ = timesteps.sample(n, generator, x0.device)
+    b, _ = timesteps.sample(n, generator, x0.device)
+    t = torch.maximum(a, b)
+    r = torch.where(torch.rand(n, generator=generator, device=x0.device) < MEANFLOW_RATIO, torch.minimum(a, b), t)
+    eps = couple(x0, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype), objective.coupling)
+    if world.size > 1:
+        s = world.shard(n)
+        x0, t, r, eps = x0[s], t[s], r[s], eps[s]
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    v = eps - x0
+
+    def u(z: torch.Tensor, time: torch.Tensor, interval: torch.Tensor) -> torch.Tensor:
+        return model(z, flow_network_time(time, T), h=flow_network_time(interval, T))
+    out, du_dt = torch.func.jvp(u, (x_t, t, t - r), (v, torch.ones_like(t), torch.ones_like(t)))
+    target = (v - (t - r)[:, None] * du_dt).detach()
+    error = ((out - target) ** 2).sum(1)
+    weight = 1.0 / (error.detach() + MEANFLOW_C) ** MEANFLOW_POWER
+    return (weight * error).mean()
 
 
 def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor,

@@ -22,7 +22,7 @@ from .config import ARCHS, ModelConfig
 from .errors import ToydiffError
 from .registry import Registry
 
-ModelFn = Callable[[ModelConfig, int, int], nn.Module]
+ModelFn = Callable[..., nn.Module]  # (cfg, dim, T, classes, intervals) -> network
 MODELS: Registry[ModelFn] = Registry("model", ARCHS)
 
 
@@ -91,23 +91,39 @@ class ResidualBlock(nn.Module):
         return h + self.fc2(self.act(self.fc1(self.norm(h)) + self.time(temb)))
 
 
+DEFAULT_TIME_SCALE = 1000.0  # the time embedding's angle at t = T: the scale image models use, whatever T is
+MEAN_FLOW_TIME_SCALE = 10.0  # a mean-flow network's: its loss differentiates the network in time (Geng et al.
+#                              2025), and at 1000 that derivative swamps the velocity (docs/benchmarks.md)
+
+
+def time_scale(cfg: ModelConfig, intervals: bool = False) -> float:
+    """model.time_scale, with 0 (auto) resolved: MEAN_FLOW_TIME_SCALE for a mean-flow network, else the default."""
+    return cfg.time_scale or (MEAN_FLOW_TIME_SCALE if intervals else DEFAULT_TIME_SCALE)
+
+
 class MLP(nn.Module):
     """Residual MLP denoiser for D-dimensional data.
 
-    t is embedded as a sinusoid of 1000 t / T (the scale image models use, whatever T is),
+    t is embedded as a sinusoid of scale t / T (scale 1000 by default: time_scale),
     x optionally gains sin/cos features at octave frequencies (NeRF's positional encoding),
-    which help a small network draw thin structures.
+    which help a small network draw thin structures. With intervals, a second embedding, of the
+    interval h = t - r (in t's units; 0 when not given), is added to t's: a mean-flow network
+    u(x_t, r, t) (Geng et al. 2025 embed (t, t - r) the same way).
     """
 
     def __init__(self, dim: int, T: int, width: int = 128, depth: int = 3, time_dim: int = 32,
-                 fourier_octaves: int = 0, classes: int = 0, outputs: int = 1):
+                 fourier_octaves: int = 0, classes: int = 0, outputs: int = 1, intervals: bool = False,
+                 scale: float = DEFAULT_TIME_SCALE):
         super().__init__()
         self.T, self.time_dim, self.fourier_octaves, self.classes = T, time_dim, fourier_octaves, classes
+        self.scale = scale
         self.register_buffer("time_freqs", sinusoidal_frequencies(time_dim), persistent=False)
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(fourier_octaves, dtype=torch.float32),
                              persistent=False)
         in_features = dim * (1 + 2 * fourier_octaves)
         self.time_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.interval_mlp = nn.Sequential(nn.Linear(time_dim, width), nn.SiLU(), nn.Linear(width, width)) \
+            if intervals else None
         self.inp = nn.Linear(in_features, width)
         # classes 0..K-1 and, at index K, the null label that stands for "unconditional" (label dropout, guidance)
         self.label = nn.Embedding(classes + 1, width) if classes else None
@@ -120,10 +136,18 @@ class MLP(nn.Module):
         angles = (x[:, :, None] * self.freqs).flatten(1)
         return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """y (B,) long: class labels in 0..K-1, or K (the null label); None = all null (unconditional)."""
-        angles = t * (1000.0 / self.T)
-        temb = self.time_mlp(sinusoidal_embedding(angles, self.time_dim, freqs=self.time_freqs).to(x_t.dtype))
+    def embed(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return sinusoidal_embedding(t * (self.scale / self.T), self.time_dim, freqs=self.time_freqs).to(dtype)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                h: torch.Tensor | None = None) -> torch.Tensor:
+        """y (B,) long: class labels in 0..K-1, or K (the null label); None = all null (unconditional).
+        h (B,) or (1,): a mean-flow network's interval t - r; None = 0 (the instantaneous velocity)."""
+        temb = self.time_mlp(self.embed(t, x_t.dtype))
+        if self.interval_mlp is not None:
+            temb = temb + self.interval_mlp(self.embed(torch.zeros_like(t) if h is None else h, x_t.dtype))
+        elif h is not None:
+            raise ToydiffError("an interval was given to a network without one; train with train.objective=meanflow")
         if self.label is not None:
             if y is None:
                 y = torch.full((temb.shape[0],), self.classes, dtype=torch.long, device=x_t.device)
@@ -137,14 +161,15 @@ class MLP(nn.Module):
 
 
 @MODELS.register("guide")
-def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
+def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     return GuideNoisePredictor(dim, T)
 
 
 @MODELS.register("mlp")
-def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
+def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     outputs = 2 if cfg.variance == "learned" else 1
-    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs)
+    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs, intervals,
+               time_scale(cfg, intervals))
 
 
 def check(cfg: ModelConfig, classes: int = 0) -> None:
@@ -154,10 +179,11 @@ def check(cfg: ModelConfig, classes: int = 0) -> None:
                            "model.variance=learned or model.conditional=true")
 
 
-def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0) -> nn.Module:
-    """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null)."""
+def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
+    """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null),
+    intervals a mean-flow network's second time (mlp)."""
     check(cfg, classes)
-    return MODELS.get(cfg.arch)(cfg, dim, T, classes)
+    return MODELS.get(cfg.arch)(cfg, dim, T, classes, intervals)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -215,13 +215,33 @@ class FlowDenoiser(Denoiser):
         return (x_t - alpha_bar.sqrt() * self(x_t, t)) / (1 - alpha_bar).sqrt()
 
 
+class MeanFlowDenoiser(FlowDenoiser):
+    """A mean-flow network u(x_s, r, s) (train.objective = meanflow; Geng et al. 2025) behind the interface, with
+    an optional third argument: denoise(x_t, t, r) is the x0_hat whose straight line through x_s moves, from
+    grid point t to grid point r < t, exactly as the mean velocity over [r, t] does, x_r = x_s - (s - r) u, so
+    a DDIM step from t to r on it is MeanFlow's step (samplers.sample_meanflow). Without r it is the
+    instantaneous velocity u(x_s, s, s), the flow-matching v, and every other sampler, the likelihood ODE and the
+    figures use the network as a flow model."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, r: torch.Tensor | None = None) -> torch.Tensor:
+        x_s, s = self.flow_input(x_t, t)
+        s_net = flow_network_time(s.flatten(1)[:, 0], self.schedule.T)
+        h = None
+        if r is not None:
+            r = r.to(x_t.device)
+            s_r = torch.where(r > 0, flow_time(self.schedule, r), 0.0).to(x_t.dtype)  # t = 0 is the data, s = 0
+            h = s_net - flow_network_time(s_r, self.schedule.T)
+        self.calls += 1
+        return flow_to_x0(Prediction.V, self.model(x_s, s_net, h=h), x_s, s)
+
+
 def clipped(denoise, low: torch.Tensor, high: torch.Tensor):
     """denoise with x0_hat clamped per axis to [low, high] (D,): the training data's own range in the
     model's frame, taken from the fitted scaler, never a blanket [-1, 1]. A (x0_hat, v) output keeps its v."""
     def clamp(x0_hat: torch.Tensor) -> torch.Tensor:
         return torch.maximum(torch.minimum(x0_hat, high.to(x0_hat)), low.to(x0_hat))
 
-    def inner(x_t: torch.Tensor, t: torch.Tensor):
-        out = denoise(x_t, t)
+    def inner(x_t: torch.Tensor, t: torch.Tensor, *r: torch.Tensor):
+        out = denoise(x_t, t, *r)
         return (clamp(out[0]), out[1]) if isinstance(out, tuple) else clamp(out)
     return inner

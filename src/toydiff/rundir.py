@@ -63,6 +63,13 @@ FIGURES_DIR = "figures"
 RESULT = "result.json"
 
 
+def teacher_path(out: str | Path) -> Path:
+    """Where `toydiff run` trains the teacher of a student run at `out` (config [distill]): the sibling OUT-teacher,
+    a complete run directory of its own."""
+    out = Path(out)
+    return out.with_name(f"{out.name}-teacher")
+
+
 def new_run_path(name: Optional[str], cfg: ExperimentConfig, root: str | Path = "runs") -> Path:
     """runs/NAME-YYYYmmdd-HHMMSS (with -2, -3, ... if taken) for a new run; NAME defaults to the data file's
     stem or the dataset's name."""

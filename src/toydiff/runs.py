@@ -20,7 +20,7 @@ from .config import ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError
 from .models import build_model
-from .parameterization import Denoiser, FlowDenoiser
+from .parameterization import Denoiser, FlowDenoiser, MeanFlowDenoiser
 from .progress import Progress
 from .rundir import RunDir
 from .runtime import NoiseStream, derive_seed, resolve_device, set_threads
@@ -34,7 +34,7 @@ def build(cfg: ExperimentConfig, dim: int, device: torch.device, classes: int = 
     schedule = NoiseSchedule.from_config(cfg.schedule, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_model(cfg.model, dim, cfg.schedule.T, classes)
+        model = build_model(cfg.model, dim, cfg.schedule.T, classes, intervals=cfg.train.objective == "meanflow")
     return schedule, model.to(device)
 
 
@@ -78,7 +78,8 @@ class Run:
 
     def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0,
                      model: nn.Module | None = None) -> Denoiser:
-        cls = FlowDenoiser if self.config.schedule.process == "flow" else Denoiser
+        cls = MeanFlowDenoiser if self.config.train.objective == "meanflow" else \
+            FlowDenoiser if self.config.schedule.process == "flow" else Denoiser
         return cls(self.model if model is None else model, self.schedule, self.config.model.prediction,
                    learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
 
@@ -115,6 +116,9 @@ class Run:
 
     def plan(self, settings: Optional[SampleConfig] = None) -> Plan:
         """The sampling plan (toydiff.sampling) for `settings` (default: the run's own)."""
+        if settings is not None and settings.sampler == "meanflow" and self.config.train.objective != "meanflow":
+            raise ToydiffError("sample.sampler = meanflow steps with a mean velocity, which only a model trained with "
+                               "train.objective=meanflow has; choose another sampler")
         return make_plan(settings or self.config.sample, VPDiffusion(self.schedule),
                          learned_variance=self.config.model.variance == "learned", classes=self.classes)
 

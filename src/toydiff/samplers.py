@@ -136,6 +136,25 @@ def sample_consistency(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tenso
     return x0_hat
 
 
+@SAMPLERS.register("meanflow")
+@torch.no_grad()
+def sample_meanflow(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
+                    generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
+    """Implements MeanFlow's sampler (Geng et al. 2025, Algorithm 2, in one or more steps): from each grid point t
+    to the next, r, x_r = x_t - (t - r) u(x_t, r, t) with u the learned mean velocity over [r, t], one evaluation
+    a step. Written as the deterministic DDIM step (eq. 12) on denoise(x_t, t, r), the x0_hat whose straight line
+    makes that move (parameterization.MeanFlowDenoiser): only a model trained with train.objective = meanflow
+    takes the third argument."""
+    ab = schedule.alpha_bar64
+    for t in range(schedule.T, 0, -1):
+        x0_hat = denoise(x, _index(t, x), _index(t - 1, x))
+        eps = (x - ab[t] ** 0.5 * x0_hat) / (1 - ab[t]) ** 0.5
+        if callback is not None:
+            callback(t, x, x0_hat)
+        x = ab[t - 1] ** 0.5 * x0_hat + (1 - ab[t - 1]) ** 0.5 * eps
+    return x
+
+
 def _sigma_grid(schedule: NoiseSchedule) -> list[float]:
     sigmas = schedule.sigmas.tolist()
     if not torch.isfinite(torch.tensor(sigmas[-1])):

@@ -43,13 +43,13 @@ def sampling_steps(steps: int, T: int) -> int:
 
 
 def resolve_spacing(spacing: str, sampler: str) -> str:
-    """sample.spacing "auto": trailing t for ddpm, consistency and diffusers' schedulers (trailing is what they
-    all accept), Karras sigmas for the ODE and SDE solvers, the grids each was measured best on
+    """sample.spacing "auto": trailing t for ddpm, consistency, meanflow (uniform in flow time: the grid its
+    intervals were drawn on) and diffusers' schedulers (trailing is what they all accept), Karras sigmas for the ODE and SDE solvers, the grids each was measured best on
     (benchmarks/nfe.py)."""
     choose("sample.spacing", spacing, SAMPLE_SPACINGS)
     if spacing != "auto":
         return spacing
-    return "trailing" if sampler in ("ddpm", "consistency") or sampler.startswith(DIFFUSERS_PREFIX) else "karras"
+    return "trailing" if sampler in ("ddpm", "consistency", "meanflow") or sampler.startswith(DIFFUSERS_PREFIX) else "karras"
 
 
 def check_conditioning(classes: Optional[int], label: int, guidance: float) -> None:
@@ -84,8 +84,8 @@ class VPDiffusion:
         return denoise if grid is self.schedule else functools.partial(_at_model_t, denoise, grid)
 
 
-def _at_model_t(denoise: Denoise, grid: NoiseSchedule, x: torch.Tensor, i: torch.Tensor):
-    return denoise(x, grid.model_t(i))
+def _at_model_t(denoise: Denoise, grid: NoiseSchedule, x: torch.Tensor, i: torch.Tensor, *r: torch.Tensor):
+    return denoise(x, grid.model_t(i), *(grid.model_t(j) for j in r))  # r: a mean-flow step's end (MeanFlowDenoiser)
 
 
 def _options(fn: Sampler) -> set[str]:

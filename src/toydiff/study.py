@@ -140,7 +140,7 @@ def run_job(cfg_toml: str, run_dir: str) -> dict:
     """One (cell, seed): the main job without figures; returns the flat result row. Runs in a worker process."""
     import torch
 
-    from .workflow import run_experiment
+    from .experiment import run_experiment
 
     torch.set_num_threads(1)
     cfg = config_io.loads(cfg_toml)

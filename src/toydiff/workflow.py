@@ -1,10 +1,8 @@
-"""The main job and its parts: the data a run trains on, the config checks, training, resuming, and the whole
-experiment (train, sample, figures, evaluation) behind `toydiff run`, `toydiff study`, the benchmarks and
-`toydiff.run`.
+"""Training a run: the data a run trains on, the config checks, training and resuming (the main job that
+goes on to samples, figures and the evaluation is toydiff.experiment).
 
     run = train_run(cfg, "runs/demo")                   # data -> scaler -> model -> weights
     run = resume_run("runs/demo")                       # after Ctrl-C or a kill: the same weights
-    result = run_experiment(cfg, "runs/demo")           # all of it: a run directory with samples, figures, metrics
 
 A run directory is staged under a hidden name and published whole (toydiff.rundir); training
 checkpoints the whole state (toydiff.training.TrainState) so that a resumed run reaches the
@@ -16,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +25,7 @@ from . import data as datasets
 from .config import TEACHER_IN_MEMORY, ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError
-from .losses import Consistency, Objective, Progressive
+from .losses import CONSISTENCY_GRID, Consistency, Objective, Progressive
 from .models import check as check_model, count_parameters
 from .rundir import RunDir
 from .runs import Run, build
@@ -40,7 +38,7 @@ from .training import Interrupted, TrainState, make_state, train
 Log = Callable[[str], None]
 
 
-def _silent(message: str) -> None:
+def silent(message: str) -> None:
     pass
 
 
@@ -122,20 +120,21 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
                [j for j, whole in enumerate(data.integer) if whole])
 
 
-def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = _silent,
-              world: World = World(), evaluate: bool = False) -> Run:
+def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = silent,
+              world: World = World(), evaluate: bool = False, extra: Optional[dict] = None) -> Run:
     """Make a new run directory at `out` and train the configured model into it. Under torchrun (`world`)
     every process trains, and rank 0 alone makes and writes the directory. evaluate: the run will be
-    evaluated, so what the evaluation needs of a file's held-out rows is checked before training too."""
+    evaluated, so what the evaluation needs of a file's held-out rows is checked before training too.
+    extra: more keys for its manifest."""
     if cfg.train.coupling == "reflow":
         raise ToydiffError("train.coupling = reflow trains on the noise-data pairs of a teacher's ODE; make them "
                            "with `toydiff distill TEACHER_RUN --method reflow`")
     device = resolve_device(cfg.train.device)
     return start_training(untrained_run(cfg, out, device, world), out, progress=progress, log=log, world=world,
-                          evaluate=evaluate)
+                          evaluate=evaluate, extra=extra)
 
 
-def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = _silent,
+def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = silent,
                    world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
                    noise: Optional[np.ndarray] = None,
                    objective: Optional[Progressive | Consistency] = None) -> Run:
@@ -145,6 +144,9 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
     warnings = [run.schedule.terminal_warning()]
+    if cfg.train.objective == "consistency" and objective is None:
+        warnings.append("consistency training is experimental here: measured far from the data at this budget "
+                        "(docs/benchmarks.md)")
     if cfg.data.path:
         warnings += column_warnings(run.data, run.names, f"the {len(run.data)} training rows")
     if evaluate:
@@ -157,7 +159,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train", device), device,
                        cfg.schedule.process)
     if not world.is_writer:
-        return _train(run, state, {}, False, _silent, world, objective)
+        return _train(run, state, {}, False, silent, world, objective)
     x = run.data
     info = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "dim": int(x.shape[1]),
             "n_train": int(x.shape[0]), "classes": run.classes, "columns": run.names,
@@ -180,7 +182,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)
 
 
-def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False, log: Log = _silent,
+def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False, log: Log = silent,
                world: World = World()) -> Run:
     """Continue training a run from its last checkpoint (weights, EMA, optimizer, RNG and log), to the very
     weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
@@ -209,6 +211,14 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
     return _train(run, state, info, progress, log, world)
 
 
+def training_objective(run: Run) -> Objective | Consistency:
+    """The loss run.config trains: its process's own (losses.Objective), or consistency training (no teacher)."""
+    if run.config.train.objective == "consistency":
+        return Consistency(teacher=None, student=lambda net: run.denoiser_for(model=net),
+                           grid=run.schedule.respace(CONSISTENCY_GRID).timesteps_t)
+    return Objective.from_config(run.config)
+
+
 def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, world: World = World(),
            objective: Optional[Progressive | Consistency] = None) -> Run:
     """Train `state` to cfg.train.steps, checkpointing the whole state every train.checkpoint_every steps, on
@@ -226,7 +236,7 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
         if cfg.train.coupling == "reflow":  # each row trains with its own noise: [x0 | eps]
             x0 = torch.cat([x0, torch.as_tensor(rd.read_train_noise(x0.shape), device=run.device)], dim=1)
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
-        rows = train(state, run.schedule, x0, cfg.train, objective or Objective.from_config(cfg), labels=y,
+        rows = train(state, run.schedule, x0, cfg.train, objective or training_objective(run), labels=y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
                      progress=progress, world=world)
     except Interrupted as e:
@@ -244,61 +254,3 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     log(f"trained in {state.seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
     sampling_model = state.ema.module.eval() if state.ema is not None and cfg.sample.use_ema else state.model.eval()
     return dataclasses.replace(run, model=sampling_model)
-
-
-@dataclass
-class Experiment:
-    """What the main job made: the trained run, its samples (data units), the figures written and the
-    evaluation report (metrics.json's content; None when not evaluated)."""
-
-    run: Run
-    samples: np.ndarray
-    figures: dict[str, Path] = field(default_factory=dict)
-    report: Optional[dict] = None
-
-    @property
-    def path(self) -> Path:
-        return self.run.path
-
-    @property
-    def verdict(self) -> Optional[str]:
-        return None if self.report is None else self.report["verdict"]
-
-
-def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: bool = False, device: str = "auto",
-                   figures: bool = True, evaluate: bool = True, progress: bool = False, log: Log = _silent,
-                   world: World = World()) -> Optional[Experiment]:
-    """The main job: train `cfg` into a new run directory `out` (or, with resume, continue the run at `out`
-    with its own configuration), then draw sample.n samples, write them and the figures, and judge them
-    against the data's noise floors (metrics.json). Under torchrun only rank 0 goes past training (the other
-    ranks get None)."""
-    if resume:
-        run = resume_run(out, device=device, progress=progress, log=log, world=world)
-    else:
-        run = train_run(cfg, out, progress=progress, log=log, world=world, evaluate=evaluate)
-    world.close()  # training is the only collective work; rank 0 goes on alone
-    if not world.is_writer:
-        return None
-    return finish(run, figures=figures, evaluate=evaluate, progress=progress, log=log)
-
-
-def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: bool = False,
-           log: Log = _silent) -> Experiment:
-    """Everything after training: samples (written), figures (written), evaluation (metrics.json)."""
-    cfg = run.config
-    plan = run.plan()
-    log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")
-    samples = run.sample(cfg.sample.n, progress=progress)
-    run.dir.write_samples(samples, run.column_names, run.last_sampling)
-    result = Experiment(run, samples)
-    if figures:
-        from .figures import write_figures
-        log("drawing figures")
-        result.figures = write_figures(run, samples)
-    if evaluate:
-        from .evaluation import evaluate_run, memorization_warning
-        result.report = evaluate_run(run, samples, log=log, progress=progress, sampling=run.last_sampling)
-        warning = memorization_warning(result.report, len(run.data))
-        if warning:
-            log(f"warning: {warning}")
-    return result
