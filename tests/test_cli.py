@@ -22,13 +22,13 @@ def run_dir(tmp_path, capsys):
     return out
 
 
-def test_run_writes_weights_samples_and_five_figures(run_dir):
+def test_run_writes_weights_samples_the_five_figures_and_the_loss_curve(run_dir):
     assert (run_dir / "model.safetensors").is_file()
     samples = np.load(run_dir / "samples.npy")
     assert samples.shape == (64, 2) and np.isfinite(samples).all()
     assert (run_dir / "samples.csv").read_text().splitlines()[0] == "x1,x2"
     figures = {p.name for p in (run_dir / "figures").iterdir()}
-    assert figures == {"dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png"}
+    assert figures == {"dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png", "loss.png"}
     for f in (run_dir / "figures").iterdir():
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -44,6 +44,45 @@ def test_sample_and_plot_need_only_the_run_directory(run_dir, tmp_path, capsys):
     assert main(["plot", str(run_dir)]) == 0
     assert (run_dir / "figures" / "samples.png").is_file()
     assert "figure:" in capsys.readouterr().out
+
+
+def test_animate_writes_a_gif_of_the_reverse_and_the_forward_process(run_dir, tmp_path, capsys):
+    """Frames as asked (the reverse path has T + 1 = 9 states here, so 9 at most), fixed size, a few hundred kB;
+    the default paths are the run's figures folder."""
+    from PIL import Image
+
+    assert main(["animate", str(run_dir), "--frames", "6", "--n", "300", "--quiet"]) == 0
+    gif = run_dir / "figures" / "reverse.gif"
+    with Image.open(gif) as im:
+        assert im.n_frames == 6 and im.size == (320, 320)
+    assert gif.stat().st_size < 5_000_000
+    assert main(["animate", str(run_dir), "--frames", "30", "--n", "300", "--quiet", "--out",
+                 str(tmp_path / "r.gif")]) == 0
+    with Image.open(tmp_path / "r.gif") as im:
+        assert im.n_frames == 9  # every state of the 8-step path, x_T .. x_0
+    assert main(["animate", str(run_dir), "--forward", "--frames", "5", "--n", "300"]) == 0
+    with Image.open(run_dir / "figures" / "forward.gif") as im:
+        assert im.n_frames == 5
+    assert "animation:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "x.png"], "--out must end in .gif"),
+    (["--frames", "1"], "--frames >= 2"),
+    (["--out", "nowhere/x.gif"], "does not exist"),
+])
+def test_bad_animate_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, args, message):
+    before = sorted(p.name for p in (run_dir / "figures").iterdir())
+    assert main(["animate", str(run_dir)] + [a.replace("nowhere", str(tmp_path / "nowhere")) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == before
+
+
+def test_animate_needs_a_run_directory(tmp_path, capsys):
+    assert main(["animate", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
 
 
 def test_config_prints_resolved_toml(capsys, tmp_path):

@@ -48,7 +48,7 @@ def test_guide_preset_reproduces_the_guide(tmp_path, capsys):
     samples = np.load(out / "samples.npy")
     assert samples.shape == (2000, 2)
     assert {p.name for p in (out / "figures").iterdir()} == {
-        "dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png"}
+        "dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png", "loss.png"}
     rng = np.random.default_rng(0)
     reference = moons(2000, rng, noise=0.0)[0]
     # the guide's frame: per-axis min-max of the moons, [-1, 2] x [-0.5, 1] onto [-1, 1]^2

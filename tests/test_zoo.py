@@ -118,9 +118,9 @@ def test_every_dataset_runs_through_toydiff_run(name, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("dim, columns, expect", [
-    (5, [], {"pairs.png", "marginals.png", "forward.png", "schedules.png"}),
-    (5, ["plot.columns=[\"x3\",\"0\"]"], {"pairs.png", "marginals.png", "forward.png", "schedules.png"}),
-    (1, [], {"pairs.png", "marginals.png", "schedules.png"}),
+    (5, [], {"pairs.png", "marginals.png", "forward.png", "schedules.png", "loss.png"}),
+    (5, ["plot.columns=[\"x3\",\"0\"]"], {"pairs.png", "marginals.png", "forward.png", "schedules.png", "loss.png"}),
+    (1, [], {"pairs.png", "marginals.png", "schedules.png", "loss.png"}),
 ])
 def test_figures_for_other_dimensions(tmp_path, dim, columns, expect):
     from toydiff import config as C, train_run
@@ -183,7 +183,9 @@ def test_sixty_four_dimensions_run_end_to_end(tmp_path):
                  "eval.w2_n=50"]) == 0
     assert np.load(out / "samples.npy").shape == (100, 64)
     assert {p.name for p in (out / "figures").iterdir()} == {"pairs.png", "marginals.png", "forward.png",
-                                                             "schedules.png"}
+                                                             "schedules.png", "loss.png"}
+    assert main(["animate", str(out), "--frames", "3", "--n", "50", "--quiet"]) == 0  # in the pair plot's plane
+    assert (out / "figures" / "reverse.gif").stat().st_size > 0
     import json
     lik = json.loads((out / "metrics.json").read_text())["likelihood"]["values"]
     assert np.isfinite(lik["ode_nll"]["nats"]) and "entropy" in lik

@@ -123,6 +123,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("run_dir", metavar="RUN_DIR")
     _add_device_arg(p)
 
+    p = add("animate", "the reverse process (or the forward one) of a trained run as an animated GIF")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.gif", help="where to write it (default: RUN_DIR/figures/reverse.gif, or "
+                   "forward.gif)")
+    p.add_argument("--n", type=int, default=2000, help="points that move (default 2000)")
+    p.add_argument("--frames", type=int, default=60, help="frames, evenly spaced over the steps (default 60)")
+    p.add_argument("--forward", action="store_true", help="the forward process, data to noise, instead")
+    _add_device_arg(p)
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+
     p = add("eval", "judge a run's samples against fresh iid data, each metric beside its noise floor")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
@@ -299,6 +309,25 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_animate(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix != ".gif":
+        raise ToydiffError(f"--out must end in .gif, got '{out}'")
+    if out is not None and not out.parent.is_dir():
+        raise ToydiffError(f"the folder of --out '{out}' does not exist")
+    if args.n < 1 or args.frames < 2:
+        raise ToydiffError(f"--n must be >= 1 and --frames >= 2, got --n {args.n} --frames {args.frames}")
+    from .figures import forward_frames, reverse_frames, write_animation
+    from .runs import Run
+
+    run = Run.load(args.run_dir, device=args.device)
+    frames = forward_frames(run, args.n, args.frames) if args.forward else \
+        reverse_frames(run, args.n, args.frames, progress=not args.quiet)
+    path = write_animation(run, frames, out or run.dir.animation("forward" if args.forward else "reverse"))
+    print(f"animation: {path} ({len(frames)} frames)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .runs import Run
@@ -347,8 +376,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study,
-            "config": cmd_config}
+COMMANDS = {"animate": cmd_animate, "distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval,
+            "study": cmd_study, "config": cmd_config}
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -23,7 +23,7 @@ from .runtime import numpy_rng, torch_generator
 from .schedules import NoiseSchedule, flow_scale, flow_time
 from .storage import atomic_write_bytes
 
-FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")
+FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")  # the guide's five; and "loss", any run
 
 
 def default_forward_t(T: int) -> tuple[int, ...]:
@@ -117,10 +117,16 @@ def make_figures(run: Run, samples: np.ndarray) -> dict[str, Figure]:
 
     D = 2: the guide's five (FIGURES). Other D: a pair plot of samples over data (plot.columns, or the
     first principal components), the per-column marginals in data units, the forward process in the pair
-    plot's first two axes (D >= 2) and the schedules.
+    plot's first two axes (D >= 2) and the schedules. Any D: the loss curve of its training log ("loss").
     """
-    if run.dim != 2:
-        return _other_dims(run, samples)
+    figures = _two_dims(run, samples) if run.dim == 2 else _other_dims(run, samples)
+    log = run.dir.read_log()
+    if log is not None:
+        figures["loss"] = plots.loss_figure(log["step"], log["loss"], log["lr"])
+    return figures
+
+
+def _two_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
     cfg, T = run.config.plot, run.schedule.T
     rng = numpy_rng(run.config.seed, "figures")
     data = run.scaler.transform(run.data)
@@ -175,3 +181,64 @@ def _other_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
         figures["forward"] = plots.forward_figure(panels)
     figures["schedules"] = plots.schedule_figure(schedule_panels(run))
     return figures
+
+
+ANIMATION_POINTS = 2000  # points in an animation by default
+ANIMATION_FRAMES = 60  # frames by default (a GIF of the default run: about 1.5 MB)
+FRAME_MS, HOLD_MS = 80, 1500  # each frame's time on screen, and the last frame's
+
+
+def _projection(run: Run) -> np.ndarray:
+    """(D, 2): the plane an animation is drawn in, the pair plot's first two axes (the identity for D = 2)."""
+    if run.dim < 2:
+        raise ToydiffError("an animation draws points in a plane; the data has one column")
+    if run.dim == 2:
+        return np.eye(2)
+    return pair_columns(run, run.scaler.transform(run.data))[0][:, :2]
+
+
+def _evenly(count: int, frames: int) -> np.ndarray:
+    return np.unique(np.linspace(0, count - 1, min(frames, count)).round().astype(int))
+
+
+def reverse_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_FRAMES,
+                   progress: bool = False) -> list[tuple[str, np.ndarray]]:
+    """The reverse process from noise to samples with the run's own sampler: (label, x_t (n, 2)) at `frames`
+    of its steps, evenly spaced, the last the samples; x_t in the process's own frame (as the figures)."""
+    _, path = run.sample(n, seed=run.config.seed + 2, trajectory=True, progress=progress)
+    plan = run.plan()
+    steps = len(path) - 1
+    fixed = steps == plan.grid.T  # a fixed-step sampler visits every grid point once (the adaptive ODE does not)
+    projection = _projection(run)
+    out = []
+    for k in _evenly(steps + 1, frames):
+        t = int(plan.grid.model_t(torch.tensor([plan.grid.T - k]))) if fixed and k < steps else 0
+        label = f"t = {t}, step {k} of {steps}" if fixed or k == steps else f"step {k} of {steps}"
+        out.append((label, (path[k] * _frame_scale(run, t)) @ projection))
+    return out
+
+
+def forward_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_FRAMES) -> list[tuple[str, np.ndarray]]:
+    """The forward process from the data to noise: the same points and the same noise at `frames` t in 0..T."""
+    rng = numpy_rng(run.config.seed, "animation")
+    x0 = _subset(run.scaler.transform(run.data), n, rng)
+    ts = tuple(int(t) for t in _evenly(run.schedule.T + 1, frames))
+    projection = _projection(run)
+    return [(f"t = {t} of {run.schedule.T}", x_t @ projection) for t, x_t in forward_panels(run, ts, x0)]
+
+
+def write_animation(run: Run, frames: list[tuple[str, np.ndarray]], out: Path) -> Path:
+    """The frames as a looping GIF at `out` (atomically), the data's density behind, the last frame held."""
+    from PIL import Image
+
+    data = run.scaler.transform(run.data) @ _projection(run)
+    first = np.abs(frames[0][1]).max(axis=1) if len(frames[0][1]) else np.zeros(1)
+    lim = max(plots.LIM, float(np.quantile(first, 0.99)) + 0.1)  # fixed axes that hold the noise too
+    images = plots.animation_frames(_subset(data, 2000, numpy_rng(run.config.seed, "figures")), frames, lim=lim)
+    pictures = [Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=64) for a in images]
+    buf = io.BytesIO()
+    pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:], loop=0, optimize=True,
+                     duration=[FRAME_MS] * (len(pictures) - 1) + [HOLD_MS])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, buf.getvalue())
+    return out

@@ -130,6 +130,56 @@ def schedule_figure(panels: Sequence[tuple[str, np.ndarray, np.ndarray]]) -> Fig
 
 
 @_styled
+def animation_frames(density: np.ndarray, frames: Sequence[tuple[str, np.ndarray]], lim: float = LIM,
+                     size: float = 4.0, dpi: int = 80) -> list[np.ndarray]:
+    """An animation's frames as RGB arrays (H, W, 3): the points of each (label, points (n, 2)) over the data's
+    density, on fixed axes [-lim, lim]^2; the density is drawn once, each frame moves the points and its title."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig, (ax,) = _figure(1, width=size, height=size)
+    fig.set_dpi(dpi)
+    _density(ax, density, lim=lim)
+    _square(ax, lim=lim, label=False)
+    dots = ax.scatter([], [], s=5, color=ORANGE, alpha=0.8, linewidths=0, zorder=3)
+    title = ax.set_title("", fontsize=11)
+    canvas = FigureCanvasAgg(fig)
+    out = []
+    for label, points in frames:
+        dots.set_offsets(points[:, :2])
+        title.set_text(label)
+        canvas.draw()
+        out.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    return out
+
+
+@_styled
+def loss_figure(step: np.ndarray, loss: np.ndarray, lr: np.ndarray, smoothing: float | None = None) -> Figure:
+    """The training loss against the step on a log scale: each logged mean faint, an exponential moving average
+    (weight `smoothing` on the past, debiased as Adam's moments are; by default about a twentieth of the log)
+    over it, the learning rate on a second axis."""
+    if smoothing is None:
+        smoothing = float(np.clip(1 - 20 / max(len(loss), 1), 0.0, 0.98))
+    fig, (ax,) = _figure(1, width=6.0, height=3.8)
+    smooth, avg = np.empty_like(loss, dtype=float), 0.0
+    for i, value in enumerate(loss):
+        avg = smoothing * avg + (1 - smoothing) * value
+        smooth[i] = avg / (1 - smoothing ** (i + 1))
+    ax.plot(step, loss, color=BLUE, alpha=0.3, lw=1.0)
+    ax.plot(step, smooth, color=BLUE, lw=2.2, label="loss")
+    if np.all(loss > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color=BLUE)
+    lr_ax = ax.twinx()
+    lr_ax.spines["right"].set_visible(True)
+    lr_ax.plot(step, lr, color=ORANGE, lw=1.6, ls="--")
+    lr_ax.set_ylabel("learning rate", color=ORANGE)
+    lr_ax.set_ylim(bottom=0)
+    ax.set_title("training")
+    return fig
+
+
+@_styled
 def study_figure(labels: Sequence[str], panels: Sequence[tuple[str, Sequence]]) -> Figure:
     """One panel per metric: mean +- std over seeds (entries (mean, std) or None) for each grid cell."""
     fig = Figure(figsize=(4.2 * len(panels), 0.32 * len(labels) + 1.4), layout="constrained")

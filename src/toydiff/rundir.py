@@ -124,6 +124,10 @@ class RunDir:
     def figure(self, name: str) -> Path:
         return self.path / FIGURES_DIR / f"{name}.png"
 
+    def animation(self, name: str) -> Path:
+        """figures/NAME.gif: an animation of the process (`toydiff animate`; name reverse or forward)."""
+        return self.path / FIGURES_DIR / f"{name}.gif"
+
     def figure_paths(self) -> dict[str, Path]:
         """The figures written so far, name -> path."""
         return {p.stem: p for p in sorted(self.figures.glob("*.png"))}
@@ -263,6 +267,21 @@ class RunDir:
         if not self.checkpoint.is_file():
             return None
         return load_tensors(self.checkpoint, "checkpoint")
+
+    def read_log(self) -> Optional[dict[str, np.ndarray]]:
+        """The loss log as columns (LOG_HEADER -> array), or None while it has no row."""
+        if not self.train_log.is_file():
+            return None
+        try:
+            table = np.loadtxt(self.train_log, delimiter=",", skiprows=1, ndmin=2)
+        except ValueError as e:
+            raise ToydiffError(f"'{self.train_log}' is not a loss log ({e}); the run directory is damaged") from None
+        if table.shape[0] == 0:
+            return None
+        if table.shape[1] != len(LOG_HEADER):
+            raise ToydiffError(f"'{self.train_log}' has {table.shape[1]} columns, not {len(LOG_HEADER)}; the run "
+                               "directory is damaged")
+        return dict(zip(LOG_HEADER, table.T))
 
     def write_log(self, rows: list[dict]) -> None:
         """The whole loss log, atomically (at checkpoints, and when a resumed run drops the rows logged after
