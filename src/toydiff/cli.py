@@ -133,6 +133,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
+    p = add("report", "write the run on one self-contained HTML page (report.html in the run directory)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.html", help="where to write it (default: RUN_DIR/report.html)")
+
     p = add("eval", "judge a run's samples against fresh iid data, each metric beside its noise floor")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
@@ -217,6 +221,7 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
                                 progress=progress, log=log, world=world)
         if result is not None:
             _print_run(result.run, result)
+            _report(result.run)
         return 0
     if args.resume:
         run = resume_run(out, device=device, progress=progress, log=log, world=world)
@@ -241,6 +246,13 @@ def _print_run(run, result=None) -> None:
         _print_report(run, result.report)
 
 
+def _report(run) -> None:
+    """The run's report.html, its path printed as the last line."""
+    from .report import write_report
+
+    print(f"report: {write_report(run.path)}")
+
+
 def _print_report(run, report: dict) -> None:
     from .evaluation import format_likelihoods, format_table
 
@@ -261,6 +273,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                       train_steps=args.train_steps, device=args.device, progress=not args.quiet, log=log)
     result = finish(run, evaluate=not args.no_eval, progress=not args.quiet, log=log)
     _print_run(run, result)
+    _report(run)
     return 0
 
 
@@ -328,6 +341,24 @@ def cmd_animate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix != ".html":
+        raise ToydiffError(f"--out must end in .html, got '{out}'")
+    if out is not None and not out.parent.is_dir():
+        raise ToydiffError(f"the folder of --out '{out}' does not exist")
+    from .report import write_report
+    from .rundir import RunDir
+
+    rd = RunDir(args.run_dir)
+    rd.read_manifest()  # a missing or foreign directory says so
+    if rd.read_samples() is None:
+        raise ToydiffError(f"'{args.run_dir}' has no samples to report on; draw them with `toydiff sample "
+                           f"{args.run_dir}` (and judge them with `toydiff eval {args.run_dir}`)")
+    print(f"report: {write_report(args.run_dir, out)}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .api import evaluate
     from .runs import Run
@@ -376,7 +407,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"animate": cmd_animate, "distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval,
+COMMANDS = {"animate": cmd_animate, "report": cmd_report, "distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval,
             "study": cmd_study, "config": cmd_config}
 
 

@@ -61,6 +61,7 @@ SAMPLING = "samples.json"  # how the samples were drawn: sampler, steps, spacing
 METRICS = "metrics.json"
 FIGURES_DIR = "figures"
 RESULT = "result.json"
+REPORT = "report.html"
 
 
 def teacher_path(out: str | Path) -> Path:
@@ -123,6 +124,11 @@ class RunDir:
 
     def figure(self, name: str) -> Path:
         return self.path / FIGURES_DIR / f"{name}.png"
+
+    @property
+    def report(self) -> Path:
+        """report.html: the run on one self-contained page (toydiff.report)."""
+        return self.path / REPORT
 
     def animation(self, name: str) -> Path:
         """figures/NAME.gif: an animation of the process (`toydiff animate`; name reverse or forward)."""

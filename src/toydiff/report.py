@@ -1,0 +1,137 @@
+"""One self-contained HTML page per run (`toydiff report RUN_DIR`; `toydiff run` writes it last): the verdict in
+a sentence, the metrics beside their floors (flagged rows marked), the likelihoods, every figure and animation
+inlined, the configuration and where the run came from.
+
+    path = write_report("runs/demo")                    # runs/demo/report.html
+
+Nothing on the page asks the network for anything (images are data: URIs, the style is inline, no script or
+font is loaded) and nothing needs JavaScript; it reads on a phone and prints. Everything comes from the run
+directory's own files, read through its RunDir.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .rundir import RunDir
+from .storage import atomic_write_text
+
+STYLE = """
+body{font-family:Georgia,'Times New Roman',serif;max-width:62rem;margin:0 auto;padding:1rem;color:#1b1b1b;
+line-height:1.45}
+h1{font-size:1.5rem;margin:.2rem 0 .8rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ccc}
+.verdict{padding:.8rem 1rem;border-radius:.4rem;font-size:1.1rem;border:2px solid}
+.indistinguishable{background:#e9f6ec;border-color:#2e7d32}.distinguishable{background:#fdecea;border-color:#c62828}
+.inconclusive{background:#fff8e1;border-color:#b28704}
+.scroll{overflow-x:auto}table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:.95rem}
+th,td{padding:.25rem .6rem;text-align:right;border-bottom:1px solid #e3e3e3}th:first-child,td:first-child{text-align:left}
+tr.flag td{background:#fdecea;font-weight:bold}figure{margin:1rem 0}img{max-width:100%;height:auto}
+figcaption{font-size:.9rem;color:#555}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto;font-size:.85rem}
+dl{display:grid;grid-template-columns:max-content auto;gap:.2rem 1rem}dt{color:#555}dd{margin:0}
+@media print{body{max-width:none}figure,table{break-inside:avoid}}
+"""
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _num(v: Optional[float]) -> str:
+    if v is None:
+        return "missing"
+    if not math.isfinite(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _image(path: Path, alt: str) -> str:
+    kind = "gif" if path.suffix == ".gif" else "png"
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img src="data:image/{kind};base64,{data}" alt="{html.escape(alt)}">'
+            f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+
+
+def _metrics(report: dict) -> str:
+    limit = report.get("z_limit")
+    rows = ["<tr><th>metric</th><th>value</th><th>floor mean</th><th>floor std</th><th>z</th><th></th></tr>"]
+    for name, r in report["metrics"].items():
+        z = r.get("z")
+        flagged = z is not None and limit is not None and z > limit
+        rows.append(f'<tr{" class=flag" if flagged else ""} title="{html.escape(r.get("about", ""))}">'
+                    f"<td>{html.escape(name)}</td><td>{_num(r['value'])}</td><td>{_num(r['floor_mean'])}</td>"
+                    f"<td>{_num(r['floor_std'])}</td><td>{'' if z is None else _num(z)}</td>"
+                    f"<td>{'flagged' if flagged else ''}</td></tr>")
+    sampling = report.get("sampling") or {}
+    nfe = (f"<p>{_num(report['nfe'])} network evaluations per sample ({html.escape(str(sampling.get('sampler')))}, "
+           f"{sampling.get('steps')} steps, {html.escape(str(sampling.get('spacing')))} spacing).</p>"
+           if report.get("nfe") is not None else "")
+    limit_text = f" A row is flagged beyond z = {limit:.2f}." if limit is not None else ""
+    return (f"<p>{report['n']} samples against as many fresh reference points; each metric beside its noise floor "
+            f"(the same metric between two draws of the data), z in floor deviations, positive on the bad side."
+            f"{limit_text}</p><div class=scroll><table>{''.join(rows)}</table></div>{nfe}")
+
+
+def _likelihood(lik: dict) -> str:
+    rows = ["<tr><th></th><th>nats / point</th><th>nats / dim</th><th>bits / dim</th><th>minus H</th></tr>"]
+    names = {"elbo": "ELBO (NLL &le;)", "ode_nll": "ODE NLL", "entropy": "data entropy"}
+    for key, label in names.items():
+        v = lik["values"].get(key)
+        if v is not None:
+            rows.append(f"<tr><td>{label}</td><td>{_num(v['nats'])}</td><td>{_num(v['nats_per_dim'])}</td>"
+                        f"<td>{_num(v['bits_per_dim'])}</td><td>{_num(v.get('minus_entropy'))}</td></tr>")
+    return (f"<p>On {lik['n']} held-out points ({html.escape(str(lik.get('units', '')))}).</p>"
+            f"<div class=scroll><table>{''.join(rows)}</table></div>")
+
+
+def render(path: str | Path) -> str:
+    """The report of the run directory at `path`, as one HTML string."""
+    rd = RunDir(path)
+    info = rd.read_manifest()
+    cfg = rd.read_config()
+    report = rd.read_metrics()
+    name = rd.path.name
+    if report is None:
+        verdict, kind = f"not evaluated yet: run <code>toydiff eval {html.escape(str(rd.path))}</code>", "inconclusive"
+    else:
+        verdict, kind = html.escape(report["verdict"]), report["verdict"].split(" ")[0]
+    parts = [f"<h1>toydiff run <code>{html.escape(name)}</code></h1>",
+             f'<p class="verdict {kind}"><strong>Verdict:</strong> {verdict}</p>']
+    if report is not None:
+        parts += ["<h2>Metrics</h2>", _metrics(report)]
+        if report.get("likelihood"):
+            parts += ["<h2>Likelihood</h2>", _likelihood(report["likelihood"])]
+    pictures = sorted(rd.figures.glob("*.png")) + sorted(rd.figures.glob("*.gif")) if rd.figures.is_dir() else []
+    if pictures:
+        parts += ["<h2>Figures</h2>"] + [_image(p, p.stem.replace("_", " ")) for p in pictures]
+    facts = {"data": info.get("source"), "dimensions": info.get("dim"), "training rows": info.get("n_train"),
+             "parameters": info.get("parameters"), "seed": cfg.seed, "steps": info.get("steps"),
+             "training seconds": info.get("train_seconds"), "device": info.get("device"),
+             "threads": info.get("threads"), "created": info.get("created"),
+             "teacher": info.get("teacher"), "distillation": info.get("method"),
+             "made by": f"toydiff {info.get('toydiff_version', '?')}",
+             "reported by": f"toydiff {__version__}, torch {_version('torch')}, Python {platform.python_version()}"}
+    parts += ["<h2>Provenance</h2><dl>"] + [f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
+                                            for k, v in facts.items() if v is not None] + ["</dl>"]
+    parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.to_toml())}</pre>"]
+    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+            '<meta name=viewport content="width=device-width, initial-scale=1">'
+            f"<title>toydiff: {html.escape(name)}</title><style>{STYLE}</style></head><body>"
+            + "\n".join(parts) + "</body></html>\n")
+
+
+def write_report(path: str | Path, out: str | Path | None = None) -> Path:
+    """Write the run's report to `out` (default RUN_DIR/report.html), atomically; returns where."""
+    rd = RunDir(path)
+    target = Path(out) if out is not None else rd.report
+    atomic_write_text(target, render(path))
+    return target

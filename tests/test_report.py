@@ -1,0 +1,106 @@
+"""report.html: one self-contained page per run, checked by parsing it (no network reference of any kind, every
+image inlined and decodable, the verdict and the metrics table as metrics.json has them)."""
+
+import base64
+import contextlib
+import io
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from toydiff.cli import main
+
+QUICK = ["--set", "train.steps=60", "--set", "train.batch_size=128", "--set", "data.n=500", "--set", "schedule.T=16",
+         "--set", "eval.n=300", "--set", "eval.draws=3", "--set", "eval.nll_n=50", "--set", "sample.n=300"]
+
+
+class Page(HTMLParser):
+    """What a browser would fetch or show: every src / href and url(...), the images, table rows, text."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.images, self.rows, self.text, self.scripts = [], [], [], [], 0
+        self._row = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.refs += [v for k, v in attrs if k in ("src", "href") and v]
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag == "script" or tag == "link":
+            self.scripts += 1
+        if tag == "tr":
+            self._row = {"class": a.get("class"), "cells": []}
+
+    def handle_endtag(self, tag):
+        if tag == "tr" and self._row is not None:
+            self.rows.append(self._row)
+            self._row = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._row is not None and data.strip():
+            self._row["cells"].append(data.strip())
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A short evaluated `toydiff run`, and what it printed."""
+    out = tmp_path_factory.mktemp("report") / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["run", "--quiet", "--out", str(out)] + QUICK) == 0
+    return out, printed.getvalue()
+
+
+def test_toydiff_run_writes_a_self_contained_report_and_names_it_last(evaluated):
+    from PIL import Image
+
+    evaluated, printed = evaluated
+    assert printed.strip().splitlines()[-1] == f"report: {evaluated / 'report.html'}"
+    text = (evaluated / "report.html").read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    assert page.scripts == 0 and "url(" not in text and "@import" not in text
+    assert all(ref.startswith("data:image/") for ref in page.refs), [r[:40] for r in page.refs]
+    figures = sorted(p.name for p in (evaluated / "figures").iterdir())
+    assert len(page.images) == len(figures) >= 6  # the guide's five and the loss curve
+    for src in page.images:
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            assert im.size[0] > 100 and im.size[1] > 100
+    report = json.loads((evaluated / "metrics.json").read_text())
+    assert report["verdict"] in "".join(page.text)
+    metric_rows = {r["cells"][0]: r for r in page.rows if r["cells"] and r["cells"][0] in report["metrics"]}
+    assert set(metric_rows) == set(report["metrics"])
+    for name, m in report["metrics"].items():  # flagged exactly where z passes the limit metrics.json names
+        flagged = m["z"] is not None and m["z"] > report["z_limit"]
+        assert (metric_rows[name]["class"] == "flag") == flagged and ("flagged" in metric_rows[name]["cells"]) == flagged
+    assert "ODE NLL" in text and "[train]" in text and "Provenance" in text
+
+
+def test_a_report_can_be_rewritten_elsewhere_and_an_animation_joins_it(evaluated, tmp_path, capsys):
+    evaluated = evaluated[0]
+    assert main(["animate", str(evaluated), "--frames", "3", "--n", "50", "--quiet"]) == 0
+    out = tmp_path / "r.html"
+    assert main(["report", str(evaluated), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {out}")
+    page = Page()
+    page.feed(out.read_text(encoding="utf-8"))
+    assert sum(src.startswith("data:image/gif;base64,") for src in page.images) == 1
+
+
+@pytest.mark.parametrize("make, args, message", [
+    ("none", [], "does not exist"),
+    ("train", [], "has no samples to report on"),
+    ("none", ["--out", "r.txt"], "--out must end in .html"),
+])
+def test_bad_report_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, message):
+    run = tmp_path / "run"
+    if make == "train":
+        assert main(["train", "--quiet", "--out", str(run), "--set", "train.steps=2", "--set", "schedule.T=4"]) == 0
+    before = sorted(p.name for p in run.iterdir()) if run.exists() else None
+    assert main(["report", str(run)] + args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert (sorted(p.name for p in run.iterdir()) if run.exists() else None) == before
