@@ -104,3 +104,57 @@ def test_bad_report_input_is_one_line_and_writes_nothing(tmp_path, capsys, make,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert (sorted(p.name for p in run.iterdir()) if run.exists() else None) == before
+
+
+def _browser():
+    """A headless chromium under chromedriver (Debian's, as `make browser` installs them) that can reach no
+    network: a dead proxy, no name resolution, and the DevTools network emulation set offline."""
+    import os
+    import shutil
+
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        if os.environ.get("TOYDIFF_REQUIRE_BROWSER") == "1":
+            pytest.fail("TOYDIFF_REQUIRE_BROWSER=1 but chromium or chromedriver is missing; run `make browser`")
+        pytest.skip("no chromium and chromedriver here (`make browser` installs them on Debian)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,1600",
+                "--proxy-server=127.0.0.1:9", "--host-resolver-rules=MAP * ~NOTFOUND"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    browser = webdriver.Chrome(service=Service(driver), options=options)
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions",
+                            {"offline": True, "latency": 0, "downloadThroughput": 0, "uploadThroughput": 0})
+    return browser
+
+
+def test_the_report_opens_in_a_headless_browser_with_the_network_off(evaluated, tmp_path):
+    """Every image decoded (naturalWidth > 0), the verdict and the metrics table in the DOM, no request but the
+    page itself and its data: URIs, no failed request, no console error; a screenshot kept beside the test."""
+    run_dir = evaluated[0]
+    browser = _browser()
+    try:
+        browser.get((run_dir / "report.html").as_uri())
+        widths = browser.execute_script("return Array.from(document.images).map(i => i.complete ? i.naturalWidth : 0)")
+        page = Page()
+        page.feed((run_dir / "report.html").read_text(encoding="utf-8"))
+        assert len(widths) == len(page.images) >= 6 and min(widths) > 0, widths
+        report = json.loads((run_dir / "metrics.json").read_text())
+        assert report["verdict"] in browser.find_element("css selector", ".verdict").text
+        cells = browser.execute_script("return Array.from(document.querySelectorAll('td:first-child'))"
+                                       ".map(c => c.textContent)")
+        assert set(report["metrics"]) <= set(cells)
+        browser.save_screenshot(str(tmp_path / "report.png"))
+        assert (tmp_path / "report.png").stat().st_size > 10_000
+        events = [json.loads(e["message"])["message"] for e in browser.get_log("performance")]
+        urls = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+        assert all(u.startswith("data:") or u == (run_dir / "report.html").as_uri() for u in urls), urls
+        assert not [e for e in events if e["method"] == "Network.loadingFailed"]
+        assert not [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
+    finally:
+        browser.quit()

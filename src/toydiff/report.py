@@ -88,7 +88,8 @@ def _likelihood(lik: dict) -> str:
         v = lik["values"].get(key)
         if v is not None:
             rows.append(f"<tr><td>{label}</td><td>{_num(v['nats'])}</td><td>{_num(v['nats_per_dim'])}</td>"
-                        f"<td>{_num(v['bits_per_dim'])}</td><td>{_num(v.get('minus_entropy'))}</td></tr>")
+                        f"<td>{_num(v['bits_per_dim'])}</td>"
+                        f"<td>{'' if v.get('minus_entropy') is None else _num(v['minus_entropy'])}</td></tr>")
     return (f"<p>On {lik['n']} held-out points ({html.escape(str(lik.get('units', '')))}).</p>"
             f"<div class=scroll><table>{''.join(rows)}</table></div>")
 
