@@ -63,11 +63,15 @@ def test_animate_writes_a_gif_of_the_reverse_and_the_forward_process(run_dir, tm
     assert main(["animate", str(run_dir), "--forward", "--frames", "5", "--n", "300"]) == 0
     with Image.open(run_dir / "figures" / "forward.gif") as im:
         assert im.n_frames == 5
+    assert main(["animate", str(run_dir), "--frames", "4", "--n", "300", "--quiet", "--out",
+                 str(tmp_path / "r.webp")]) == 0
+    with Image.open(tmp_path / "r.webp") as im:
+        assert im.format == "WEBP" and im.n_frames == 4 and im.size == (320, 320)
     assert "animation:" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out", "x.png"], "--out must end in .gif"),
+    (["--out", "x.png"], "--out must end in .gif or .webp"),
     (["--frames", "1"], "--frames >= 2"),
     (["--out", "nowhere/x.gif"], "does not exist"),
 ])

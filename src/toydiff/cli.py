@@ -125,8 +125,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
     p = add("animate", "the reverse process (or the forward one) of a trained run as an animated GIF")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="FILE.gif", help="where to write it (default: RUN_DIR/figures/reverse.gif, or "
-                   "forward.gif)")
+    p.add_argument("--out", metavar="FILE.gif", help="where to write it, a .gif or an animated .webp (default: "
+                   "RUN_DIR/figures/reverse.gif, or forward.gif)")
     p.add_argument("--n", type=int, default=2000, help="points that move (default 2000)")
     p.add_argument("--frames", type=int, default=60, help="frames, evenly spaced over the steps (default 60)")
     p.add_argument("--forward", action="store_true", help="the forward process, data to noise, instead")
@@ -324,8 +324,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_animate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
-    if out is not None and out.suffix != ".gif":
-        raise ToydiffError(f"--out must end in .gif, got '{out}'")
+    if out is not None and out.suffix not in (".gif", ".webp"):
+        raise ToydiffError(f"--out must end in .gif or .webp, got '{out}'")
     if out is not None and not out.parent.is_dir():
         raise ToydiffError(f"the folder of --out '{out}' does not exist")
     if args.n < 1 or args.frames < 2:

@@ -262,7 +262,8 @@ class PlotConfig(_Section):
     SECTION: ClassVar[str] = "plot"
     forward_t: tuple[int, ...] = ()  # t shown in the forward-process figure; () = 0, about T/5 and T
     field_t: tuple[int, ...] = ()  # t shown in the vector-field figure; () = about 0.3 T and T
-    points: int = 100  # points scattered on the dataset, forward and samples figures (the guide's 100)
+    points: int = 100  # points scattered on the dataset and forward figures (the guide's 100; the samples figure
+    #                    draws every sample)
     grid: int = 16  # arrows per side in the vector field
     columns: tuple[str, ...] = ()  # D != 2: columns in the pair plot (names or indices); () = first 4 PCs (or all)
     dpi: int = 150  # resolution of the PNG files

@@ -23,6 +23,7 @@ from .runtime import numpy_rng, torch_generator
 from .schedules import NoiseSchedule, flow_scale, flow_time
 from .storage import atomic_write_bytes
 
+TRAJECTORIES = 12  # reverse paths (probability-flow ODE, DDIM) drawn on the vector field
 FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")  # the guide's five; and "loss", any run
 
 
@@ -135,18 +136,20 @@ def _two_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
     figures = {
         "dataset": plots.points_figure(density, shown, "data"),
         "forward": plots.forward_figure(forward_panels(run, cfg.forward_t or default_forward_t(T), shown)),
-        "samples": plots.points_figure(density, _subset(run.scaler.transform(samples), cfg.points, rng),
-                                       "samples over the data"),
+        "samples": plots.points_figure(density, run.scaler.transform(samples), f"all {len(samples)} samples over "
+                                       "the data", every=True),
     }
     axis = np.linspace(-plots.LIM, plots.LIM, cfg.grid)
     grid = np.stack(np.meshgrid(axis, axis), axis=-1).reshape(-1, 2)
-    _, path = run.sample(1, seed=run.config.seed + 1, trajectory=True)
+    # the probability-flow paths (deterministic DDIM): smooth, along the field, where a stochastic sampler's zig-zag
+    _, path = run.sample(TRAJECTORIES, seed=run.config.seed + 1, trajectory=True, sampler="ddim",
+                         steps=min(50, T), spacing="trailing")
     # at most 20 segments, evenly spaced in t: 1000 Brownian-like steps would hide the path's shape
     n_steps = len(path) - 1  # T, or fewer on a respaced schedule
     shown_steps = np.unique(np.linspace(0, n_steps, min(n_steps, 20) + 1).round().astype(int))
     figures["vector_field"] = plots.vector_field_figure(
         grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
-        trajectory=path[shown_steps, 0, :])
+        trajectory=path[shown_steps])
     figures["schedules"] = plots.schedule_figure(schedule_panels(run))
     return figures
 
@@ -227,18 +230,27 @@ def forward_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_
     return [(f"t = {t} of {run.schedule.T}", x_t @ projection) for t, x_t in forward_panels(run, ts, x0)]
 
 
+ANIMATION_FORMATS = (".gif", ".webp")  # Pillow writes both, no system binary needed
+
+
 def write_animation(run: Run, frames: list[tuple[str, np.ndarray]], out: Path) -> Path:
-    """The frames as a looping GIF at `out` (atomically), the data's density behind, the last frame held."""
+    """The frames as a looping animation at `out` (atomically): a GIF, or an animated WebP (full colour, smaller)
+    by its suffix; the data's density behind, the last frame held."""
     from PIL import Image
 
     data = run.scaler.transform(run.data) @ _projection(run)
     first = np.abs(frames[0][1]).max(axis=1) if len(frames[0][1]) else np.zeros(1)
     lim = max(plots.LIM, float(np.quantile(first, 0.99)) + 0.1)  # fixed axes that hold the noise too
     images = plots.animation_frames(_subset(data, 2000, numpy_rng(run.config.seed, "figures")), frames, lim=lim)
-    pictures = [Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=64) for a in images]
+    if out.suffix not in ANIMATION_FORMATS:
+        raise ToydiffError(f"an animation is written as {' or '.join(ANIMATION_FORMATS)}, not '{out.suffix}'")
+    webp = out.suffix == ".webp"
+    pictures = [Image.fromarray(a) if webp else Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE,
+                                                                           colors=64) for a in images]
     buf = io.BytesIO()
-    pictures[0].save(buf, format="GIF", save_all=True, append_images=pictures[1:], loop=0, optimize=True,
-                     duration=[FRAME_MS] * (len(pictures) - 1) + [HOLD_MS])
+    options = {"quality": 80} if webp else {"optimize": True}
+    pictures[0].save(buf, format="WEBP" if webp else "GIF", save_all=True, append_images=pictures[1:], loop=0,
+                     duration=[FRAME_MS] * (len(pictures) - 1) + [HOLD_MS], **options)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue())
     return out

@@ -72,14 +72,18 @@ def _blues():
 
 
 @_styled
-def points_figure(density: np.ndarray, shown: np.ndarray, title: str) -> Figure:
+def points_figure(density: np.ndarray, shown: np.ndarray, title: str, every: bool = False) -> Figure:
     """Points (n, 2) over a filled density of the data (N, 2), scaled frame.
 
-    Fig. 1 shows points of the data set; Fig. 3 shows generated samples over the training data.
+    Fig. 1 shows points of the data set; Fig. 3 shows generated samples over the training data. every: the
+    points are all the samples, drawn small and translucent, so a thin tail off the data shows.
     """
     fig, (ax,) = _figure(1)
     _density(ax, density)
-    _scatter(ax, shown)
+    if every:
+        ax.scatter(shown[:, 0], shown[:, 1], s=3, color=ORANGE, alpha=0.45, linewidths=0, zorder=3)
+    else:
+        _scatter(ax, shown)
     _square(ax)
     ax.set_title(title)
     return fig
@@ -87,11 +91,12 @@ def points_figure(density: np.ndarray, shown: np.ndarray, title: str) -> Figure:
 
 @_styled
 def forward_figure(panels: Sequence[tuple[int, np.ndarray]]) -> Figure:
-    """Fig. 2: the forward process, one panel per (t, x_t (N, 2))."""
+    """Fig. 2: the forward process, one panel per (t, x_t (N, 2)), on shared axes wide enough for the noise."""
     fig, axes = _figure(len(panels), width=4.2, height=4.0)
+    lim = max(LIM, max(float(np.abs(x_t).max()) for _, x_t in panels) * 1.05)
     for ax, (t, x_t) in zip(axes, panels):
         _scatter(ax, x_t)
-        _square(ax, label=ax is axes[0])
+        _square(ax, lim=lim, label=ax is axes[0])
         ax.set_title(f"$t={t}$")
     return fig
 
@@ -101,13 +106,18 @@ def vector_field_figure(grid: np.ndarray, fields: Sequence[tuple[int, np.ndarray
                         trajectory: np.ndarray | None = None) -> Figure:
     """Fig. 4: -eps_theta(x_t, t) on a grid (G, 2), one panel per (t, field (G, 2)).
 
-    `trajectory` (steps, 2) is one reverse path x_T .. x_0, drawn on the first panel.
+    `trajectory` (steps, 2) is one reverse path x_T .. x_0, or (steps, k, 2) k of them, drawn on the first panel
+    (each start a cross, each end a dot).
     """
     fig, axes = _figure(len(fields), width=4.6, height=4.6)
+    paths = None if trajectory is None else (trajectory[:, None, :] if trajectory.ndim == 2 else trajectory)
     for ax, (t, field) in zip(axes, fields):
         ax.quiver(grid[:, 0], grid[:, 1], -field[:, 0], -field[:, 1], color="#222222", width=0.004, zorder=2)
-        if trajectory is not None and ax is axes[0]:
-            ax.plot(trajectory[:, 0], trajectory[:, 1], "--o", color=BLUE, lw=2.2, ms=6, zorder=3)
+        if paths is not None and ax is axes[0]:
+            for j in range(paths.shape[1]):
+                ax.plot(paths[:, j, 0], paths[:, j, 1], "-", color=BLUE, lw=1.6, alpha=0.8, zorder=3)
+            ax.scatter(paths[0, :, 0], paths[0, :, 1], marker="x", s=40, color=BLUE, zorder=4)
+            ax.scatter(paths[-1, :, 0], paths[-1, :, 1], s=40, color=ORANGE, edgecolors="white", zorder=4)
         t_label = "T" if t == T else str(t)
         ax.set_title(rf"$-\epsilon_\theta(\mathbf{{x}}_t, t={t_label})$")
         _square(ax, lim=LIM + 0.15, label=ax is axes[0])
