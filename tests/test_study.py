@@ -37,6 +37,9 @@ def test_study_runs_every_cell_and_seed_and_resumes(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert summary.count("\n") == 2 + 4 and "| 4 | cos |" in summary
     assert (tmp_path / "study.png").read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "study.html").read_text()  # the same table and the plot on one self-contained page
+    assert page.count("<tr>") == 1 + 4 and "<td>cos</td>" in page and "data:image/png;base64," in page
+    assert "http" not in page.replace("http-equiv", "")
     # resume: finished runs are not redone; an unfinished one (no result.json) is
     done = tmp_path / "runs" / "cell000-seed0" / "result.json"
     stamp = done.stat().st_mtime_ns

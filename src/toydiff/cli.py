@@ -399,6 +399,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(f"  summary:   {files.summary}")
     print(f"  figure:    {files.figure}")
     print(files.summary.read_text(encoding="utf-8"), end="")
+    print(f"report: {files.page}")
     return 0
 
 
@@ -407,8 +408,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"animate": cmd_animate, "report": cmd_report, "distill": cmd_distill, "sample": cmd_sample, "plot": cmd_plot, "eval": cmd_eval,
-            "study": cmd_study, "config": cmd_config}
+COMMANDS = {"animate": cmd_animate, "report": cmd_report, "distill": cmd_distill, "sample": cmd_sample,
+            "plot": cmd_plot, "eval": cmd_eval, "study": cmd_study, "config": cmd_config}
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -124,10 +124,28 @@ def render(path: str | Path) -> str:
     parts += ["<h2>Provenance</h2><dl>"] + [f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
                                             for k, v in facts.items() if v is not None] + ["</dl>"]
     parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.to_toml())}</pre>"]
+    return _page(f"toydiff: {name}", parts)
+
+
+def _page(title: str, parts: list[str]) -> str:
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             '<meta name=viewport content="width=device-width, initial-scale=1">'
-            f"<title>toydiff: {html.escape(name)}</title><style>{STYLE}</style></head><body>"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
             + "\n".join(parts) + "</body></html>\n")
+
+
+def study_page(name: str, header: list[str], rows: list[list[str]], figure: Optional[Path], seeds: int) -> str:
+    """A study's page (study.html): its grid table (mean +- std over seeds per cell) and its plot, inlined."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    parts = [f"<h1>toydiff study <code>{html.escape(name)}</code></h1>",
+             f"<p>{len(rows)} cells, {seeds} seed{'s' if seeds != 1 else ''} each: mean +- std over the seeds; z in "
+             "noise-floor deviations; the last column counts the runs judged indistinguishable from data.</p>",
+             f"<div class=scroll><table><tr>{head}</tr>{body}</table></div>"]
+    if figure is not None and figure.is_file():
+        parts.append(_image(figure, "the grid's metrics, cell by cell"))
+    parts.append(f"<p>Made by toydiff {__version__}; every run's own directory is under runs/.</p>")
+    return _page(f"toydiff study: {name}", parts)
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:

@@ -46,11 +46,12 @@ class StudyFiles:
     results: Path
     summary: Path
     figure: Path
+    page: Path  # study.html: the table and the plot on one self-contained page (toydiff.report.study_page)
 
     @classmethod
     def of(cls, out: str | Path) -> "StudyFiles":
         out = Path(out)
-        return cls(out / "results.csv", out / "summary.md", out / "study.png")
+        return cls(out / "results.csv", out / "summary.md", out / "study.png", out / "study.html")
 
 
 # (metric, what the summary shows of it): value or z-score against the noise floor
@@ -221,16 +222,24 @@ def summarize(grid: Grid, rows: list[dict]) -> list[dict]:
     return out
 
 
-def markdown(grid: Grid, summary: list[dict]) -> str:
+def table(grid: Grid, summary: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """The summary as a header and rows of text: the axes' levels, each SUMMARY column as mean +- std over the
+    seeds, and how many seeds were judged indistinguishable."""
     axes = list(grid.cells[0].levels)
     cols = [name if kind == "value" else f"{name}_z" for name, kind in SUMMARY]
-    head = axes + cols + ["indistinguishable"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for s in summary:
         cells = [str(s[a]) for a in axes]
         cells += ["" if s[c] is None else f"{s[c][0]:.3g} +- {s[c][1]:.2g}" for c in cols]
         cells.append(f"{s['indistinguishable']}/{s['seeds']}")
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    return axes + cols + ["indistinguishable"], rows
+
+
+def markdown(grid: Grid, summary: list[dict]) -> str:
+    head, rows = table(grid, summary)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -250,3 +259,6 @@ def write_outputs(grid: Grid, rows: list[dict], out: Path) -> None:
     buf_png = io.BytesIO()
     fig.savefig(buf_png, format="png", dpi=120)
     atomic_write_bytes(files.figure, buf_png.getvalue())
+    from .report import study_page
+
+    atomic_write_text(files.page, study_page(out.name, *table(grid, summary), files.figure, grid.seeds))
