@@ -158,3 +158,34 @@ def test_the_report_opens_in_a_headless_browser_with_the_network_off(evaluated, 
         assert not [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "WARNING")]
     finally:
         browser.quit()
+
+
+def test_any_generator_s_samples_are_judged_as_a_run_s_are(evaluated, capsys):
+    """`toydiff eval --samples FILE --dataset NAME`: a file of samples (here the run's own, written out) against the
+    named dataset's fresh draws and floors gives the run's own metrics (the memorization metric aside: a file has
+    no training rows)."""
+    run_dir = evaluated[0]
+    assert main(["eval", "--samples", str(run_dir / "samples.csv"), "--dataset", "moons", "--set", "eval.n=300",
+                 "--set", "eval.draws=3", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((run_dir / "metrics.json").read_text())
+    table = {line.split()[0]: line.split()[1] for line in printed.splitlines()[2:] if line and line[0].isalpha()}
+    for name in ("knn_auc", "mmd2", "w2", "precision", "off_data"):
+        assert float(table[name]) == pytest.approx(report["metrics"][name]["value"], rel=1e-3, abs=1e-6), name
+    assert table["memorized"] == "missing"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--samples", "S", "RUN"], "drop RUN_DIR"),
+    (["--samples", "S", "--set", "train.steps=3"], "only [data] and [eval] settings"),
+    (["--samples", "S", "--dataset", "gmm", "--set", "data.dim=3"], "the samples have 2 columns but the data has 3"),
+    (["--samples", "missing.csv"], "does not exist"),
+    (["--dataset", "moons"], "go with --samples"),
+    ([], "name the run to judge"),
+])
+def test_bad_samples_judging_input_is_one_line(evaluated, capsys, args, message):
+    samples = str(evaluated[0] / "samples.csv")
+    argv = ["eval"] + [samples if a == "S" else str(evaluated[0]) if a == "RUN" else a for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -137,8 +137,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default: RUN_DIR/report.html)")
 
-    p = add("eval", "judge a run's samples against fresh iid data, each metric beside its noise floor")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = add("eval", "judge a run's samples (or any generator's, --samples) against fresh iid data, each metric "
+                    "beside its noise floor")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="the run whose samples are judged")
+    p.add_argument("--samples", metavar="FILE", help="judge this file's rows instead (CSV, TSV, .npy, .npz, "
+                   "Parquet): samples toydiff did not make, against --dataset")
+    p.add_argument("--dataset", metavar="NAME", help="with --samples: the dataset they should come from (default "
+                   "moons); --set data.noise=... and the other [data] and [eval] keys describe it further")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --samples: a [data] or [eval] setting (repeatable)")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
     p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
     p.add_argument("--data", metavar="FILE", help="judge against this file's rows instead (e.g. a test split)")
@@ -359,7 +366,38 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_samples(args: argparse.Namespace) -> int:
+    """`toydiff eval --samples FILE --dataset NAME`: any generator's samples against a dataset's floors."""
+    if args.run_dir or args.data or args.columns:
+        raise ToydiffError("--samples judges a file against --dataset; drop RUN_DIR, --data and --columns")
+    outside = [o for o in args.overrides if o.split(".", 1)[0] not in ("data", "eval")]
+    if outside:
+        raise ToydiffError(f"--samples takes only [data] and [eval] settings; drop --set {outside[0]}")
+    given = [f"eval.{k}={v}" for k, v in (("n", args.n), ("draws", args.draws)) if v is not None]
+    cfg = config_io.with_overrides(config_io.ExperimentConfig(data={"name": args.dataset or "moons"}),
+                                   args.overrides + given)
+    if cfg.data.path:
+        raise ToydiffError("--samples is judged against a dataset of the zoo; to judge against a file's rows, train "
+                           "a run on it (its held-out rows are the reference)")
+    from .datafiles import read_table
+    from .evaluation import evaluate, format_table
+    from .reference import target_for
+
+    samples = read_table(args.samples).x
+    report = evaluate(samples, target_for(cfg), cfg.eval, log=_log(args.quiet), progress=not args.quiet)
+    print(f"samples: {args.samples} ({len(samples)} rows) against {cfg.data.name}")
+    print(format_table(report))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.samples:
+        return _eval_samples(args)
+    if args.dataset or args.overrides:
+        raise ToydiffError("--dataset and --set go with --samples; a run is judged against its own data")
+    if not args.run_dir:
+        raise ToydiffError("name the run to judge (toydiff eval RUN_DIR), or a file of samples (--samples FILE "
+                           "--dataset NAME)")
     from .api import evaluate
     from .runs import Run
 
