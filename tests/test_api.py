@@ -79,7 +79,7 @@ def test_run_then_rerun_the_cell(tmp_path):
     out = tmp_path / "cell"
     first = toydiff.run(QUICK, out, quiet=True)
     assert first.path == out and first.samples.shape == (64, 2) and first.verdict.startswith(("indist", "dist", "inconclusive"))
-    assert set(first.figures) == {"dataset", "forward", "samples", "vector_field", "schedules", "loss"}
+    assert set(first.figures) == {"dataset", "forward", "samples", "vector_field", "schedules", "loss", "oracle"}
     with pytest.raises(ToydiffError, match="already exists and is not empty"):
         toydiff.run(QUICK, out, quiet=True)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
@@ -133,7 +133,7 @@ def test_load_evaluate_and_figures(tmp_path):
     assert report["n"] == 60 and set(report["metrics"]) >= {"mmd2", "knn_auc", "w2"}
     assert (tmp_path / "r" / "metrics.json").is_file()
     figs = toydiff.plot(run, x)
-    assert set(figs) == {"dataset", "forward", "samples", "vector_field", "schedules", "loss"}
+    assert set(figs) == {"dataset", "forward", "samples", "vector_field", "schedules", "loss", "oracle"}
     assert all(isinstance(f, Figure) for f in figs.values())
     with pytest.raises(ToydiffError, match="eval.n must be >= 20"):
         toydiff.evaluate(run, x, n=5)

@@ -22,13 +22,14 @@ def run_dir(tmp_path, capsys):
     return out
 
 
-def test_run_writes_weights_samples_the_five_figures_and_the_loss_curve(run_dir):
+def test_run_writes_weights_samples_the_five_figures_the_oracle_s_and_the_loss_curve(run_dir):
     assert (run_dir / "model.safetensors").is_file()
     samples = np.load(run_dir / "samples.npy")
     assert samples.shape == (64, 2) and np.isfinite(samples).all()
     assert (run_dir / "samples.csv").read_text().splitlines()[0] == "x1,x2"
     figures = {p.name for p in (run_dir / "figures").iterdir()}
-    assert figures == {"dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png", "loss.png"}
+    assert figures == {"dataset.png", "forward.png", "samples.png", "vector_field.png", "schedules.png", "loss.png",
+                       "oracle.png"}  # the noisy moons' exact law is known: the learned field beside the true one
     for f in (run_dir / "figures").iterdir():
         assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -23,6 +23,7 @@ from .runtime import numpy_rng, torch_generator
 from .schedules import NoiseSchedule, flow_scale, flow_time
 from .storage import atomic_write_bytes
 
+ORACLE_TS = 12  # t values (log-spaced) at which the learned field is compared with the exact one
 TRAJECTORIES = 12  # reverse paths (probability-flow ODE, DDIM) drawn on the vector field
 FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")  # the guide's five; and "loss", any run
 
@@ -151,7 +152,39 @@ def _two_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
         grid, field_panels(run, cfg.field_t or default_field_t(run.schedule), grid), T,
         trajectory=path[shown_steps])
     figures["schedules"] = plots.schedule_figure(schedule_panels(run))
+    exact = oracle_panels(run, grid, (cfg.field_t or default_field_t(run.schedule))[0])
+    if exact is not None:
+        figures["oracle"] = plots.oracle_figure(grid, *exact)
     return figures
+
+
+@torch.no_grad()
+def oracle_panels(run: Run, grid: np.ndarray, t: int):
+    """Where the data's exact law is known (oracle.oracle_for) and the frame is affine: the learned and the exact
+    -eps on the grid at t, the error |eps_theta - eps| over the grid at that t, and its root mean square over the
+    grid (plain, and weighted by the noised data's density p_t: where samples pass) at ORACLE_TS values of t;
+    None elsewhere."""
+    from .oracle import oracle_for
+    from .scaler import AffineScaler
+
+    law = oracle_for(run.config.data)
+    if law is None or not isinstance(run.scaler, AffineScaler) or run.dim != 2:
+        return None
+    law = law.scaled(run.scaler.shift, run.scaler.scale)
+    ts = np.unique(np.geomspace(1, run.schedule.T, ORACLE_TS).round().astype(int))
+    curve = []
+    for s in ts:
+        scale = _frame_scale(run, int(s))
+        x = torch.as_tensor(grid / scale, dtype=torch.float64, device=run.device)
+        t_vec = torch.full((len(x),), int(s), dtype=torch.long, device=run.device)
+        learned = run.denoiser.eps(x.float(), t_vec).double().cpu()
+        true = law.eps(x.cpu(), t_vec.cpu(), run.schedule.alpha_bar_at(t_vec, x).cpu())
+        error = (learned - true).norm(dim=1).numpy()
+        weight = torch.softmax(law.log_prob(x.cpu(), run.schedule.alpha_bar_at(t_vec, x).cpu().flatten()), 0).numpy()
+        curve.append((float(np.sqrt((error**2).mean())), float(np.sqrt((weight * error**2).sum()))))
+        if s == ts[np.argmin(np.abs(ts - t))]:
+            at = (int(s), learned.numpy(), true.numpy(), error)
+    return at, (ts, np.array(curve))
 
 
 def write_figures(run: Run, samples: np.ndarray) -> dict[str, Path]:

@@ -11,11 +11,13 @@ the same law up to scale (schedules.flow_betas), so the same oracle gives its ex
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .errors import ToydiffError
+from .config import DataConfig
+from .data import DATASETS, moons_mixture_law, params
 from .parameterization import Prediction, to_x0
 from .schedules import NoiseSchedule, flow_scale
 from .zoo import Mixture
@@ -89,16 +91,15 @@ class GaussianMixture:
 
 
 def moons_mixture(noise: float, per_moon: int = 256) -> GaussianMixture:
-    """Noisy Two Moons (toydiff.data.moons) as a mixture of 2 * per_moon Gaussians of std `noise`, centred at
-    the Gauss-Legendre nodes of each arc's angle and weighted by the rule's weights: the quadrature of
-    data.moons_log_density. The widest gap between nodes (0.02 at the default) is well below the noise (0.05),
-    so this is the exact denoiser of the moons for every practical purpose: a model that matched it perfectly
-    would sample this."""
-    if noise <= 0:
-        raise ToydiffError("the moons oracle needs noise > 0 (noise-free moons live on curves)")
-    u, w = np.polynomial.legendre.leggauss(per_moon)
-    angle = (u + 1) * math.pi / 2
-    outer = np.c_[np.cos(angle), np.sin(angle)]
-    inner = np.c_[1 - np.cos(angle), 0.5 - np.sin(angle)]
-    weights = np.r_[w, w] / (2 * w.sum())
-    return GaussianMixture(weights, np.r_[outer, inner], np.full((2 * per_moon, 1), noise))
+    """Noisy Two Moons (toydiff.data.moons) as the mixture data.moons_mixture_law gives: the exact denoiser of the
+    moons for every practical purpose: a model that matched it perfectly would sample this."""
+    return GaussianMixture.of(moons_mixture_law(noise, per_moon=per_moon))
+
+
+def oracle_for(cfg: DataConfig) -> Optional[GaussianMixture]:
+    """The exact law of the configured dataset as a GaussianMixture (data units), where it is one; else None."""
+    if cfg.path:
+        return None
+    law = DATASETS.get(cfg.name).mixture
+    mixture = None if law is None else law(params(cfg))
+    return None if mixture is None else GaussianMixture.of(mixture)

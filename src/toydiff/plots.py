@@ -163,6 +163,35 @@ def animation_frames(density: np.ndarray, frames: Sequence[tuple[str, np.ndarray
 
 
 @_styled
+def oracle_figure(grid: np.ndarray, at: tuple[int, np.ndarray, np.ndarray, np.ndarray],
+                  curve: tuple[np.ndarray, np.ndarray]) -> Figure:
+    """The learned field beside the true one: -eps_theta and the exact -eps on the grid (G, 2) at t, the map of
+    |eps_theta - eps| over the grid at t, and its root mean square against t (log scales): over the grid, and
+    weighted by the noised data's density (curve: ts (k,) and rms (k, 2))."""
+    t, learned, true, error = at
+    fig, axes = _figure(4, width=4.2, height=4.2)
+    for ax, field, title in ((axes[0], learned, rf"learned $-\epsilon_\theta$, $t={t}$"),
+                             (axes[1], true, rf"exact $-\epsilon$, $t={t}$")):
+        ax.quiver(grid[:, 0], grid[:, 1], -field[:, 0], -field[:, 1], color="#222222", width=0.004)
+        _square(ax, lim=LIM + 0.15, label=ax is axes[0])
+        ax.set_title(title, fontsize=12)
+    side = int(round(np.sqrt(len(grid))))
+    image = axes[2].imshow(error.reshape(side, side), origin="lower", cmap="magma",
+                           extent=(grid[:, 0].min(), grid[:, 0].max(), grid[:, 1].min(), grid[:, 1].max()))
+    fig.colorbar(image, ax=axes[2], shrink=0.8)
+    axes[2].set_title(rf"$|\epsilon_\theta - \epsilon|$, $t={t}$", fontsize=12)
+    ts, rms = curve
+    axes[3].plot(ts, rms[:, 0], "-o", color=BLUE, lw=2, ms=4, label="over the grid")
+    axes[3].plot(ts, rms[:, 1], "-o", color=ORANGE, lw=2, ms=4, label="weighted by $p_t$")
+    axes[3].set_xscale("log")
+    axes[3].set_yscale("log")
+    axes[3].set_xlabel("$t$")
+    axes[3].legend(fontsize=10)
+    axes[3].set_title("RMS error", fontsize=12)
+    return fig
+
+
+@_styled
 def loss_figure(step: np.ndarray, loss: np.ndarray, lr: np.ndarray, smoothing: float | None = None) -> Figure:
     """The training loss against the step on a log scale: each logged mean faint, an exponential moving average
     (weight `smoothing` on the past, debiased as Adam's moments are; by default about a twentieth of the log)
