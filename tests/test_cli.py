@@ -75,6 +75,7 @@ def test_animate_writes_a_gif_of_the_reverse_and_the_forward_process(run_dir, tm
     (["--out", "x.png"], "--out must end in .gif or .webp"),
     (["--frames", "1"], "--frames >= 2"),
     (["--out", "nowhere/x.gif"], "does not exist"),
+    (["--out", "/proc/x.gif"], "cannot write '/proc/x.gif'"),
 ])
 def test_bad_animate_input_is_one_line_and_writes_nothing(run_dir, tmp_path, capsys, args, message):
     before = sorted(p.name for p in (run_dir / "figures").iterdir())

@@ -94,11 +94,14 @@ def test_a_report_can_be_rewritten_elsewhere_and_an_animation_joins_it(evaluated
     ("none", [], "does not exist"),
     ("train", [], "has no samples to report on"),
     ("none", ["--out", "r.txt"], "--out must end in .html"),
+    ("train+sample", ["--out", "/proc/r.html"], "cannot write '/proc/r.html'"),  # a folder nobody can write to
 ])
 def test_bad_report_input_is_one_line_and_writes_nothing(tmp_path, capsys, make, args, message):
     run = tmp_path / "run"
-    if make == "train":
+    if make.startswith("train"):
         assert main(["train", "--quiet", "--out", str(run), "--set", "train.steps=2", "--set", "schedule.T=4"]) == 0
+    if make == "train+sample":
+        assert main(["sample", str(run), "--n", "20"]) == 0
     before = sorted(p.name for p in run.iterdir()) if run.exists() else None
     assert main(["report", str(run)] + args) == 2
     err = capsys.readouterr().err
