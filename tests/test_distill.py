@@ -106,29 +106,35 @@ def test_consistency_sampling_with_the_exact_consistency_function_draws_the_data
         assert torch.allclose(sample.std(0), torch.full((2,), s, dtype=torch.float64), atol=0.003)
 
 
-def test_the_consistency_loss_is_the_distance_between_neighbours_on_the_teacher_s_path():
-    """Recomputed by hand from the same draws: n ~ U{1..N}, x_tn from q(x_t | x0), the teacher's DDIM step
-    to t_n-1, and |f(x_tn, t_n) - f(x^_tn-1, t_n-1)|^2 with f the student's x0_hat (v prediction)."""
+@pytest.mark.parametrize("teacher", [lambda x, t: torch.tanh(x) * 0.7, None], ids=["distillation", "training"])
+def test_the_consistency_loss_is_the_distance_between_neighbours_on_one_path(teacher):
+    """Recomputed by hand from the same draws: n ~ U{1..N}, x_tn from q(x_t | x0), then x_tn-1 by the teacher's DDIM
+    step (distillation) or, without a teacher, by the same noise one grid point lower (consistency training),
+    and |f(x_tn, t_n) - f(x_tn-1, t_n-1)|^2 with f the student's x0_hat (v prediction), the target at t_0 = 0
+    the point itself."""
     from toydiff.parameterization import Denoiser
 
     schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
     grid = schedule.respace(10).timesteps_t
-    teacher = lambda x, t: torch.tanh(x) * 0.7  # noqa: E731
     net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
     student = lambda model: Denoiser(model, schedule, "v")  # noqa: E731
-    x0 = torch.randn(32, 2, generator=torch.Generator().manual_seed(3))
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
     loss = diffusion_loss(net, schedule, x0, Consistency(teacher, student, grid), torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
-    i = torch.randint(1, 11, (32,), generator=g)
-    eps = torch.randn(32, 2, generator=g)
+    i = torch.randint(1, 11, (64,), generator=g)
+    eps = torch.randn(64, 2, generator=g)
     t, s = grid[i], grid[i - 1]
     ab_t, ab_s = schedule.alpha_bar[t][:, None], schedule.alpha_bar[s][:, None]
     x_t = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps
-    x0_t = teacher(x_t, t)
-    x_s = ab_s.sqrt() * x0_t + (1 - ab_s).sqrt() * (x_t - ab_t.sqrt() * x0_t) / (1 - ab_t).sqrt()
+    if teacher is None:
+        x_s = ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
+    else:
+        x0_t = teacher(x_t, t)
+        x_s = ab_s.sqrt() * x0_t + (1 - ab_s).sqrt() * (x_t - ab_t.sqrt() * x0_t) / (1 - ab_t).sqrt()
     f = lambda x, tt, ab: ab.sqrt() * x - (1 - ab).sqrt() * net(x, tt)  # noqa: E731  x0 from v
-    expected = ((f(x_t, t, ab_t) - f(x_s, s, ab_s)) ** 2).mean()
-    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    target = torch.where((s == 0)[:, None], x_s, f(x_s, s, ab_s))
+    assert (s == 0).any()
+    assert float(loss) == pytest.approx(float(((f(x_t, t, ab_t) - target) ** 2).mean()), rel=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -335,29 +341,6 @@ def test_the_fast_preset_is_a_few_step_recipe():
     from toydiff.config import preset
     cfg = preset("fast")
     assert cfg.distill.method == "progressive" and cfg.distill.steps <= 4 and cfg.model.prediction in ("v", "x0")
-
-
-def test_consistency_training_pairs_two_grid_points_of_one_noise_draw():
-    """Consistency training (no teacher), recomputed by hand: n ~ U{1..N}, one eps for both x_tn and x_tn-1 from
-    q(x_t | x0), and |f(x_tn, t_n) - f(x_tn-1, t_n-1)|^2, with the data point itself as the target at t_0 = 0."""
-    from toydiff.parameterization import Denoiser
-
-    schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
-    grid = schedule.respace(10).timesteps_t
-    net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
-    student = lambda model: Denoiser(model, schedule, "v")  # noqa: E731
-    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
-    loss = diffusion_loss(net, schedule, x0, Consistency(None, student, grid), torch.Generator().manual_seed(9))
-    g = torch.Generator().manual_seed(9)
-    i = torch.randint(1, 11, (64,), generator=g)
-    eps = torch.randn(64, 2, generator=g)
-    t, s = grid[i], grid[i - 1]
-    ab_t, ab_s = schedule.alpha_bar[t][:, None], schedule.alpha_bar[s][:, None]
-    x_t, x_s = ab_t.sqrt() * x0 + (1 - ab_t).sqrt() * eps, ab_s.sqrt() * x0 + (1 - ab_s).sqrt() * eps
-    f = lambda x, tt, ab: ab.sqrt() * x - (1 - ab).sqrt() * net(x, tt)  # noqa: E731  x0 from v
-    target = torch.where((s == 0)[:, None], x0, f(x_s, s, ab_s))
-    assert (s == 0).any()
-    assert float(loss) == pytest.approx(float(((f(x_t, t, ab_t) - target) ** 2).mean()), rel=1e-5)
 
 
 def test_a_consistency_trained_run_samples_by_consistency_sampling(tmp_path, capsys):
