@@ -178,6 +178,24 @@ def test_any_generator_s_samples_are_judged_as_a_run_s_are(evaluated, capsys):
     assert table["memorized"] == "missing"
 
 
+def test_judged_samples_get_a_self_contained_page(evaluated, tmp_path, capsys):
+    from PIL import Image
+
+    page_path = tmp_path / "judged.html"
+    assert main(["eval", "--samples", str(evaluated[0] / "samples.npy"), "--set", "eval.n=300", "--set",
+                 "eval.draws=3", "--quiet", "--report", str(page_path)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report: {page_path}")
+    text = page_path.read_text(encoding="utf-8")
+    page = Page()
+    page.feed(text)
+    assert page.scripts == 0 and all(ref.startswith("data:image/") for ref in page.refs) and len(page.images) == 1
+    with Image.open(io.BytesIO(base64.b64decode(page.images[0].split(",", 1)[1]))) as im:
+        assert im.size[0] > 100
+    assert "Verdict:" in text and "knn_auc" in text and "samples.npy" in text
+    assert main(["eval", "--samples", str(evaluated[0] / "samples.npy"), "--report", str(tmp_path / "x.txt")]) == 2
+    assert "--report must be a .html file" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--samples", "S", "RUN"], "drop RUN_DIR"),
     (["--samples", "S", "--set", "train.steps=3"], "only [data] and [eval] settings"),

@@ -146,6 +146,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
                    "moons); --set data.noise=... and the other [data] and [eval] keys describe it further")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="with --samples: a [data] or [eval] setting (repeatable)")
+    p.add_argument("--report", metavar="FILE.html", help="with --samples: also write the verdict, the metrics and "
+                   "the samples over the data on one self-contained page")
     p.add_argument("--n", type=int, help="samples compared (default: the run's eval.n)")
     p.add_argument("--draws", type=int, help="reference pairs behind each floor (default: the run's eval.draws)")
     p.add_argument("--data", metavar="FILE", help="judge against this file's rows instead (e.g. a test split)")
@@ -383,10 +385,24 @@ def _eval_samples(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_table
     from .reference import target_for
 
+    page = Path(args.report) if args.report else None
+    if page is not None and (page.suffix != ".html" or not page.parent.is_dir()):
+        raise ToydiffError(f"--report must be a .html file in a folder that exists, got '{page}'")
     samples = read_table(args.samples).x
-    report = evaluate(samples, target_for(cfg), cfg.eval, log=_log(args.quiet), progress=not args.quiet)
+    target = target_for(cfg)
+    report = evaluate(samples, target, cfg.eval, log=_log(args.quiet), progress=not args.quiet)
     print(f"samples: {args.samples} ({len(samples)} rows) against {cfg.data.name}")
     print(format_table(report))
+    if page is not None:
+        from .figures import samples_over_data
+        from .report import samples_page
+        from .storage import atomic_write_text
+
+        facts = {"samples": args.samples, "rows": len(samples), "dataset": cfg.data.name,
+                 "data settings": ", ".join(args.overrides) or None}
+        atomic_write_text(page, samples_page(f"samples judged against {cfg.data.name}", report,
+                                             samples_over_data(samples, target), facts))
+        print(f"report: {page}")
     return 0
 
 

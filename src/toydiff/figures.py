@@ -287,3 +287,16 @@ def write_animation(run: Run, frames: list[tuple[str, np.ndarray]], out: Path) -
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def samples_over_data(samples: np.ndarray, target, points: int = 2000) -> bytes:
+    """A PNG of samples toydiff did not make over a fresh draw of their dataset (`toydiff eval --samples`), in the
+    target's frame: all samples for 2-D data, else the first two columns (one column: against zero)."""
+    def plane(x: np.ndarray) -> np.ndarray:
+        return np.c_[x, np.zeros(len(x))] if x.shape[1] == 1 else x[:, :2]
+    data = target.frame.transform(target.draw(numpy_rng(0, "samples-over-data"), points))
+    fig = plots.points_figure(plane(data), plane(target.frame.transform(samples)), f"all {len(samples)} samples "
+                              "over the data", every=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -55,10 +55,33 @@ def _num(v: Optional[float]) -> str:
 
 
 def _image(path: Path, alt: str) -> str:
-    kind = "gif" if path.suffix == ".gif" else "png"
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return (f'<figure><img src="data:image/{kind};base64,{data}" alt="{html.escape(alt)}">'
+    return _inline(path.read_bytes(), path.suffix.lstrip("."), alt)
+
+
+def _inline(data: bytes, kind: str, alt: str) -> str:
+    encoded = base64.b64encode(data).decode("ascii")
+    return (f'<figure><img src="data:image/{kind};base64,{encoded}" alt="{html.escape(alt)}">'
             f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+
+
+def _verdict(report: dict) -> str:
+    return (f'<p class="verdict {report["verdict"].split(" ")[0]}"><strong>Verdict:</strong> '
+            f"{html.escape(report['verdict'])}</p>")
+
+
+def _facts(facts: dict) -> str:
+    facts = {**facts, "reported by": f"toydiff {__version__}, torch {_version('torch')}, "
+                                     f"Python {platform.python_version()}"}
+    return "<h2>Provenance</h2><dl>" + "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
+                                               for k, v in facts.items() if v is not None) + "</dl>"
+
+
+def samples_page(title: str, report: dict, figure_png: bytes, facts: dict) -> str:
+    """The page of samples toydiff did not make (`toydiff eval --samples FILE --report FILE.html`): the verdict,
+    the metrics beside their floors, the samples over the data, where they came from."""
+    parts = [f"<h1>{html.escape(title)}</h1>", _verdict(report), "<h2>Metrics</h2>", _metrics(report),
+             "<h2>Figure</h2>", _inline(figure_png, "png", "the samples over the data"), _facts(facts)]
+    return _page(title, parts)
 
 
 def _metrics(report: dict) -> str:
@@ -101,12 +124,12 @@ def render(path: str | Path) -> str:
     cfg = rd.read_config()
     report = rd.read_metrics()
     name = rd.path.name
+    parts = [f"<h1>toydiff run <code>{html.escape(name)}</code></h1>"]
     if report is None:
-        verdict, kind = f"not evaluated yet: run <code>toydiff eval {html.escape(str(rd.path))}</code>", "inconclusive"
+        parts.append(f'<p class="verdict inconclusive"><strong>Verdict:</strong> not evaluated yet: run '
+                     f"<code>toydiff eval {html.escape(str(rd.path))}</code></p>")
     else:
-        verdict, kind = html.escape(report["verdict"]), report["verdict"].split(" ")[0]
-    parts = [f"<h1>toydiff run <code>{html.escape(name)}</code></h1>",
-             f'<p class="verdict {kind}"><strong>Verdict:</strong> {verdict}</p>']
+        parts.append(_verdict(report))
     if report is not None:
         parts += ["<h2>Metrics</h2>", _metrics(report)]
         if report.get("likelihood"):
@@ -119,11 +142,8 @@ def render(path: str | Path) -> str:
              "training seconds": info.get("train_seconds"), "device": info.get("device"),
              "threads": info.get("threads"), "created": info.get("created"),
              "teacher": info.get("teacher"), "distillation": info.get("method"),
-             "made by": f"toydiff {info.get('toydiff_version', '?')}",
-             "reported by": f"toydiff {__version__}, torch {_version('torch')}, Python {platform.python_version()}"}
-    parts += ["<h2>Provenance</h2><dl>"] + [f"<dt>{html.escape(k)}</dt><dd>{html.escape(str(v))}</dd>"
-                                            for k, v in facts.items() if v is not None] + ["</dl>"]
-    parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(cfg.to_toml())}</pre>"]
+             "made by": f"toydiff {info.get('toydiff_version', '?')}"}
+    parts += [_facts(facts), "<h2>Configuration</h2>", f"<pre>{html.escape(cfg.to_toml())}</pre>"]
     return _page(f"toydiff: {name}", parts)
 
 
