@@ -8,16 +8,23 @@ generative process toydiff has, beside each process's exact-denoiser ceiling, on
   progressive  `toydiff distill --method progressive --steps 1` of each ddpm run: rounds from 512 DDIM steps
             down to 1, 1500 training steps each; the student after each round is judged at its own step
             count with DDIM (its sampler), so one distillation gives the 16, 8, 4, 2 and 1 NFE rows
+  consistency-training  the default recipe with train.objective = consistency (no teacher), sampled by
+            multistep consistency sampling
+  meanflow  the default recipe with schedule.process = flow and train.objective = meanflow (no teacher), sampled
+            with MeanFlow's own sampler
+  fast      `toydiff run --preset fast`: its teacher and its progressive student, judged at the student's own
+            NFE; its seconds are the whole command's training and distillation
 
 Samplers: euler and dpmpp-2m (one evaluation a step, so NFE = steps) on the uniform (trailing) and Karras
 grids. Every row is judged by `evaluate` at n = 5000 against fresh iid moons, all metrics beside their
 floors; the table gives, per process and NFE, the sampler and grid with the lowest mean k-NN AUC over the
 seeds (a measurement, not a default), its AUC (mean and spread over seeds), how many seeds were called
 indistinguishable, and the ceiling's best AUC. Training seconds per run are reported. Few-step students
-(consistency) join as rows when they exist. With --models, only those models are rerun and the other
+With --models, only those models are rerun and the other
 rows are kept from the existing results file (its meta says which models were run when).
 
-    .venv/bin/python benchmarks/fewstep.py            # about 50 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/fewstep.py            # about 41 minutes on 2 idle CPU cores; the plot too
+    .venv/bin/python benchmarks/fewstep.py --out docs/results --plot-only   # redraw docs/figures/fewstep.png
     .venv/bin/python benchmarks/fewstep.py --models progressive   # the progressive rows only
     .venv/bin/python benchmarks/fewstep.py --quick    # a smoke run, about two minutes
 """
@@ -38,6 +45,7 @@ import torch
 from report import machine, publish
 from toydiff import config as C
 from toydiff import train_run
+from toydiff.experiment import run_experiment
 from toydiff.config import EvalConfig
 from toydiff.data import params
 from toydiff.distill import distill_run
@@ -48,9 +56,12 @@ from toydiff.runtime import NoiseStream
 from toydiff.samplers import SAMPLERS
 
 PROCESSES = ("ddpm", "flow")
-ROWS = ("ddpm", "flow", "reflow", "progressive")  # the two processes, the flow runs' reflow and ddpm runs' progressive
+ROWS = ("ddpm", "flow", "reflow", "progressive", "consistency-training", "meanflow", "fast")  # the two processes,
+#                                                 their students, the two from-scratch few-step models, the fast preset
 SAMPLERS_TRIED = ("euler", "dpmpp-2m")
 PROGRESSIVE_SAMPLER = ("ddim", "trailing")  # what a progressive student was distilled for
+OWN_SAMPLER = {"progressive": PROGRESSIVE_SAMPLER, "fast": PROGRESSIVE_SAMPLER,
+               "consistency-training": ("consistency", "trailing"), "meanflow": ("meanflow", "trailing")}  # rows judged with their own sampler only
 SPACINGS_TRIED = ("trailing", "karras")
 
 
@@ -59,7 +70,7 @@ def judge(x: np.ndarray, target, spec: EvalConfig) -> dict:
     z = {k: r["z"] for k, r in rep["metrics"].items() if r["z"] is not None}
     return {"verdict": rep["verdict"].split(" ")[0], "knn_auc": rep["metrics"]["knn_auc"]["value"],
             "mmd2_z": z.get("mmd2"), "off_data": rep["metrics"]["off_data"]["value"], "max_z": max(z.values()),
-            "worst": max(z, key=z.get)}
+            "worst": max(z, key=z.get), "z": z}  # every metric's z against its floor
 
 
 def ceiling_rows(run, nfes, target, spec) -> list[dict]:
@@ -101,12 +112,76 @@ def progressive_rows(run, seed, nfes, target, spec, train_seconds, tmp, quick) -
     return rows
 
 
+def own_sampler_rows(name, seeds, nfes, target, spec, train_seconds, tmp, quick) -> list[dict]:
+    """Consistency training or MeanFlow (judged at every NFE) or the fast preset (at its student's NFE), one run a
+    seed."""
+    rows = []
+    sampler, spacing = OWN_SAMPLER[name]
+    for seed in seeds:
+        if name == "fast":
+            cfg = C.merged(C.preset("fast"), {"seed": seed})
+            if quick:
+                cfg = C.merged(cfg, {"train": {"steps": 300}, "distill": {"train_steps": 700}})
+        else:
+            cfg = C.ExperimentConfig(seed=seed, schedule={"process": "flow" if name == "meanflow" else "ddpm"},
+                                     train={"objective": name.split("-")[0], "steps": 300 if quick else 6000},
+                                     sample={"sampler": sampler, "spacing": spacing})
+        start = time.perf_counter()
+        run = run_experiment(cfg, Path(tmp) / f"{name}-{seed}", figures=False, evaluate=False).run
+        train_seconds.setdefault(name, []).append(round(time.perf_counter() - start, 1))
+        for nfe in [cfg.distill.steps] if name == "fast" else nfes:
+            x = run.sample(spec.n, sampler=sampler, steps=nfe, spacing=spacing)
+            assert run.last_sampling["nfe"] == nfe, run.last_sampling
+            rows.append({"process": name, "model": "trained", "seed": seed, "sampler": sampler, "spacing": spacing,
+                         "nfe": nfe, **judge(x, target, spec)})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def plot(results: dict, path: Path) -> None:
+    """docs/figures/fewstep.png: k-NN AUC and the off-moon share against NFE (mean over seeds, each row's best
+    sampler), every method beside the two ceilings."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    auc_ax, off_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for process in ROWS:
+        mine = sorted((s for s in results["summary"] if s["process"] == process), key=lambda s: s["nfe"])
+        if not mine:
+            continue
+        nfe = [s["nfe"] for s in mine]
+        style = dict(marker="o", lw=2, ms=5, label=process)
+        auc_ax.plot(nfe, [s["knn_auc_mean"] for s in mine], **style)
+        off = [np.mean([r["off_data"] for r in results["rows"] if (r["process"], r["nfe"], r["sampler"], r["spacing"],
+                                                                     r["model"]) == (process, s["nfe"], s["sampler"],
+                                                                                     s["spacing"], "trained")])
+               for s in mine]
+        off_ax.plot(nfe, 100 * np.array(off), **style)
+        if mine[0]["ceiling_auc"] is not None:
+            auc_ax.plot(nfe, [s["ceiling_auc"] for s in mine], ls=":", color="grey", lw=1.5)
+    auc_ax.axhline(0.5, color="black", lw=1)
+    auc_ax.set(xscale="log", xlabel="network evaluations per sample", ylabel="k-NN AUC (floor 0.50)",
+               title="sample quality (dotted: the exact denoiser's ceilings)")
+    off_ax.set(xscale="log", yscale="log", xlabel="network evaluations per sample", ylabel="% of samples off the moons",
+               title="the bridge between the moons")
+    for ax in (auc_ax, off_ax):
+        ax.set_xticks([1, 2, 4, 8, 16], labels=["1", "2", "4", "8", "16"])
+    auc_ax.legend(fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 300 steps, n = 500")
     parser.add_argument("--models", default=",".join(ROWS), help="comma-separated, of: " + ", ".join(ROWS))
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--figure", default="docs/figures/fewstep.png", help="where the plot goes")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT/fewstep.json, run nothing")
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((Path(args.out) / "fewstep.json").read_text()), Path(args.figure))
+        return
     torch.set_num_threads(1)
     chosen = args.models.split(",")
     seeds, nfes = ((0,), (1, 4)) if args.quick else ((0, 1, 2), (1, 2, 4, 8, 16))
@@ -151,6 +226,9 @@ def main() -> None:
                                 rows.append({"process": name, "model": "trained", "seed": seed, "sampler": sampler,
                                              "spacing": spacing, "nfe": nfe, **judge(x, target, spec)})
                         print(rows[-1], flush=True)
+        for name in ("consistency-training", "meanflow", "fast"):
+            if name in chosen:
+                rows += own_sampler_rows(name, seeds, nfes, target, spec, train_seconds, tmp, args.quick)
     runs_at.update({m: today for m in chosen})
     lines = ["| process | NFE | best sampler (grid) | k-NN AUC, trained (mean +- sd, seeds) | indistinguishable "
              "| worst metric (z) | ceiling: exact denoiser's best AUC |", "|---|---|---|---|---|---|---|"]
@@ -160,7 +238,7 @@ def main() -> None:
             def of(model, sampler, spacing):
                 return [r for r in rows if (r["process"], r["model"], r["nfe"], r["sampler"], r["spacing"])
                         == (process, model, nfe, sampler, spacing)]
-            combos = [PROGRESSIVE_SAMPLER] if process == "progressive" else \
+            combos = [OWN_SAMPLER[process]] if process in OWN_SAMPLER else \
                 [(s, g) for s in SAMPLERS_TRIED for g in SPACINGS_TRIED]
             if not of("trained", *combos[0]):
                 continue
@@ -179,9 +257,11 @@ def main() -> None:
     seconds = {p: float(np.mean(s)) for p, s in train_seconds.items()}
     lines += ["", "Training seconds per run (mean): " + ", ".join(f"{p} {s:.0f} s" for p, s in seconds.items()),
               f"k-NN AUC floor at n = {spec.n}: about 0.50 (an AUC is judged against its floor's spread)."]
-    publish(args.out, "fewstep", {"meta": machine(seeds=list(seeds), nfes=list(nfes), n=spec.n, run_at=runs_at),
-                                  "summary": summary, "train_seconds": train_seconds, "rows": rows},
-            "\n".join(lines))
+    results = {"meta": machine(seeds=list(seeds), nfes=list(nfes), n=spec.n, run_at=runs_at), "summary": summary,
+               "train_seconds": train_seconds, "rows": rows}
+    publish(args.out, "fewstep", results, "\n".join(lines))
+    if not args.quick:
+        plot(results, Path(args.figure))
 
 
 if __name__ == "__main__":
