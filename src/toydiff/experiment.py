@@ -82,7 +82,8 @@ def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: b
     plan = run.plan()
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")
     samples = run.sample(cfg.sample.n, progress=progress)
-    run.dir.write_samples(samples, run.column_names, run.last_sampling)
+    sampling = run.last_sampling  # how these samples were drawn (the figures sample again, in other ways)
+    run.dir.write_samples(samples, run.column_names, sampling)
     result = Experiment(run, samples)
     if figures:
         from .figures import write_figures
@@ -90,7 +91,7 @@ def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: b
         result.figures = write_figures(run, samples)
     if evaluate:
         from .evaluation import evaluate_run, memorization_warning
-        result.report = evaluate_run(run, samples, log=log, progress=progress, sampling=run.last_sampling)
+        result.report = evaluate_run(run, samples, log=log, progress=progress, sampling=sampling)
         warning = memorization_warning(result.report, len(run.data))
         if warning:
             log(f"warning: {warning}")
