@@ -193,7 +193,7 @@ def test_judged_samples_get_a_self_contained_page(evaluated, tmp_path, capsys):
         assert im.size[0] > 100
     assert "Verdict:" in text and "knn_auc" in text and "samples.npy" in text
     assert main(["eval", "--samples", str(evaluated[0] / "samples.npy"), "--report", str(tmp_path / "x.txt")]) == 2
-    assert "--report must be a .html file" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+    assert "--report must end in .html" in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,7 +11,7 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from . import __version__, config as config_io
 from .errors import RunInterrupted, ToydiffError, did_you_mean
@@ -127,8 +127,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.gif", help="where to write it, a .gif or an animated .webp (default: "
                    "RUN_DIR/figures/reverse.gif, or forward.gif)")
-    p.add_argument("--n", type=int, default=2000, help="points that move (default 2000)")
-    p.add_argument("--frames", type=int, default=60, help="frames, evenly spaced over the steps (default 60)")
+    p.add_argument("--n", type=int, help="points that move (default: figures.ANIMATION_POINTS, 2000)")
+    p.add_argument("--frames", type=int, help="frames, evenly spaced over the steps (default: figures."
+                   "ANIMATION_FRAMES, 60)")
     p.add_argument("--forward", action="store_true", help="the forward process, data to noise, instead")
     _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
@@ -286,17 +287,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output(path: Optional[str], flag: str, suffixes: tuple[str, ...]) -> Optional[Path]:
+    """A file a command is told to write, checked before any work: its suffix, and a folder that exists."""
+    if not path:
+        return None
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise ToydiffError(f"{flag} must end in {' or '.join(suffixes)}, got '{out}'")
+    if not out.parent.is_dir():
+        raise ToydiffError(f"the folder of {flag} '{out}' does not exist")
+    return out
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import Run
     from .storage import save_npy, save_table
 
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".npy", ".csv"):
-        raise ToydiffError(f"--out must end in .npy or .csv, got '{out}'")
+    out = _output(args.out, "--out", (".npy", ".csv"))
     if args.trajectory and not args.trajectory.endswith(".npy"):
         raise ToydiffError(f"--trajectory must end in .npy, got '{args.trajectory}'")
-    if out is not None and not out.parent.is_dir():
-        raise ToydiffError(f"the folder of --out '{out}' does not exist")
     run = Run.load(args.run_dir, device=args.device)
     n = run.config.sample.n if args.n is None else args.n
     result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
@@ -332,30 +341,22 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in (".gif", ".webp"):
-        raise ToydiffError(f"--out must end in .gif or .webp, got '{out}'")
-    if out is not None and not out.parent.is_dir():
-        raise ToydiffError(f"the folder of --out '{out}' does not exist")
-    if args.n < 1 or args.frames < 2:
+    out = _output(args.out, "--out", (".gif", ".webp"))
+    if (args.n is not None and args.n < 1) or (args.frames is not None and args.frames < 2):
         raise ToydiffError(f"--n must be >= 1 and --frames >= 2, got --n {args.n} --frames {args.frames}")
-    from .figures import forward_frames, reverse_frames, write_animation
+    from .figures import ANIMATION_FRAMES, ANIMATION_POINTS, forward_frames, reverse_frames, write_animation
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    frames = forward_frames(run, args.n, args.frames) if args.forward else \
-        reverse_frames(run, args.n, args.frames, progress=not args.quiet)
+    n, count = args.n or ANIMATION_POINTS, args.frames or ANIMATION_FRAMES
+    frames = forward_frames(run, n, count) if args.forward else reverse_frames(run, n, count, progress=not args.quiet)
     path = write_animation(run, frames, out or run.dir.animation("forward" if args.forward else "reverse"))
     print(f"animation: {path} ({len(frames)} frames)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    out = Path(args.out) if args.out else None
-    if out is not None and out.suffix != ".html":
-        raise ToydiffError(f"--out must end in .html, got '{out}'")
-    if out is not None and not out.parent.is_dir():
-        raise ToydiffError(f"the folder of --out '{out}' does not exist")
+    out = _output(args.out, "--out", (".html",))
     from .report import write_report
     from .rundir import RunDir
 
@@ -385,9 +386,7 @@ def _eval_samples(args: argparse.Namespace) -> int:
     from .evaluation import evaluate, format_table
     from .reference import target_for
 
-    page = Path(args.report) if args.report else None
-    if page is not None and (page.suffix != ".html" or not page.parent.is_dir()):
-        raise ToydiffError(f"--report must be a .html file in a folder that exists, got '{page}'")
+    page = _output(args.report, "--report", (".html",))
     samples = read_table(args.samples).x
     target = target_for(cfg)
     report = evaluate(samples, target, cfg.eval, log=_log(args.quiet), progress=not args.quiet)
