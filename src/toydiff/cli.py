@@ -341,11 +341,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    out = _output(args.out, "--out", (".gif", ".webp"))
+    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_POINTS, forward_frames, reverse_frames,
+                          write_animation)
+    from .runs import Run
+
+    out = _output(args.out, "--out", ANIMATION_FORMATS)
     if (args.n is not None and args.n < 1) or (args.frames is not None and args.frames < 2):
         raise ToydiffError(f"--n must be >= 1 and --frames >= 2, got --n {args.n} --frames {args.frames}")
-    from .figures import ANIMATION_FRAMES, ANIMATION_POINTS, forward_frames, reverse_frames, write_animation
-    from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
     n, count = args.n or ANIMATION_POINTS, args.frames or ANIMATION_FRAMES
