@@ -18,7 +18,7 @@ from .distill import check as check_distill, distill_run
 from .rundir import teacher_path
 from .runs import Run
 from .runtime import World
-from .workflow import Log, silent, resume_run, train_run, validate
+from .workflow import Log, silent, resume_run, train_run
 
 
 @dataclass
@@ -54,8 +54,7 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     if resume:
         run = resume_run(out, device=device, progress=progress, log=log, world=world)
     elif cfg.distill.method != "none":
-        validate(cfg, world)  # before the teacher trains: what its recipe cannot distill, too
-        check_distill(cfg, cfg.distill.method, cfg.distill.steps)
+        check_distill(cfg, cfg.distill.method, cfg.distill.steps)  # before the teacher trains (it validates the rest)
         run = train_run(cfg, teacher_path(out), progress=progress, log=log, world=world, evaluate=evaluate,
                         extra={"student": str(Path(out).resolve())})
     else:

@@ -228,8 +228,7 @@ class MeanFlowDenoiser(FlowDenoiser):
         s_net = flow_network_time(s.flatten(1)[:, 0], self.schedule.T)
         h = None
         if r is not None:
-            r = r.to(x_t.device)
-            s_r = torch.where(r > 0, flow_time(self.schedule, r), 0.0).to(x_t.dtype)  # t = 0 is the data, s = 0
+            s_r = flow_time(self.schedule, r.to(x_t.device)).to(x_t.dtype)
             h = s_net - flow_network_time(s_r, self.schedule.T)
         self.calls += 1
         return flow_to_x0(Prediction.V, self.model(x_s, s_net, h=h), x_s, s)

@@ -87,8 +87,9 @@ def flow_betas(T: int) -> np.ndarray:
 def flow_time(schedule: "NoiseSchedule", t: torch.Tensor) -> torch.Tensor:
     """The flow time s (float64, t's shape) of grid point t (integer, or fractional: the log-SNR interpolated)
     of a flow schedule (flow_betas): sigma = e^(-lambda / 2) = s / (1 - s), so s = sigmoid(-lambda_t / 2)
-    (from lambda, not alpha_bar: 1 - alpha_bar cancels badly at small s)."""
-    return torch.sigmoid(-0.5 * schedule.log_snr_at(t))
+    (from lambda, not alpha_bar: 1 - alpha_bar cancels badly at small s). Grid point 0 is the data: s = 0."""
+    s = torch.sigmoid(-0.5 * schedule.log_snr_at(t))
+    return torch.where(t > 0, s, torch.zeros_like(s))
 
 
 def flow_scale(t: torch.Tensor) -> torch.Tensor:
