@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import __version__, config as config_io
-from .errors import RunInterrupted, ToydiffError, did_you_mean
+from .errors import RunInterrupted, ToydiffError, did_you_mean, os_error
 
 
 class _UsageError(Exception):
@@ -489,9 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ToydiffError, _UsageError) as e:
         print(f"toydiff: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the OS said no where no owner expected it (a full disk, a read-only folder): one line
+        print(f"toydiff: error: {os_error(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("toydiff: error: out of memory; lower sample.n, sample.batch_size, eval.n or the data's size",
+              file=sys.stderr)
+        return 2
     except RunInterrupted as e:
         print(f"toydiff: {e}", file=sys.stderr)
-        return 130
+        return e.code
     except KeyboardInterrupt:
         print("toydiff: interrupted", file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -72,6 +73,26 @@ def _check(ok: bool, message: str) -> None:
         raise ToydiffError(message)
 
 
+# Upper limits on sizes, so that an absurd value (typed, or read from a damaged run directory) is refused before
+# anything is allocated from it; each is far beyond what a low-dimensional model needs. What fits this machine's
+# memory is checked again where the memory is taken (storage.check_memory).
+MAX_T = 100_000  # schedule.T, sample.steps
+MAX_WIDTH = 16_384  # model.width (its parameters grow as width^2)
+MAX_DEPTH = 256  # model.depth
+MAX_TIME_DIM = 4096  # model.time_dim
+MAX_OCTAVES = 24  # model.fourier_octaves (2^23 pi is already far below float32's resolution)
+MAX_ROWS = 100_000_000  # data.n, sample.n
+MAX_BATCH = 2**24  # train.batch_size, sample.batch_size
+MAX_STEPS = 1_000_000_000  # train.steps and every other step count
+MAX_EVAL = 100_000  # eval.n, eval.nll_n (k-NN and kernel metrics grow faster than n)
+MAX_W2 = 10_000  # eval.w2_n (exact OT holds an n x n cost matrix)
+
+
+def _at_most(name: str, value: float, limit: float) -> None:
+    _check(value <= limit, f"{name} must be at most {limit:,}, got {value:,}: a larger value is far beyond what "
+                           "toydiff's models need and would exhaust memory")
+
+
 class _Section:
     """A config section: on construction every field is coerced to its declared type (ints to floats, lists
     to tuples, nothing else) and checked, so keyword arguments meet the rules a TOML file meets."""
@@ -110,6 +131,8 @@ class DataConfig(_Section):
         choose("dataset", self.name, DATASETS)
         choose("data.scaling", self.scaling, SCALINGS)
         _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
+        _at_most("data.n", self.n, MAX_ROWS)
+        _at_most("data.modes", self.modes, 10_000)
         _check(self.noise >= 0 or self.noise == -1, f"data.noise must be >= 0 (or -1: the dataset's), got {self.noise}")
         _check(self.scale > 0, f"data.scale must be > 0, got {self.scale}")
         _check(self.modes >= 0, f"data.modes must be >= 0 (0 = the dataset's), got {self.modes}")
@@ -142,6 +165,7 @@ class ScheduleConfig(_Section):
         choose("schedule.process", self.process, PROCESSES)
         choose("schedule", self.name, SCHEDULES)
         _check(self.T >= 1, f"schedule.T must be >= 1, got {self.T}")
+        _at_most("schedule.T", self.T, MAX_T)
         _check(self.sigmoid_end > self.sigmoid_start and self.sigmoid_tau > 0,
                "schedule.sigmoid_end must exceed sigmoid_start, and sigmoid_tau must be > 0")
 
@@ -165,6 +189,10 @@ class ModelConfig(_Section):
         choose("model.variance", self.variance, MODEL_VARIANCES)
         _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
+        _at_most("model.width", self.width, MAX_WIDTH)
+        _at_most("model.depth", self.depth, MAX_DEPTH)
+        _at_most("model.time_dim", self.time_dim, MAX_TIME_DIM)
+        _at_most("model.fourier_octaves", self.fourier_octaves, MAX_OCTAVES)
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
         _check(self.time_scale >= 0, f"model.time_scale must be >= 0 (0 = auto), got {self.time_scale}")
@@ -223,6 +251,10 @@ class TrainConfig(_Section):
         _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _check(self.threads >= 0, f"train.threads must be >= 0 (0 = auto), got {self.threads}")
+        for name in ("steps", "warmup_steps", "log_every", "checkpoint_every"):
+            _at_most(f"train.{name}", getattr(self, name), MAX_STEPS)
+        _at_most("train.batch_size", self.batch_size, MAX_BATCH)
+        _at_most("train.threads", self.threads, 4096)
 
 
 @dataclass(frozen=True)
@@ -255,6 +287,11 @@ class SampleConfig(_Section):
         _check(self.guidance >= 0, f"sample.guidance must be >= 0, got {self.guidance}")
         _check(self.label >= -1, f"sample.label must be a class index or -1 (all classes), got {self.label}")
         _check(self.batch_size >= 1, f"sample.batch_size must be >= 1, got {self.batch_size}")
+        _at_most("sample.steps", self.steps, MAX_T)
+        _at_most("sample.n", self.n, MAX_ROWS)
+        _at_most("sample.batch_size", self.batch_size, MAX_BATCH)
+        _at_most("sample.label", self.label, 1_000_000)
+        _at_most("sample.guidance", self.guidance, 1000)
 
 
 @dataclass(frozen=True)
@@ -272,6 +309,11 @@ class PlotConfig(_Section):
         _check(self.points >= 1, f"plot.points must be >= 1, got {self.points}")
         _check(self.grid >= 2, f"plot.grid must be >= 2, got {self.grid}")
         _check(self.dpi >= 10, f"plot.dpi must be >= 10, got {self.dpi}")
+        _at_most("plot.points", self.points, 1_000_000)
+        _at_most("plot.grid", self.grid, 256)
+        _at_most("plot.dpi", self.dpi, 1200)
+        _check(all(0 <= t <= MAX_T for t in self.forward_t + self.field_t),
+               f"plot.forward_t and plot.field_t must hold t in 0..T, got {self.forward_t + self.field_t}")
 
 
 @dataclass(frozen=True)
@@ -291,6 +333,11 @@ class EvalConfig(_Section):
         _check(self.draws >= 2, f"eval.draws must be >= 2 (a floor needs a spread), got {self.draws}")
         _check(self.z_max > 0, f"eval.z_max must be > 0, got {self.z_max}")
         _check(self.nll_n >= 0, f"eval.nll_n must be >= 0 (0 = skip), got {self.nll_n}")
+        _at_most("eval.n", self.n, MAX_EVAL)
+        _at_most("eval.nll_n", self.nll_n, MAX_EVAL)
+        _at_most("eval.w2_n", self.w2_n, MAX_W2)
+        _at_most("eval.k", self.k, 1000)
+        _at_most("eval.draws", self.draws, 1000)
 
 
 @dataclass(frozen=True)
@@ -310,6 +357,9 @@ class DistillConfig(_Section):
         _check(self.train_steps >= 0, f"distill.train_steps must be >= 0 (0 = the method's default), got "
                                       f"{self.train_steps}")
         _check(self.pairs >= 2, f"distill.pairs must be >= 2, got {self.pairs}")
+        _at_most("distill.steps", self.steps, MAX_T)
+        _at_most("distill.train_steps", self.train_steps, MAX_STEPS)
+        _at_most("distill.pairs", self.pairs, MAX_ROWS)
 
 
 @dataclass(frozen=True)
@@ -411,8 +461,12 @@ def _coerce(where: str, value: Any, hint: Any) -> Any:
         ok = isinstance(value, bool)
     elif hint is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not -2**63 <= value < 2**63:
+            raise ToydiffError(f"{where} must be a 64-bit integer, got {value}")
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and (abs(value) > 1e300 or not math.isfinite(value)):
+            raise ToydiffError(f"{where} must be a finite number, got {value!r}")
         value = float(value) if ok else value
     elif hint is str:
         ok = isinstance(value, str)

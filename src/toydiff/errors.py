@@ -7,8 +7,10 @@ else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import difflib
+import errno
 import re
-from typing import Iterable
+from pathlib import Path
+from typing import Iterable, Optional, Union
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -22,7 +24,12 @@ class ToydiffError(ValueError):
 
 
 class RunInterrupted(Exception):
-    """Training stopped on Ctrl-C after saving a checkpoint; the message says how to resume (exit code 130)."""
+    """Training stopped by a signal after saving a checkpoint; the message says how to resume. `code` is the
+    shell's convention for the signal: 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 129 for SIGHUP."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 def did_you_mean(value: object, choices: Iterable[str]) -> str:
@@ -35,3 +42,29 @@ def unknown(kind: str, value: object, choices: Iterable[str]) -> ToydiffError:
     """The error for a name outside its vocabulary: "unknown KIND 'VALUE'; choose one of: ... (did you mean ...?)"."""
     choices = list(choices)
     return ToydiffError(f"unknown {kind} '{value}'; choose one of: {', '.join(choices)}{did_you_mean(value, choices)}")
+
+
+# what to do about an OS error, by errno: the fix each one-line error ends with
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space on it (or write elsewhere) and run the command again",
+    errno.EDQUOT: "the disk quota is used up: free space in it (or write elsewhere) and run the command again",
+    errno.EACCES: "permission denied: choose a folder you can write to, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you can write to, or fix its permissions",
+    errno.EROFS: "the filesystem is read-only: choose a folder on a writable disk",
+    errno.ENAMETOOLONG: "the name is too long for the filesystem: choose a shorter path",
+    errno.EMFILE: "too many open files: raise the limit (`ulimit -n 4096`) and run the command again",
+    errno.ENFILE: "the system has too many open files: close some programs and run the command again",
+    errno.ENOENT: "it does not exist: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: check the path",
+    errno.EISDIR: "it is a folder, not a file: check the path",
+    errno.EIO: "the disk reported an I/O error: check the disk",
+}
+
+
+def os_error(e: OSError, path: Optional[Union[str, Path]] = None, doing: str = "access") -> ToydiffError:
+    """The one-line error for an OS error (a full disk, a read-only folder, a name too long...): what failed, on
+    which path, and the fix. Every OSError that reaches the command line is worded here."""
+    path = path if path is not None else e.filename
+    where = f" '{path}'" if path is not None else ""
+    fix = _FIXES.get(e.errno, e.strerror or str(e))
+    return ToydiffError(f"cannot {doing}{where}: {fix}")

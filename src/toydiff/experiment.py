@@ -76,7 +76,13 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
 
 def finish(run: Run, *, figures: bool = True, evaluate: bool = True, progress: bool = False,
            log: Log = silent) -> Experiment:
-    """Everything after training: samples (written), figures (written), evaluation (metrics.json)."""
+    """Everything after training: samples (written), figures (written), evaluation (metrics.json), holding the
+    run directory's lock."""
+    with run.dir.writing():
+        return _finish(run, figures, evaluate, progress, log)
+
+
+def _finish(run: Run, figures: bool, evaluate: bool, progress: bool, log: Log) -> Experiment:
     cfg = run.config
     plan = run.plan()
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")

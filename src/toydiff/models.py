@@ -21,6 +21,7 @@ from torch import nn
 from .config import ARCHS, ModelConfig
 from .errors import ToydiffError
 from .registry import Registry
+from .storage import check_memory
 
 ModelFn = Callable[..., nn.Module]  # (cfg, dim, T, classes, intervals) -> network
 MODELS: Registry[ModelFn] = Registry("model", ARCHS)
@@ -177,6 +178,10 @@ def check(cfg: ModelConfig, classes: int = 0) -> None:
     if cfg.arch == "guide" and (cfg.variance == "learned" or cfg.conditional or classes):
         raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
                            "model.variance=learned or model.conditional=true")
+    if cfg.arch == "mlp":  # weights, gradients, AdamW's two moments and the EMA: about 5 copies in float32
+        params = (2 * cfg.depth + 2) * cfg.width ** 2 + cfg.width * (cfg.time_dim + 4 * cfg.fourier_octaves + 16)
+        check_memory(20 * params, f"a network of model.width = {cfg.width} and model.depth = {cfg.depth}",
+                     "lower model.width or model.depth")
 
 
 def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,8 +41,9 @@ from . import __version__, config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .scaler import Scaler
-from .storage import (FORMAT, VERSION, atomic_write_text, csv_text, load_npy, load_tensors, load_weights,
-                      make_staging_dir, publish_dir, save_csv, save_npy, save_tensors, save_weights)
+from .storage import (FORMAT, VERSION, Lock, atomic_write_text, csv_text, load_npy, load_tensors, load_weights,
+                      make_staging_dir, publish_dir, remove_stale_temporaries, save_csv, save_npy, save_tensors,
+                      save_weights)
 
 MANIFEST = "run.json"
 CONFIG = "config.toml"
@@ -83,8 +85,15 @@ def new_run_path(name: Optional[str], cfg: ExperimentConfig, root: str | Path = 
     return out
 
 
+_HELD: dict[tuple[int, int], list] = {}  # (device, inode) of a run directory this process writes -> [Lock, depth]
+
+
 class RunDir:
-    """One run directory on disk: its files' paths, and reading and writing each."""
+    """One run directory on disk: its files' paths, and reading and writing each.
+
+    One process writes a run directory at a time: whatever writes into one (training, resuming, sampling,
+    figures, the report) holds `writing()`, an OS file lock the kernel drops when the process dies, so a
+    SIGKILL never leaves a stale lock and a second writer is told which process holds it."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -137,6 +146,36 @@ class RunDir:
     def figure_paths(self) -> dict[str, Path]:
         """The figures written so far, name -> path."""
         return {p.stem: p for p in sorted(self.figures.glob("*.png"))}
+
+    @contextmanager
+    def writing(self):
+        """Hold this run directory's lock while writing into it (re-entrant within a process; it follows the
+        directory through a rename, so a staging directory's lock holds once published). Temporary files that
+        a killed writer left are removed when the lock is first taken."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            yield self  # not there yet (or unreadable): the caller's own error will name it
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in _HELD:
+            _HELD[key][1] += 1
+            try:
+                yield self
+            finally:
+                _HELD[key][1] -= 1
+            return
+        lock = Lock(self.path).acquire()
+        _HELD[key] = [lock, 1]
+        try:
+            if lock.fd is not None:
+                remove_stale_temporaries(self.path)
+                if self.figures.is_dir() and not self.figures.is_symlink():
+                    remove_stale_temporaries(self.figures)
+            yield self
+        finally:
+            del _HELD[key]
+            lock.release()
 
     # --- creating ----------------------------------------------------------------------------------------
     @classmethod

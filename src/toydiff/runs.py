@@ -26,6 +26,7 @@ from .rundir import RunDir
 from .runtime import NoiseStream, derive_seed, resolve_device, set_threads
 from .sampling import Plan, VPDiffusion, make_plan
 from .scaler import Scaler
+from .storage import check_memory
 from .schedules import NoiseSchedule
 
 
@@ -149,6 +150,9 @@ class Run:
         bounds = self._bounds() if cfg.clip else None
         model = self._compiled() if cfg.compile else self.model
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile else ()  # () catches nothing
+        check_memory(n * self.dim * 8 * (2 + (plan.steps + 1 if trajectory else 0)),
+                     f"{n:,} samples of {self.dim} columns" + (" with their paths" if trajectory else ""),
+                     "draw fewer at a time (--n)")
         samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
         paths, calls = [], 0
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
@@ -181,6 +185,12 @@ class Run:
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
         bar.close()
+        bad = int(np.count_nonzero(~np.isfinite(samples).all(axis=1)))
+        if bad:  # refused here, before any caller writes them
+            raise ToydiffError(f"{bad} of the {n} samples came out NaN or infinite; nothing was written. The "
+                               f"weights or the scaler of '{self.path}' may be damaged, or the guidance scale "
+                               f"({cfg.guidance:g}) too large: lower it, or sample without the EMA weights "
+                               "(sample.use_ema = false)")
         self.last_sampling = {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
                               "nfe": round(calls / batches, 2)}
         if cfg.round_integers and self.integer_columns:  # whole-number columns come back as whole numbers

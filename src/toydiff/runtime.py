@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import zlib
@@ -148,6 +149,15 @@ class World:
             sys.stderr.flush()
             os._exit(0)
 
+    def any(self, flag: bool) -> bool:
+        """Whether any rank's flag is set (every rank gets the same answer)."""
+        if self.size == 1:
+            return flag
+        import torch.distributed as dist
+        x = torch.tensor([float(flag)])
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item())
+
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
@@ -155,6 +165,22 @@ class World:
         x = x.clone()
         dist.all_reduce(x)
         return x / self.size
+
+
+COLLECTIVE_TIMEOUT = 300  # seconds a rank waits in a collective for the others (gloo's own default is 30 min)
+
+
+def collective_timeout() -> float:
+    """Seconds before a collective gives up on a rank that died or froze: COLLECTIVE_TIMEOUT, or the environment's
+    TOYDIFF_COLLECTIVE_TIMEOUT."""
+    raw = os.environ.get("TOYDIFF_COLLECTIVE_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else COLLECTIVE_TIMEOUT
+    except ValueError:
+        value = -1
+    if not 0 < value < 1e7:
+        raise ToydiffError(f"TOYDIFF_COLLECTIVE_TIMEOUT must be a number of seconds > 0, got '{raw}'")
+    return value
 
 
 def init_world(device: str = "auto") -> tuple[World, str]:
@@ -172,5 +198,6 @@ def init_world(device: str = "auto") -> tuple[World, str]:
     elif device == "auto":
         device = "cpu"
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                timeout=datetime.timedelta(seconds=collective_timeout()))
     return World(dist.get_rank(), dist.get_world_size()), device

@@ -111,7 +111,8 @@ class AffineScaler(Scaler):
             shift, scale = np.asarray(d["shift"], np.float64), np.asarray(d["scale"], np.float64)
         except (KeyError, TypeError, ValueError) as e:
             raise ToydiffError(f"the stored scaler is malformed ({e}); the run directory is damaged") from None
-        if shift.shape != scale.shape or shift.ndim != 1 or not np.all(scale > 0):
+        if shift.shape != scale.shape or shift.ndim != 1 or not np.all(scale > 0) or not np.all(np.isfinite(shift)) \
+                or not np.all(np.isfinite(scale)):
             raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
         return cls(d["kind"], shift, scale)
 
@@ -163,6 +164,7 @@ class QuantileScaler(Scaler):
             q = np.asarray(d["quantiles"], np.float64)
         except (KeyError, TypeError, ValueError) as e:
             raise ToydiffError(f"the stored scaler is malformed ({e}); the run directory is damaged") from None
-        if q.ndim != 2 or len(q) < 2 or not np.all(np.diff(q, axis=0) >= 0) or not np.all(q[-1] > q[0]):
+        if q.ndim != 2 or len(q) < 2 or not np.all(np.isfinite(q)) or not np.all(np.diff(q, axis=0) >= 0) \
+                or not np.all(q[-1] > q[0]):
             raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
         return cls(q)

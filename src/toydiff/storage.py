@@ -10,8 +10,12 @@ and what they are called, is toydiff.rundir's business.
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
+import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,21 +26,91 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import ToydiffError
+from .errors import ToydiffError, os_error
 
 FORMAT = "toydiff-run"  # the tag in every safetensors file and run manifest toydiff writes
 VERSION = 1  # the newest format version this toydiff reads and writes
+MAX_TEXT_BYTES = 64 * 2**20  # a JSON or TOML file toydiff reads (manifest, config, cache, log): larger is damage
+TMP_SUFFIX = ".tmp"  # atomic writes' temporary files: `.NAME.XXXX.tmp` beside their target
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+def available_memory() -> int | None:
+    """Bytes of memory the kernel says are available without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need: float, what: str, fix: str) -> None:
+    """Refuse, before allocating, something that needs more memory than this machine has available."""
+    free = available_memory()
+    if free is not None and need > free:
+        raise ToydiffError(f"{what} needs about {need / 2**30:.1f} GiB of memory and {free / 2**30:.1f} GiB is "
+                           f"available; {fix}")
+
+
+def check_regular(path: Path, what: str = "file") -> os.stat_result:
+    """The stat of `path` after checking it is a regular file (not a FIFO, a device such as /dev/zero, or a
+    folder), so that reading it can neither block forever nor never end."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ToydiffError(f"{what} '{path}' does not exist") from None
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ToydiffError(f"{what} '{path}' is not a regular file (a folder, pipe or device); give a file")
+    return st
+
+
+def read_text(path: str | Path, what: str = "file", limit: int = MAX_TEXT_BYTES) -> str:
+    """A regular UTF-8 text file of at most `limit` bytes, or a one-line error."""
+    path = Path(path)
+    check_regular(path, what)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    if len(data) > limit:
+        raise ToydiffError(f"{what} '{path}' is larger than {limit // 2**20} MiB; it cannot be one of toydiff's "
+                           "files: check the path")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ToydiffError(f"{what} '{path}' is not UTF-8 text ({e})") from None
+
+
+def parse_json(text: str, where: str) -> Any:
+    """JSON text, or a one-line error naming `where` (nesting too deep for the parser included)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise ToydiffError(f"{where} is not valid JSON ({reason}); the file is damaged") from None
+
+
+def read_json(path: str | Path, what: str = "file") -> Any:
+    return parse_json(read_text(path, what), f"{what} '{path}'")
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole."""
+    """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole. An
+    OS error (full disk, read-only folder, name too long) is a one-line error, with the temporary file removed."""
     path = Path(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
     except OSError as e:  # an unwritable or missing folder, a read-only or full disk: one line, nothing written
-        raise ToydiffError(f"cannot write '{path}': {e.strerror or e}; choose a folder you can write to") from None
+        raise os_error(e, path, "write") from None
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
@@ -44,9 +118,90 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(e, path, "write") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_many(files: dict[Path, bytes]) -> None:
+    """Several files written as one unit: each to its temporary name first, then all renamed into place, so an
+    error before the renames (a full disk) changes none of them. A kill between two renames can still leave
+    them apart, which is why the last file written should be the one that vouches for the others."""
+    tmps: dict[Path, str] = {}
+    try:
+        for path, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
+            tmps[path] = tmp
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except OSError as e:
+        for tmp in tmps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise os_error(e, e.filename or next(iter(files)), "write") from None
+    except BaseException:
+        for tmp in tmps.values():
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporary files that killed writers left in `folder` (call it holding the folder's lock)."""
+    removed = 0
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        try:
+            p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+class Lock:
+    """An exclusive OS lock on `folder` (flock on a file in it): the kernel releases it when the process dies,
+    so a SIGKILL never leaves a stale lock. A second holder is refused with the first one's process id."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path, what: str = "run directory"):
+        self.path, self.what, self.fd = Path(folder) / self.NAME, what, None
+
+    def acquire(self) -> "Lock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        except OSError as e:
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                return self  # a folder this process cannot write to: reading it needs no lock
+            raise os_error(e, self.path.parent, "lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise ToydiffError(f"{self.what} '{self.path.parent}' is in use by process {holder}; wait for it to "
+                               "finish (or stop it) and run the command again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None
+
+    def __enter__(self) -> "Lock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,12 +214,39 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def npy_header(f, size: int, where: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from an open .npy stream's header, checked against the `size` bytes it holds, before any
+    array is allocated: a header claiming more rows than its file carries is refused, not believed."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            raise ValueError(f"unsupported .npy version {version}")
+        shape, _, dtype = read[version](f, max_header_size=10_000)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise ToydiffError(f"{where} is not a readable .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ToydiffError(f"{where} holds Python objects; toydiff reads numeric arrays only")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if need > size:
+        raise ToydiffError(f"{where} is damaged: its header claims {shape} {dtype} ({need:,} bytes) but it holds "
+                           f"{size:,}")
+    return tuple(shape), dtype
+
+
 def load_npy(path: Path) -> np.ndarray:
+    """A numeric .npy array, its header checked against the file's size and the memory available first."""
+    path = Path(path)
+    st = check_regular(path, "array file")
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = npy_header(f, st.st_size, f"'{path}'")
+    except OSError as e:
+        raise os_error(e, path, "read") from None
+    check_memory(st.st_size, f"'{path}'", "free memory or use a smaller file")
     try:
         return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ToydiffError(f"'{path}' does not exist") from None
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, EOFError) as e:
         raise ToydiffError(f"'{path}' is not a readable .npy array ({e})") from None
 
 
@@ -104,8 +286,9 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, s
 
 def load_tensors(path: Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a toydiff safetensors file; never unpickles anything."""
-    if not Path(path).is_file():
+    if not Path(path).exists():
         raise ToydiffError(f"'{path}' does not exist: the run has no {what} (did training start?)")
+    check_regular(Path(path), what)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

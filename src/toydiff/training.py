@@ -100,12 +100,17 @@ def drop_labels(labels: torch.Tensor, p: float, null: int, generator: torch.Gene
     return torch.where(drop, torch.full_like(labels, null), labels)
 
 
-class Interrupted(Exception):
-    """Training stopped at a step boundary by Ctrl-C (SIGINT), after `on_checkpoint` saved that step."""
+# the signals that stop training at a step boundary with a checkpoint: Ctrl-C, and the SIGTERM a cluster
+# (Slurm, Kubernetes) sends before its SIGKILL, and SIGHUP (the terminal or ssh session went away)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-    def __init__(self, step: int):
-        super().__init__(f"interrupted at step {step}")
-        self.step = step
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary by a stop signal (STOP_SIGNALS), after `on_checkpoint` saved that step."""
+
+    def __init__(self, step: int, signum: int = signal.SIGINT):
+        super().__init__(f"interrupted at step {step} by {signal.Signals(signum).name}")
+        self.step, self.signum = step, signum
 
 
 @dataclass
@@ -188,9 +193,10 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     with probability cfg.label_dropout. Each row is {step, loss (mean over the rows' steps), lr, seconds}.
     The loss is read back from the device only every cfg.log_every steps, where a non-finite loss or
     gradient norm (tracked on the device every step) stops training before the next checkpoint could save
-    it; the progress display moves every step. Ctrl-C finishes the current step, calls on_checkpoint and
-    raises Interrupted. With several processes (`world`, under torchrun) the model trains as
-    DistributedDataParallel on shards of one shared global batch.
+    it; the progress display moves every step. Ctrl-C, SIGTERM or SIGHUP finishes the current step, calls
+    on_checkpoint and raises Interrupted. With several processes (`world`, under torchrun) the model trains as
+    DistributedDataParallel on shards of one shared global batch, and the ranks agree to stop at the next
+    log row (one small all-reduce there), so every rank stops at the same step.
     """
     if not isinstance(objective, (Objective, Progressive, Consistency)):
         objective = Objective(objective, cfg.loss_weighting, cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
@@ -206,7 +212,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
     start = time.perf_counter() - state.seconds
     bar = Progress(cfg.steps, "train", "step", enabled=progress, initial=state.step)
-    with _sigint_flag(enabled=world.size == 1) as stop:  # under torchrun, Ctrl-C is torchrun's to handle
+    with _stop_flag() as stop:
         for step in range(state.step + 1, cfg.steps + 1):
             if batch >= n:
                 xb, yb = x0, labels
@@ -230,7 +236,8 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             state.step, state.since = step, state.since + 1
             bar.update()
             is_checkpoint = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.steps
-            if step % cfg.log_every == 0 or step == cfg.steps or is_checkpoint or stop.is_set():
+            stopping = stop.is_set() if world.size == 1 else (step % cfg.log_every == 0 and world.any(stop.is_set()))
+            if step % cfg.log_every == 0 or step == cfg.steps or is_checkpoint or stopping:
                 _check_finite(int(first_bad), cfg)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = world.mean(running).item() / state.since
@@ -242,12 +249,12 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                     on_log(row)
                 running.zero_()
                 state.since = 0
-            if on_checkpoint is not None and (is_checkpoint or stop.is_set()):
+            if on_checkpoint is not None and (is_checkpoint or stopping):
                 state.running, state.seconds = running.item(), time.perf_counter() - start
                 on_checkpoint(state)
-            if stop.is_set():
+            if stopping:
                 bar.close()
-                raise Interrupted(step)
+                raise Interrupted(step, stop.signum or signal.SIGTERM)
     bar.close()
     state.running, state.seconds = running.item(), time.perf_counter() - start
     model.eval()
@@ -261,21 +268,28 @@ def _check_finite(first_bad: int, cfg: TrainConfig) -> None:
                            "on, or choose a schedule whose betas stay well below 1")
 
 
+class _StopFlag(threading.Event):
+    signum: int = 0  # the first stop signal received
+
+
 @contextmanager
-def _sigint_flag(enabled: bool = True):
-    """A flag Ctrl-C sets (the loop stops at the end of the step); a second Ctrl-C interrupts at once."""
-    stop = threading.Event()
-    if not enabled or threading.current_thread() is not threading.main_thread():
+def _stop_flag():
+    """A flag a stop signal (STOP_SIGNALS) sets: the loop stops at the end of the step; a second one interrupts
+    at once (KeyboardInterrupt)."""
+    stop = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handler(signum, frame):
         if stop.is_set():
             raise KeyboardInterrupt
+        stop.signum = signum
         stop.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)

@@ -11,9 +11,11 @@ uninterrupted weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,6 +35,7 @@ from .runtime import World, numpy_rng, resolve_device, set_threads, torch_genera
 from .sampling import VPDiffusion, check_conditioning, make_plan
 from .scaler import Scaler
 from .schedules import NoiseSchedule
+from .storage import check_memory
 from .training import Interrupted, TrainState, make_state, train
 
 Log = Callable[[str], None]
@@ -79,6 +82,8 @@ def validate(cfg: ExperimentConfig, world: World = World()) -> None:
     before anything is trained or written (the config checked itself when it was made)."""
     if not cfg.data.path:
         datasets.params(cfg.data)
+        check_memory(cfg.data.n * max(cfg.data.dim, 2) * 8 * 4, f"data.n = {cfg.data.n:,} points",
+                     "lower data.n")
     check_model(cfg.model)
     make_plan(cfg.sample, VPDiffusion(NoiseSchedule.from_config(cfg.schedule)),
               learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
@@ -168,25 +173,32 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
             "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
-    try:
-        staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels, noise)
-    except BaseException:
-        shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
-        raise
-    run.path = staging.publish(Path(out)).path
-    process = (f"flow matching ({cfg.train.timestep_sampling} t, {cfg.train.coupling} coupling)"
-               if cfg.schedule.process == "flow" else
-               f"T = {run.schedule.T} {cfg.schedule.name}, alpha_bar_T = {run.schedule.alpha_bar_T:.3g}")
-    log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
-        f"(n = {x.shape[0]}, D = {x.shape[1]}), {process}, {cfg.train.steps} steps on {device}")
-    return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)
+    with staging.writing():  # the lock follows the directory when it is published
+        try:
+            staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels, noise)
+            run.path = staging.publish(Path(out)).path
+        except BaseException:
+            shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
+            raise
+        process = (f"flow matching ({cfg.train.timestep_sampling} t, {cfg.train.coupling} coupling)"
+                   if cfg.schedule.process == "flow" else
+                   f"T = {run.schedule.T} {cfg.schedule.name}, alpha_bar_T = {run.schedule.alpha_bar_T:.3g}")
+        log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
+            f"(n = {x.shape[0]}, D = {x.shape[1]}), {process}, {cfg.train.steps} steps on {device}")
+        return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)
 
 
 def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False, log: Log = silent,
                world: World = World()) -> Run:
     """Continue training a run from its last checkpoint (weights, EMA, optimizer, RNG and log), to the very
-    weights an uninterrupted run reaches (on the same device; bit for bit on CPU)."""
+    weights an uninterrupted run reaches (on the same device; bit for bit on CPU). Rank 0 holds the run
+    directory's lock throughout: a second resume of the same run is refused, naming the process that holds it."""
     run = Run.load(path, device=device, weights=False)
+    with run.dir.writing() if world.is_writer else contextlib.nullcontext():
+        return _resume(run, path, device, progress, log, world)
+
+
+def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, world: World) -> Run:
     info = run.dir.read_manifest()
     if info.get("method") in TEACHER_IN_MEMORY and info.get("status") != "trained":
         raise ToydiffError(f"'{path}' is a {info['method']} student cut short; it trains against a teacher held in "
@@ -240,8 +252,15 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
                      progress=progress, world=world)
     except Interrupted as e:
-        raise RunInterrupted(f"interrupted: saved step {e.step} of {cfg.train.steps} in '{run.path}'; {resume}") \
-            from None
+        how = "interrupted" if e.signum == signal.SIGINT else f"stopped by {signal.Signals(e.signum).name}"
+        raise RunInterrupted(f"{how}: saved step {e.step} of {cfg.train.steps} in '{run.path}'; {resume}",
+                             128 + e.signum) from None
+    except RuntimeError as e:  # under torchrun: a collective failed because another rank died or froze
+        if world.size == 1:
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ToydiffError(f"another process of this torchrun job stopped or stopped answering ({first}); "
+                           f"'{run.path}' keeps its last checkpoint: {resume} under torchrun") from None
     except KeyboardInterrupt:  # before the loop's own handler was in place, or a second Ctrl-C
         raise RunInterrupted(f"interrupted before step {state.step + 1} was saved in '{run.path}'; {resume}") \
             from None
