@@ -8,6 +8,7 @@ by the subcommand that needs them), so --help, --version and argument errors ans
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import sys
 from pathlib import Path
@@ -301,27 +302,35 @@ def _output(path: Optional[str], flag: str, suffixes: tuple[str, ...]) -> Option
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .runs import Run
-    from .storage import save_npy, save_table
 
     out = _output(args.out, "--out", (".npy", ".csv"))
-    if args.trajectory and not args.trajectory.endswith(".npy"):
-        raise ToydiffError(f"--trajectory must end in .npy, got '{args.trajectory}'")
+    trajectory = _output(args.trajectory, "--trajectory", (".npy",))
     run = Run.load(args.run_dir, device=args.device)
+    if trajectory is not None and trajectory.resolve() in (
+            (out or run.dir.samples).resolve(), run.dir.samples.resolve()):
+        raise ToydiffError(f"--trajectory '{trajectory}' would overwrite the samples; give it another file name")
+    with run.dir.writing() if out is None else contextlib.nullcontext():
+        return _sample(run, args, out, trajectory)
+
+
+def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Optional[Path]) -> int:
+    from .storage import save_npy, save_table
+
     n = run.config.sample.n if args.n is None else args.n
     result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                         spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label,
-                        guidance=args.guidance, trajectory=bool(args.trajectory), compile=args.compile,
+                        guidance=args.guidance, trajectory=trajectory is not None, compile=args.compile,
                         progress=not args.quiet)
-    samples = result[0] if args.trajectory else result
+    samples = result[0] if trajectory is not None else result
     if out is None:
         npy, csv = run.dir.write_samples(samples, run.column_names, run.last_sampling)
         print(f"wrote {len(samples)} samples to {npy} and {csv} (data units)")
     else:
         save_table(out, samples, run.column_names)
         print(f"wrote {len(samples)} samples to {out} (data units)")
-    if args.trajectory:
-        save_npy(Path(args.trajectory), result[1])
-        print(f"wrote the reverse paths (steps, n, D) to {args.trajectory} (scaled frame)")
+    if trajectory is not None:
+        save_npy(trajectory, result[1])
+        print(f"wrote the reverse paths (steps, n, D) to {trajectory} (scaled frame)")
     return 0
 
 
@@ -330,13 +339,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    samples = run.dir.read_samples()
-    if samples is None:
-        samples = run.sample(run.config.sample.n)
-    if samples.ndim != 2 or samples.shape[1] != run.dim:
-        raise ToydiffError(f"'{run.dir.samples}' has shape {samples.shape}; the run's data has {run.dim} columns")
-    for path in write_figures(run, samples).values():
-        print(f"figure: {path}")
+    with run.dir.writing():
+        samples = run.dir.read_samples()
+        if samples is None:
+            samples = run.sample(run.config.sample.n)
+        if samples.ndim != 2 or samples.shape[1] != run.dim:
+            raise ToydiffError(f"'{run.dir.samples}' has shape {samples.shape}; the run's data has {run.dim} columns")
+        for path in write_figures(run, samples).values():
+            print(f"figure: {path}")
     return 0
 
 
@@ -351,8 +361,10 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
     run = Run.load(args.run_dir, device=args.device)
     n, count = args.n or ANIMATION_POINTS, args.frames or ANIMATION_FRAMES
-    frames = forward_frames(run, n, count) if args.forward else reverse_frames(run, n, count, progress=not args.quiet)
-    path = write_animation(run, frames, out or run.dir.animation("forward" if args.forward else "reverse"))
+    with run.dir.writing() if out is None else contextlib.nullcontext():
+        frames = forward_frames(run, n, count) if args.forward else reverse_frames(run, n, count,
+                                                                                   progress=not args.quiet)
+        path = write_animation(run, frames, out or run.dir.animation("forward" if args.forward else "reverse"))
     print(f"animation: {path} ({len(frames)} frames)")
     return 0
 
@@ -367,7 +379,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if rd.read_samples() is None:
         raise ToydiffError(f"'{args.run_dir}' has no samples to report on; draw them with `toydiff sample "
                            f"{args.run_dir}` (and judge them with `toydiff eval {args.run_dir}`)")
-    print(f"report: {write_report(args.run_dir, out)}")
+    with rd.writing() if out is None else contextlib.nullcontext():
+        print(f"report: {write_report(args.run_dir, out)}")
     return 0
 
 
@@ -419,8 +432,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
-                      quiet=args.quiet)
+    with run.dir.writing():
+        report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
+                          quiet=args.quiet)
     _print_report(run, report)
     return 0
 

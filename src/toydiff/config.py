@@ -27,6 +27,7 @@ from typing import Any, ClassVar, get_type_hints
 import tomli_w
 
 from .errors import ToydiffError, did_you_mean, unknown
+from .storage import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -521,16 +522,19 @@ def merged(cfg: ExperimentConfig, updates: dict[str, Any]) -> ExperimentConfig:
     return from_dict(d)
 
 
+MAX_CONFIG_BYTES = 2**20  # a config or grid file; larger is not a config (/dev/zero, a data file given by mistake)
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a table: a regular file of at most MAX_CONFIG_BYTES, or a one-line error."""
     path = Path(path)
+    text = read_text(path, "config file", MAX_CONFIG_BYTES)
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ToydiffError(f"config file '{path}' does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ToydiffError(f"cannot read config file '{path}': {e}") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ToydiffError(f"config file '{path}' is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ToydiffError(f"config file '{path}' is not valid TOML: nested too deeply") from None
 
 
 def loads(text: str, source: str = "config") -> ExperimentConfig:
@@ -538,6 +542,8 @@ def loads(text: str, source: str = "config") -> ExperimentConfig:
         d = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ToydiffError(f"{source} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ToydiffError(f"{source} is not valid TOML: nested too deeply") from None
     return from_dict(d)
 
 
@@ -571,6 +577,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()  # a bare word such as moons or cosine
+    except RecursionError:
+        raise ToydiffError(f"--set {key}: the value is nested too deeply") from None
     return key.split("."), value
 
 

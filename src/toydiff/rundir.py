@@ -27,6 +27,8 @@ unpickled (toydiff.storage).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import io
 import json
 import os
 from contextlib import contextmanager
@@ -41,9 +43,9 @@ from . import __version__, config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .scaler import Scaler
-from .storage import (FORMAT, VERSION, Lock, atomic_write_text, csv_text, load_npy, load_tensors, load_weights,
-                      make_staging_dir, publish_dir, remove_stale_temporaries, save_csv, save_npy, save_tensors,
-                      save_weights)
+from .storage import (FORMAT, VERSION, Fields, Lock, MapOf, atomic_write_many, atomic_write_text, csv_text,
+                      check_regular, check_schema, load_npy, load_tensors, load_weights, make_staging_dir, publish_dir, read_json,
+                      remove_stale_temporaries, save_csv, save_npy, save_tensors, save_weights)
 
 MANIFEST = "run.json"
 CONFIG = "config.toml"
@@ -64,6 +66,27 @@ METRICS = "metrics.json"
 FIGURES_DIR = "figures"
 RESULT = "result.json"
 REPORT = "report.html"
+
+
+# What each JSON file of a run directory may hold, checked on every read (storage.check_schema): damaged or
+# hostile metadata ends in one line naming the field, never a TypeError inside.
+MANIFEST_SCHEMA = Fields({
+    "format": str, "version": int, "status": str, "dim": int, "n_train": int, "classes": int, "columns": [str],
+    "class_names": [str], "integer_columns": [str], "source": str, "student": str, "teacher": str, "method": str,
+    "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
+    "alpha_bar_T": float, "parameters": int, "device": str, "threads": int, "created": str,
+    "toydiff_version": str}, required=("format", "version", "status"))
+SAMPLING_SCHEMA = Fields({"sampler": str, "steps": int, "spacing": (str, None), "nfe": (float, None),
+                          "npy_sha256": str, "csv_sha256": str})
+_VALUE = (float, None)
+METRICS_SCHEMA = Fields({
+    "verdict": str, "n": int, "z_limit": _VALUE, "nfe": _VALUE, "sampling": (SAMPLING_SCHEMA, None),
+    "metrics": MapOf(Fields({"value": _VALUE, "floor_mean": _VALUE, "floor_std": _VALUE, "z": _VALUE,
+                             "about": str})),
+    "likelihood": Fields({"n": int, "units": str, "values": MapOf(Fields({
+        "nats": _VALUE, "nats_per_dim": _VALUE, "bits_per_dim": _VALUE, "minus_entropy": _VALUE}))})},
+    required=("verdict", "n", "metrics"))
+RESULT_SCHEMA = MapOf((str, float, bool, None))
 
 
 def teacher_path(out: str | Path) -> Path:
@@ -165,12 +188,15 @@ class RunDir:
             finally:
                 _HELD[key][1] -= 1
             return
+        if self.figures.is_symlink() or (self.figures.exists() and not self.figures.is_dir()):
+            raise ToydiffError(f"'{self.figures}' is not a folder of the run directory (a link or a file); toydiff "
+                               "writes only inside the run directory: remove it and run the command again")
         lock = Lock(self.path).acquire()
         _HELD[key] = [lock, 1]
         try:
             if lock.fd is not None:
                 remove_stale_temporaries(self.path)
-                if self.figures.is_dir() and not self.figures.is_symlink():
+                if self.figures.is_dir():
                     remove_stale_temporaries(self.figures)
             yield self
         finally:
@@ -223,17 +249,18 @@ class RunDir:
         if not path.is_file():
             raise ToydiffError(f"'{self.path}' is not a toydiff run directory (no {MANIFEST}); "
                                "make one with `toydiff run` or `toydiff train`")
-        try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise ToydiffError(f"'{path}' is not valid JSON ({e}); the run directory is damaged") from None
+        info = read_json(path, "run manifest")
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise ToydiffError(f"'{self.path}' is not a toydiff run directory ({MANIFEST} has no '{FORMAT}' format "
                                "tag)")
         version = info.get("version")
-        if not isinstance(version, int) or version > VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
             raise ToydiffError(f"'{self.path}' has run format version {version!r}; this toydiff reads versions up "
                                f"to {VERSION}: upgrade toydiff")
+        check_schema(info, MANIFEST_SCHEMA, f"run manifest '{path}'")
+        if info["status"] not in ("training", "trained"):
+            raise ToydiffError(f"run manifest '{path}' is damaged: status {info['status']!r} is neither 'training' "
+                               "nor 'trained'")
         return info
 
     def is_run(self) -> bool:
@@ -245,10 +272,7 @@ class RunDir:
         return config_io.load(self.path / CONFIG)
 
     def read_scaler(self) -> Scaler:
-        try:
-            return Scaler.from_dict(json.loads((self.path / SCALER).read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ToydiffError(f"cannot read '{self.path / SCALER}' ({e}); the run directory is damaged") from None
+        return Scaler.from_dict(read_json(self.path / SCALER, "scaler file"))
 
     def read_data(self, dim: int, conditional: bool, classes: Optional[int]
                   ) -> tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
@@ -315,8 +339,9 @@ class RunDir:
 
     def read_log(self) -> Optional[dict[str, np.ndarray]]:
         """The loss log as columns (LOG_HEADER -> array), or None while it has no row."""
-        if not self.train_log.is_file():
+        if not self.train_log.exists():
             return None
+        check_regular(self.train_log, "loss log")
         try:
             table = np.loadtxt(self.train_log, delimiter=",", skiprows=1, ndmin=2)
         except ValueError as e:
@@ -345,40 +370,52 @@ class RunDir:
 
     # --- outputs -----------------------------------------------------------------------------------------
     def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None) -> tuple[Path, Path]:
-        """samples.npy and samples.csv in data units, the CSV headed by the data's column names; `sampling`
-        (Run.last_sampling: sampler, steps, spacing, nfe) beside them in samples.json, or none left stale."""
+        """samples.npy and samples.csv in data units, the CSV headed by the data's column names, and samples.json
+        beside them: how they were drawn (`sampling`, Run.last_sampling: sampler, steps, spacing, nfe) and the
+        SHA-256 of both files. The three are written as one unit, samples.json renamed last, so a kill or a full
+        disk in between leaves files that read_samples finds do not belong together, never silently mixed."""
         npy, csv, about = self.samples, self.samples.with_suffix(".csv"), self.path / SAMPLING
-        save_npy(npy, samples.astype(np.float32))
-        save_csv(csv, samples, names)
-        if sampling is not None:
-            atomic_write_text(about, json.dumps(sampling))
-        else:
-            about.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, samples.astype(np.float32), allow_pickle=False)
+        npy_bytes, csv_bytes = buf.getvalue(), csv_text(samples, names).encode("utf-8")
+        record = {**(sampling or {}), "npy_sha256": hashlib.sha256(npy_bytes).hexdigest(),
+                  "csv_sha256": hashlib.sha256(csv_bytes).hexdigest()}
+        atomic_write_many({npy: npy_bytes, csv: csv_bytes, about: json.dumps(record).encode("utf-8")})
         return npy, csv
 
+    def _samples_record(self) -> Optional[dict]:
+        path = self.path / SAMPLING
+        return read_json(path, "sampling record", SAMPLING_SCHEMA) if path.is_file() else None
+
     def read_sampling(self) -> Optional[dict]:
-        """How the stored samples were drawn (samples.json), or None when unknown or unreadable."""
-        try:
-            about = json.loads((self.path / SAMPLING).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        """How the stored samples were drawn (samples.json without its checksums), or None when unknown."""
+        record = self._samples_record()
+        if record is None or "sampler" not in record:
             return None
-        return about if isinstance(about, dict) else None
+        return {k: v for k, v in record.items() if not k.endswith("_sha256")}
 
     def read_samples(self) -> Optional[np.ndarray]:
-        """The stored samples, or None when there are none."""
-        return load_npy(self.samples) if self.samples.is_file() else None
+        """The stored samples, or None when there are none; refused when samples.npy is not the file
+        samples.json vouches for (a write cut short)."""
+        if not self.samples.is_file():
+            return None
+        record = self._samples_record()
+        digest = hashlib.sha256()
+        with open(self.samples, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        if record is None or record.get("npy_sha256") != digest.hexdigest():
+            raise ToydiffError(f"the samples in '{self.path}' are incomplete: {SAMPLES}.npy is not the file "
+                               f"{SAMPLING} vouches for (a write was cut short); draw them again with "
+                               f"`toydiff sample {self.path}`")
+        return load_npy(self.samples)
 
     def write_metrics(self, report: dict) -> Path:
         atomic_write_text(self.metrics, json.dumps(report, indent=2))
         return self.metrics
 
     def read_metrics(self) -> Optional[dict]:
-        if not self.metrics.is_file():
-            return None
-        try:
-            return json.loads(self.metrics.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise ToydiffError(f"'{self.metrics}' is not valid JSON ({e}); the run directory is damaged") from None
+        return read_json(self.metrics, "metrics file", METRICS_SCHEMA) if self.metrics.is_file() else None
 
     def write_result(self, row: dict) -> None:
         atomic_write_text(self.path / RESULT, json.dumps(row))
@@ -386,4 +423,4 @@ class RunDir:
     def read_result(self) -> Optional[dict]:
         """A study's stored row for this run, or None when the run has not finished."""
         path = self.path / RESULT
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_json(path, "study result", RESULT_SCHEMA) if path.is_file() else None

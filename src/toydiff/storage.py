@@ -18,15 +18,15 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as st_save
-from torch import nn
 
 from .errors import ToydiffError, os_error
+
+if TYPE_CHECKING:  # torch and safetensors are imported by the functions that need them: config reads its files
+    import torch  # through this module, and `toydiff --help` loads no torch
+    from torch import nn
 
 FORMAT = "toydiff-run"  # the tag in every safetensors file and run manifest toydiff writes
 VERSION = 1  # the newest format version this toydiff reads and writes
@@ -34,6 +34,7 @@ MAX_TEXT_BYTES = 64 * 2**20  # a JSON or TOML file toydiff reads (manifest, conf
 TMP_SUFFIX = ".tmp"  # atomic writes' temporary files: `.NAME.XXXX.tmp` beside their target
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
 
 def available_memory() -> int | None:
     """Bytes of memory the kernel says are available without swapping (MemAvailable), or None where unknown."""
@@ -99,8 +100,99 @@ def parse_json(text: str, where: str) -> Any:
         raise ToydiffError(f"{where} is not valid JSON ({reason}); the file is damaged") from None
 
 
-def read_json(path: str | Path, what: str = "file") -> Any:
-    return parse_json(read_text(path, what), f"{what} '{path}'")
+def read_json(path: str | Path, what: str = "file", schema: Any = object) -> Any:
+    """A JSON file, checked against `schema` (see `check_schema`) before anything uses it."""
+    where = f"{what} '{path}'"
+    value = parse_json(read_text(path, what), where)
+    check_schema(value, schema, where)
+    return value
+
+
+class Fields(dict):
+    """A schema for a JSON object: the listed keys, where present, match their schemas (`required` must be
+    present); other keys are let through."""
+
+    def __init__(self, fields: dict, required: tuple[str, ...] = ()):
+        super().__init__(fields)
+        self.required = required
+
+
+class MapOf:
+    """A schema for a JSON object whose every value matches `schema` (a table keyed by names)."""
+
+    def __init__(self, schema: Any):
+        self.schema = schema
+
+
+def check_schema(value: Any, schema: Any, where: str, at: str = "") -> None:
+    """Check a value read from disk against a schema, so that damaged or hostile metadata ends in one line
+    instead of a TypeError deep inside: a type (int: not bool; float or NUMBER: a finite number), None (null),
+    a tuple (any of), a list of one schema (a list of such items), Fields or MapOf (objects), object (anything)."""
+    if _matches(value, schema, where, at):
+        return
+    name = at or "the top level"
+    raise ToydiffError(f"{where} is damaged: {name} should be {_describe(schema)}, not {type(value).__name__} "
+                       f"{_short(value)}; the file was edited or corrupted")
+
+
+def _matches(value: Any, schema: Any, where: str, at: str) -> bool:
+    if schema is object:
+        return True
+    if schema is None:
+        return value is None
+    if isinstance(schema, tuple):
+        return any(_matches(value, s, where, at) for s in schema if not isinstance(s, (Fields, MapOf, list)))\
+            or any(_nested(value, s, where, at) for s in schema if isinstance(s, (Fields, MapOf, list)))
+    if isinstance(schema, (Fields, MapOf, list)):
+        return _nested(value, schema, where, at)
+    if schema is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+    if schema is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, schema)
+
+
+def _nested(value: Any, schema: Any, where: str, at: str) -> bool:
+    """Containers: False when the container's own type is wrong; an item that is wrong raises, named."""
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return False
+        for i, item in enumerate(value):
+            check_schema(item, schema[0], where, f"{at}[{i}]")
+        return True
+    if not isinstance(value, dict):
+        return False
+    if isinstance(schema, MapOf):
+        for k, v in value.items():
+            check_schema(v, schema.schema, where, f"{at}.{k}" if at else k)
+        return True
+    missing = [k for k in schema.required if k not in value]
+    if missing:
+        raise ToydiffError(f"{where} is damaged: {f'{at}.' if at else ''}{missing[0]} is missing; the file was "
+                           "edited or corrupted")
+    for k, s in schema.items():
+        if k in value:
+            check_schema(value[k], s, where, f"{at}.{k}" if at else k)
+    return True
+
+
+def _describe(schema: Any) -> str:
+    if isinstance(schema, tuple):
+        return " or ".join(dict.fromkeys(_describe(s) for s in schema))
+    if isinstance(schema, list):
+        return f"a list of {_describe(schema[0])}"
+    if isinstance(schema, (Fields, MapOf)):
+        return "an object"
+    return {None: "null", int: "an integer", float: "a finite number", str: "a string", bool: "true or false",
+            dict: "an object", list: "a list"}.get(schema, getattr(schema, "__name__", str(schema)))
+
+
+def _short(value: Any) -> str:
+    try:
+        text = json.dumps(value) if not isinstance(value, float) or np.isfinite(value) else repr(value)
+    except (ValueError, RecursionError):
+        text = "..."
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -253,8 +345,10 @@ def load_npy(path: Path) -> np.ndarray:
 def csv_text(rows: list[dict[str, Any]] | np.ndarray, header: list[str] | tuple[str, ...] | None = None) -> str:
     """Rows of dicts, or a 2-D array with its column names, as CSV text (numbers with 7 significant digits)."""
     buf = io.StringIO()
-    if isinstance(rows, np.ndarray):
-        np.savetxt(buf, rows, delimiter=",", header=",".join(header or []), comments="", fmt="%.7g")
+    if isinstance(rows, np.ndarray):  # the header through csv (a name with a comma or newline is quoted)
+        if header:
+            csv.writer(buf, lineterminator="\n").writerow(list(header))
+        np.savetxt(buf, rows, delimiter=",", comments="", fmt="%.7g")
     else:
         writer = csv.DictWriter(buf, fieldnames=list(header or (list(rows[0]) if rows else [])))
         writer.writeheader()
@@ -280,12 +374,16 @@ def save_table(path: Path, x: np.ndarray, names: list[str]) -> None:
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Named tensors and string metadata as one safetensors file, tagged with the run format, written atomically."""
+    from safetensors.torch import save as st_save
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, st_save(tensors, metadata={**meta, "format": FORMAT, "version": str(VERSION)}))
 
 
 def load_tensors(path: Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a toydiff safetensors file; never unpickles anything."""
+    from safetensors import SafetensorError, safe_open
+
     if not Path(path).exists():
         raise ToydiffError(f"'{path}' does not exist: the run has no {what} (did training start?)")
     check_regular(Path(path), what)
@@ -319,8 +417,15 @@ def load_weights(path: Path, model: nn.Module) -> int:
                      f"{tuple(expected[wrong[0]].shape)}")
         raise ToydiffError(f"the weights in '{path}' do not fit the run's configured model ({what}); "
                            "was the file copied from another run?")
-    model.load_state_dict(tensors)
-    return int(meta.get("step", "0"))
+    step = meta.get("step", "0")
+    if not step.isdigit() or len(step) > 18:
+        raise ToydiffError(f"'{path}' is damaged: its step is {step!r}, not a count")
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:  # a dtype it cannot copy from
+        raise ToydiffError(f"the weights in '{path}' do not fit the run's model ({e}); the run directory is "
+                           "damaged") from None
+    return int(step)
 
 
 def make_staging_dir(target: Path) -> Path:

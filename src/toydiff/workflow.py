@@ -210,8 +210,10 @@ def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, w
     saved = run.dir.load_checkpoint()
     if saved is not None:
         try:
-            state.restore(*saved)
-        except (KeyError, ValueError, RuntimeError) as e:
+            state.restore(*saved, steps=run.config.train.steps)
+        except ToydiffError:
+            raise
+        except (KeyError, ValueError, RuntimeError) as e:  # a tensor the model's load_state_dict refuses
             raise ToydiffError(f"'{run.dir.checkpoint}' does not fit the run's configuration ({e}); the run "
                                "directory is damaged") from None
     if state.step >= run.config.train.steps and info.get("status") == "trained":
