@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -494,7 +496,23 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGTERM (a cluster stopping the job) or SIGHUP (the session went away) outside training's own handling:
+    treated like Ctrl-C, with the shell's exit code for the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, _stop)
     try:
         args = parse(argv)
         if args.command in ("run", "train"):
@@ -513,9 +531,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunInterrupted as e:
         print(f"toydiff: {e}", file=sys.stderr)
         return e.code
-    except KeyboardInterrupt:
-        print("toydiff: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        print(f"toydiff: {how}; nothing half-written was kept (a study or a run resumes with the same command)",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,7 @@ from .reference import MIN_EVAL_N, Target, class_targets, target_for
 from .runs import Run
 from .runtime import derive_seed, torch_generator
 from .scaler import Scaler
-from .storage import atomic_write_text
+from .storage import Fields, MapOf, atomic_write_text, read_json
 
 
 class Metric(NamedTuple):
@@ -221,21 +221,41 @@ def floor_cache_path(key: dict) -> Path:
     return root / "floors" / f"{digest}.json"
 
 
-def cached_floors(key: dict, compute_floors: Callable[[], dict]) -> tuple[dict, bool]:
-    """Floors from the cache when `key` (everything they depend on) was seen before; else computed and stored."""
-    path = floor_cache_path({**key, "floor_version": FLOOR_VERSION})
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored.get("key") == {**key, "floor_version": FLOOR_VERSION}:
-            return stored["floors"], True
-    except (OSError, ValueError, AttributeError):
-        pass  # absent or unreadable: compute afresh
+FLOOR_SCHEMA = MapOf(Fields({"mean": float, "std": float, "draws": int}, required=("mean", "std", "draws")))
+
+
+def _floor_digest(key: dict, floors_: dict) -> str:
+    return hashlib.sha256(json.dumps([key, floors_], sort_keys=True).encode()).hexdigest()
+
+
+def cached_floors(key: dict, compute_floors: Callable[[], dict], log: Callable[[str], None] = lambda s: None
+                  ) -> tuple[dict, bool]:
+    """Floors from the cache when `key` (everything they depend on) was seen before; else computed and stored.
+
+    A cache entry is used only when it is whole: the same key, floors of the schema every metric's floor has
+    (finite mean, std >= 0, draws) for known metrics only, and a SHA-256 over key and floors that matches; any
+    other entry (damaged, edited, a wrong type inside) is recomputed and replaced, so a tampered cache never
+    changes a verdict. Entries are written atomically: two evaluations at once each write a whole file."""
+    key = {**key, "floor_version": FLOOR_VERSION}
+    path = floor_cache_path(key)
+    if path.exists():
+        try:
+            stored = read_json(path, "noise-floor cache entry", Fields({"key": dict, "floors": FLOOR_SCHEMA,
+                                                                         "sha256": str}))
+            floors_ = stored["floors"]
+            if (stored.get("key") == key and stored.get("sha256") == _floor_digest(key, floors_)
+                    and set(floors_) <= set(METRICS) and all(f["std"] >= 0 and f["draws"] >= 2
+                                                             for f in floors_.values())):
+                return floors_, True
+            log(f"the cached noise floors in '{path}' do not match what they vouch for; computing them again")
+        except (ToydiffError, KeyError, TypeError) as e:
+            log(f"the cached noise floors are damaged ({e}); computing them again")
     result = compute_floors()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps({"key": {**key, "floor_version": FLOOR_VERSION}, "floors": result}))
-    except OSError:
-        pass  # a read-only home only costs the recomputation next time
+        atomic_write_text(path, json.dumps({"key": key, "floors": result, "sha256": _floor_digest(key, result)}))
+    except (OSError, ToydiffError):
+        pass  # a read-only or full home only costs the recomputation next time
     return result, False
 
 
@@ -330,7 +350,8 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
             floor, cached = compute_floors(), False
         else:
             settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors use
-            floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors)
+            floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors,
+                                          log)
         if training is not None:  # its floor depends on the training rows, so it is not cached; it costs seconds
             train = target.frame.transform(training)
             floor = {**floor, "memorized": memorization_floor(pairs, target.frame, spec, train)}

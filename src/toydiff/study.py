@@ -3,6 +3,10 @@
 A study directory holds one run directory per (cell, seed) under runs/, each finished one
 marked by its result.json, so an interrupted study resumes where it stopped. It ends
 with results.csv (one row per run), summary.md (mean +- std per cell) and study.png.
+study.json records the grid (base configuration and cells): a study directory resumes only
+the grid it was made for and refuses another one, and one process runs a study directory
+at a time (an OS lock; the second is told who holds it). Workers stop when the study's
+process dies, and Ctrl-C or SIGTERM stops the workers and leaves the study resumable.
 
 Grid files (TOML):
 
@@ -20,7 +24,9 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import shutil
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -35,9 +41,10 @@ from . import config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .rundir import RunDir
-from .storage import atomic_write_bytes, atomic_write_text, csv_text
+from .storage import Fields, Lock, atomic_write_bytes, atomic_write_text, csv_text, read_json
 
 RUNS = "runs"  # the study directory: runs/cellNNN-seedS/ (one run directory each), results.csv, summary.md, study.png
+GRID_RECORD = "study.json"  # the grid a study directory was made for
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,52 @@ def prepare_floors(grid: Grid, log: Callable[[str], None], progress: bool = Fals
             evaluate(target.draw(np.random.default_rng(0), cfg.eval.n), target, cfg.eval, log=log, progress=progress)
 
 
+def grid_record(grid: Grid) -> dict:
+    """What identifies a grid: its base configuration and its cells (name and overrides, in order)."""
+    return {"base": grid.base.to_toml(), "cells": [[c.name, list(c.overrides)] for c in grid.cells]}
+
+
+def check_grid_record(grid: Grid, out: Path) -> None:
+    """Record the grid in a new study directory, or check that an existing one was made for this grid (its seeds
+    may change: more seeds add runs); a study of another grid is refused, never relabelled."""
+    path = out / GRID_RECORD
+    record = grid_record(grid)
+    if path.exists():
+        stored = read_json(path, "study record", Fields({"base": str, "cells": [[object]]}, required=("base", "cells")))
+        if {k: stored[k] for k in record} != record:
+            raise ToydiffError(f"'{out}' holds a study of another grid (its cells: "
+                               f"{', '.join(c[0] for c in stored['cells'][:4])}{', ...' if len(stored['cells']) > 4 else ''}); "
+                               "choose another --out, or remove that folder to start over")
+    elif any((out / RUNS).glob("*")):
+        raise ToydiffError(f"'{out}' holds runs of a study that recorded no grid; choose another --out, or remove "
+                           "that folder to start over")
+    atomic_write_text(path, json.dumps({**record, "seeds": grid.seeds}, indent=1))
+
+
+def _watch_parent(parent: int) -> None:
+    """In a worker: end this process when the study's process is gone (killed), instead of running on."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None,
               progress: bool = False) -> list[dict]:
-    """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot."""
+    """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot. Holds the study
+    directory's lock throughout; Ctrl-C or SIGTERM stops the workers (finished runs are kept)."""
     out = Path(out)
-    (out / RUNS).mkdir(parents=True, exist_ok=True)
+    try:
+        (out / RUNS).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ToydiffError(f"cannot create study directory '{out}': {e.strerror or e}") from None
+    with Lock(out, "study directory"):
+        check_grid_record(grid, out)
+        return _run_study(grid, out, jobs, log, progress)
+
+
+def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], progress: bool) -> list[dict]:
     todo, rows = [], []
     for i, cell in enumerate(grid.cells):
         for seed in range(grid.seeds):
@@ -196,12 +244,20 @@ def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], N
     log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {jobs} processes")
     if todo:
         prepare_floors(grid, log, progress)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_watch_parent,
+                                   initargs=(os.getpid(),))
+        try:
             futures = {pool.submit(run_job, cfg_toml, run_dir): meta for meta, cfg_toml, run_dir in todo}
             for k, fut in enumerate(as_completed(futures), 1):
                 meta = futures[fut]
                 rows.append({**meta, **fut.result()})
                 log(f"[{k}/{len(todo)}] {meta['cell']} seed {meta['seed']}: {rows[-1]['seconds']:.0f} s")
+        except BaseException:  # Ctrl-C, SIGTERM, a failed cell: stop the workers now, not after their cells
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
     order = {c.name: i for i, c in enumerate(grid.cells)}
     rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
     write_outputs(grid, rows, out)
