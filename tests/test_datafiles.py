@@ -103,10 +103,10 @@ def test_other_bad_inputs(tmp_path):
 
 
 def test_a_file_larger_than_free_memory_is_refused(tmp_path, monkeypatch):
-    import os
+    from toydiff import storage
     path = write_csv(tmp_path / "big.csv", rows_with_kind())
-    monkeypatch.setattr(os, "sysconf", lambda name: 1 if name == "SC_AVPHYS_PAGES" else 16)  # 16 bytes free
-    with pytest.raises(ToydiffError, match="needs about .* GiB to load and .* GiB is free; use a random subset"):
+    monkeypatch.setattr(storage, "available_memory", lambda: 16)  # 16 bytes available
+    with pytest.raises(ToydiffError, match="needs about .* GiB of memory and .* GiB is available; use a random subset"):
         read_table(path, label_column="kind")
 
 

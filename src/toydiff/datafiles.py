@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,8 +23,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .errors import ToydiffError
+from .storage import check_memory, check_regular, load_npy, npy_header
 
 MIN_ROWS = 10
+MAX_COLUMNS = 1024  # columns a file may give the model: far beyond low-dimensional data, and every figure stays bounded
+TEXT_PEAK = 32  # a CSV / TSV file takes up to this many times its size while parsed cell by cell (measured: ~28x)
+ARRAY_PEAK = 3  # a .npy / .npz array: the array, its float64 copy and the chosen columns
 NEAR_CONSTANT = 0.95  # a column whose commonest value fills this share of a split's rows gets a warning
 FORMATS = (".csv", ".tsv", ".npy", ".npz", ".parquet")
 
@@ -53,14 +57,24 @@ def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str 
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise ToydiffError(f"data file '{path}' has an unknown format '{suffix}'; use one of: {', '.join(FORMATS)}")
-    _check_memory(path)
-    if path.stat().st_size == 0:
+    size = check_regular(path, "data file").st_size
+    if size == 0:
         raise ToydiffError(f"data file '{path}' is empty")
-    if suffix in (".csv", ".tsv"):
+    text = suffix in (".csv", ".tsv")
+    if text or suffix == ".parquet":
+        check_memory((TEXT_PEAK if text else ARRAY_PEAK) * size, f"data file '{path}' ({size / 2**20:.0f} MiB)",
+                     "use a random subset of its rows (e.g. `shuf -n 1000000`)")
+    if text:
         names, cells, rows = _read_text(path, "\t" if suffix == ".tsv" else ",")
     else:
         names, cells, rows = _read_array(path, suffix)
     return _select(path, names, cells, rows, list(columns), label_column, drop_missing)
+
+
+def _too_wide(path: Path, d: int) -> ToydiffError:
+    return ToydiffError(f"data file '{path}' has {d:,} columns; toydiff models at most {MAX_COLUMNS:,} (it is made "
+                        "for low-dimensional data): choose columns with data.columns (--columns) or reduce them first "
+                        "(e.g. PCA)")
 
 
 def column_names(path: str | Path) -> list[str]:
@@ -73,19 +87,6 @@ def column_names(path: str | Path) -> list[str]:
         return default_names(len(first)) if all(_is_number(c) for c in first) else \
             [c.strip() for c in first]
     return read_table(path).names if path.is_file() and suffix in FORMATS else []
-
-
-def _check_memory(path: Path) -> None:
-    """Refuse a file whose parsed table would not fit in the memory this machine has free."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on Linux: no estimate, no refusal
-        return
-    need = 4 * path.stat().st_size  # parsed floats and the Python rows they pass through
-    if need > free:
-        raise ToydiffError(f"data file '{path}' ({path.stat().st_size / 2**30:.1f} GiB) needs about "
-                           f"{need / 2**30:.1f} GiB to load and {free / 2**30:.1f} GiB is free; use a random "
-                           "subset of its rows (e.g. `shuf -n 1000000`)")
 
 
 def _read_text(path: Path, delimiter: str):
@@ -127,21 +128,37 @@ def _read_array(path: Path, suffix: str):
         cells = np.stack([np.asarray(table.column(n).to_numpy(zero_copy_only=False), dtype=object)
                           for n in names], axis=1) if names else np.empty((0, 0), dtype=object)
     else:
-        try:
-            loaded = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise ToydiffError(f"data file '{path}' is not a readable {suffix} file ({e})") from None
         if suffix == ".npz":
-            keys = list(loaded.keys())
-            if len(keys) != 1 and "x" not in keys:
-                raise ToydiffError(f"data file '{path}' holds arrays {keys}; keep one, or name the data 'x'")
-            loaded = loaded["x" if "x" in keys else keys[0]]
+            loaded = _read_npz(path)
+        else:
+            loaded = load_npy(path)
         array = loaded[:, None] if loaded.ndim == 1 else loaded
         if array.ndim != 2:
             raise ToydiffError(f"data file '{path}' holds an array of shape {loaded.shape}; it needs rows x columns")
         names = default_names(array.shape[1])
         cells = array
     return names, cells, list(range(1, len(cells) + 1))
+
+
+def _read_npz(path: Path) -> np.ndarray:
+    """The one array (or the one named x) of an .npz file, its sizes checked from the zip's directory and the
+    array's header before anything is decompressed: a zip bomb is refused, not expanded."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = {i.filename.removesuffix(".npy"): i for i in z.infolist()}
+            if len(members) != 1 and "x" not in members:
+                raise ToydiffError(f"data file '{path}' holds arrays {sorted(members)}; keep one, or name the data 'x'")
+            info = members["x" if "x" in members else next(iter(members))]
+            check_memory(ARRAY_PEAK * info.file_size, f"data file '{path}' ({info.file_size / 2**20:.0f} MiB once "
+                         "decompressed)", "use a random subset of its rows")
+            with z.open(info) as f:
+                npy_header(f, info.file_size, f"data file '{path}'")
+            with z.open(info) as f:
+                return np.lib.format.read_array(f, allow_pickle=False)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+        if isinstance(e, ToydiffError):
+            raise
+        raise ToydiffError(f"data file '{path}' is not a readable .npz file ({e})") from None
 
 
 def _is_number(cell) -> bool:
@@ -185,6 +202,8 @@ def _select(path: Path, names: list[str], cells, rows: list[int], columns: list[
         [i for i in range(len(names)) if i != label_at]
     if not chosen:
         raise ToydiffError(f"data file '{path}' has no numeric column to model besides the label")
+    if len(chosen) > MAX_COLUMNS:
+        raise _too_wide(path, len(chosen))
     if isinstance(cells, np.ndarray) and cells.dtype.kind in "iufb":  # a numeric array: checked at once
         x = cells[:, chosen].astype(np.float64)
         keep = np.isfinite(x).all(1)

@@ -26,6 +26,7 @@ from .storage import atomic_write_bytes
 ORACLE_TS = 12  # t values (log-spaced) at which the learned field is compared with the exact one
 TRAJECTORIES = 12  # reverse paths (probability-flow ODE, DDIM) drawn on the vector field
 FIGURES = ("dataset", "forward", "samples", "vector_field", "schedules")  # the guide's five; and "loss", any run
+MARGINALS = 32  # columns the marginals figure shows (the first ones): wide data keeps a bounded figure
 
 
 def default_forward_t(T: int) -> tuple[int, ...]:
@@ -209,8 +210,9 @@ def _other_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
     shown_samples = _subset(run.scaler.transform(samples), 2000, rng)
     figures = {"pairs": plots.pair_figure(shown_data @ projection, shown_samples @ projection,
                                           [f"{n} (scaled)" for n in names], "samples over the data"),
-               "marginals": plots.marginals_figure(_subset(run.data, 5000, rng), _subset(samples, 5000, rng),
-                                                   run.column_names)}
+               "marginals": plots.marginals_figure(_subset(run.data, 5000, rng)[:, :MARGINALS],
+                                                   _subset(samples, 5000, rng)[:, :MARGINALS],
+                                                   run.column_names[:MARGINALS])}
     if projection.shape[1] >= 2:
         shown = _subset(data, cfg.points, rng)
         panels = [(t, x_t @ projection[:, :2]) for t, x_t in forward_panels(run, cfg.forward_t or default_forward_t(T),
