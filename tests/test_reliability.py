@@ -31,28 +31,33 @@ def same_weights(a, b):
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def interrupt_at_loss_call(monkeypatch, k):
-    """Deliver a real SIGINT to this process during the k-th loss computation (mid-step)."""
+def interrupt_at_loss_call(monkeypatch, k, sig=signal.SIGINT):
+    """Deliver a real signal (SIGINT, or a cluster's SIGTERM) to this process during the k-th loss computation
+    (mid-step)."""
     import toydiff.training as tr
     original, calls = tr.diffusion_loss, {"n": 0}
 
     def loss(*a, **kw):
         calls["n"] += 1
         if calls["n"] == k:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
         return original(*a, **kw)
     monkeypatch.setattr(tr, "diffusion_loss", loss)
 
 
-@pytest.mark.parametrize("at, batch", [(3, 64), (27, 64), (27, 2048)])
-def test_ctrl_c_checkpoints_the_step_and_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch, at, batch):
-    """(batch 2048 on two threads, before and after the resume)"""
+@pytest.mark.parametrize("at, batch, sig", [(3, 64, signal.SIGINT), (27, 64, signal.SIGTERM),
+                                            (27, 2048, signal.SIGINT), (14, 64, signal.SIGHUP)])
+def test_a_stop_signal_checkpoints_the_step_and_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch, at,
+                                                                                         batch, sig):
+    """Ctrl-C, a cluster's SIGTERM and SIGHUP alike (batch 2048 on two threads, before and after the resume)."""
     cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE + [f"train.batch_size={batch}", "data.n=4096"]
                            + (["train.threads=2"] if batch > 1024 else []))
     whole = train_run(cfg, tmp_path / "whole")
-    interrupt_at_loss_call(monkeypatch, at)
-    with pytest.raises(RunInterrupted, match=f"saved step {at} of 60 .*toydiff train --resume"):
+    interrupt_at_loss_call(monkeypatch, at, sig)
+    how = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+    with pytest.raises(RunInterrupted, match=f"{how}: saved step {at} of 60 .*toydiff train --resume") as caught:
         train_run(cfg, tmp_path / "cut")
+    assert caught.value.code == 128 + sig
     monkeypatch.undo()
     assert load_tensors(tmp_path / "cut" / "checkpoint.safetensors")[1]["step"] == str(at)
     resumed = resume_run(tmp_path / "cut")
@@ -166,7 +171,8 @@ def test_noise_stream_blocks_never_share_a_seed_within_a_job():
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_on_the_command_line_exits_128_plus_it_with_how_to_resume(tmp_path, sig):
     settings = RESUMABLE[:-3] + ["train.steps=100000", "train.checkpoint_every=1000"]
     sets = [a for s in settings for a in ("--set", s)]
     out = tmp_path / "run"
@@ -176,10 +182,10 @@ def test_ctrl_c_on_the_command_line_exits_130_with_how_to_resume(tmp_path):
     while not (out / "run.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     err = err.decode()
-    assert proc.returncode == 130 and err.count("\n") == 1, err
+    assert proc.returncode == 128 + sig and err.count("\n") == 1, err
     assert f"continue with `toydiff train --resume {out}`" in err
     step = int(load_tensors(out / "checkpoint.safetensors")[1]["step"])
     assert 0 < step < 100000 and f"saved step {step} of 100000" in err

@@ -246,7 +246,7 @@ class RunDir:
             raise ToydiffError(f"run directory '{self.path}' does not exist; make one with `toydiff run` or "
                                "`toydiff train`")
         path = self.path / MANIFEST
-        if not path.is_file():
+        if not path.exists():
             raise ToydiffError(f"'{self.path}' is not a toydiff run directory (no {MANIFEST}); "
                                "make one with `toydiff run` or `toydiff train`")
         info = read_json(path, "run manifest")
