@@ -5,8 +5,11 @@ loaders, run directories and the CLI. Every case must end in success or a Toydif
 Each test counts its cases in CASES; `pytest tests/test_fuzz.py -s` prints the counts.
 """
 
+import errno
 import hashlib
 import io
+import json
+import os
 import string
 from collections import Counter
 from contextlib import redirect_stderr, redirect_stdout
@@ -26,6 +29,7 @@ from toydiff.datafiles import read_table  # noqa: E402
 from toydiff.errors import ToydiffError  # noqa: E402
 
 CASES: Counter = Counter()
+STRUCK: Counter = Counter()  # of the injected OS errors, those whose write happened (the command wrote k files)
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
                 derandomize=True, database=None)  # the same cases on every machine, no example files
 
@@ -218,7 +222,172 @@ def test_a_hostile_run_directory_is_refused_in_one_line(sandbox, tmp_path_factor
                                                                                  "run.json")) for k in changed))
 
 
+# --- run directories and checkpoints, field by field; an OS error at every write --------------------------------
+
+json_values = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**20, 10**20),
+                                     st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8)),
+                           lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                   st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                           max_leaves=8)
+MANIFEST_FIELDS = ["format", "version", "status", "dim", "n_train", "classes", "columns", "class_names",
+                   "integer_columns", "source", "checkpoint_step", "steps", "train_seconds", "final_loss",
+                   "alpha_bar_T", "parameters", "device", "threads", "student", "teacher", "method"]
+
+
+def _one_line_or_success(argv, err: str, code: int, what) -> None:
+    assert code in (0, 2) and "Traceback" not in err, (what, argv, code, err)
+    if code == 2:
+        assert err.count("\n") == 1 and err.startswith("toydiff: error: "), (what, err)
+
+
+def _copy_run(sandbox, tmp_path_factory, name):
+    import shutil
+    run = tmp_path_factory.mktemp(name) / "run"
+    shutil.copytree(sandbox / "run", run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A run through the main job (samples, figures, metrics, report), with steps left to resume."""
+    root = tmp_path_factory.mktemp("finished")
+    sets = ["data.n=64", "schedule.T=5", "model.width=8", "model.depth=1", "train.steps=3", "sample.n=40",
+            "eval.n=40", "eval.draws=2", "eval.nll_n=0", "plot.dpi=30"]
+    with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+        assert main(["run", "--quiet", "--out", str(root / "run")] + [a for x in sets for a in ("--set", x)]) == 0
+    return root
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.sampled_from(["run.json", "samples.json", "metrics.json", "scaler.json"]),
+       st.sampled_from(MANIFEST_FIELDS + ["sampler", "nfe", "npy_sha256", "verdict", "n", "metrics", "kind",
+                                          "shift", "scale"]), json_values,
+       st.sampled_from(["sample", "plot", "report", "eval", "train"]))
+def test_every_json_field_of_a_run_directory_mutated_is_refused_in_one_line(sandbox, tmp_path_factory, name, field,
+                                                                              value, command):
+    CASES["run-directory JSON fields"] += 1
+    run = _copy_run(sandbox, tmp_path_factory, "field")
+    path = run / name
+    if not path.is_file():
+        path.write_text("{}")
+    d = json.loads(path.read_text())
+    d = {**d, field: value} if isinstance(d, dict) else value
+    path.write_text(json.dumps(d))
+    argv = {"sample": ["sample", str(run), "--n", "5"], "plot": ["plot", str(run)], "report": ["report", str(run)],
+            "eval": ["eval", str(run), "--n", "20", "--draws", "2", "--quiet"],
+            "train": ["train", "--resume", str(run), "--quiet"]}[command]
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(argv)
+    _one_line_or_success(argv, err.getvalue(), code, (name, field, value))
+
+
+META_KEYS = ["step", "rows", "running", "since", "seconds", "param_groups", "scheduler", "format", "version"]
+meta_values = st.one_of(st.text(max_size=12), json_values.map(json.dumps),
+                        st.sampled_from(["-5", "0", "3", "99999999999999999999", "nan", "inf", "1e308", "[]", "{}",
+                                         "[" * 5000, '[{"step": 1, "loss": "x", "lr": 1, "seconds": 0}]']))
+
+
+@settings(FUZZ, max_examples=50)
+@given(st.one_of(st.tuples(st.just("meta"), st.sampled_from(META_KEYS), meta_values),
+                 st.tuples(st.just("tensor"), st.integers(0, 200),
+                           st.sampled_from(["dtype", "shape", "grow", "shrink", "drop", "nan"]))))
+def test_every_checkpoint_field_and_tensor_mutated_is_refused_or_resumes(sandbox, tmp_path_factory, change):
+    """Each metadata entry of the checkpoint set to junk, or one tensor's dtype, shape or size changed (or
+    dropped, or NaN): `train --resume` ends in one line, or resumes (a NaN weight: the divergence guard's line)."""
+    from toydiff.storage import load_tensors, save_tensors
+    CASES["checkpoint fields and tensors"] += 1
+    run = _copy_run(sandbox, tmp_path_factory, "ckpt")
+    cfg = (run / "config.toml").read_text().replace("steps = 3\n", "steps = 6\n")  # steps left to train
+    (run / "config.toml").write_text(cfg)
+    tensors, meta = load_tensors(run / "checkpoint.safetensors", "checkpoint")
+    if change[0] == "meta":
+        meta = {**meta, change[1]: change[2]}
+    else:
+        key = sorted(tensors)[change[1] % len(tensors)]
+        t = tensors[key]
+        tensors[key] = {"dtype": lambda: t.to(torch.float64 if t.dtype != torch.float64 else torch.int32),
+                        "shape": lambda: t.reshape(-1, 1) if t.ndim != 2 else t.reshape(-1),
+                        "grow": lambda: torch.cat([t.reshape(-1), t.reshape(-1)[:1]]),
+                        "shrink": lambda: t.reshape(-1)[:-1] if t.numel() > 1 else t.reshape(-1)[:0],
+                        "drop": lambda: None, "nan": lambda: t.float() * float("nan")}[change[2]]()
+        tensors = {k: v for k, v in tensors.items() if v is not None}
+    save_tensors(run / "checkpoint.safetensors", tensors, {k: v for k, v in meta.items()
+                                                          if k not in ("format", "version")})
+    if change[0] == "meta" and change[1] in ("format", "version"):  # the tag itself: written as given
+        from safetensors.torch import save_file
+        save_file(tensors, str(run / "checkpoint.safetensors"), metadata=meta)
+    argv = ["train", "--resume", str(run), "--quiet"]
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(argv)
+    _one_line_or_success(argv, err.getvalue(), code, change)
+
+
+FIXES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "quota", errno.EACCES: "permission denied",
+         errno.EROFS: "read-only", errno.EMFILE: "too many open files", errno.ENAMETOOLONG: "too long"}
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.sampled_from(["train", "resume", "sample", "plot", "report", "eval"]), st.integers(1, 10),
+       st.sampled_from(["create", "write"]), st.sampled_from(sorted(FIXES)))
+def test_an_os_error_at_any_write_is_one_line_and_leaves_everything_whole(finished, tmp_path_factory, monkeypatch,
+                                                                           command, k, phase, code_):
+    """The k-th file a command writes fails: at its creation with any of six errors, or while its bytes go to
+    the disk (a real ENOSPC from /dev/full). One line naming the fix; no temporary file; every file there is
+    whole (the samples' three files agree); a new run left behind resumes once the fault is gone."""
+    import tempfile
+
+    from toydiff.rundir import RunDir
+    from toydiff.storage import check_regular
+    CASES["OS errors injected at a write"] += 1
+    run = _copy_run(finished, tmp_path_factory, "oserr")
+    if command == "resume":
+        (run / "config.toml").write_text((run / "config.toml").read_text().replace("steps = 3\n", "steps = 6\n"))
+    new = run.parent / "new"
+    argv = {"train": ["train", "--quiet", "--out", str(new), "--set", "data.n=64", "--set", "schedule.T=5", "--set",
+                      "model.width=8", "--set", "model.depth=1", "--set", "train.steps=4", "--set",
+                      "train.checkpoint_every=2", "--set", "train.log_every=1"],
+            "resume": ["train", "--resume", str(run), "--quiet"], "sample": ["sample", str(run), "--n", "20"],
+            "plot": ["plot", str(run)], "report": ["report", str(run)],
+            "eval": ["eval", str(run), "--n", "20", "--draws", "2", "--quiet"]}[command]
+    real, calls = tempfile.mkstemp, {"n": 0}
+
+    def failing_mkstemp(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] != k:
+            return real(*a, **kw)
+        if phase == "create":
+            raise OSError(code_, os.strerror(code_))
+        fd, path = real(*a, **kw)
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), path  # its bytes meet a real ENOSPC
+    before = snapshot(run)
+    monkeypatch.setattr(tempfile, "mkstemp", failing_mkstemp)
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        code = main(argv)
+    monkeypatch.undo()
+    _one_line_or_success(argv, err.getvalue(), code, (command, k, phase))
+    assert code == (2 if calls["n"] >= k else 0), (command, k, calls, err.getvalue())  # it fails if and only if hit
+    STRUCK["OS errors that struck a write"] += calls["n"] >= k
+    if code == 2:
+        assert FIXES[errno.ENOSPC if phase == "write" else code_] in err.getvalue(), err.getvalue()
+    assert not list(run.parent.rglob("*.tmp")) and not list(run.parent.glob(".*.partial")), command
+    for path in run.rglob("*.json"):
+        json.loads(path.read_text())
+    RunDir(run).read_samples()  # the three samples files agree (old or new, never mixed)
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in (run / "figures").glob("*.png"))
+    kept = ("samples.", "figures/", "metrics.json", "report.html", "checkpoint", "model", "train_log", "run.json",
+            ".lock")
+    assert all(snapshot(run).get(f) == v for f, v in before.items() if not f.startswith(kept)), command
+    if command == "train" and code == 2 and new.exists():  # published before the fault: it resumes
+        check_regular(new / "run.json")
+        with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
+            assert main(["train", "--resume", str(new), "--quiet"]) == 0
+
+
 def test_report_case_counts():
     """Runs last in this module: prints how many cases each property saw (for the record)."""
-    print("\nfuzz cases:", dict(CASES), "total", sum(CASES.values()))
+    print("\nfuzz cases:", dict(CASES), "total", sum(CASES.values()), dict(STRUCK))
     assert sum(CASES.values()) > 0

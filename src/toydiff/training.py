@@ -187,6 +187,8 @@ class TrainState:
                        f"{where}'s optimizer entry '{k}' has shape {tuple(v.shape)} {v.dtype}, the model needs "
                        f"{want} floating point")
                 slots.setdefault(i, {})[parts[2]] = v
+        _check(all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in slots.values())
+               and set(slots) in (set(), set(params)), f"{where}'s optimizer state is incomplete")
         _check("rng" in t and t["rng"].dtype == torch.uint8 and t["rng"].shape == self.generator.get_state().shape,
                f"{where}'s random generator state is missing or damaged")
         self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
