@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +52,53 @@ def test_floors_are_cached(target):
     second = evaluate(target.draw(rng, 300), target, small())
     assert not first["floors_cached"] and second["floors_cached"]
     assert first["metrics"]["mmd2"]["floor_std"] == second["metrics"]["mmd2"]["floor_std"]
+
+
+@pytest.mark.parametrize("tamper", ["a mean edited", "a string inside", "a metric added", "not JSON", "wrong key"])
+def test_a_damaged_floor_cache_is_recomputed_and_never_changes_the_verdict(target, tamper):
+    rng = np.random.default_rng(11)
+    samples = target.draw(rng, 300)
+    spec = small(draws=3)
+    fresh = evaluate(samples, target, spec)
+    entry = next(p for p in (Path(os.environ["TOYDIFF_CACHE"]) / "floors").glob("*.json")
+                 if json.loads(p.read_text())["floors"]["mmd2"]["draws"] == 3)
+    stored = json.loads(entry.read_text())
+    if tamper == "a mean edited":  # the checksum no longer vouches for it
+        stored["floors"]["mmd2"]["mean"] *= 100
+    elif tamper == "a string inside":
+        stored["floors"]["knn_auc"]["std"] = "0.01"
+    elif tamper == "a metric added":
+        stored["floors"]["made_up"] = {"mean": 0.0, "std": 1.0, "draws": 3}
+    elif tamper == "wrong key":
+        stored["key"]["n"] = 12345
+    entry.write_text("{not json" if tamper == "not JSON" else json.dumps(stored))
+    messages = []
+    again = evaluate(samples, target, spec, log=messages.append)
+    assert not again["floors_cached"] and any("computing them again" in m for m in messages), messages
+    assert again["verdict"] == fresh["verdict"] and again["metrics"] == fresh["metrics"]
+    assert evaluate(samples, target, spec)["floors_cached"]  # the entry was replaced by a whole one
+
+
+def _write_floors_many_times(key_and_root):
+    import os as _os
+    key, root = key_and_root
+    _os.environ["TOYDIFF_CACHE"] = root
+    from toydiff.evaluation import cached_floors
+    for i in range(30):
+        cached_floors({"k": key, "i": i % 3}, lambda: {"w2": {"mean": 1.0, "std": 0.5, "draws": 20}})
+    return True
+
+
+def test_two_evaluations_writing_the_floor_cache_at_once_leave_whole_entries(tmp_path):
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
+        assert all(pool.map(_write_floors_many_times, [("same", str(tmp_path))] * 4))
+    entries = list((tmp_path / "floors").glob("*.json"))
+    assert len(entries) == 3 and not list((tmp_path / "floors").glob("*.tmp"))
+    for p in entries:
+        assert json.loads(p.read_text())["floors"]["w2"]["draws"] == 20
 
 
 def test_make_moons_is_judged_against_iid_moons():

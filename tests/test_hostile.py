@@ -406,6 +406,36 @@ def test_one_writer_per_run_directory_and_a_killed_holder_leaves_no_stale_lock(r
     assert temporaries(run) == []  # and the writer that took it cleaned what the killed one left
 
 
+def test_staging_left_by_a_killed_run_is_removed_and_a_live_one_is_not(tmp_path):
+    stale, live = tmp_path / ".r.dead.partial", tmp_path / ".r.live.partial"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "config.toml").write_text("x")
+        os.utime(d, (time.time() - 3600, time.time() - 3600))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(live)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code, err = cli("train", "--quiet", "--out", tmp_path / "r", *SETS)
+        assert code == 0, err
+        assert not stale.exists() and (live / "config.toml").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_sigterm_while_sampling_exits_143_and_writes_nothing(run):
+    before = snapshot(run)
+    proc = subprocess.Popen([sys.executable, "-m", "toydiff", "sample", str(run), "--n", "50000000", "--batch-size",
+                             "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # well into the sampling loop (imports take about 3 s here)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("toydiff: stopped by SIGTERM"), err
+    assert "Traceback" not in err
+    assert {k: v for k, v in snapshot(run).items() if k != ".lock"} == \
+        {k: v for k, v in before.items() if k != ".lock"} and temporaries(run) == []
+
+
 @pytest.mark.slow
 def test_two_resumes_of_one_run_started_together_one_trains_the_other_is_refused(run):
     cfg = (run / "config.toml").read_text().replace("steps = 30\n", "steps = 3000\n")
@@ -454,7 +484,8 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_study_takes_its_workers_with_it(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_or_stopped_study_takes_its_workers_with_it(tmp_path, sig):
     sets = [a for s in TINY + ["train.steps=100000"] for a in ("--set", s)]
     study = subprocess.Popen([sys.executable, "-m", "toydiff", "study", "--grid", "schedule.T=10,20", "--seeds", "1",
                               "--jobs", "2", "--out", str(tmp_path / "s")] + sets,
@@ -464,8 +495,8 @@ def test_a_killed_study_takes_its_workers_with_it(tmp_path):
         time.sleep(0.2)
     workers = _children(study.pid)
     assert workers, "the study started no worker"
-    study.send_signal(signal.SIGKILL)
-    study.wait()
+    study.send_signal(sig)
+    assert study.wait(timeout=60) == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
     deadline = time.time() + 20
     while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
                                          "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1][:3]

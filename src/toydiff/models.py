@@ -184,6 +184,14 @@ def check(cfg: ModelConfig, classes: int = 0) -> None:
                      "lower model.width or model.depth")
 
 
+def check_batch_memory(cfg: ModelConfig, batch: int, what: str, training: bool) -> None:
+    """Refuse a batch whose activations would not fit the memory available (float32; training keeps them for
+    the backward pass and the gradients): the network's hidden layers, about 4 tensors of `width` per block."""
+    width = max(cfg.width, cfg.time_dim, 64)
+    need = batch * width * (4 * cfg.depth + 8) * 4 * (3 if training else 1)
+    check_memory(need, f"{what} = {batch:,} with model.width = {cfg.width}", f"lower {what}")
+
+
 def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null),
     intervals a mean-flow network's second time (mlp)."""

@@ -19,7 +19,7 @@ from torch import nn
 from .config import ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError
-from .models import build_model
+from .models import build_model, check_batch_memory
 from .parameterization import Denoiser, FlowDenoiser, MeanFlowDenoiser
 from .progress import Progress
 from .rundir import RunDir
@@ -153,6 +153,8 @@ class Run:
         check_memory(n * self.dim * 8 * (2 + (plan.steps + 1 if trajectory else 0)),
                      f"{n:,} samples of {self.dim} columns" + (" with their paths" if trajectory else ""),
                      "draw fewer at a time (--n)")
+        check_batch_memory(self.config.model, min(cfg.batch_size, n), "sample.batch_size (--batch-size)",
+                           training=False)
         samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
         paths, calls = [], 0
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch

@@ -15,8 +15,10 @@ import fcntl
 import io
 import json
 import os
+import shutil
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -434,6 +436,7 @@ def make_staging_dir(target: Path) -> Path:
     target = Path(target)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ToydiffError(f"'{target}' already exists and is not empty; choose another --out or remove it")
+    remove_stale_staging(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
@@ -441,6 +444,28 @@ def make_staging_dir(target: Path) -> Path:
     except OSError as e:
         raise ToydiffError(f"cannot create directory '{target}': {e}") from None
     return staging
+
+
+def remove_stale_staging(target: Path) -> None:
+    """Remove the staging directories of `target` that a killed process left (their lock is free: the kernel
+    dropped it with the process, and they are over a minute old); one a living process is filling holds its
+    lock and is left alone."""
+    for stale in Path(target).parent.glob(f".{target.name}.*.partial"):
+        try:
+            if time.time() - stale.stat().st_mtime < 60:  # just made: its maker may not hold its lock yet
+                continue
+        except OSError:
+            continue
+        lock = Lock(stale)
+        try:
+            lock.acquire()
+        except ToydiffError:
+            continue  # in use
+        try:
+            if lock.fd is not None:
+                shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            lock.release()
 
 
 def publish_dir(staging: Path, target: Path) -> Path:

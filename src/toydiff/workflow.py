@@ -28,7 +28,7 @@ from .config import TEACHER_IN_MEMORY, ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError
 from .losses import CONSISTENCY_GRID, Consistency, Objective, Progressive
-from .models import check as check_model, count_parameters
+from .models import check as check_model, check_batch_memory, count_parameters
 from .rundir import RunDir
 from .runs import Run, build
 from .runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
@@ -85,6 +85,7 @@ def validate(cfg: ExperimentConfig, world: World = World()) -> None:
         check_memory(cfg.data.n * max(cfg.data.dim, 2) * 8 * 4, f"data.n = {cfg.data.n:,} points",
                      "lower data.n")
     check_model(cfg.model)
+    check_batch_memory(cfg.model, cfg.train.batch_size or cfg.data.n, "train.batch_size", training=True)
     make_plan(cfg.sample, VPDiffusion(NoiseSchedule.from_config(cfg.schedule)),
               learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
     resolve_device(cfg.train.device)
