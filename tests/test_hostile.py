@@ -81,7 +81,8 @@ def _can_mount() -> bool:
         return False
     probe = Path("/tmp/toydiff-mount-probe")
     probe.mkdir(exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True).returncode == 0
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(probe)], capture_output=True)
+    ok = mount.returncode == 0
     if ok:
         subprocess.run(["umount", str(probe)], check=True)
     return ok

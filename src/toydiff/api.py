@@ -71,7 +71,8 @@ def run(config: ExperimentConfig | dict | None = None, out: str | Path | None = 
                                f"{'replace' if if_exists == 'replace' else 'reuse'} it: choose another out")
         if if_exists == "replace":
             validate(cfg)  # a config that cannot run must not cost the run it would replace
-            shutil.rmtree(out)
+            with existing.writing():  # never a run another process is writing
+                shutil.rmtree(out)
             if cfg.distill.method != "none" and RunDir(teacher_path(out)).is_run():
                 shutil.rmtree(teacher_path(out))  # a [distill] recipe's teacher goes with its student
         elif if_exists == "reuse":
@@ -110,11 +111,18 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
     """Judge samples (default: the run's stored samples, drawn afresh when they are fewer than eval.n) against
     fresh data of the run's distribution, each metric beside its noise floor; the report (dict) is also
     written to the run's metrics.json. n and draws override eval.n and eval.draws; `data` judges against
-    a file's rows instead (columns matched by name, or chosen with `columns`)."""
+    a file's rows instead (columns matched by name, or chosen with `columns`). Holds the run directory's
+    lock while it reads and writes there."""
+    run = run if isinstance(run, Run) else Run.load(run)
+    with run.dir.writing():
+        return _evaluate(run, samples, n, draws, data, columns, progress, quiet)
+
+
+def _evaluate(run: Run, samples: Optional[np.ndarray], n: Optional[int], draws: Optional[int],
+              data: str | Path | None, columns: Sequence[str], progress: bool, quiet: bool) -> dict:
     from .evaluation import evaluate_run
     from .reference import file_reference
 
-    run = run if isinstance(run, Run) else Run.load(run)
     spec = dataclasses.replace(run.config.eval, **{k: v for k, v in (("n", n), ("draws", draws)) if v is not None})
     sampling = None  # how the samples were drawn, where known (their NFE goes in the report)
     if samples is None:

@@ -434,9 +434,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .runs import Run
 
     run = Run.load(args.run_dir, device=args.device)
-    with run.dir.writing():
-        report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
-                          quiet=args.quiet)
+    report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
+                      quiet=args.quiet)
     _print_report(run, report)
     return 0
 
@@ -510,9 +509,17 @@ def _stop(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, _stop)
+        handlers = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _main(argv)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         args = parse(argv)
         if args.command in ("run", "train"):

@@ -15,6 +15,8 @@ A run directory describes itself, so sampling, plotting and evaluation need noth
                            which `--resume` continues from
     train_log.csv          step, loss, lr, seconds: a row appended as each is logged, rewritten at checkpoints
     samples.npy / .csv     generated samples, in data units
+    samples.json           how they were drawn, and the SHA-256 of both files (written last: it vouches for them)
+    .lock                  the OS lock of the process writing the run directory (RunDir.writing)
     metrics.json           the evaluation: each metric beside its noise floor, the verdict, the likelihoods
     figures/NAME.png       the figures
     result.json            a study's row for this run (toydiff.study)
@@ -43,9 +45,9 @@ from . import __version__, config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .scaler import Scaler
-from .storage import (FORMAT, VERSION, Fields, Lock, MapOf, atomic_write_many, atomic_write_text, csv_text,
-                      check_regular, check_schema, load_npy, load_tensors, load_weights, make_staging_dir, publish_dir, read_json,
-                      remove_stale_temporaries, save_csv, save_npy, save_tensors, save_weights)
+from .storage import (FORMAT, VERSION, Fields, Lock, MapOf, atomic_write_many, atomic_write_text, check_regular,
+                      check_schema, csv_text, load_npy, load_tensors, load_weights, make_staging_dir, publish_dir,
+                      read_json, remove_stale_temporaries, save_csv, save_npy, save_tensors, save_weights)
 
 MANIFEST = "run.json"
 CONFIG = "config.toml"
@@ -369,7 +371,8 @@ class RunDir:
             os.fsync(f.fileno())
 
     # --- outputs -----------------------------------------------------------------------------------------
-    def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None) -> tuple[Path, Path]:
+    def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None
+                      ) -> tuple[Path, Path]:
         """samples.npy and samples.csv in data units, the CSV headed by the data's column names, and samples.json
         beside them: how they were drawn (`sampling`, Run.last_sampling: sampler, steps, spacing, nfe) and the
         SHA-256 of both files. The three are written as one unit, samples.json renamed last, so a kill or a full

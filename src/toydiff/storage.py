@@ -142,13 +142,13 @@ def _matches(value: Any, schema: Any, where: str, at: str) -> bool:
         return True
     if schema is None:
         return value is None
-    if isinstance(schema, tuple):
-        return any(_matches(value, s, where, at) for s in schema if not isinstance(s, (Fields, MapOf, list)))\
-            or any(_nested(value, s, where, at) for s in schema if isinstance(s, (Fields, MapOf, list)))
+    if isinstance(schema, tuple):  # a container of the wrong kind is False; a wrong item inside one raises
+        return any(_matches(value, s, where, at) for s in schema)
     if isinstance(schema, (Fields, MapOf, list)):
         return _nested(value, schema, where, at)
     if schema is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+        return isinstance(value, int) and not isinstance(value, bool) or \
+            isinstance(value, float) and bool(np.isfinite(value))
     if schema is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, schema)

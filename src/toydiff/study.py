@@ -197,9 +197,10 @@ def check_grid_record(grid: Grid, out: Path) -> None:
     if path.exists():
         stored = read_json(path, "study record", Fields({"base": str, "cells": [[object]]}, required=("base", "cells")))
         if {k: stored[k] for k in record} != record:
-            raise ToydiffError(f"'{out}' holds a study of another grid (its cells: "
-                               f"{', '.join(c[0] for c in stored['cells'][:4])}{', ...' if len(stored['cells']) > 4 else ''}); "
-                               "choose another --out, or remove that folder to start over")
+            cells = [str(c[0]) for c in stored["cells"] if c]
+            shown = ", ".join(cells[:4]) + (", ..." if len(cells) > 4 else "")
+            raise ToydiffError(f"'{out}' holds a study of another grid (its cells: {shown}); choose another "
+                               "--out, or remove that folder to start over")
     elif any((out / RUNS).glob("*")):
         raise ToydiffError(f"'{out}' holds runs of a study that recorded no grid; choose another --out, or remove "
                            "that folder to start over")
