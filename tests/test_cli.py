@@ -73,7 +73,8 @@ def test_animate_writes_a_gif_of_the_reverse_and_the_forward_process(run_dir, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--out", "x.png"], "--out must end in .gif or .webp"),
-    (["--frames", "1"], "--frames >= 2"),
+    (["--frames", "1"], "--frames in 2..1000, got --n None --frames 1"),
+    (["--n", "0"], "--n must be in 1..100,000"), (["--frames", "100000"], "--frames in 2..1000"),
     (["--out", "nowhere/x.gif"], "does not exist"),
     (["--out", "/proc/x.gif"], "cannot write '/proc/x.gif'"),
 ])
@@ -130,7 +131,7 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n", "0"], "number of samples must be >= 1"),
+    (["--n", "0"], "number of samples must be in 1..100,000,000"), (["--n", "1000000000"], "must be in 1..100,000,000"),
     (["--out", "x.txt"], "--out must end in .npy or .csv"),
     (["--batch-size", "-1"], "batch_size must be >= 1"),
     (["--batch-size", "0"], "batch_size must be >= 1"),

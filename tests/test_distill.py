@@ -235,9 +235,9 @@ def test_a_consistency_student_maps_noise_to_the_end_of_its_teacher_s_ode_in_one
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "distill.steps must be >= 1"),
     (["--method", "reflw"], "did you mean 'reflow'"),
-    (["--pairs", "1"], "--pairs must be >= 2"),
+    (["--pairs", "1"], "distill.pairs must be >= 2"), (["--pairs", "1000000000"], "distill.pairs must be at most"),
     (["--train-steps", "0"], "--train-steps must be >= 1"),
     (["--method", "progressive", "--steps", "600"], "no room to halve"),
 ])

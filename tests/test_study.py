@@ -83,5 +83,5 @@ def test_cli_study_errors(capsys, tmp_path):
     assert main(["study", "--grid", "schedule.T", "--out", str(tmp_path / "s")]) == 2
     assert "--grid expects section.key=v1,v2" in capsys.readouterr().err
     assert main(["study", "--grid", "schedule.T=4", "--seeds", "0", "--out", str(tmp_path / "s")]) == 2
-    assert "at least 1 seed" in capsys.readouterr().err
+    assert "1..1000 seeds per cell" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()

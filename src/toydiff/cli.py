@@ -353,16 +353,17 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_POINTS, forward_frames, reverse_frames,
-                          write_animation)
+    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_MAX_FRAMES, ANIMATION_MAX_POINTS,
+                          ANIMATION_POINTS, forward_frames, reverse_frames, write_animation)
     from .runs import Run
 
     out = _output(args.out, "--out", ANIMATION_FORMATS)
-    if (args.n is not None and args.n < 1) or (args.frames is not None and args.frames < 2):
-        raise ToydiffError(f"--n must be >= 1 and --frames >= 2, got --n {args.n} --frames {args.frames}")
+    n, count = ANIMATION_POINTS if args.n is None else args.n, ANIMATION_FRAMES if args.frames is None else args.frames
+    if not 1 <= n <= ANIMATION_MAX_POINTS or not 2 <= count <= ANIMATION_MAX_FRAMES:
+        raise ToydiffError(f"--n must be in 1..{ANIMATION_MAX_POINTS:,} and --frames in 2..{ANIMATION_MAX_FRAMES}, "
+                           f"got --n {args.n} --frames {args.frames}")
 
     run = Run.load(args.run_dir, device=args.device)
-    n, count = args.n or ANIMATION_POINTS, args.frames or ANIMATION_FRAMES
     with run.dir.writing() if out is None else contextlib.nullcontext():
         frames = forward_frames(run, n, count) if args.forward else reverse_frames(run, n, count,
                                                                                    progress=not args.quiet)
@@ -445,8 +446,8 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from . import study
 
-    if args.jobs < 1:
-        raise ToydiffError(f"--jobs must be >= 1, got {args.jobs}")
+    if not 1 <= args.jobs <= 1024:
+        raise ToydiffError(f"--jobs must be in 1..1024, got {args.jobs}")
     if sum(bool(x) for x in (args.axes, args.grid_file, args.builtin)) != 1:
         raise ToydiffError("give the grid one way: --grid (repeatable), --grid-file FILE or --builtin NAME")
     if args.axes:

@@ -132,12 +132,9 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
                 on_round: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Run:
     """Train a `method` student of the run at `teacher` into a new run directory `out` (see the module)."""
     choose("distill method", method, DISTILL_METHODS)
-    if steps < 1:
-        raise ToydiffError(f"--steps must be >= 1 (the student's sampling steps), got {steps}")
-    if pairs < 2:
-        raise ToydiffError(f"--pairs must be >= 2, got {pairs}")
     if train_steps is not None and train_steps < 1:
         raise ToydiffError(f"--train-steps must be >= 1, got {train_steps}")
+    DistillConfig(method=method, steps=steps, train_steps=train_steps or 0, pairs=pairs)  # the ranges, by their owner
     t = Run.load(teacher, device=device)
     check(t.config, method, steps)
     if method == "progressive":

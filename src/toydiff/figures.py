@@ -224,6 +224,8 @@ def _other_dims(run: Run, samples: np.ndarray) -> dict[str, Figure]:
 
 ANIMATION_POINTS = 2000  # points in an animation by default
 ANIMATION_FRAMES = 60  # frames by default (the default run's 50 steps: 51 frames, a 0.6 MB GIF)
+ANIMATION_MAX_POINTS = 100_000  # an animation's points and frames at most: every frame is drawn in memory
+ANIMATION_MAX_FRAMES = 1000
 FRAME_MS, HOLD_MS = 80, 1500  # each frame's time on screen, and the last frame's
 
 

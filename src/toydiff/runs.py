@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ExperimentConfig, SampleConfig
+from .config import MAX_ROWS, ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError
 from .models import build_model, check_batch_memory
@@ -138,8 +138,8 @@ class Run:
         torch.compile (compiled once per Run, again for each new batch shape). progress shows the steps.
         Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
         """
-        if n < 1:
-            raise ToydiffError(f"the number of samples must be >= 1, got {n}")
+        if not 1 <= n <= MAX_ROWS:
+            raise ToydiffError(f"the number of samples must be in 1..{MAX_ROWS:,}, got {n}")
         if seed is not None and not 0 <= seed < 2**63:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         cfg = self.settings(batch_size=batch_size, sampler=sampler, steps=steps, spacing=spacing, eta=eta, clip=clip,

@@ -109,8 +109,8 @@ def parse_cli_axis(item: str) -> tuple[str, list]:
 def build_grid(base: ExperimentConfig, axes: list, seeds: int, fixed: list[str]) -> Grid:
     from .workflow import validate
 
-    if seeds < 1:
-        raise ToydiffError(f"a study needs at least 1 seed per cell, got {seeds}")
+    if not 1 <= seeds <= 1000:
+        raise ToydiffError(f"a study needs 1..1000 seeds per cell, got {seeds}")
     if not axes:
         raise ToydiffError("a study needs at least one grid axis (--grid key=v1,v2 or a grid file)")
     base = config_io.with_overrides(base, fixed)
