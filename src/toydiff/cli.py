@@ -167,8 +167,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--grid-file", metavar="FILE", help="a TOML grid file (see toydiff.study)")
     p.add_argument("--builtin", metavar="NAME", help="a shipped grid: guide (the guide's claims)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the grid file's, else 3)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1); with --backend ray and no "
+                   "--address, the CPUs of the local Ray cluster")
     p.add_argument("--out", metavar="DIR", help="study directory; an existing one is resumed (default: studies/NAME)")
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where the cells run: local processes, or tasks on a Ray cluster (pip install 'toydiff[ray]')")
+    p.add_argument("--address", metavar="ADDR", help="--backend ray: the cluster to join (auto: the one `ray start` "
+                   "made here or RAY_ADDRESS; host:6379); default: start a local one")
+    p.add_argument("--shared-dir", action="store_true", help="--backend ray: every node sees --out at the same path, "
+                   "so tasks write their runs in place instead of sending them back")
+    p.add_argument("--gpus-per-cell", type=float, metavar="F", help="--backend ray with --device cuda: the GPU share "
+                   "each cell asks for (default 1; 0.25 puts four cells on a GPU)")
+    p.add_argument("--retries", type=int, default=None, metavar="N", help="--backend ray: reruns of a cell whose "
+                   "worker or node died (default 2)")
 
     p = add("config", "print the resolved configuration as TOML")
     _add_config_args(p)
@@ -463,7 +474,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             study.build_grid(grid.base, [("x", [("x", ())])], grid.seeds, [])  # the same check as a file's seeds
         name = args.builtin or path.stem
     out = Path(args.out) if args.out else Path("studies") / name
-    study.run_study(grid, out, jobs=args.jobs, log=_log(False), progress=True)
+    study.run_study(grid, out, jobs=args.jobs, log=_log(False), progress=True, **_backend_args(args))
     files = study.StudyFiles.of(out)
     print(f"study directory: {out}")
     print(f"  results:   {files.results}")
@@ -472,6 +483,23 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(files.summary.read_text(encoding="utf-8"), end="")
     print(f"report: {files.page}")
     return 0
+
+
+def _backend_args(args: argparse.Namespace) -> dict:
+    """The study's engine from its flags; the Ray-only flags are refused without --backend ray."""
+    from .engines import RAY_RETRIES
+
+    ray_only = [f for f, v in (("--address", args.address), ("--shared-dir", args.shared_dir),
+                               ("--gpus-per-cell", args.gpus_per_cell is not None),
+                               ("--retries", args.retries is not None)) if v]
+    if ray_only and args.backend != "ray":
+        raise ToydiffError(f"{', '.join(ray_only)} go with --backend ray")
+    if args.gpus_per_cell is not None and not 0 < args.gpus_per_cell <= 8:
+        raise ToydiffError(f"--gpus-per-cell must be in (0, 8], got {args.gpus_per_cell}")
+    if args.retries is not None and not 0 <= args.retries <= 100:
+        raise ToydiffError(f"--retries must be in 0..100, got {args.retries}")
+    return {"backend": args.backend, "address": args.address, "shared_dir": args.shared_dir,
+            "gpus_per_cell": args.gpus_per_cell, "retries": RAY_RETRIES if args.retries is None else args.retries}
 
 
 def cmd_config(args: argparse.Namespace) -> int:

@@ -5,8 +5,10 @@ marked by its result.json, so an interrupted study resumes where it stopped. It 
 with results.csv (one row per run), summary.md (mean +- std per cell) and study.png.
 study.json records the grid (base configuration and cells): a study directory resumes only
 the grid it was made for and refuses another one, and one process runs a study directory
-at a time (an OS lock; the second is told who holds it). Workers stop when the study's
-process dies, and Ctrl-C or SIGTERM stops the workers and leaves the study resumable.
+at a time (an OS lock; the second is told who holds it). Where the cells run is
+toydiff.engines' business: local worker processes (`--jobs N`) or a Ray cluster
+(`--backend ray`); either way workers stop when the study does, a failed cell is a row
+that says why, and Ctrl-C or SIGTERM leaves the study resumable.
 
 Grid files (TOML):
 
@@ -24,20 +26,16 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import shutil
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from importlib import resources
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from . import config as config_io
+from . import config as config_io, engines
 from .config import ExperimentConfig
 from .errors import ToydiffError
 from .rundir import RunDir
@@ -207,30 +205,29 @@ def check_grid_record(grid: Grid, out: Path) -> None:
     atomic_write_text(path, json.dumps({**record, "seeds": grid.seeds}, indent=1))
 
 
-def _watch_parent(parent: int) -> None:
-    """In a worker: end this process when the study's process is gone (killed), instead of running on."""
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None,
-              progress: bool = False) -> list[dict]:
-    """Run every (cell, seed) not yet finished in `out`, then write the tables and the plot. Holds the study
-    directory's lock throughout; Ctrl-C or SIGTERM stops the workers (finished runs are kept)."""
+              progress: bool = False, *, backend: str = "local", address: Optional[str] = None,
+              shared_dir: bool = False, gpus_per_cell: Optional[float] = None,
+              retries: int = engines.RAY_RETRIES) -> list[dict]:
+    """Run every (cell, seed) not yet finished in `out` on `backend` (toydiff.engines: `jobs` local processes,
+    or a Ray cluster: the one at `address`, else one started here with `jobs` CPUs), then write the tables and
+    the plot. A cell that fails is a row with its reason in the `failed` column (rerun on resume), never
+    dropped. Holds the study directory's lock throughout; Ctrl-C or SIGTERM stops the workers (finished runs
+    are kept)."""
     out = Path(out)
+    if backend == "ray":
+        engines.import_ray()  # a missing extra is said before anything is made
     try:
         (out / RUNS).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ToydiffError(f"cannot create study directory '{out}': {e.strerror or e}") from None
     with Lock(out, "study directory"):
         check_grid_record(grid, out)
-        return _run_study(grid, out, jobs, log, progress)
+        return _run_study(grid, out, jobs, log, progress, backend, address, shared_dir, gpus_per_cell, retries)
 
 
-def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], progress: bool) -> list[dict]:
+def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], progress: bool, backend: str,
+               address: Optional[str], shared_dir: bool, gpus_per_cell: Optional[float], retries: int) -> list[dict]:
     todo, rows = [], []
     for i, cell in enumerate(grid.cells):
         for seed in range(grid.seeds):
@@ -241,34 +238,59 @@ def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], pro
             if done is not None:
                 rows.append({**meta, **done})
             else:
-                todo.append((meta, cfg.to_toml(), str(run_dir)))
-    log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {jobs} processes")
+                gpus = (1.0 if gpus_per_cell is None else gpus_per_cell) if cfg.train.device.startswith("cuda") \
+                    else 0.0
+                todo.append(engines.CellJob(meta, cfg.to_toml(), str(run_dir.resolve() if shared_dir else run_dir),
+                                            cpus=1.0, gpus=gpus))
+    where = f"{jobs} local processes" if backend == "local" else \
+        f"Ray ({address or f'a local cluster of {jobs} CPUs'}{', shared directory' if shared_dir else ''})"
+    log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {where}")
     if todo:
         prepare_floors(grid, log, progress)
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"), initializer=_watch_parent,
-                                   initargs=(os.getpid(),))
-        try:
-            futures = {pool.submit(run_job, cfg_toml, run_dir): meta for meta, cfg_toml, run_dir in todo}
-            for k, fut in enumerate(as_completed(futures), 1):
-                meta = futures[fut]
-                rows.append({**meta, **fut.result()})
-                log(f"[{k}/{len(todo)}] {meta['cell']} seed {meta['seed']}: {rows[-1]['seconds']:.0f} s")
-        except BaseException:  # Ctrl-C, SIGTERM, a failed cell: stop the workers now, not after their cells
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown()
+        tracker = Tracker(len(todo), log)
+
+        def on_done(job: engines.CellJob, row: Optional[dict], error: Optional[str]) -> None:
+            rows.append({**job.meta, **row} if row is not None else {**job.meta, "failed": error})
+            tracker.done(job.meta, row, error, lambda: engines.parallelism(backend, jobs, todo))
+        engines.run_cells(backend, run_job, todo, on_done, workers=jobs, address=address, shared_dir=shared_dir,
+                          retries=retries)
+        if tracker.failed:
+            log(f"warning: {tracker.failed} of {len(todo)} runs failed (the `failed` column of results.csv says "
+                "why); run the study again to retry them")
     order = {c.name: i for i, c in enumerate(grid.cells)}
     rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
     write_outputs(grid, rows, out)
     return rows
 
 
+class Tracker:
+    """A study's progress on the driver, a line per finished cell: done, running, failed and left, and the
+    time left at the pace so far (cells finished per second of wall time)."""
+
+    def __init__(self, total: int, log: Callable[[str], None]):
+        self.total, self.log, self.start = total, log, time.perf_counter()
+        self.finished = self.failed = 0
+
+    def done(self, meta: dict, row: Optional[dict], error: Optional[str], parallel: Callable[[], int]) -> None:
+        self.finished += 1
+        self.failed += error is not None
+        left = self.total - self.finished
+        try:
+            running = min(left, parallel())
+        except Exception:  # the cluster went away: the count is only for show
+            running = 0
+        elapsed = time.perf_counter() - self.start
+        eta = f", about {elapsed / self.finished * left:.0f} s left" if left else ""
+        what = f"{row['seconds']:.0f} s" if row is not None else f"FAILED ({error})"
+        self.log(f"[{self.finished}/{self.total}] {meta['cell']} seed {meta['seed']}: {what} | done "
+                 f"{self.finished - self.failed}, running {running}, failed {self.failed}, left "
+                 f"{left - running}{eta}")
+
+
 def summarize(grid: Grid, rows: list[dict]) -> list[dict]:
     out = []
     for cell in grid.cells:
-        mine = [r for r in rows if r["cell"] == cell.name]
+        mine = [r for r in rows if r["cell"] == cell.name and not r.get("failed")]
         s: dict[str, Any] = {**cell.levels, "seeds": len(mine),
                              "indistinguishable": sum(bool(r["indistinguishable"]) for r in mine)}
         for name, kind in SUMMARY:
