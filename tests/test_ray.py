@@ -157,6 +157,13 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+@pytest.mark.parametrize("device, share, expected", [("cpu", None, (1.0, 0.0)), ("auto", 0.5, (1.0, 0.0)),
+                                                     ("cuda", None, (1.0, 1.0)), ("cuda:1", 0.25, (1.0, 0.25))])
+def test_a_cell_asks_the_cluster_for_a_gpu_or_a_share_under_cuda(device, share, expected):
+    cfg = C.ExperimentConfig(train={"device": device})  # not validated: no GPU is needed to plan a GPU study
+    assert study.cell_resources(cfg, share) == expected
+
+
 def test_backend_ray_without_ray_is_one_line_naming_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     err = io.StringIO()

@@ -238,10 +238,8 @@ def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], pro
             if done is not None:
                 rows.append({**meta, **done})
             else:
-                gpus = (1.0 if gpus_per_cell is None else gpus_per_cell) if cfg.train.device.startswith("cuda") \
-                    else 0.0
                 todo.append(engines.CellJob(meta, cfg.to_toml(), str(run_dir.resolve() if shared_dir else run_dir),
-                                            cpus=1.0, gpus=gpus))
+                                            *cell_resources(cfg, gpus_per_cell)))
     where = f"{jobs} local processes" if backend == "local" else \
         f"Ray ({address or f'a local cluster of {jobs} CPUs'}{', shared directory' if shared_dir else ''})"
     log(f"study: {len(grid.cells)} cells x {grid.seeds} seeds; {len(rows)} done, {len(todo)} to run on {where}")
@@ -261,6 +259,14 @@ def _run_study(grid: Grid, out: Path, jobs: int, log: Callable[[str], None], pro
     rows.sort(key=lambda r: (order[r["cell"]], r["seed"]))
     write_outputs(grid, rows, out)
     return rows
+
+
+def cell_resources(cfg: ExperimentConfig, gpus_per_cell: Optional[float] = None) -> tuple[float, float]:
+    """(CPUs, GPUs) one cell asks a cluster for: 1 CPU (run_job trains on one thread), and with train.device
+    cuda (--device cuda) a GPU or the given share of one. A cell asking for no GPU sees none (Ray hides them
+    from its task), so train.device = auto runs on the CPU there: ask for cuda to use GPUs."""
+    gpus = (1.0 if gpus_per_cell is None else gpus_per_cell) if cfg.train.device.startswith("cuda") else 0.0
+    return 1.0, gpus
 
 
 class Tracker:
