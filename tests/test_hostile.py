@@ -159,6 +159,17 @@ def test_a_read_only_run_directory_is_one_line_and_left_as_it_was(finished, smal
     assert snapshot(small_disk / "run") == before
 
 
+@needs_mount
+def test_samples_streamed_to_a_full_disk_are_one_line_not_a_bus_error(finished, small_disk):
+    """`sample --out FILE.npy` fills a memory map; its space is taken up front, so a full disk is an error before
+    the first batch rather than a SIGBUS in the middle."""
+    small_disk.remount("1m")
+    code = subprocess.run([sys.executable, "-m", "toydiff", "sample", str(finished), "--n", "1000000", "--out",
+                           str(small_disk / "big.npy"), "--quiet"], capture_output=True, text=True, timeout=120)
+    assert code.returncode == 2 and code.stderr.count("\n") == 1 and "the disk is full" in code.stderr, code.stderr
+    assert list(small_disk.path.iterdir()) == []
+
+
 def test_a_name_too_long_for_the_filesystem_is_one_line(tmp_path):
     refused(["train", "--quiet", "--out", tmp_path / ("a" * 300), *SETS], "too long", "choose a shorter path")
     assert list(tmp_path.iterdir()) == []

@@ -215,3 +215,29 @@ def test_a_failing_torch_compile_is_one_clear_error(trained, monkeypatch):
     monkeypatch.setattr(torch, "compile", broken)
     with pytest.raises(ToydiffError, match=r"torch.compile failed \(no C\+\+ compiler found\); sample without "):
         trained.sample(10, compile=True)
+
+
+def test_samples_streamed_into_a_memory_map_equal_the_in_memory_ones_in_one_batchs_memory(tmp_path):
+    """`toydiff sample --out FILE.npy` writes each batch into a memory-mapped .npy: the same float32 values as
+    drawing in memory and saving, while Python allocates about one batch, not the n x D buffer."""
+    import tracemalloc
+
+    from toydiff.cli import main
+    from toydiff.storage import npy_writer
+    run = train_run(C.with_overrides(C.ExperimentConfig(), ["data.n=256", "schedule.T=20", "model.width=16",
+                                                            "model.depth=1", "train.steps=5"]), tmp_path / "r")
+    n = 400_000
+    tracemalloc.start()
+    with npy_writer(tmp_path / "streamed.npy", (n, 2)) as into:
+        run.sample(n, seed=3, batch_size=8192, sampler="ddim", steps=5, into=into)
+    streamed_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.reset_peak()
+    in_memory = run.sample(n, seed=3, batch_size=8192, sampler="ddim", steps=5)
+    memory_peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(np.load(tmp_path / "streamed.npy"), in_memory.astype(np.float32))
+    assert streamed_peak < 8 * n and memory_peak > 8 * n * 2, (streamed_peak, memory_peak)  # 6.4 MB of float64
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert main(["sample", str(tmp_path / "r"), "--n", "1000", "--seed", "3", "--sampler", "ddim", "--steps", "5",
+                 "--out", str(tmp_path / "cli.npy"), "--quiet"]) == 0
+    assert np.array_equal(np.load(tmp_path / "cli.npy"), in_memory[:1000].astype(np.float32))

@@ -327,13 +327,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Optional[Path]) -> int:
-    from .storage import save_npy, save_table
+    from .storage import npy_writer, save_npy, save_table
 
     n = run.config.sample.n if args.n is None else args.n
-    result = run.sample(n, seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
-                        spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label,
-                        guidance=args.guidance, trajectory=trajectory is not None, compile=args.compile,
-                        progress=not args.quiet)
+    run.check_count(n)
+    options = dict(seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
+                   spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label, guidance=args.guidance,
+                   compile=args.compile, progress=not args.quiet)
+    if out is not None and out.suffix == ".npy" and trajectory is None:  # streamed: memory is one batch's
+        with npy_writer(out, (n, run.dim)) as into:
+            run.sample(n, into=into, **options)
+        print(f"wrote {n} samples to {out} (data units)")
+        return 0
+    result = run.sample(n, trajectory=trajectory is not None, **options)
     samples = result[0] if trajectory is not None else result
     if out is None:
         npy, csv = run.dir.write_samples(samples, run.column_names, run.last_sampling)

@@ -127,7 +127,7 @@ class Run:
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
                eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
                guidance: Optional[float] = None, trajectory: bool = False, compile: Optional[bool] = None,
-               progress: bool = False):
+               progress: bool = False, into: Optional[np.ndarray] = None):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
         sampler, steps, spacing, eta, clip, label, guidance and compile default to the run's [sample]
@@ -137,9 +137,10 @@ class Run:
         x_T .. x_0 in the model's scaled frame (the frame of the figures). compile runs the network through
         torch.compile (compiled once per Run, again for each new batch shape). progress shows the steps.
         Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
+        into: an (n, D) array to write the samples into and return (a memory map: `storage.npy_writer`), so
+        that memory stays that of one batch however large n is.
         """
-        if not 1 <= n <= MAX_ROWS:
-            raise ToydiffError(f"the number of samples must be in 1..{MAX_ROWS:,}, got {n}")
+        self.check_count(n)
         if seed is not None and not 0 <= seed < 2**63:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         cfg = self.settings(batch_size=batch_size, sampler=sampler, steps=steps, spacing=spacing, eta=eta, clip=clip,
@@ -150,13 +151,17 @@ class Run:
         bounds = self._bounds() if cfg.clip else None
         model = self._compiled() if cfg.compile else self.model
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile else ()  # () catches nothing
-        check_memory(n * self.dim * 8 * (2 + (plan.steps + 1 if trajectory else 0)),
-                     f"{n:,} samples of {self.dim} columns" + (" with their paths" if trajectory else ""),
-                     "draw fewer at a time (--n)")
+        if into is not None and (into.shape != (n, self.dim) or trajectory):
+            raise ValueError(f"`into` must be an ({n}, {self.dim}) array, without a trajectory")
+        if into is None:
+            check_memory(n * self.dim * 8 * (2 + (plan.steps + 1 if trajectory else 0)),
+                         f"{n:,} samples of {self.dim} columns" + (" with their paths" if trajectory else ""),
+                         "draw fewer at a time (--n), or write them to a .npy file (--out FILE.npy): streamed")
         check_batch_memory(self.config.model, min(cfg.batch_size, n), "sample.batch_size (--batch-size)",
                            training=False)
-        samples = np.empty((n, self.dim))  # the only O(n) buffer; each batch is written into it in data units
-        paths, calls = [], 0
+        samples = np.empty((n, self.dim)) if into is None else into  # each batch is written into it in data units
+        paths, calls, bad = [], 0, 0
+        whole = self.integer_columns if cfg.round_integers else []  # whole-number columns come back whole
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
         bar = Progress(batches * per_batch if per_batch else batches, "sample", "step" if per_batch else "batch",
                        enabled=progress)
@@ -183,11 +188,14 @@ class Run:
             calls += denoiser.calls  # each sample of the batch saw every call
             if not per_batch:
                 bar.update()
-            samples[start:start + b] = self.scaler.inverse(x0.cpu().double().numpy())
+            batch = self.scaler.inverse(x0.cpu().double().numpy())
+            bad += int(np.count_nonzero(~np.isfinite(batch).all(axis=1)))
+            if whole:
+                batch[:, whole] = np.round(batch[:, whole])
+            samples[start:start + b] = batch
             if trajectory:
                 paths.append(torch.stack(visited + [x0.cpu()]))
         bar.close()
-        bad = int(np.count_nonzero(~np.isfinite(samples).all(axis=1)))
         if bad:  # refused here, before any caller writes them
             raise ToydiffError(f"{bad} of the {n} samples came out NaN or infinite; nothing was written. The "
                                f"weights or the scaler of '{self.path}' may be damaged, or the guidance scale "
@@ -195,11 +203,15 @@ class Run:
                                "(sample.use_ema = false)")
         self.last_sampling = {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
                               "nfe": round(calls / batches, 2)}
-        if cfg.round_integers and self.integer_columns:  # whole-number columns come back as whole numbers
-            samples[:, self.integer_columns] = np.round(samples[:, self.integer_columns])
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples
+
+    @staticmethod
+    def check_count(n: int) -> None:
+        """A number of samples to draw: 1..config.MAX_ROWS, or a one-line error."""
+        if not 1 <= n <= MAX_ROWS:
+            raise ToydiffError(f"the number of samples must be in 1..{MAX_ROWS:,}, got {n}")
 
     def _bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The training data's per-axis range in the model's frame (sample.clip)."""

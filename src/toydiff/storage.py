@@ -19,6 +19,7 @@ import shutil
 import stat
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -306,6 +307,42 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
+
+
+@contextmanager
+def npy_writer(path: Path, shape: tuple[int, ...], dtype=np.float32):
+    """A .npy file of `shape` to fill in place (a memory map: the data never has to fit in memory), written to a
+    temporary name and renamed to `path` when the block ends without an error; nothing is left otherwise."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+    except OSError as e:
+        raise os_error(e, path, "write") from None
+    try:
+        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
+        with open(tmp, "rb+") as f:  # the disk space taken now: a full disk is an error here, not a SIGBUS later
+            try:
+                os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(e, path, "write") from None
+    try:
+        yield array
+        array.flush()
+        del array
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise os_error(e, path, "write") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def npy_header(f, size: int, where: str) -> tuple[tuple[int, ...], np.dtype]:
