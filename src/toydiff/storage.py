@@ -201,50 +201,37 @@ def _short(value: Any) -> str:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: a crash leaves the old file whole. An
     OS error (full disk, read-only folder, name too long) is a one-line error, with the temporary file removed."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
-    except OSError as e:  # an unwritable or missing folder, a read-only or full disk: one line, nothing written
-        raise os_error(e, path, "write") from None
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise os_error(e, path, "write") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_many({Path(path): data})
 
 
 def atomic_write_many(files: dict[Path, bytes]) -> None:
     """Several files written as one unit: each to its temporary name first, then all renamed into place, so an
     error before the renames (a full disk) changes none of them. A kill between two renames can still leave
     them apart, which is why the last file written should be the one that vouches for the others."""
-    tmps: dict[Path, str] = {}
+    tmps: list[str] = []
+    current = next(iter(files))  # the file being written, named by an error
     try:
-        for path, data in files.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
-            tmps[path] = tmp
-            os.chmod(tmp, 0o666 & ~_UMASK)
+        for current, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=current.parent, prefix=f".{current.name[:200]}.", suffix=TMP_SUFFIX)
+            tmps.append(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    except OSError as e:
-        for tmp in tmps.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise os_error(e, e.filename or next(iter(files)), "write") from None
-    except BaseException:
-        for tmp in tmps.values():
-            Path(tmp).unlink(missing_ok=True)
+        for current, tmp in zip(files, tmps):
+            os.replace(tmp, current)
+    except BaseException as e:
+        _discard(tmps, e, current)
         raise
+
+
+def _discard(tmps: list[str], e: BaseException, path: Path) -> None:
+    """Remove the temporary files of a write that failed; an OS error becomes its one line."""
+    for tmp in tmps:
+        Path(tmp).unlink(missing_ok=True)
+    if isinstance(e, OSError):
+        raise os_error(e, path, "write") from None
 
 
 def remove_stale_temporaries(folder: Path) -> int:
@@ -313,13 +300,11 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 def npy_writer(path: Path, shape: tuple[int, ...], dtype=np.float32):
     """A .npy file of `shape` to fill in place (a memory map: the data never has to fit in memory), written to a
     temporary name and renamed to `path` when the block ends without an error; nothing is left otherwise."""
-    path = Path(path)
+    path, tmps = Path(path), []
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:200]}.", suffix=TMP_SUFFIX)
+        tmps.append(tmp)
         os.close(fd)
-    except OSError as e:
-        raise os_error(e, path, "write") from None
-    try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape)
         with open(tmp, "rb+") as f:  # the disk space taken now: a full disk is an error here, not a SIGBUS later
             try:
@@ -327,21 +312,14 @@ def npy_writer(path: Path, shape: tuple[int, ...], dtype=np.float32):
             except OSError as e:
                 if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise os_error(e, path, "write") from None
-    try:
         yield array
         array.flush()
         del array
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise os_error(e, path, "write") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        _discard(tmps, e, path)
         raise
 
 
