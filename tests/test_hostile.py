@@ -439,7 +439,10 @@ def test_sigterm_while_sampling_exits_143_and_writes_nothing(run):
     before = snapshot(run)
     proc = subprocess.Popen([sys.executable, "-m", "toydiff", "sample", str(run), "--n", "50000000", "--batch-size",
                              "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(8)  # well into the sampling loop (imports take about 3 s here)
+    deadline = time.time() + 120  # the command holds the run's lock (its pid in .lock) once it is under way
+    while time.time() < deadline and (run / ".lock").read_text().strip() != str(proc.pid):
+        time.sleep(0.1)
+    time.sleep(1.5)  # into the sampling loop
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and err.strip().splitlines()[-1].startswith("toydiff: stopped by SIGTERM"), err

@@ -99,7 +99,9 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 def test_sigkill_at_random_moments_always_resumes_to_the_uninterrupted_result(tmp_path):
     """A real `toydiff train` process killed (SIGKILL) at random moments, then resumed until it finishes:
     the run directory always loads, and the final weights equal an uninterrupted run's, bit for bit."""
-    settings = RESUMABLE[:-3] + ["train.steps=400", "train.checkpoint_every=7", "sample.n=64"]
+    # 1000 steps: about 3 s of training after run.json appears here, so a kill within 1.5 s of it always lands
+    # mid-run (at 400 steps the first run ended 1.27 s after run.json, exactly when the first kill came)
+    settings = RESUMABLE[:-3] + ["train.steps=1000", "train.checkpoint_every=7", "sample.n=64"]
     sets = [a for s in settings for a in ("--set", s)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     whole = tmp_path / "whole"
@@ -128,7 +130,7 @@ def test_sigkill_at_random_moments_always_resumes_to_the_uninterrupted_result(tm
     assert kills == 4
     for name in ("model.safetensors", "model_ema.safetensors", "checkpoint.safetensors"):
         assert same_weights(whole / name, cut / name) if name != "checkpoint.safetensors" else \
-            load_tensors(cut / name)[1]["step"] == "400"
+            load_tensors(cut / name)[1]["step"] == "1000"
 
 
 @pytest.mark.parametrize("sampler, extra", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("dpmpp-3m-sde", {}),
