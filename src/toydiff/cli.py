@@ -576,8 +576,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-        print(f"toydiff: {how}; nothing half-written was kept (a study or a run resumes with the same command)",
-              file=sys.stderr)
+        print(f"toydiff: {how}; files are written whole or not at all (a study resumes with the same command, "
+              "a run with --resume)", file=sys.stderr)
         return 128 + signum
 
 
