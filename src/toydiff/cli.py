@@ -399,8 +399,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if rd.read_samples() is None:
         raise ToydiffError(f"'{args.run_dir}' has no samples to report on; draw them with `toydiff sample "
                            f"{args.run_dir}` (and judge them with `toydiff eval {args.run_dir}`)")
-    with rd.writing() if out is None else contextlib.nullcontext():
-        print(f"report: {write_report(args.run_dir, out)}")
+    print(f"report: {write_report(args.run_dir, out)}")
     return 0
 
 

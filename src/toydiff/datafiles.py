@@ -155,9 +155,9 @@ def _read_npz(path: Path) -> np.ndarray:
                 npy_header(f, info.file_size, f"data file '{path}'")
             with z.open(info) as f:
                 return np.lib.format.read_array(f, allow_pickle=False)
+    except ToydiffError:
+        raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
-        if isinstance(e, ToydiffError):
-            raise
         raise ToydiffError(f"data file '{path}' is not a readable .npz file ({e})") from None
 
 

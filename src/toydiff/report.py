@@ -169,8 +169,12 @@ def study_page(name: str, header: list[str], rows: list[list[str]], figure: Opti
 
 
 def write_report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the run's report to `out` (default RUN_DIR/report.html), atomically; returns where."""
+    """Write the run's report to `out` (default RUN_DIR/report.html, holding the run directory's lock),
+    atomically; returns where."""
     rd = RunDir(path)
-    target = Path(out) if out is not None else rd.report
-    atomic_write_text(target, render(path))
-    return target
+    if out is not None:
+        atomic_write_text(Path(out), render(path))
+        return Path(out)
+    with rd.writing():
+        atomic_write_text(rd.report, render(path))
+    return rd.report
