@@ -113,6 +113,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the network first: faster passes after seconds of compiling, worth it "
                         "for millions of samples (default: the run's sample.compile)")
+    p.add_argument("--cuda-graphs", choices=config_io.CUDA_GRAPH_MODES, help="on CUDA, replay each batch's "
+                   "whole sampling loop as one CUDA graph: auto, on or off (default: the run's sample.cuda_graphs)")
+    p.add_argument("--autocast", choices=config_io.AUTOCASTS, help="bf16: the network in bfloat16, for GPUs "
+                   "(default: the run's sample.autocast)")
     p.add_argument("--label", type=int, help="conditional models: the class to sample; -1 = all, in their "
                    "training proportions (default: the run's sample.label)")
     p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance scale; 1 = plain "
@@ -333,7 +337,8 @@ def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Opti
     run.check_count(n)
     options = dict(seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
                    spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label, guidance=args.guidance,
-                   compile=args.compile, progress=not args.quiet)
+                   compile=args.compile, cuda_graphs=args.cuda_graphs, autocast=args.autocast,
+                   progress=not args.quiet)
     if out is not None and out.suffix == ".npy" and trajectory is None:  # streamed: memory is one batch's
         with npy_writer(out, (n, run.dim)) as into:
             run.sample(n, into=into, **options)

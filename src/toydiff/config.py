@@ -51,6 +51,7 @@ LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # toydiff.graphs: capture on CUDA where it can | insist | never
 OBJECTIVES = ("denoise", "consistency", "meanflow")  # toydiff.losses: the process's own loss | consistency training
 #                                                    | MeanFlow (flow only)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
@@ -230,6 +231,8 @@ class TrainConfig(_Section):
     device: str = "auto"  # auto (cuda if present, else cpu) | cpu | cuda | cuda:N | mps
     threads: int = 0  # CPU threads for torch; 0 = auto: 1 (more were up to 4x slower on a loaded machine; measured)
     autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs), schedule math and loss in float32
+    cuda_graphs: str = "auto"  # on CUDA, replay the whole step as one CUDA graph (toydiff.graphs), checked against
+    #                            the eager step first: auto (where it can, else eager) | on (or an error) | off
 
     def _check(self):
         choose("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
@@ -237,6 +240,7 @@ class TrainConfig(_Section):
         choose("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
         choose("train.coupling", self.coupling, COUPLINGS)
         choose("train.autocast", self.autocast, AUTOCASTS)
+        choose("train.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         choose("train.objective", self.objective, OBJECTIVES)
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
@@ -273,6 +277,9 @@ class SampleConfig(_Section):
     use_ema: bool = True  # sample with the EMA weights when the run has them
     clip: bool = False  # clamp x0_hat to the training data's per-axis range (in the model's frame) at every step
     compile: bool = False  # torch.compile the network for sampling: pays only for large jobs (docs/benchmarks.md)
+    cuda_graphs: str = "auto"  # on CUDA, replay the sampler's whole loop as one CUDA graph per batch shape, checked
+    #                            against the eager loop first: auto (jobs of 2+ batches) | on (or an error) | off
+    autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs); the sampler's math in float32
     round_integers: bool = True  # a file's columns whose values are all whole numbers: samples rounded to them
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
@@ -282,6 +289,8 @@ class SampleConfig(_Section):
             choose("sampler", self.sampler, SAMPLERS)
         choose("sample.spacing", self.spacing, SAMPLE_SPACINGS)
         choose("sample.variance", self.variance, SAMPLE_VARIANCES)
+        choose("sample.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
+        choose("sample.autocast", self.autocast, AUTOCASTS)
         _check(self.steps >= 0, f"sample.steps must be >= 0 (0 = all T), got {self.steps}")
         _check(0 <= self.eta <= 1, f"sample.eta must be in [0, 1], got {self.eta}")
         _check(self.n >= 1, f"sample.n must be >= 1, got {self.n}")

@@ -94,8 +94,9 @@ class ImportanceTimesteps(UniformTimesteps):
         self.seen += hit.float()
         rate = 1.0 / self.seen.clamp(1, self.history)
         batch_mean = sums / counts.clamp_min(1)
-        self.second_moment = torch.where(hit, self.second_moment + rate * (batch_mean - self.second_moment),
-                                         self.second_moment)
+        # in place: a CUDA graph replaying this update keeps reading and writing the same tensors
+        self.second_moment.copy_(torch.where(hit, self.second_moment + rate * (batch_mean - self.second_moment),
+                                             self.second_moment))
 
 
 class UniformTimes(UniformTimesteps):

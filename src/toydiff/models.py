@@ -162,6 +162,20 @@ class MLP(nn.Module):
 
 
 @MODELS.register("guide")
+class Autocast(nn.Module):
+    """`net` with its forward under bfloat16 autocast and its output back in float32 (sample.autocast = bf16):
+    the sampler's arithmetic, which divides by sqrt(alpha_bar) down to 1e-5, stays in float32."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.classes = getattr(net, "classes", 0)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, cache_enabled=False):
+            return self.net(x, *args, **kwargs).float()
+
+
 def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     return GuideNoisePredictor(dim, T)
 

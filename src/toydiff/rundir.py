@@ -77,9 +77,9 @@ MANIFEST_SCHEMA = Fields({
     "class_names": [str], "integer_columns": [str], "source": str, "student": str, "teacher": str, "method": str,
     "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
     "alpha_bar_T": float, "parameters": int, "device": str, "threads": int, "created": str,
-    "toydiff_version": str}, required=("format", "version", "status"))
+    "toydiff_version": str, "cuda_graphs": str}, required=("format", "version", "status"))
 SAMPLING_SCHEMA = Fields({"sampler": str, "steps": int, "spacing": (str, None), "nfe": (float, None),
-                          "npy_sha256": str, "csv_sha256": str})
+                          "npy_sha256": str, "csv_sha256": str, "cuda_graphs": str})
 _VALUE = (float, None)
 METRICS_SCHEMA = Fields({
     "verdict": str, "n": int, "z_limit": _VALUE, "nfe": _VALUE, "sampling": (SAMPLING_SCHEMA, None),

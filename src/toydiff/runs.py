@@ -19,7 +19,8 @@ from torch import nn
 from .config import MAX_ROWS, ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError
-from .models import build_model, check_batch_memory
+from . import graphs
+from .models import Autocast, build_model, check_batch_memory
 from .parameterization import Denoiser, FlowDenoiser, MeanFlowDenoiser
 from .progress import Progress
 from .rundir import RunDir
@@ -127,15 +128,20 @@ class Run:
                sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
                eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
                guidance: Optional[float] = None, trajectory: bool = False, compile: Optional[bool] = None,
-               progress: bool = False, into: Optional[np.ndarray] = None):
+               cuda_graphs: Optional[str] = None, autocast: Optional[str] = None, progress: bool = False,
+               into: Optional[np.ndarray] = None):
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
-        sampler, steps, spacing, eta, clip, label, guidance and compile default to the run's [sample]
+        sampler, steps, spacing, eta, clip, label, guidance, compile, cuda_graphs and autocast default to the
+        run's [sample]
         settings; steps < T samples on the respaced schedule. A conditional model samples class `label`, or
         for label = -1 classes drawn in their training proportions, with classifier-free guidance scale
         `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
         x_T .. x_0 in the model's scaled frame (the frame of the figures). compile runs the network through
-        torch.compile (compiled once per Run, again for each new batch shape). progress shows the steps.
+        torch.compile (compiled once per Run, again for each new batch shape); on CUDA, cuda_graphs replays
+        each recurring batch shape's whole loop as one CUDA graph (toydiff.graphs.LoopGraphs; the same samples
+        as eager), and autocast = bf16 runs the network in bfloat16. progress shows the steps (the batches of
+        a graphed job).
         Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
         into: an (n, D) array to write the samples into and return (a memory map: `storage.npy_writer`), so
         that memory stays that of one batch however large n is.
@@ -144,12 +150,14 @@ class Run:
         if seed is not None and not 0 <= seed < 2**63:
             raise ToydiffError(f"the sampling seed must be an integer in [0, 2^63), got {seed}")
         cfg = self.settings(batch_size=batch_size, sampler=sampler, steps=steps, spacing=spacing, eta=eta, clip=clip,
-                            label=label, guidance=guidance, compile=compile)
+                            label=label, guidance=guidance, compile=compile, cuda_graphs=cuda_graphs,
+                            autocast=autocast)
         plan = self.plan(cfg)
         base_seed = derive_seed(self.config.seed if seed is None else seed, "sample")
         gen = torch.Generator(device=self.device).manual_seed(base_seed)  # diffusers' schedulers draw from it
         bounds = self._bounds() if cfg.clip else None
         model = self._compiled() if cfg.compile else self.model
+        model = Autocast(model) if cfg.autocast == "bf16" else model
         compile_errors = (torch._dynamo.exc.TorchDynamoException,) if cfg.compile else ()  # () catches nothing
         if into is not None and (into.shape != (n, self.dim) or trajectory):
             raise ValueError(f"`into` must be an ({n}, {self.dim}) array, without a trajectory")
@@ -163,8 +171,13 @@ class Run:
         paths, calls, bad = [], 0, 0
         whole = self.integer_columns if cfg.round_integers else []  # whole-number columns come back whole
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
+        graphed = graphs.wanted(cfg.cuda_graphs, self.device, "sample.cuda_graphs",
+                                "a trajectory is read at every step" if trajectory else plan.graph_blocker)
+        loops = graphs.LoopGraphs(graphs.side_stream(self.device) if graphed else None, strict=cfg.cuda_graphs == "on")
+        step_bar = per_batch and not graphed  # a replayed loop cannot report its steps: the bar moves per batch
         bar = Progress(batches * per_batch if per_batch else batches, "sample", "step" if per_batch else "batch",
                        enabled=progress)
+        calls_of: dict[int, int] = {}  # network calls of a batch of b samples (a replay runs no Python to count)
         for start in range(0, n, cfg.batch_size):
             b = min(cfg.batch_size, n - start)
             stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
@@ -173,21 +186,30 @@ class Run:
             visited: list[torch.Tensor] = []
 
             def callback(t, x_t, x0_hat):
-                if per_batch:
+                if step_bar:
                     bar.update()
                 if trajectory:
                     visited.append(x_t.cpu())
-            denoiser = self.denoiser_for(labels, cfg.guidance, model)
+
+            def loop(x_T, labels, noise):
+                denoiser = self.denoiser_for(labels, cfg.guidance, model)
+                x0 = plan.run(denoiser, x_T, noise=noise, generator=gen, bounds=bounds,
+                              callback=callback if trajectory or (progress and step_bar) else None)
+                calls_of[x_T.shape[0]] = denoiser.calls  # each sample of the batch saw every call
+                return x0
             try:
-                x0 = plan.run(denoiser, x_T, noise=stream, generator=gen,
-                              bounds=bounds, callback=callback if trajectory or (progress and per_batch) else None)
+                with graphs.on(loops.stream):
+                    x0 = loops.run(loop, [x_T, labels], stream, capture=cfg.cuda_graphs == "on"
+                                   or (b == cfg.batch_size and n // cfg.batch_size >= 2)) if graphed \
+                        else loop(x_T, labels, stream)
+                    x0 = x0.cpu()
             except compile_errors as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
                                    "(sample.compile = false)") from None
-            calls += denoiser.calls  # each sample of the batch saw every call
-            if not per_batch:
-                bar.update()
+            calls += calls_of[b]
+            if not step_bar:
+                bar.update(per_batch or 1)
             batch = self.scaler.inverse(x0.cpu().double().numpy())
             bad += int(np.count_nonzero(~np.isfinite(batch).all(axis=1)))
             if whole:
@@ -202,7 +224,7 @@ class Run:
                                f"({cfg.guidance:g}) too large: lower it, or sample without the EMA weights "
                                "(sample.use_ema = false)")
         self.last_sampling = {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
-                              "nfe": round(calls / batches, 2)}
+                              "nfe": round(calls / batches, 2), **({"cuda_graphs": loops.note} if graphed else {})}
         if trajectory:
             return samples, torch.cat(paths, dim=1).numpy()
         return samples

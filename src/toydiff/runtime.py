@@ -70,21 +70,27 @@ class NoiseStream:
     Why consecutive seeds rather than one hashed seed per (draw, block): torch's CPU generator keeps only
     the low 32 bits of a seed, so hashed seeds meet by the birthday bound (in a 1e7-sample, 1000-step job
     about 10^4 pairs of (draw, block) would have drawn the same noise); here no two blocks of a job share
-    a seed up to 2^32 blocks, and a job seeds one generator per block instead of one per draw and block."""
+    a seed up to 2^32 blocks, and a job seeds one generator per block instead of one per draw and block.
+
+    A block is BLOCK samples on the CPU and CUDA_BLOCK on a GPU, where each draw is a kernel launch that costs
+    the same for 1,024 or 65,536 rows: a batch of 2^20 samples takes 16 launches per draw there, not 1,024.
+    (CPU and CUDA generators differ anyway, so a seed gives other samples on a GPU than on the CPU.)"""
 
     BLOCK = 1024
+    CUDA_BLOCK = 65536
 
     def __init__(self, seed: int, start: int, n: int, device: torch.device | str = "cpu"):
         self.seed, self.start, self.n, self.device = seed, start, n, torch.device(device)
-        first, last = start // self.BLOCK, (start + n - 1) // self.BLOCK
+        self.block = self.CUDA_BLOCK if self.device.type == "cuda" else self.BLOCK
+        first, last = start // self.block, (start + n - 1) // self.block
         base = int(np.random.SeedSequence([seed, zlib.crc32(b"noise-blocks")]).generate_state(1)[0])
         self._generators = [torch.Generator(device=self.device).manual_seed((base + b) % 2**32)
                             for b in range(first, last + 1)]
-        self._offset = start - first * self.BLOCK
+        self._offset = start - first * self.block
 
     def _next(self, rest: tuple[int, ...], dtype: torch.dtype, uniform: bool) -> torch.Tensor:
         fn = torch.rand if uniform else torch.randn
-        parts = [fn((self.BLOCK, *rest), generator=g, device=self.device, dtype=dtype) for g in self._generators]
+        parts = [fn((self.block, *rest), generator=g, device=self.device, dtype=dtype) for g in self._generators]
         whole = parts[0] if len(parts) == 1 else torch.cat(parts)
         return whole[self._offset:self._offset + self.n]
 

@@ -116,6 +116,15 @@ class Plan:
         """Network calls (steps) per batch, or None where the solver decides (the adaptive ODE)."""
         return None if getattr(self.fn, "adaptive", False) else (self.steps if self.own_generator else self.grid.T)
 
+    @property
+    def graph_blocker(self) -> Optional[str]:
+        """Why this plan's loop cannot be captured in a CUDA graph (toydiff.graphs), or None."""
+        if getattr(self.fn, "adaptive", False):
+            return f"the {self.sampler} solver picks its steps on the host"
+        if self.own_generator:
+            return f"the {self.sampler} scheduler steps on the host"
+        return None
+
     def denoise(self, denoiser: Denoiser, bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Denoise:
         """The function the sampler calls: x0_hat (with the learned variance for ddpm's "learned"), clamped to
         `bounds` (low, high) when given, told the training t of each grid index."""

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from . import graphs
 from .config import TrainConfig
 from .errors import ToydiffError
 from .losses import (Consistency, ImportanceTimesteps, Objective, Progressive, UniformTimesteps, diffusion_loss,
@@ -54,6 +55,30 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
                              weight_decay=cfg.weight_decay, **kind)
 
 
+def capturable(optimizer: torch.optim.Optimizer) -> None:
+    """A fused AdamW made capturable in a CUDA graph (toydiff.graphs): its learning rate a device tensor, which
+    the LR schedule fills before each replay, and its bias corrections computed on the device. A checkpoint
+    stays a plain optimizer's (TrainState.tensors), so a run resumes with or without graphs."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not torch.is_tensor(group["lr"]):
+            group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
+
+
+# an optimizer group's switches that belong to where it runs (CUDA graphs, the device's AdamW kernel), not to the
+# training state: a checkpoint restores everything else
+RUNTIME_KEYS = ("capturable", "fused", "foreach", "differentiable")
+
+
+def graph_blocker(cfg: TrainConfig, world: World) -> Optional[str]:
+    """Why this training's step cannot be captured in a CUDA graph, or None (toydiff.graphs.wanted)."""
+    if world.size > 1:
+        return "several processes (torchrun) exchange their gradients outside the graph"
+    if cfg.coupling == "ot":
+        return "train.coupling = ot pairs each batch with its noise on the host (POT)"
+    return None
+
+
 class EMA(nn.Module):
     """An exponential moving average of a model's parameters and buffers, with warm-up: the first update copies
     the model; after k updates the next one averages with decay min(decay, (1 + k) / (10 + k)), so early
@@ -71,17 +96,34 @@ class EMA(nn.Module):
         self._mine = list(self.module.parameters()) + list(self.module.buffers())
         self._source = list(model.parameters()) + list(model.buffers())
         self._count = 0  # n_averaged on the host: no device synchronisation per step
+        # this update's weight 1 - decay_k, filled by the host before the device work (a CUDA graph replays
+        # `apply` with whatever it holds); a lerp by weight 1 is the first update's copy
+        self._weight = torch.ones((), device=self._mine[0].device if self._mine else "cpu")
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
+        self.begin()
+        self.apply()
+        self.end()
+
+    def begin(self) -> None:
+        """Host part before the update: its weight (1 for the first update, else 1 - decay_k)."""
         k = self._count
-        if k == 0:
-            torch._foreach_copy_(self._mine, self._source)
-        else:
-            d = min(self.decay, (1 + k) / (10 + k))
-            torch._foreach_lerp_(self._mine, self._source, 1 - d)
+        self._weight.fill_(1.0 if k == 0 else 1 - min(self.decay, (1 + k) / (10 + k)))
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Device part: mine <- mine + weight (source - mine), every tensor in one foreach call."""
+        torch._foreach_lerp_(self._mine, self._source, [self._weight] * len(self._mine))
+
+    def end(self) -> None:
         self._count += 1
         self.n_averaged.fill_(self._count)
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        """The averaged tensors an update writes."""
+        return self._mine
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -131,6 +173,7 @@ class TrainState:
     running: float = 0.0  # loss summed over the steps since the last log row
     since: int = 0  # steps since the last log row
     seconds: float = 0.0  # training time before this session (resumed runs)
+    graphs: str = ""  # how the last session's steps ran on CUDA (captured in a graph, or eager and why)
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state as named CPU tensors and string metadata (safetensors' two halves; nothing pickled)."""
@@ -144,9 +187,10 @@ class TrainState:
         if isinstance(self.timesteps, ImportanceTimesteps):
             t["timesteps/second_moment"], t["timesteps/seen"] = self.timesteps.second_moment, self.timesteps.seen
         sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        groups = [{**g, "capturable": False} for g in optim["param_groups"]]
         meta = {"step": str(self.step), "rows": json.dumps(self.rows), "running": repr(self.running),
                 "since": str(self.since), "seconds": repr(self.seconds),
-                "param_groups": json.dumps(optim["param_groups"]), "scheduler": json.dumps(sched)}
+                "param_groups": json.dumps(_plain(groups)), "scheduler": json.dumps(_plain(sched))}
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}, meta
 
     def restore(self, t: dict[str, torch.Tensor], meta: dict[str, str], steps: int) -> None:
@@ -155,7 +199,7 @@ class TrainState:
         crafted checkpoint is a one-line ToydiffError, never a TypeError, a resume from step -5 or a run
         marked trained that was not."""
         where = "the checkpoint"
-        fresh = self.optimizer.state_dict()
+        fresh = {"param_groups": _plain(self.optimizer.state_dict()["param_groups"])}
         groups = _json_meta(meta, "param_groups", where)
         sched = _json_meta(meta, "scheduler", where)
         rows = _json_meta(meta, "rows", where)
@@ -166,7 +210,7 @@ class TrainState:
         _same_shape(groups, fresh["param_groups"], f"{where}'s optimizer groups")
         _check(all(g["params"] == f["params"] for g, f in zip(groups, fresh["param_groups"])),
                f"{where}'s optimizer groups name other parameters than the model's")
-        fresh_sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        fresh_sched = _plain({k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"})
         _same_shape(sched, fresh_sched, f"{where}'s learning-rate schedule")
         _check(sched["last_epoch"] == step, f"{where}'s learning-rate schedule is at step {sched['last_epoch']}, "
                                             f"its training state at {step}")
@@ -194,6 +238,7 @@ class TrainState:
         self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
         if self.ema is not None:
             self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
+        groups = [{**g, **{k: f[k] for k in RUNTIME_KEYS if k in f}} for g, f in zip(groups, fresh["param_groups"])]
         self.optimizer.load_state_dict({"state": slots, "param_groups": groups})
         self.scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
         self.generator.set_state(t["rng"])
@@ -205,6 +250,29 @@ class TrainState:
             self.timesteps.seen = t["timesteps/seen"].to(device)
         self.step, self.rows = step, rows
         self.running, self.since, self.seconds = running, since, seconds
+
+
+def step_tensors(state: TrainState) -> list[torch.Tensor]:
+    """Every tensor of `state` a training step writes: the model's, the optimizer's slots, the EMA's and the
+    importance sampler's (what toydiff.graphs.Stepper snapshots to check a captured step)."""
+    tensors = list(state.model.parameters()) + list(state.model.buffers())
+    tensors += [v for slots in state.optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
+    if state.ema is not None:
+        tensors += state.ema.tensors
+    if isinstance(state.timesteps, ImportanceTimesteps):
+        tensors += [state.timesteps.second_moment, state.timesteps.seen]
+    return tensors
+
+
+def _plain(value):
+    """`value` ready for JSON: 0-d tensors (a capturable optimizer's learning rates) as numbers, all the way down."""
+    if torch.is_tensor(value):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _check(ok: bool, message: str) -> None:
@@ -280,7 +348,9 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     it; the progress display moves every step. Ctrl-C, SIGTERM or SIGHUP finishes the current step, calls
     on_checkpoint and raises Interrupted. With several processes (`world`, under torchrun) the model trains as
     DistributedDataParallel on shards of one shared global batch, and the ranks agree to stop at the next
-    log row (one small all-reduce there), so every rank stops at the same step.
+    log row (one small all-reduce there), so every rank stops at the same step. On CUDA (cfg.cuda_graphs) the
+    step's device work is captured in a CUDA graph after two eager steps and replayed, its first two replays
+    checked against the eager step (toydiff.graphs.Stepper); state.graphs says how the steps ran.
     """
     if not isinstance(objective, (Objective, Progressive, Consistency)):
         objective = Objective(objective, cfg.loss_weighting, cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
@@ -292,31 +362,53 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     net = model if world.size == 1 else nn.parallel.DistributedDataParallel(model)
     params = list(model.parameters())  # once: model.parameters() walks the module tree every call
     model.train()
-    running = torch.tensor(state.running, device=x0.device)
-    first_bad = torch.zeros((), dtype=torch.long, device=x0.device)  # the first step with a non-finite loss / grad
+    device = x0.device
+    running = torch.tensor(state.running, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss / grad
+    step_t = torch.tensor(state.step, dtype=torch.long, device=device)  # the step, counted on the device
+    capture = graphs.wanted(cfg.cuda_graphs, device, "train.cuda_graphs", graph_blocker(cfg, world))
+    if capture:
+        capturable(optimizer)
+
+    def work() -> None:
+        """One step's device work, with no host synchronisation and no Python number that changes from step to
+        step (the learning rate and the EMA weight are device tensors the host fills): a CUDA graph's body."""
+        if batch >= n:
+            xb, yb = x0, labels
+        else:
+            idx = torch.randint(0, n, (batch,), generator=generator, device=device)
+            xb, yb = x0[idx], None if labels is None else labels[idx]
+        if yb is not None:
+            yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
+        loss = diffusion_loss(net, schedule, xb, objective, generator, timesteps=state.timesteps, labels=yb,
+                              world=world, autocast=cfg.autocast == "bf16")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        step_t.add_(1)
+        first_bad.copy_(torch.where((first_bad == 0) & ~finite, step_t, first_bad))
+        optimizer.step()
+        if ema is not None:
+            ema.apply()
+        running.add_(loss.detach())
+
+    def changed() -> list[torch.Tensor]:  # everything `work` writes, for the stepper's checks
+        return step_tensors(state) + [running, first_bad, step_t]
+
+    stream = graphs.side_stream(device) if capture else None
+    stepper = graphs.Stepper(work, changed, [generator], stream, "train.cuda_graphs", strict=cfg.cuda_graphs == "on") \
+        if capture else work
     start = time.perf_counter() - state.seconds
     bar = Progress(cfg.steps, "train", "step", enabled=progress, initial=state.step)
-    with _stop_flag() as stop:
+    with _stop_flag() as stop, graphs.on(stream):
         for step in range(state.step + 1, cfg.steps + 1):
-            if batch >= n:
-                xb, yb = x0, labels
-            else:
-                idx = torch.randint(0, n, (batch,), generator=generator, device=x0.device)
-                xb, yb = x0[idx], None if labels is None else labels[idx]
-            if yb is not None:
-                yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
-            loss = diffusion_loss(net, schedule, xb, objective, generator, timesteps=state.timesteps, labels=yb,
-                                  world=world, autocast=cfg.autocast == "bf16")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-            first_bad = torch.where((first_bad == 0) & ~finite, torch.full_like(first_bad, step), first_bad)
-            optimizer.step()
+            if ema is not None:
+                ema.begin()
+            stepper()
             scheduler.step()
             if ema is not None:
-                ema.update_parameters(model)
-            running += loss.detach()
+                ema.end()
             state.step, state.since = step, state.since + 1
             bar.update()
             is_checkpoint = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step != cfg.steps
@@ -325,7 +417,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 _check_finite(int(first_bad), cfg)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 mean_loss = world.mean(running).item() / state.since
-                row = {"step": step, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                row = {"step": step, "loss": mean_loss, "lr": float(optimizer.param_groups[0]["lr"]),
                        "seconds": time.perf_counter() - start}
                 state.rows.append(row)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
@@ -339,7 +431,10 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             if stopping:
                 bar.close()
                 raise Interrupted(step, stop.signum or signal.SIGTERM)
+    graphs.join(stream)
     bar.close()
+    if capture:
+        state.graphs = stepper.note
     state.running, state.seconds = running.item(), time.perf_counter() - start
     model.eval()
     return state.rows

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import data as datasets
+from . import data as datasets, graphs
 from .config import TEACHER_IN_MEMORY, ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError
@@ -36,7 +36,7 @@ from .sampling import VPDiffusion, check_conditioning, make_plan
 from .scaler import Scaler
 from .schedules import NoiseSchedule
 from .storage import check_memory
-from .training import Interrupted, TrainState, make_state, train
+from .training import Interrupted, TrainState, graph_blocker, make_state, train
 
 Log = Callable[[str], None]
 
@@ -86,10 +86,12 @@ def validate(cfg: ExperimentConfig, world: World = World()) -> None:
                      "lower data.n")
     check_model(cfg.model)
     check_batch_memory(cfg.model, cfg.train.batch_size or cfg.data.n, "train.batch_size", training=True)
-    make_plan(cfg.sample, VPDiffusion(NoiseSchedule.from_config(cfg.schedule)),
-              learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
-    resolve_device(cfg.train.device)
+    plan = make_plan(cfg.sample, VPDiffusion(NoiseSchedule.from_config(cfg.schedule)),
+                     learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
+    device = resolve_device(cfg.train.device)
     world.check_batch(cfg.train.batch_size)
+    graphs.wanted(cfg.train.cuda_graphs, device, "train.cuda_graphs", graph_blocker(cfg.train, world))
+    graphs.wanted(cfg.sample.cuda_graphs, device, "sample.cuda_graphs", plan.graph_blocker)
 
 
 def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
@@ -272,7 +274,8 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     checkpoint(state)
     rd.write_manifest({**info, "status": "trained", "steps": cfg.train.steps, "checkpoint_step": state.step,
                        "processes": world.size, "train_seconds": round(state.seconds, 3),
-                       "final_loss": rows[-1]["loss"]})
-    log(f"trained in {state.seconds:.1f} s, final loss {rows[-1]['loss']:.4f}")
+                       "final_loss": rows[-1]["loss"], **({"cuda_graphs": state.graphs} if state.graphs else {})})
+    log(f"trained in {state.seconds:.1f} s, final loss {rows[-1]['loss']:.4f}"
+        + (f"; steps {state.graphs}" if state.graphs else ""))
     sampling_model = state.ema.module.eval() if state.ema is not None and cfg.sample.use_ema else state.model.eval()
     return dataclasses.replace(run, model=sampling_model)
