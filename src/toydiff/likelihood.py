@@ -63,7 +63,7 @@ def elbo_nll(eps_fn: EpsFn, schedule: NoiseSchedule, x0: torch.Tensor,
         if variance_fn is not None:
             log_var = schedule.learned_log_variance(variance_fn(x_t, t_vec), t_vec)
         else:
-            fixed = schedule.betas64[1] if t == 1 else schedule.beta_tilde[t].double().item()
+            fixed = schedule.betas64[1] if t == 1 else float(schedule.beta_tilde64[t])
             log_var = torch.full_like(x0, math.log(fixed))
         # 3. the decoder term at t = 1, the KL above it
         total = total + vlb_term(schedule, x0, x_t, t_vec, x0_hat, log_var).double()

@@ -161,7 +161,6 @@ class MLP(nn.Module):
         return self.out(h)
 
 
-@MODELS.register("guide")
 class Autocast(nn.Module):
     """`net` with its forward under bfloat16 autocast and its output back in float32 (sample.autocast = bf16):
     the sampler's arithmetic, which divides by sqrt(alpha_bar) down to 1e-5, stays in float32."""
@@ -176,6 +175,7 @@ class Autocast(nn.Module):
             return self.net(x, *args, **kwargs).float()
 
 
+@MODELS.register("guide")
 def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     return GuideNoisePredictor(dim, T)
 

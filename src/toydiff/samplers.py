@@ -109,7 +109,7 @@ def sample_ddim(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
         if callback is not None:
             callback(t, x, x0_hat)
         # 2. sigma_t(eta), eq. 16, and the direction pointing to x_t, eq. 12
-        sigma = eta * float(schedule.beta_tilde[t].double().sqrt())
+        sigma = eta * float(schedule.beta_tilde64[t]) ** 0.5
         x = ab[t - 1] ** 0.5 * x0_hat + max(1 - ab[t - 1] - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
             x = x + sigma * randn_like(x, generator)

@@ -139,6 +139,8 @@ class NoiseSchedule:
             coef_x0 = np.where(one_minus > 0, np.sqrt(alpha_bar_prev) * self.betas64 / one_minus, 1.0)
             coef_xt = np.where(one_minus > 0, np.sqrt(alphas) * (1 - alpha_bar_prev) / one_minus, 0.0)
         self.alpha_bar64 = alpha_bar
+        self.beta_tilde64 = beta_tilde  # on the host: a sampler's per-step scalars never wait for the device
+        self._log_snr: torch.Tensor | None = None  # log_snr_at's table, on the device it was last asked on
         self.device = torch.device(device)
         self.timesteps_t = torch.as_tensor(self.timesteps, device=self.device)
         as_t = lambda a: torch.as_tensor(a, dtype=torch.float32, device=self.device)  # noqa: E731
@@ -241,7 +243,9 @@ class NoiseSchedule:
 
     def log_snr_at(self, t: torch.Tensor) -> torch.Tensor:
         """lambda_t (float64, t's shape) for integer t in 1..T, or fractional t interpolated linearly."""
-        lam = torch.as_tensor(self.log_snr64, device=t.device, dtype=torch.float64)
+        if self._log_snr is None or self._log_snr.device != t.device:  # made once per device: no copy per step
+            self._log_snr = torch.as_tensor(self.log_snr64, device=t.device, dtype=torch.float64)
+        lam = self._log_snr
         if not t.is_floating_point():
             return lam[t.clamp(1, self.T) - 1]
         tt = t.to(torch.float64).clamp(1, self.T)
