@@ -5,7 +5,7 @@ goes on to samples, figures and the evaluation is toydiff.experiment).
     run = resume_run("runs/demo")                       # after Ctrl-C or a kill: the same weights
 
 A run directory is staged under a hidden name and published whole (toydiff.rundir); training
-checkpoints the whole state (toydiff.training.TrainState) so that a resumed run reaches the
+checkpoints the whole state (toydiff.trainstate.TrainState) so that a resumed run reaches the
 uninterrupted weights.
 """
 

@@ -1,0 +1,194 @@
+"""The whole state of a training run, as it goes from step to step and as a checkpoint holds it.
+
+    tensors, meta = state.tensors()                  # safetensors' two halves, nothing pickled
+    fresh.restore(tensors, meta, steps=cfg.steps)    # every piece checked against what `fresh` expects
+
+A damaged or crafted checkpoint is a one-line ToydiffError, never a TypeError, a resume from step -5 or a
+run marked trained that was not. What belongs to where the run happens rather than to its state (an
+optimizer group's kernel and CUDA-graph switches, a capturable optimizer's learning rate held in a device
+tensor) is saved plainly and taken from the fresh state on restore, so a run resumes on another device or
+with or without CUDA graphs. The loop that advances the state is toydiff.training's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import ToydiffError
+from .losses import ImportanceTimesteps, UniformTimesteps
+from .storage import Fields, check_schema, parse_json
+
+# an optimizer group's switches that belong to where it runs (CUDA graphs, the device's AdamW kernel), not to the
+# training state: a checkpoint restores everything else
+RUNTIME_KEYS = ("capturable", "fused", "foreach", "differentiable")
+
+
+@dataclass
+class TrainState:
+    """Everything a training run carries from step to step, so it can be saved and resumed exactly:
+    the model and its optimizer, learning-rate schedule and EMA, the importance sampler, the random
+    generator, the step, the log rows and the loss accumulated since the last row."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: Optional[nn.Module]  # toydiff.training.EMA, or None when train.ema_decay = 0
+    timesteps: UniformTimesteps
+    generator: torch.Generator
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)
+    running: float = 0.0  # loss summed over the steps since the last log row
+    since: int = 0  # steps since the last log row
+    seconds: float = 0.0  # training time before this session (resumed runs)
+    graphs: str = ""  # how the last session's steps ran on CUDA (captured in a graph, or eager and why)
+
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The state as named CPU tensors and string metadata (safetensors' two halves; nothing pickled)."""
+        t = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        if self.ema is not None:
+            t.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        optim = self.optimizer.state_dict()
+        for i, slots in optim["state"].items():
+            t.update({f"optim/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
+        t["rng"] = self.generator.get_state()
+        if isinstance(self.timesteps, ImportanceTimesteps):
+            t["timesteps/second_moment"], t["timesteps/seen"] = self.timesteps.second_moment, self.timesteps.seen
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        groups = [{**g, "capturable": False} for g in optim["param_groups"]]
+        meta = {"step": str(self.step), "rows": json.dumps(self.rows), "running": repr(self.running),
+                "since": str(self.since), "seconds": repr(self.seconds),
+                "param_groups": json.dumps(_plain(groups)), "scheduler": json.dumps(_plain(sched))}
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}, meta
+
+    def restore(self, t: dict[str, torch.Tensor], meta: dict[str, str], steps: int) -> None:
+        """Load what `tensors` saved into this freshly built state (same config, model and device), after
+        checking every piece against what this state expects (`steps`: the run's train.steps): a damaged or
+        crafted checkpoint is a one-line ToydiffError, never a TypeError, a resume from step -5 or a run
+        marked trained that was not."""
+        where = "the checkpoint"
+        fresh = {"param_groups": _plain(self.optimizer.state_dict()["param_groups"])}
+        groups = _json_meta(meta, "param_groups", where)
+        sched = _json_meta(meta, "scheduler", where)
+        rows = _json_meta(meta, "rows", where)
+        step, since = _int_meta(meta, "step", where), _int_meta(meta, "since", where)
+        running, seconds = _float_meta(meta, "running", where), _float_meta(meta, "seconds", where)
+        _check(0 <= step <= steps, f"{where} is at step {step}, outside 0..{steps} (train.steps)")
+        _check(0 <= since <= step and seconds >= 0, f"{where} has an impossible log position or time")
+        _same_shape(groups, fresh["param_groups"], f"{where}'s optimizer groups")
+        _check(all(g["params"] == f["params"] for g, f in zip(groups, fresh["param_groups"])),
+               f"{where}'s optimizer groups name other parameters than the model's")
+        fresh_sched = _plain({k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"})
+        _same_shape(sched, fresh_sched, f"{where}'s learning-rate schedule")
+        _check(sched["last_epoch"] == step, f"{where}'s learning-rate schedule is at step {sched['last_epoch']}, "
+                                            f"its training state at {step}")
+        check_schema(rows, [Fields({"step": int, "loss": float, "lr": float, "seconds": float},
+                                   required=("step", "loss", "lr", "seconds"))], f"{where}'s loss log")
+        _check(all(0 < r["step"] <= step for r in rows) and all(a["step"] < b["step"] for a, b in zip(rows, rows[1:])),
+               f"{where}'s loss log has steps out of order or beyond step {step}")
+        params = dict(enumerate(p for g in self.optimizer.param_groups for p in g["params"]))
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in t.items():
+            if k.startswith("optim/"):
+                parts = k.split("/", 2)
+                i = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
+                _check(i in params and parts[2] in ("step", "exp_avg", "exp_avg_sq"),
+                       f"{where} holds an unknown optimizer entry '{k}'")
+                want = () if parts[2] == "step" else tuple(params[i].shape)
+                _check(tuple(v.shape) == want and v.dtype.is_floating_point,
+                       f"{where}'s optimizer entry '{k}' has shape {tuple(v.shape)} {v.dtype}, the model needs "
+                       f"{want} floating point")
+                slots.setdefault(i, {})[parts[2]] = v
+        _check(all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in slots.values())
+               and set(slots) in (set(), set(params)), f"{where}'s optimizer state is incomplete")
+        _check("rng" in t and t["rng"].dtype == torch.uint8 and t["rng"].shape == self.generator.get_state().shape,
+               f"{where}'s random generator state is missing or damaged")
+        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
+        groups = [{**g, **{k: f[k] for k in RUNTIME_KEYS if k in f}} for g, f in zip(groups, fresh["param_groups"])]
+        self.optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        self.scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
+        self.generator.set_state(t["rng"])
+        if isinstance(self.timesteps, ImportanceTimesteps):
+            device, shape = self.timesteps.second_moment.device, self.timesteps.second_moment.shape
+            _check(all(t.get(f"timesteps/{k}", torch.empty(0)).shape == shape for k in ("second_moment", "seen")),
+                   f"{where}'s importance-sampling state does not fit schedule.T")
+            self.timesteps.second_moment = t["timesteps/second_moment"].to(device)
+            self.timesteps.seen = t["timesteps/seen"].to(device)
+        self.step, self.rows = step, rows
+        self.running, self.since, self.seconds = running, since, seconds
+
+
+def step_tensors(state: TrainState) -> list[torch.Tensor]:
+    """Every tensor of `state` a training step writes: the model's, the optimizer's slots, the EMA's and the
+    importance sampler's (what toydiff.graphs.Stepper snapshots to check a captured step)."""
+    tensors = list(state.model.parameters()) + list(state.model.buffers())
+    tensors += [v for slots in state.optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
+    if state.ema is not None:
+        tensors += state.ema.tensors
+    if isinstance(state.timesteps, ImportanceTimesteps):
+        tensors += [state.timesteps.second_moment, state.timesteps.seen]
+    return tensors
+
+
+def _plain(value):
+    """`value` ready for JSON: 0-d tensors (a capturable optimizer's learning rates) as numbers, all the way down."""
+    if torch.is_tensor(value):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ToydiffError(f"{message}; the run directory is damaged")
+
+
+def _json_meta(meta: dict[str, str], key: str, where: str):
+    _check(key in meta, f"{where} has no '{key}' entry")
+    return parse_json(meta[key], f"{where}'s '{key}' entry")
+
+
+def _int_meta(meta: dict[str, str], key: str, where: str) -> int:
+    raw = meta.get(key, "")
+    _check(raw.isdigit() and len(raw) < 19, f"{where}'s '{key}' is {raw!r}, not a count")
+    return int(raw)
+
+
+def _float_meta(meta: dict[str, str], key: str, where: str) -> float:
+    try:
+        value = float(meta.get(key, ""))
+    except ValueError:
+        value = math.nan
+    _check(math.isfinite(value), f"{where}'s '{key}' is {meta.get(key)!r}, not a finite number")
+    return value
+
+
+def _same_shape(saved, fresh, what: str) -> None:
+    """`saved` (JSON read back) has the structure of `fresh` (what this toydiff builds): the same keys, list
+    lengths and JSON types all the way down (a bool where a bool is, a number where a number is)."""
+    def kind(v):
+        return "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else type(v).__name__
+
+    if isinstance(fresh, dict):
+        _check(isinstance(saved, dict) and set(saved) == set(fresh), f"{what} do not have this toydiff's fields")
+        for k in fresh:
+            _same_shape(saved[k], fresh[k], what)
+    elif isinstance(fresh, (list, tuple)):
+        _check(isinstance(saved, list) and len(saved) == len(fresh), f"{what} do not have this toydiff's shape")
+        for a, b in zip(saved, fresh):
+            _same_shape(a, b, what)
+    elif fresh is None:  # an optional switch (foreach, fused): null or true/false
+        _check(saved is None or isinstance(saved, bool), f"{what} hold {saved!r} where null or true/false belongs")
+    else:
+        _check(kind(saved) == kind(fresh) and (not isinstance(saved, float) or math.isfinite(saved)),
+               f"{what} hold {saved!r} where a {kind(fresh)} belongs")
