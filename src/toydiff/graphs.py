@@ -39,8 +39,13 @@ def wanted(mode: str, device: torch.device, setting: str, blocker: Optional[str]
         return False
     why = blocker if device.type == "cuda" else f"CUDA graphs need a CUDA device, and this runs on {device}"
     if why and mode == "on":
-        raise ToydiffError(f"{setting} = on, but {why}; set {setting} = auto (or off)")
+        raise refused(setting, why)
     return why is None
+
+
+def refused(setting: str, why: str) -> ToydiffError:
+    """The one-line error of `setting` = on where a graph cannot be (or was not) used."""
+    return ToydiffError(f"{setting} = on, but {why}; set {setting} = auto (or off)")
 
 
 class Graph:
@@ -104,7 +109,7 @@ class _Fallback:
 
     def _give_up(self, why: str) -> None:
         if self.strict:
-            raise ToydiffError(f"{self.setting} = on, but {why}; set {self.setting} = auto (or off)")
+            raise refused(self.setting, why)
         self.given_up, self.note = True, f"eager: {why}"
         self._forget()
 

@@ -133,10 +133,9 @@ class Run:
         """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
 
         sampler, steps, spacing, eta, clip, label, guidance, compile, cuda_graphs and autocast default to the
-        run's [sample]
-        settings; steps < T samples on the respaced schedule. A conditional model samples class `label`, or
-        for label = -1 classes drawn in their training proportions, with classifier-free guidance scale
-        `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
+        run's [sample] settings; steps < T samples on the respaced schedule. A conditional model samples class
+        `label`, or for label = -1 classes drawn in their training proportions, with classifier-free guidance
+        scale `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
         x_T .. x_0 in the model's scaled frame (the frame of the figures). compile runs the network through
         torch.compile (compiled once per Run, again for each new batch shape); on CUDA, cuda_graphs replays
         each recurring batch shape's whole loop as one CUDA graph (toydiff.graphs.LoopGraphs; the same samples
@@ -178,45 +177,46 @@ class Run:
         bar = Progress(batches * per_batch if per_batch else batches, "sample", "step" if per_batch else "batch",
                        enabled=progress)
         calls_of: dict[int, int] = {}  # network calls of a batch of b samples (a replay runs no Python to count)
-        for start in range(0, n, cfg.batch_size):
-            b = min(cfg.batch_size, n - start)
-            stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
-            labels = self._draw_labels(b, cfg.label, stream)
-            x_T = stream.randn((b, self.dim))
-            visited: list[torch.Tensor] = []
+        with graphs.on(loops.stream):  # a graphed job runs wholly on its capture stream
+            for start in range(0, n, cfg.batch_size):
+                b = min(cfg.batch_size, n - start)
+                stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
+                labels = self._draw_labels(b, cfg.label, stream)
+                x_T = stream.randn((b, self.dim))
+                visited: list[torch.Tensor] = []
 
-            def callback(t, x_t, x0_hat):
-                if step_bar:
-                    bar.update()
-                if trajectory:
-                    visited.append(x_t.cpu())
+                def callback(t, x_t, x0_hat):
+                    if step_bar:
+                        bar.update()
+                    if trajectory:
+                        visited.append(x_t.cpu())
 
-            def loop(x_T, labels, noise):
-                denoiser = self.denoiser_for(labels, cfg.guidance, model)
-                x0 = plan.run(denoiser, x_T, noise=noise, generator=gen, bounds=bounds,
-                              callback=callback if trajectory or (progress and step_bar) else None)
-                calls_of[x_T.shape[0]] = denoiser.calls  # each sample of the batch saw every call
-                return x0
-            try:
-                with graphs.on(loops.stream):
+                def loop(x_T, labels, noise):
+                    denoiser = self.denoiser_for(labels, cfg.guidance, model)
+                    x0 = plan.run(denoiser, x_T, noise=noise, generator=gen, bounds=bounds,
+                                  callback=callback if trajectory or (progress and step_bar) else None)
+                    calls_of[x_T.shape[0]] = denoiser.calls  # each sample of the batch saw every call
+                    return x0
+                try:
                     x0 = loops.run(loop, [x_T, labels], stream, capture=cfg.cuda_graphs == "on"
                                    or (b == cfg.batch_size and n // cfg.batch_size >= 2)) if graphed \
                         else loop(x_T, labels, stream)
                     x0 = x0.cpu()
-            except compile_errors as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
-                                   "(sample.compile = false)") from None
-            calls += calls_of[b]
-            if not step_bar:
-                bar.update(per_batch or 1)
-            batch = self.scaler.inverse(x0.cpu().double().numpy())
-            bad += int(np.count_nonzero(~np.isfinite(batch).all(axis=1)))
-            if whole:
-                batch[:, whole] = np.round(batch[:, whole])
-            samples[start:start + b] = batch
-            if trajectory:
-                paths.append(torch.stack(visited + [x0.cpu()]))
+                except compile_errors as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
+                                       "(sample.compile = false)") from None
+                calls += calls_of[b]
+                if not step_bar:
+                    bar.update(per_batch or 1)
+                batch = self.scaler.inverse(x0.cpu().double().numpy())
+                bad += int(np.count_nonzero(~np.isfinite(batch).all(axis=1)))
+                if whole:
+                    batch[:, whole] = np.round(batch[:, whole])
+                samples[start:start + b] = batch
+                if trajectory:
+                    paths.append(torch.stack(visited + [x0.cpu()]))
+        graphs.join(loops.stream)
         bar.close()
         if bad:  # refused here, before any caller writes them
             raise ToydiffError(f"{bad} of the {n} samples came out NaN or infinite; nothing was written. The "
