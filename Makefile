@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 ARGS   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup browser run test fast-test bench bench-all clean
+.PHONY: setup browser run test fast-test bench bench-all gpu-wheels clean
 
 setup: $(VENV)/.installed
 
@@ -47,6 +47,14 @@ bench-all: bench
 	$(BIN)/python benchmarks/zoo.py
 	$(BIN)/python benchmarks/null_tails.py
 	$(BIN)/python benchmarks/panel.py
+
+# For benchmarks/gpu_on_device.sh on a lent GPU machine (Python 3.12, no network): the wheels of toydiff's
+# dependencies its image lacks, into .whl/ (git-ignored), carried with the call.
+GPU_WHEELS ?= pot==0.9.7.post1 tomli-w==1.2.0
+gpu-wheels: setup
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
