@@ -255,3 +255,21 @@ def test_the_gpu_benchmark_runs_its_smoke_version_on_the_cpu(tmp_path):
     assert report["no_cuda"]["code"] == 2 and "CUDA is not available" in report["no_cuda"]["stderr"]
     assert "\n" not in report["no_cuda"]["stderr"] and "Traceback" not in report["no_cuda"]["stderr"]
     assert "| sampling (ddim) |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_asking_for_graphs_without_cuda_is_one_line_before_anything_is_written(tmp_path, capsys):
+    from conftest import TINY
+    from toydiff.cli import main
+
+    sets = [a for s in TINY for a in ("--set", s)]
+    out = tmp_path / "run"
+    assert main(["run", "--quiet", "--device", "cpu", "--out", str(out), "--set", "train.cuda_graphs=on"] + sets) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("toydiff: error: train.cuda_graphs = on, but CUDA graphs need a CUDA device, and this runs on "
+                   "cpu; set train.cuda_graphs = auto (or off)")
+    assert not out.exists()
+    assert main(["run", "--quiet", "--no-eval", "--out", str(out)] + sets) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"}  # the lock is opened
+    assert main(["sample", str(out), "--n", "10", "--cuda-graphs", "on"]) == 2
+    assert "sample.cuda_graphs = on, but CUDA graphs need a CUDA device" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != ".lock"} == before
