@@ -82,6 +82,9 @@ def test_same_tells_identical_from_close_from_different():
     assert graphs.same(a, [torch.tensor([1.0, 2.000001])]) == "within float tolerance"
     assert graphs.same(a, [torch.tensor([1.0, 2.1])]) == ""
     assert graphs.same(a, [torch.tensor([1.0])]) == "" and graphs.same(a, a + a) == ""
+    nan = [torch.tensor([float("nan"), 1.0])]
+    assert graphs.same(nan, [torch.tensor([float("nan"), 1.0])]) == "within float tolerance"
+    assert graphs.same(nan, [torch.tensor([0.0, 1.0])]) == ""
 
 
 def _training(cfg, timestep_sampling="uniform", steps=40):

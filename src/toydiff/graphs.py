@@ -89,14 +89,14 @@ def join(stream: Optional[torch.cuda.Stream]) -> None:
 
 def same(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor], rtol: float = 1e-5, atol: float = 1e-7) -> str:
     """How two lists of tensors compare: "bit-identical", "within float tolerance" (rtol, atol; kernels that
-    add in a different order, like atomics in an embedding's backward), or "" where they differ or lengths,
-    shapes or finiteness disagree."""
+    add in a different order, like atomics in an embedding's backward; NaN where both have NaN), or "" where
+    they differ or their lengths or shapes disagree."""
     a, b = list(a), list(b)
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
         return ""
     if all(torch.equal(x, y) for x, y in zip(a, b)):
         return "bit-identical"
-    close = all(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol) for x, y in zip(a, b))
+    close = all(torch.allclose(x.float(), y.float(), rtol=rtol, atol=atol, equal_nan=True) for x, y in zip(a, b))
     return "within float tolerance" if close else ""
 
 
