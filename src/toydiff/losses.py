@@ -263,7 +263,8 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     - with several processes (`world`), every rank draws the whole batch's t and eps and computes the loss on
       its own shard; the importance sampler sees every rank's losses;
     - autocast runs the network's forward under bfloat16 autocast; t, eps, x_t, the target and the loss stay
-      float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach).
+      float32 (the schedule's alpha_bar spans 1e-9..1, far below bfloat16's 3 significant digits' reach);
+      autocast's weight-cast cache is off, as a CUDA graph of the step needs (each weight is cast once anyway).
     """
     if isinstance(objective, Progressive):
         return progressive_loss(model, schedule, x0, objective, generator)
@@ -284,7 +285,7 @@ def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
         labels = None if labels is None else labels[s]
     alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
     target = training_target(obj.prediction, x0, eps, alpha_bar)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
         out = model(x_t, t) if labels is None else model(x_t, t, labels)
     out = out.float()
     pred, v = out.chunk(2, dim=1) if obj.learned_variance else (out, None)
@@ -321,7 +322,7 @@ def flow_matching_loss(model: nn.Module, T: int, x0: torch.Tensor, objective: Ob
         labels = None if labels is None else labels[s]
     tt = t[:, None]
     x_t = (1 - tt) * x0 + tt * eps
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
         t_net = flow_network_time(t, T)
         out = model(x_t, t_net) if labels is None else model(x_t, t_net, labels)
     per_point = ((out.float() - flow_target(objective.prediction, x0, eps)) ** 2).flatten(1).mean(1)
