@@ -5,6 +5,7 @@
              captured once per batch shape), torch.compile, both, and graphs + bf16; each as a share of the
              ceiling, the same network's compiled single forward at that batch times NFE. Steady state: the
              time of R2 batches minus that of R1 (the first batch of a job runs eagerly and is captured).
+             Beside each eager cell, the eager loop alone on one batch: Run.sample's own share shows.
   training   ms per training step of the default network at batch 256, 1024 and 4096, eager against the
              step captured in a CUDA graph (train.cuda_graphs), and how the two loss curves compare
   quality    `toydiff run` on the GPU (the default and the fast preset): seconds to the verdict, beside
@@ -38,6 +39,7 @@ import torch
 from report import machine, publish
 from toydiff import config as C
 from toydiff.api import run as run_experiment
+from toydiff.runtime import NoiseStream
 from toydiff.workflow import untrained_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +89,23 @@ def ceiling_seconds(run, batch: int, compiled: bool, device: torch.device, repea
     return statistics.median(times)
 
 
+def loop_seconds(run, batch: int, nfe: int, device: torch.device, repeats: int = 3) -> float:
+    """The eager sampling loop alone on one batch (the plan's sampler on the denoiser, no NoiseStream setup, no
+    copy to the host, no scaler): what Run.sample's own per-batch work adds shows against it."""
+    plan = run.plan(run.settings(sampler="ddim", steps=nfe))
+    denoiser = run.denoiser_for(None, 1.0)
+    x = torch.randn(batch, run.dim, device=device)
+    noise = NoiseStream(0, 0, batch, device)
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        start = time.perf_counter()
+        plan.run(denoiser, x, noise=noise)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def sample_seconds(run, batch: int, nfe: int, options: dict, r1: int, r2: int) -> tuple[float, str]:
     """Seconds per batch in steady state: (time of r2 batches - time of r1 batches) / (r2 - r1)."""
     def job(batches: int) -> float:
@@ -126,6 +145,8 @@ def sampling_rows(device: torch.device, smoke: bool, budget: Budget) -> list[dic
                     seconds, note = sample_seconds(run, batch, nfe, options, r1, r2)
                     row.update(samples_per_s=batch / seconds, ms_per_batch=1e3 * seconds,
                                ceiling_ms=1e3 * ceiling * nfe, of_ceiling=ceiling * nfe / seconds, graphs=note)
+                    if mode == "eager":  # how much of a batch is the loop itself, and how much Run.sample's own
+                        row["loop_ms"] = 1e3 * loop_seconds(run, batch, nfe, device)
                     print(f"sampling {model} batch {batch} NFE {nfe} {mode}: {row['samples_per_s']:.3g}/s, "
                           f"{100 * row['of_ceiling']:.0f}% of the ceiling", file=sys.stderr, flush=True)
     return rows
@@ -234,14 +255,14 @@ def _num(row: dict, key: str, fmt: str) -> str:
 
 def table(report: dict) -> str:
     lines = [f"Machine: {report['meta']['device']}; torch {report['meta']['torch']}.", "",
-             "| sampling (ddim) | model | batch | NFE | mode | samples/s | ms/batch | ceiling ms | of ceiling |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| sampling (ddim) | model | batch | NFE | mode | samples/s | ms/batch | ceiling ms | of ceiling | "
+             "eager loop alone ms |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["sampling"]:
         if "skipped" in r:
             continue
         lines.append(f"| | {r['model']} | 2^{r['batch'].bit_length() - 1} | {r['nfe']} | {r['mode']} | "
                      f"{r['samples_per_s']:.3g} | {r['ms_per_batch']:.2f} | {r['ceiling_ms']:.2f} | "
-                     f"{100 * r['of_ceiling']:.0f}% |")
+                     f"{100 * r['of_ceiling']:.0f}% | {_num(r, 'loop_ms', '.2f')} |")
     lines += ["", "| training step (default model) | batch | eager ms | graphs ms | speed-up | loss curves | graphs |",
               "|---|---|---|---|---|---|---|"]
     for r in report["training"]:
