@@ -76,7 +76,7 @@ def ceiling_seconds(run, batch: int, compiled: bool, device: torch.device, repea
     """One forward of the network at `batch` (compiled where asked): the time a sampler's step cannot beat."""
     net = run._compiled() if compiled else run.model  # the Run's own compiled network: sampling reuses it
     x = torch.randn(batch, run.dim, device=device)
-    t = torch.full((batch,), run.schedule.T // 2, device=device)
+    t = torch.full((1,), run.schedule.T // 2, device=device)  # one t for the batch, as the samplers call it
     times = []
     with torch.no_grad():
         for i in range(repeats + 2):
@@ -253,35 +253,39 @@ def _num(row: dict, key: str, fmt: str) -> str:
     return format(row[key], fmt) if key in row else "-"
 
 
+def _section(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table, after a blank line."""
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(row) + " |" for row in rows]
+
+
 def table(report: dict) -> str:
-    lines = [f"Machine: {report['meta']['device']}; torch {report['meta']['torch']}.", "",
-             "| sampling (ddim) | model | batch | NFE | mode | samples/s | ms/batch | ceiling ms | of ceiling | "
-             "eager loop alone ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["sampling"]:
-        if "skipped" in r:
-            continue
-        lines.append(f"| | {r['model']} | 2^{r['batch'].bit_length() - 1} | {r['nfe']} | {r['mode']} | "
-                     f"{r['samples_per_s']:.3g} | {r['ms_per_batch']:.2f} | {r['ceiling_ms']:.2f} | "
-                     f"{100 * r['of_ceiling']:.0f}% | {_num(r, 'loop_ms', '.2f')} |")
-    lines += ["", "| training step (default model) | batch | eager ms | graphs ms | speed-up | loss curves | graphs |",
-              "|---|---|---|---|---|---|---|"]
-    for r in report["training"]:
-        lines.append(f"| | {r['batch']} | {_num(r, 'eager_ms', '.3f')} | {_num(r, 'graphs_ms', '.3f')} | "
-                     f"{_num(r, 'speedup', '.2f')}x | {r.get('loss_curves', '-')} | "
-                     f"{r.get('graphs', r.get('skipped', '-'))} |")
-    lines += ["", "| toydiff run | preset | seconds | training s | verdict | CPU training s to the verdict |",
-              "|---|---|---|---|---|---|"]
-    for r in report["quality"]:
-        lines.append(f"| | {r['preset']} | {_num(r, 'seconds', '.1f')} | {_num(r, 'train_seconds', '.1f')} | "
-                     f"{r.get('verdict', r.get('skipped', '-'))} | {r.get('cpu_train_seconds_to_verdict', '-')} |")
+    lines = [f"Machine: {report['meta']['device']}; torch {report['meta']['torch']}."]
+    lines += _section(
+        ["sampling (ddim)", "model", "batch", "NFE", "mode", "samples/s", "ms/batch", "ceiling ms", "of ceiling",
+         "eager loop alone ms"],
+        [["", r["model"], f"2^{r['batch'].bit_length() - 1}", str(r["nfe"]), r["mode"],
+          _num(r, "samples_per_s", ".3g"), _num(r, "ms_per_batch", ".2f"), _num(r, "ceiling_ms", ".2f"),
+          f"{100 * r['of_ceiling']:.0f}%", _num(r, "loop_ms", ".2f")]
+         for r in report["sampling"] if "skipped" not in r])
+    lines += _section(
+        ["training step (default model)", "batch", "eager ms", "graphs ms", "speed-up", "loss curves", "graphs"],
+        [["", str(r["batch"]), _num(r, "eager_ms", ".3f"), _num(r, "graphs_ms", ".3f"), _num(r, "speedup", ".2f"),
+          r.get("loss_curves", "-"), r.get("graphs", r.get("skipped", "-"))] for r in report["training"]])
+    lines += _section(
+        ["toydiff run", "preset", "seconds", "training s", "verdict", "CPU training s to the verdict"],
+        [["", r["preset"], _num(r, "seconds", ".1f"), _num(r, "train_seconds", ".1f"),
+          r.get("verdict", r.get("skipped", "-")), str(r.get("cpu_train_seconds_to_verdict", "-"))]
+         for r in report["quality"]])
     g = report["large"]
-    lines += ["", "| streamed sample to .npy | n | seconds | samples/s | host peak MB | device peak MB | file MB |",
-              "|---|---|---|---|---|---|---|",
-              f"| | {g['n']:.0e} | {_num(g, 'seconds', '.1f')} | {_num(g, 'samples_per_s', '.3g')} | "
-              f"{_num(g, 'host_peak_mb', '.0f')} | {_num(g, 'device_peak_mb', '.0f')} | {_num(g, 'file_mb', '.0f')} |"]
+    lines += _section(
+        ["streamed sample to .npy", "n", "seconds", "samples/s", "host peak MB", "device peak MB", "file MB"],
+        [["", f"{g['n']:.0e}", _num(g, "seconds", ".1f"), _num(g, "samples_per_s", ".3g"),
+          _num(g, "host_peak_mb", ".0f"), _num(g, "device_peak_mb", ".0f"), _num(g, "file_mb", ".0f")]])
     skipped = sum("skipped" in r for r in report["sampling"])
     if skipped:
-        lines += ["", f"{skipped} sampling cells skipped (CUDA-only modes off a GPU, compile at NFE 50, or the budget)."]
+        lines += ["", f"{skipped} sampling cells skipped (CUDA-only modes off a GPU, compile at NFE 50, "
+                      "or the budget)."]
     return "\n".join(lines)
 
 
