@@ -32,6 +32,12 @@ class RunInterrupted(Exception):
         self.code = code
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception summed up for a one-line error: its message's first line (at most `limit` characters),
+    or its type's name when it has no message."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
+
+
 def did_you_mean(value: object, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the choice closest to a misspelled value (difflib), else ''."""
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.6)

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from .config import CUDA_GRAPH_MODES, choose
-from .errors import ToydiffError
+from .errors import ToydiffError, first_line
 from .runtime import NoiseStream
 
 
@@ -111,10 +111,6 @@ class _Fallback:
         if self.strict:
             raise refused(self.setting, why)
         self.given_up, self.note = True, f"eager: {why}"
-        self._forget()
-
-    def _forget(self) -> None:
-        pass
 
 
 class Stepper(_Fallback):
@@ -143,7 +139,7 @@ class Stepper(_Fallback):
             try:
                 self.graph = Graph(self.work, self.stream, self.generators)
             except RuntimeError as e:
-                self._give_up(f"the step could not be captured ({_first_line(e)})")
+                self._give_up(f"the step could not be captured ({first_line(e)})")
                 self.work()
                 return
         if self.checks:
@@ -160,6 +156,7 @@ class Stepper(_Fallback):
         verdict = same(eager[0], self.tensors())
         if not verdict:
             self._restore(eager)
+            self.graph = None  # its memory pool goes with it
             self._give_up("the replayed step computed other values than the eager step")
             return
         self.checks -= 1
@@ -176,13 +173,6 @@ class Stepper(_Fallback):
                 t.copy_(saved)
         for g, state in zip(self.generators, states):
             g.set_state(state)
-
-    def _forget(self) -> None:
-        self.graph = None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 class RecordingNoise(NoiseStream):
@@ -268,7 +258,7 @@ class LoopGraphs(_Fallback):
         try:
             graph = Graph(lambda: loop(*static, replay_noise), self.stream)
         except RuntimeError as e:
-            self._give_up(f"the sampling loop could not be captured ({_first_line(e)})")
+            self._give_up(f"the sampling loop could not be captured ({first_line(e)})")
             return out
         verdict = same([out], [graph.replay()])
         if not verdict:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .config import MAX_ROWS, ExperimentConfig, SampleConfig
 from .datafiles import default_names
-from .errors import ToydiffError
+from .errors import ToydiffError, first_line
 from . import graphs
 from .models import Autocast, build_model, check_batch_memory
 from .parameterization import Denoiser, FlowDenoiser, MeanFlowDenoiser
@@ -203,8 +203,7 @@ class Run:
                         else loop(x_T, labels, stream)
                     x0 = x0.cpu()
                 except compile_errors as e:
-                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise ToydiffError(f"torch.compile failed ({first}); sample without --compile "
+                    raise ToydiffError(f"torch.compile failed ({first_line(e)}); sample without --compile "
                                        "(sample.compile = false)") from None
                 calls += calls_of[b]
                 if not step_bar:

@@ -112,14 +112,19 @@ class Plan:
     own_generator: bool  # a diffusers scheduler draws its noise from a torch.Generator, not the per-sample stream
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the sampler picks its own steps (the adaptive ODE solver)."""
+        return getattr(self.fn, "adaptive", False)
+
+    @property
     def evaluations_per_batch(self) -> Optional[int]:
         """Network calls (steps) per batch, or None where the solver decides (the adaptive ODE)."""
-        return None if getattr(self.fn, "adaptive", False) else (self.steps if self.own_generator else self.grid.T)
+        return None if self.adaptive else (self.steps if self.own_generator else self.grid.T)
 
     @property
     def graph_blocker(self) -> Optional[str]:
         """Why this plan's loop cannot be captured in a CUDA graph (toydiff.graphs), or None."""
-        if getattr(self.fn, "adaptive", False):
+        if self.adaptive:
             return f"the {self.sampler} solver picks its steps on the host"
         if self.own_generator:
             return f"the {self.sampler} scheduler steps on the host"

@@ -95,22 +95,18 @@ class EMA(nn.Module):
         # this update's weight 1 - decay_k, filled by the host before the device work (a CUDA graph replays
         # `apply` with whatever it holds); a lerp by weight 1 is the first update's copy
         self._weight = torch.ones((), device=self._mine[0].device if self._mine else "cpu")
-
-    @torch.no_grad()
-    def update_parameters(self, model: nn.Module) -> None:
-        self.begin()
-        self.apply()
-        self.end()
+        self._weights = [self._weight] * len(self._mine)  # foreach_lerp's tensor weights: one per tensor
 
     def begin(self) -> None:
-        """Host part before the update: its weight (1 for the first update, else 1 - decay_k)."""
+        """Host part before `update`: its weight (1 for the first update, else 1 - decay_k)."""
         k = self._count
         self._weight.fill_(1.0 if k == 0 else 1 - min(self.decay, (1 + k) / (10 + k)))
 
     @torch.no_grad()
-    def apply(self) -> None:
-        """Device part: mine <- mine + weight (source - mine), every tensor in one foreach call."""
-        torch._foreach_lerp_(self._mine, self._source, [self._weight] * len(self._mine))
+    def update(self) -> None:
+        """Device part: mine <- mine + weight (source - mine), every tensor in one foreach call (not nn.Module's
+        `apply`, which this must not shadow)."""
+        torch._foreach_lerp_(self._mine, self._source, self._weights)
 
     def end(self) -> None:
         self._count += 1
@@ -221,7 +217,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
         first_bad.copy_(torch.where((first_bad == 0) & ~finite, step_t, first_bad))
         optimizer.step()
         if ema is not None:
-            ema.apply()
+            ema.update()
         running.add_(loss.detach())
 
     def changed() -> list[torch.Tensor]:  # everything `work` writes, for the stepper's checks

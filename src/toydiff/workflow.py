@@ -26,7 +26,7 @@ import torch
 from . import data as datasets, graphs
 from .config import TEACHER_IN_MEMORY, ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
-from .errors import RunInterrupted, ToydiffError
+from .errors import RunInterrupted, ToydiffError, first_line
 from .losses import CONSISTENCY_GRID, Consistency, Objective, Progressive
 from .models import check as check_model, check_batch_memory, count_parameters
 from .rundir import RunDir
@@ -263,8 +263,7 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     except RuntimeError as e:  # under torchrun: a collective failed because another rank died or froze
         if world.size == 1:
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ToydiffError(f"another process of this torchrun job stopped or stopped answering ({first}); "
+        raise ToydiffError(f"another process of this torchrun job stopped or stopped answering ({first_line(e)}); "
                            f"'{run.path}' keeps its last checkpoint: {resume} under torchrun") from None
     except KeyboardInterrupt:  # before the loop's own handler was in place, or a second Ctrl-C
         raise RunInterrupted(f"interrupted before step {state.step + 1} was saved in '{run.path}'; {resume}") \
