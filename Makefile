@@ -28,11 +28,25 @@ browser:
 	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; } || \
 	  echo "note: no chromium and chromedriver here; the report's browser test will be skipped"
 
+# The suite in a random order (pytest-randomly; the seed is printed first, `make test TEST_SEED=N` repeats an order):
+# first on one pytest-xdist worker per core, each pinned to its own core (tests/conftest.py), then the tests marked
+# `serial` (several processes or threads: they need both cores) alone. A part that PYTEST_ARGS (say -k NAME) leaves
+# empty is not a failure (pytest's exit code 5).
+JOBS ?= $(shell nproc 2>/dev/null || echo 1)
+ifndef TEST_SEED
+TEST_SEED := $(shell $(PYTHON) -c "import random; print(random.randrange(10**8))")
+endif
+PYTEST = $(BIN)/python -m pytest --randomly-seed=$(TEST_SEED)
+
 test: setup browser
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@echo "tests in a random order: seed $(TEST_SEED) (make test TEST_SEED=$(TEST_SEED) repeats it)"
+	$(PYTEST) -n $(JOBS) -m "not serial" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(PYTEST) -m serial $(PYTEST_ARGS) || [ $$? = 5 ]
 
 fast-test: setup
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	@echo "tests in a random order: seed $(TEST_SEED) (make fast-test TEST_SEED=$(TEST_SEED) repeats it)"
+	$(PYTEST) -n $(JOBS) -m "not slow and not serial" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(PYTEST) -m "serial and not slow" $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # The performance benchmarks (about 15 minutes here): speed, scaling and memory, time to quality.
 bench: setup

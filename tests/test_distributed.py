@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from toydiff.cli import main
 
+pytestmark = pytest.mark.serial  # two torchrun ranks: both cores
+
 SETS = ["data.n=512", "schedule.T=50", "model.width=32", "model.depth=1", "train.steps=60", "train.batch_size=128",
         "train.log_every=10", "train.checkpoint_every=20", "train.timestep_sampling=importance",
         "model.conditional=true"]

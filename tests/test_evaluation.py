@@ -54,6 +54,35 @@ def test_floors_are_cached(target):
     assert first["metrics"]["mmd2"]["floor_std"] == second["metrics"]["mmd2"]["floor_std"]
 
 
+def test_the_cache_lives_where_the_user_says(monkeypatch, tmp_path):
+    """TOYDIFF_CACHE, else $XDG_CACHE_HOME/toydiff, else ~/.cache/toydiff: the one place toydiff writes
+    outside a run directory."""
+    from toydiff.runtime import cache_dir
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("TOYDIFF_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir() == tmp_path / "home" / ".cache" / "toydiff"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "toydiff"
+    monkeypatch.setenv("TOYDIFF_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_a_cache_that_cannot_be_written_costs_a_warning_not_the_evaluation(target, monkeypatch, tmp_path):
+    """A read-only, full or misplaced cache (here a file where its folder should be): the evaluation
+    succeeds, says so once, and equals one with a working cache."""
+    rng = np.random.default_rng(5)
+    samples = target.draw(rng, 300)
+    working = evaluate(samples, target, small())
+    (tmp_path / "blocked").write_text("a file, not a folder")
+    monkeypatch.setenv("TOYDIFF_CACHE", str(tmp_path / "blocked"))
+    messages = []
+    rep = evaluate(samples, target, small(), log=messages.append)
+    warned = [m for m in messages if m.startswith("warning: the noise floors were not cached")]
+    assert len(warned) == 1 and "blocked" in warned[0], messages
+    assert not rep["floors_cached"] and rep["metrics"] == working["metrics"] and rep["verdict"] == working["verdict"]
+
+
 @pytest.mark.parametrize("tamper", ["a mean edited", "a string inside", "a metric added", "not JSON", "wrong key"])
 def test_a_damaged_floor_cache_is_recomputed_and_never_changes_the_verdict(target, tamper):
     rng = np.random.default_rng(11)

@@ -452,6 +452,7 @@ def test_sigterm_while_sampling_exits_143_and_writes_nothing(run):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # two processes racing for the lock
 def test_two_resumes_of_one_run_started_together_one_trains_the_other_is_refused(run):
     cfg = (run / "config.toml").read_text().replace("steps = 30\n", "steps = 3000\n")
     (run / "config.toml").write_text(cfg)
@@ -506,6 +507,7 @@ def _children(pid: int) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a study of two worker processes
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_a_killed_or_stopped_study_takes_its_workers_with_it(tmp_path, sig):
     sets = [a for s in TINY + ["train.steps=100000"] for a in ("--set", s)]
@@ -534,6 +536,7 @@ def test_a_killed_or_stopped_study_takes_its_workers_with_it(tmp_path, sig):
 # --- preemption under torchrun ---------------------------------------------------------------------------------
 
 @pytest.mark.slow
+@pytest.mark.serial  # two torchrun ranks, timed
 def test_a_frozen_torchrun_rank_ends_the_job_within_the_collective_timeout(tmp_path):
     """Rank 1 frozen (SIGSTOP) mid-training: rank 0 gives up after TOYDIFF_COLLECTIVE_TIMEOUT (5) seconds with
     one line, instead of gloo's 30 minutes; the run directory resumes."""

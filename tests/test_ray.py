@@ -33,13 +33,28 @@ def table(path: Path, drop=("seconds",)) -> list[dict]:
         return [{k: v for k, v in row.items() if k not in drop} for row in csv.DictReader(f)]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster of 2 CPUs for the tests that do not check starting and stopping one (a study
-    joins a running cluster and leaves it running)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+@pytest.fixture(scope="module", autouse=True)
+def no_cluster_left():
+    """Whatever the order of the tests, none leaves this module with a cluster running."""
     yield
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def cluster():
+    """A local Ray cluster of 2 CPUs, running, for the tests that do not check starting and stopping one (a study
+    joins a running cluster and leaves it running): started unless an earlier test left one, and left for the
+    next (one start for several tests)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture
+def no_cluster():
+    """No cluster running here, so the study starts its own (a test that ran before may have left one)."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +65,14 @@ def local_study(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a local cluster of 2 CPUs
 @pytest.mark.parametrize("shared", [False, True])
 def test_ray_tasks_give_the_local_backends_results_bit_for_bit(local_study, tmp_path, shared, request):
     """2 cells x 2 seeds on a local Ray cluster of 2 CPUs: every column of results.csv but the wall time equals
     the local backend's, and each run directory holds the same files with the same samples, whether the runs
     came back from the tasks or were written in place (--shared-dir). The first starts its own cluster and
     shuts it down; the second joins a running one and leaves it running."""
-    if shared:
-        request.getfixturevalue("cluster")
+    request.getfixturevalue("cluster" if shared else "no_cluster")
     lines = []
     rows = study.run_study(grid(), tmp_path / "s", jobs=2, backend="ray", shared_dir=shared, log=lines.append)
     assert len(rows) == 4 and not any(r.get("failed") for r in rows)
@@ -91,6 +106,7 @@ def _kill_first_task(prefix: bytes, killed: list, stop: threading.Event) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a local cluster of 2 CPUs
 def test_a_worker_killed_mid_cell_is_retried_and_the_study_completes(tmp_path, cluster):
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_first_task, args=(b"ray::toydiff T=10 seed 0", killed, stop))
@@ -106,6 +122,7 @@ def test_a_worker_killed_mid_cell_is_retried_and_the_study_completes(tmp_path, c
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a local cluster of 2 CPUs
 def test_a_cell_that_fails_is_a_row_that_says_why_and_reruns_on_resume(tmp_path, cluster):
     data = tmp_path / "d.csv"
     data.write_text("a,b\n" + "".join(f"{i % 17},{(i * 7) % 13}\n" for i in range(200)))
@@ -124,6 +141,7 @@ def test_a_cell_that_fails_is_a_row_that_says_why_and_reruns_on_resume(tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # a local cluster of 2 CPUs
 def test_ctrl_c_cancels_the_tasks_and_the_study_resumes_without_rerunning_finished_cells(tmp_path):
     sets = [a for s in TINY + ["train.steps=1000"] for a in ("--set", s)]
     argv = [sys.executable, "-m", "toydiff", "study", "--backend", "ray", "--jobs", "1", "--grid",

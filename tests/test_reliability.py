@@ -46,7 +46,8 @@ def interrupt_at_loss_call(monkeypatch, k, sig=signal.SIGINT):
 
 
 @pytest.mark.parametrize("at, batch, sig", [(3, 64, signal.SIGINT), (27, 64, signal.SIGTERM),
-                                            (27, 2048, signal.SIGINT), (14, 64, signal.SIGHUP)])
+                                            pytest.param(27, 2048, signal.SIGINT, marks=pytest.mark.serial),  # 2 threads
+                                            (14, 64, signal.SIGHUP)])
 def test_a_stop_signal_checkpoints_the_step_and_resume_reaches_the_uninterrupted_weights(tmp_path, monkeypatch, at,
                                                                                          batch, sig):
     """Ctrl-C, a cluster's SIGTERM and SIGHUP alike (batch 2048 on two threads, before and after the resume)."""

@@ -218,9 +218,9 @@ def test_ode_samplers_refuse_infinite_noise():
 
 
 @pytest.fixture
-def private_cache(tmp_path_factory, monkeypatch):
-    """One floor cache for this module: the oracle's floors are computed once, not once per case."""
-    monkeypatch.setenv("TOYDIFF_CACHE", str(tmp_path_factory.getbasetemp() / "sampler-floors"))
+def private_cache():
+    """The oracle's cases share this module's empty cache (conftest.module_cache) instead of one each: the
+    floors are the same for every sampler (seeded), computed by whichever case runs first."""
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ def test_grid_is_the_cartesian_product():
     assert grid.cells[1].overrides == ("schedule.T=4", 'schedule.name="polynomial"')
 
 
+@pytest.mark.serial  # two worker processes
 def test_study_runs_every_cell_and_seed_and_resumes(tmp_path):
     grid = tiny_grid()
     rows = study.run_study(grid, tmp_path, jobs=2)

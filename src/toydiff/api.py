@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -27,16 +26,13 @@ from matplotlib.figure import Figure
 from . import config as config_io
 from .config import ExperimentConfig
 from .errors import ToydiffError
+from .progress import message_log
 from .runs import Run
 from .rundir import RunDir, new_run_path, teacher_path
 from .experiment import Experiment, finish, run_experiment
 from .workflow import resume_run, validate
 
 IF_EXISTS = ("error", "replace", "reuse")
-
-
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def make_config(config: ExperimentConfig | dict | None = None, preset: str = "default",
@@ -60,7 +56,7 @@ def run(config: ExperimentConfig | dict | None = None, out: str | Path | None = 
     """
     cfg = make_config(config, preset, **sections)
     config_io.choose("if_exists", if_exists, IF_EXISTS)
-    log = (lambda m: None) if quiet else _stderr
+    log = message_log(quiet)
     show = progress and not quiet
     out = Path(out) if out is not None else new_run_path(preset if preset != "default" else None, cfg)
     existing = RunDir(out)
@@ -130,7 +126,7 @@ def _evaluate(run: Run, samples: Optional[np.ndarray], n: Optional[int], draws: 
         if samples is None or len(samples) < spec.n:
             samples = run.sample(spec.n, progress=progress and not quiet)  # the stored ones are too few
             sampling = run.last_sampling
-    log = (lambda m: None) if quiet else _stderr
+    log = message_log(quiet)
     target = file_reference(run, data, columns, log) if data is not None else None
     return evaluate_run(run, samples, log=log, spec=spec, target=target, progress=progress and not quiet,
                         sampling=sampling)

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from . import __version__, config as config_io
 from .errors import RunInterrupted, ToydiffError, did_you_mean, os_error
+from .progress import message_log
 
 
 class _UsageError(Exception):
@@ -209,14 +210,6 @@ def resolve_config(args: argparse.Namespace):
     return config_io.merged(cfg, updates) if updates else cfg
 
 
-def _log(quiet: bool):
-    """Progress messages to stderr; --quiet silences all but warnings."""
-    def log(message: str) -> None:
-        if not quiet or message.startswith("warning:"):
-            print(message, file=sys.stderr, flush=True)
-    return log
-
-
 def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     cfg, out = None, args.resume
     if args.resume:
@@ -235,7 +228,7 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     from .workflow import resume_run, train_run
 
     world, device = init_world(args.device or "auto")
-    log = _log(args.quiet or not world.is_writer)
+    log = message_log(args.quiet or not world.is_writer)
     progress = not args.quiet and world.is_writer
     if cfg is not None:
         if world.size > 1:  # each process on its own device (cuda:LOCAL_RANK or the CPU), one agreed directory
@@ -295,7 +288,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .rundir import new_run_path
     from .experiment import finish
 
-    log = _log(args.quiet)
+    log = message_log(args.quiet)
     out = Path(args.out) if args.out else new_run_path("distill", config_io.ExperimentConfig())
     run = distill_run(args.run_dir, out, method=args.method, steps=args.steps, pairs=args.pairs,
                       train_steps=args.train_steps, device=args.device, progress=not args.quiet, log=log)
@@ -428,7 +421,7 @@ def _eval_samples(args: argparse.Namespace) -> int:
     page = _output(args.report, "--report", (".html",))
     samples = read_table(args.samples).x
     target = target_for(cfg)
-    report = evaluate(samples, target, cfg.eval, log=_log(args.quiet), progress=not args.quiet)
+    report = evaluate(samples, target, cfg.eval, log=message_log(args.quiet), progress=not args.quiet)
     print(f"samples: {args.samples} ({len(samples)} rows) against {cfg.data.name}")
     print(format_table(report))
     if page is not None:
@@ -484,7 +477,7 @@ def cmd_study(args: argparse.Namespace) -> int:
             study.build_grid(grid.base, [("x", [("x", ())])], grid.seeds, [])  # the same check as a file's seeds
         name = args.builtin or path.stem
     out = Path(args.out) if args.out else Path("studies") / name
-    study.run_study(grid, out, jobs=args.jobs, log=_log(False), progress=True, **_backend_args(args))
+    study.run_study(grid, out, jobs=args.jobs, log=message_log(False), progress=True, **_backend_args(args))
     files = study.StudyFiles.of(out)
     print(f"study directory: {out}")
     print(f"  results:   {files.results}")

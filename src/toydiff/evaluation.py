@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -28,12 +27,12 @@ import torch
 
 from . import metrics as M
 from .config import EvalConfig
-from .errors import ToydiffError
+from .errors import ToydiffError, first_line, os_error
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .progress import Progress
 from .reference import MIN_EVAL_N, Target, class_targets, target_for
 from .runs import Run
-from .runtime import derive_seed, torch_generator
+from .runtime import cache_dir, derive_seed, torch_generator, usable_cores
 from .scaler import Scaler
 from .storage import Fields, MapOf, atomic_write_text, read_json
 
@@ -216,9 +215,8 @@ def verdict(z: dict[str, Optional[float]], n: int, limit: float, sees: Optional[
 
 
 def floor_cache_path(key: dict) -> Path:
-    root = Path(os.environ.get("TOYDIFF_CACHE") or Path.home() / ".cache" / "toydiff")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return root / "floors" / f"{digest}.json"
+    return cache_dir() / "floors" / f"{digest}.json"
 
 
 FLOOR_SCHEMA = MapOf(Fields({"mean": float, "std": float, "draws": int}, required=("mean", "std", "draws")))
@@ -254,8 +252,10 @@ def cached_floors(key: dict, compute_floors: Callable[[], dict], log: Callable[[
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps({"key": key, "floors": result, "sha256": _floor_digest(key, result)}))
-    except (OSError, ToydiffError):
-        pass  # a read-only or full home only costs the recomputation next time
+    except (OSError, ToydiffError) as e:  # a cache: the evaluation goes on, and only says so
+        why = e if isinstance(e, ToydiffError) else os_error(e, doing="write")
+        log(f"warning: the noise floors were not cached ({first_line(why)}); they will be computed again next "
+            "time (TOYDIFF_CACHE moves the cache)")
     return result, False
 
 
@@ -301,7 +301,7 @@ def format_table(rep: dict) -> str:
 def _all_cores():
     """Large pairwise-distance work uses every core (unlike the tiny networks)."""
     before = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(usable_cores())
     try:
         yield
     finally:

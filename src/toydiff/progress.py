@@ -11,9 +11,18 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Optional, TextIO
+from typing import Any, Callable, Optional, TextIO
 
 LINE_SECONDS = 5.0  # the most often a plain (non-terminal) progress line is written
+
+
+def message_log(quiet: bool = False) -> Callable[[str], None]:
+    """The `log` every job takes: messages to stderr; quiet silences all but warnings (those that start with
+    "warning:"), for the command line (--quiet) and the Python API (quiet=True) alike."""
+    def log(message: str) -> None:
+        if not quiet or message.startswith("warning:"):
+            print(message, file=sys.stderr, flush=True)
+    return log
 
 
 def _interactive(stream: TextIO) -> bool:

@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,22 @@ def set_threads(threads: int, device: torch.device) -> int:
         threads = 1
     torch.set_num_threads(threads)
     return threads
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset, a pinned test
+    worker), not every core of the machine as os.cpu_count() says."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def cache_dir() -> Path:
+    """The one place toydiff writes outside a run directory (the noise-floor cache): $TOYDIFF_CACHE, else
+    $XDG_CACHE_HOME/toydiff, else ~/.cache/toydiff. Deleting it only costs recomputation."""
+    if os.environ.get("TOYDIFF_CACHE"):
+        return Path(os.environ["TOYDIFF_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "toydiff"
 
 
 def derive_seed(seed: int, purpose: str) -> int:
