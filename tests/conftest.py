@@ -8,9 +8,15 @@ is random: pytest-randomly, its seed printed at the top). A test that needs a wa
 Parallel runs: `make test` runs the suite on pytest-xdist workers, each pinned to a core of its own (a test
 then sees one core, as on a one-core machine, and never fights the other worker for it); tests marked
 `serial` (they need both cores, or time a process) run afterwards, alone.
+
+Shared fixtures stay as they were made: a module fixture that several tests read (a trained run, say)
+registers its folder with `unchanged`; a test that changes it, instead of working on a copy, fails the module
+at teardown whatever the order, not only in the orders where a later test happens to notice.
 """
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,3 +68,22 @@ def private_cache(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TOYDIFF_CACHE", str(tmp_path / "cache"))
         yield
+
+
+def _contents(root: Path) -> dict[str, str]:
+    """Every file below root and the SHA-256 of its bytes (the OS lock file, which readers take, left out)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def unchanged():
+    """watch(path) -> path: the folder must hold the same files, byte for byte, when the module's tests end."""
+    watched: dict[Path, dict[str, str]] = {}
+
+    def watch(path):
+        watched[Path(path)] = _contents(Path(path))
+        return path
+    yield watch
+    changed = [str(p) for p, before in watched.items() if _contents(p) != before]
+    assert not changed, f"a test changed the shared fixture folder {changed}; a test that writes must use a copy"

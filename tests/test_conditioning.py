@@ -18,9 +18,11 @@ COND = ["data.n=2000", "schedule.T=100", "model.width=32", "model.depth=2", "tra
 
 
 @pytest.fixture(scope="module")
-def cond_run(tmp_path_factory):
+def cond_run(tmp_path_factory, unchanged):
     torch.set_num_threads(1)
-    return train_run(C.with_overrides(C.ExperimentConfig(), COND), tmp_path_factory.mktemp("cond") / "run")
+    run = train_run(C.with_overrides(C.ExperimentConfig(), COND), tmp_path_factory.mktemp("cond") / "run")
+    unchanged(run.path)
+    return run
 
 
 def on_outer_arc(x: np.ndarray) -> np.ndarray:

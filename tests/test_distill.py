@@ -138,12 +138,12 @@ def test_the_consistency_loss_is_the_distance_between_neighbours_on_one_path(tea
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory):
+def teacher(tmp_path_factory, unchanged):
     out = tmp_path_factory.mktemp("teacher") / "flow"
     assert main(["train", "--quiet", "--out", str(out), "--set", "schedule.process=flow", "--set", "train.steps=400",
                  "--set", "train.batch_size=256", "--set", "eval.n=500", "--set", "eval.draws=4",
                  "--set", "eval.nll_n=0"]) == 0  # a student inherits the teacher's [eval]: a quick one
-    return out
+    return unchanged(out)
 
 
 @pytest.mark.slow

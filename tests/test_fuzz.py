@@ -137,7 +137,7 @@ def snapshot(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(tmp_path_factory):
+def sandbox(tmp_path_factory, unchanged):
     """A directory with a finished run and a user file, which no fuzz case may change or delete."""
     from toydiff import train_run
     torch.set_num_threads(1)
@@ -145,7 +145,7 @@ def sandbox(tmp_path_factory):
     train_run(C.with_overrides(C.ExperimentConfig(), ["data.n=64", "schedule.T=5", "model.width=8", "model.depth=1",
                                                       "train.steps=3", "sample.n=20"]), root / "run")
     (root / "data.csv").write_text("a,b\n" + "".join(f"{i},{i % 7}\n" for i in range(30)))
-    return root
+    return unchanged(root)
 
 
 FLAGS = ["--set", "--n", "--seed", "--steps", "--sampler", "--spacing", "--eta", "--label", "--guidance", "--out",
@@ -255,14 +255,14 @@ def _copy_run(sandbox, tmp_path_factory, name):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, unchanged):
     """A run through the main job (samples, figures, metrics, report), with steps left to resume."""
     root = tmp_path_factory.mktemp("finished")
     sets = ["data.n=64", "schedule.T=5", "model.width=8", "model.depth=1", "train.steps=3", "sample.n=40",
             "eval.n=40", "eval.draws=2", "eval.nll_n=0", "plot.dpi=30"]
     with redirect_stderr(io.StringIO()), redirect_stdout(io.StringIO()):
         assert main(["run", "--quiet", "--out", str(root / "run")] + [a for x in sets for a in ("--set", x)]) == 0
-    return root
+    return unchanged(root)
 
 
 @settings(FUZZ, max_examples=60)

@@ -171,10 +171,12 @@ def test_the_importance_sampler_updates_its_tensors_in_place():
 # --- sampling ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, unchanged):
     from conftest import TINY
     cfg = C.with_overrides(C.ExperimentConfig(), TINY + ["model.conditional=true"])
-    return train_run(cfg, tmp_path_factory.mktemp("graphs") / "run")
+    run = train_run(cfg, tmp_path_factory.mktemp("graphs") / "run")
+    unchanged(run.path)
+    return run
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpmpp-3m-sde", "ddim"])

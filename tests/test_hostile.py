@@ -59,13 +59,13 @@ def temporaries(root: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, unchanged):
     """A finished tiny run (trained, sampled, figures, evaluated), copied by each test that changes it."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("finished") / "run"
     code, err = cli("run", "--quiet", "--out", out, *SETS)
     assert code == 0, err
-    return out
+    return unchanged(out)
 
 
 @pytest.fixture

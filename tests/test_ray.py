@@ -58,10 +58,10 @@ def no_cluster():
 
 
 @pytest.fixture(scope="module")
-def local_study(tmp_path_factory):
+def local_study(tmp_path_factory, unchanged):
     out = tmp_path_factory.mktemp("local") / "study"
     study.run_study(grid(), out, jobs=2)
-    return out
+    return unchanged(out)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import base64
 import contextlib
 import io
 import json
+import shutil
 from html.parser import HTMLParser
 
 import pytest
@@ -45,13 +46,13 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def evaluated(tmp_path_factory, unchanged):
     """A short evaluated `toydiff run`, and what it printed."""
     out = tmp_path_factory.mktemp("report") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["run", "--quiet", "--out", str(out)] + QUICK) == 0
-    return out, printed.getvalue()
+    return unchanged(out), printed.getvalue()
 
 
 def test_toydiff_run_writes_a_self_contained_report_and_names_it_last(evaluated):
@@ -80,7 +81,7 @@ def test_toydiff_run_writes_a_self_contained_report_and_names_it_last(evaluated)
 
 
 def test_a_report_can_be_rewritten_elsewhere_and_an_animation_joins_it(evaluated, tmp_path, capsys):
-    evaluated = evaluated[0]
+    evaluated = shutil.copytree(evaluated[0], tmp_path / "run")  # the animation joins the copy's figures
     assert main(["animate", str(evaluated), "--frames", "3", "--n", "50", "--quiet"]) == 0
     out = tmp_path / "r.html"
     assert main(["report", str(evaluated), "--out", str(out)]) == 0
