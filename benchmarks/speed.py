@@ -38,6 +38,8 @@ from torch import nn
 from report import machine, publish
 from toydiff import config as C
 from toydiff import train_run
+from toydiff.losses import UniformTimesteps
+from toydiff.methods.ddpm import Denoising
 from toydiff.models import build_model
 from toydiff.parameterization import Prediction, training_target
 from toydiff.schedules import NoiseSchedule
@@ -65,8 +67,8 @@ def training_rows(steps: int, repeats: int, batch: int = 1024, dim: int = 2, row
     model = build_model(cfg.model, dim, schedule.T)
 
     def toydiff_loop():
-        state = make_state(model, tcfg, schedule.T, torch.Generator().manual_seed(0))
-        train(state, schedule, x0, tcfg, Prediction.V)
+        state = make_state(model, tcfg, UniformTimesteps(schedule.T), torch.Generator().manual_seed(0))
+        train(state, schedule, x0, tcfg, Denoising(Prediction.V))
 
     t_fixed = torch.randint(1, schedule.T + 1, (batch,))
     eps_fixed = torch.randn(batch, dim)

@@ -33,7 +33,6 @@ from report import machine, publish
 from toydiff import config as C
 from toydiff.evaluation import evaluate, flagged
 from toydiff.reference import target_for
-from toydiff.losses import Objective
 from toydiff.runtime import torch_generator
 from toydiff.training import make_state, train
 from toydiff.workflow import untrained_run
@@ -54,7 +53,7 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
     cfg = C.with_overrides(C.preset(preset), [o for o in overrides if not o.startswith("--")] +
                            [f"train.checkpoint_every={every}", "train.log_every=1000000"])
     run = untrained_run(cfg, device=torch.device("cpu"))
-    state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train"))
+    state = make_state(run.model, cfg.train, run.method.timesteps(cfg), torch_generator(cfg.seed, "train"))
     target = target_for(cfg)
     spec = C.EvalConfig(nll_n=0)
     x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32)
@@ -86,7 +85,7 @@ def measure(name: str, overrides: list[str], every: int, budget_s: float) -> dic
             raise Stop
 
     try:
-        train(state, run.schedule, x0, cfg.train, Objective.from_config(cfg), labels=y,
+        train(state, run.schedule, x0, cfg.train, run.method.objective(run), labels=y,
               on_checkpoint=judge)
         judge(state)
     except Stop:

@@ -53,6 +53,8 @@ def test_sections_from_dicts_and_keywords_are_checked_like_toml():
 def test_a_prediction_is_accepted_by_name_everywhere():
     from toydiff.parameterization import Prediction, to_eps, to_x0, training_target
     from toydiff.schedules import NoiseSchedule
+    from toydiff.methods.base import ddpm_timesteps
+    from toydiff.methods.ddpm import Denoising
     from toydiff.training import make_state, train
     x0, eps, ab = torch.randn(4, 2), torch.randn(4, 2), torch.full((4, 1), 0.3)
     for kind in Prediction:
@@ -67,9 +69,10 @@ def test_a_prediction_is_accepted_by_name_everywhere():
     net = lambda x, t: model(x)  # noqa: E731
     net.parameters = model.parameters
     net.train, net.eval = model.train, model.eval
-    state = make_state(model, cfg.train, schedule.T, torch.Generator().manual_seed(0))
+    state = make_state(model, cfg.train, ddpm_timesteps(cfg.train.timestep_sampling, schedule.T),
+                       torch.Generator().manual_seed(0))
     state.model = net
-    rows = train(state, schedule, torch.randn(256, 2), cfg.train, "eps")
+    rows = train(state, schedule, torch.randn(256, 2), cfg.train, Denoising("eps"))
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
     with pytest.raises(ToydiffError, match="unknown prediction 'score'"):
         training_target("score", x0, eps, ab)

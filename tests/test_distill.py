@@ -8,8 +8,12 @@ import torch
 
 from toydiff.cli import main
 from toydiff.config import ScheduleConfig
-from toydiff.losses import Consistency, Objective, Progressive, ddim_step, diffusion_loss, progressive_target
-from toydiff.schedules import NoiseSchedule
+from toydiff.losses import ddim_step, diffusion_loss
+from toydiff.methods import consistency, progressive
+from toydiff.methods.consistency import Consistency
+from toydiff.methods.flow import FlowMatching
+from toydiff.methods.progressive import Progressive, progressive_target
+from toydiff.schedules import NoiseSchedule, flow_betas
 
 
 def test_the_reflow_loss_pairs_each_row_with_its_own_noise():
@@ -18,8 +22,8 @@ def test_the_reflow_loss_pairs_each_row_with_its_own_noise():
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(32, 2, generator=g), torch.randn(32, 2, generator=g)
     net = lambda x, t: 0.3 * x - 0.002 * t[:, None]  # noqa: E731
-    loss = diffusion_loss(net, NoiseSchedule.from_config(ScheduleConfig(process="flow", T=100)),
-                          torch.cat([x0, eps], 1), Objective("v", process="flow", coupling="reflow"),
+    loss = diffusion_loss(net, NoiseSchedule(flow_betas(100)),
+                          torch.cat([x0, eps], 1), FlowMatching("v", coupling="reflow"),
                           torch.Generator().manual_seed(9))
     t = torch.rand(32, generator=torch.Generator().manual_seed(9))[:, None]
     x_t = (1 - t) * x0 + t * eps
@@ -78,7 +82,7 @@ def test_a_consistency_function_is_the_identity_at_zero_noise_by_construction():
     schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
     for prediction in ("v", "eps"):
         assert torch.equal(Denoiser(net, schedule, prediction)(x, torch.zeros(50, dtype=torch.long)), x)
-    flow = NoiseSchedule.from_config(ScheduleConfig(T=100, process="flow"))
+    flow = NoiseSchedule(flow_betas(100))
     grid = torch.tensor([0, 50])  # one pair: t_1 = 50 -> t_0 = 0
     teacher = lambda x, t: torch.tanh(x)  # noqa: E731  its DDIM step to t = 0 lands on tanh(x_t)
     oracle = lambda model: (lambda x, t: torch.tanh(x) if int(t[0]) == 50 else net(x, t))  # noqa: E731
@@ -153,7 +157,7 @@ def test_a_reflow_student_is_a_complete_run_that_walks_straighter_paths(teacher,
     resumes like any run, and on the same noise its 4 Euler steps land nearer the teacher's ODE endpoints
     than the teacher's own 4 Euler steps do (the straightening reflow is for)."""
     import toydiff
-    from toydiff.distill import TEACHER_SAMPLER
+    from toydiff.methods.reflow import TEACHER_SAMPLER
 
     out = tmp_path / "student"
     assert main(["distill", str(teacher), "--out", str(out), "--steps", "4", "--pairs", "3000", "--train-steps",
@@ -185,9 +189,8 @@ def test_a_progressive_student_takes_in_k_steps_what_its_teacher_takes_in_2k(tea
     the teacher's 8 DDIM steps than the teacher's own 4 do; the run records its teacher and rounds, samples in 4
     evaluations, and cannot be resumed once cut short (its teachers were in memory)."""
     import toydiff
-    from toydiff import distill
 
-    monkeypatch.setattr(distill, "PROGRESSIVE_START", 8)
+    monkeypatch.setattr(progressive, "PROGRESSIVE_START", 8)
     out = tmp_path / "student"
     assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
                  "--train-steps", "1500", "--quiet"]) == 0
@@ -214,20 +217,19 @@ def test_a_consistency_student_maps_noise_to_the_end_of_its_teacher_s_ode_in_one
     distillation grid) than the teacher's own one-step DDIM does; the run records its teacher, samples by
     multistep consistency sampling in 2 evaluations, and a student is not distilled again."""
     import toydiff
-    from toydiff import distill
 
     out = tmp_path / "student"
     assert main(["distill", str(teacher), "--out", str(out), "--method", "consistency", "--steps", "2",
                  "--train-steps", "1500", "--quiet"]) == 0
     info = json.loads((out / "run.json").read_text())
-    assert info["method"] == "consistency" and info["grid"] == distill.CONSISTENCY_GRID
+    assert info["method"] == "consistency" and info["grid"] == consistency.CONSISTENCY_GRID
     assert json.loads((out / "metrics.json").read_text())["nfe"] == 2
     t, s = toydiff.load(teacher), toydiff.load(out)
     assert s.config.sample.sampler == "consistency"
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
     ddim = lambda k: t.plan(t.settings(sampler="ddim", steps=k, spacing="trailing")).run(  # noqa: E731
         t.denoiser, z.clone(), noise=None)
-    endpoint, one_step = ddim(distill.CONSISTENCY_GRID), ddim(1)
+    endpoint, one_step = ddim(consistency.CONSISTENCY_GRID), ddim(1)
     student = s.plan(s.settings(steps=1)).run(s.denoiser, z.clone(), noise=None)
     err = lambda a: float((a - endpoint).norm(dim=1).mean())  # noqa: E731
     assert err(student) < 0.5 * err(one_step), (err(student), err(one_step))

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from toydiff.cli import main
-from toydiff.config import ExperimentConfig, ScheduleConfig, with_overrides
+from toydiff.config import ExperimentConfig, with_overrides
 from toydiff.errors import ToydiffError
-from toydiff.losses import Objective, couple, diffusion_loss, timestep_sampler
+from toydiff.losses import diffusion_loss
+from toydiff.methods.flow import FlowMatching, couple, flow_timesteps
 from toydiff.oracle import GaussianMixture
 from toydiff.parameterization import FlowDenoiser
 from toydiff.samplers import SAMPLERS
-from toydiff.schedules import FLOW_T_MAX, NoiseSchedule
+from toydiff.schedules import FLOW_T_MAX, NoiseSchedule, flow_betas
 
 
 class Affine(nn.Module):
@@ -33,9 +34,9 @@ def test_the_flow_matching_loss_is_recomputed_by_hand(kind, prediction):
     the network told t T, and the MSE against eps - x0 (v), x0 or eps."""
     x0 = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     T = 1000
-    loss = diffusion_loss(Affine(), NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T)), x0,
-                          Objective(prediction, process="flow"), torch.Generator().manual_seed(7),
-                          timesteps=timestep_sampler(kind, T, process="flow"))
+    loss = diffusion_loss(Affine(), NoiseSchedule(flow_betas(T)), x0,
+                          FlowMatching(prediction), torch.Generator().manual_seed(7),
+                          timesteps=flow_timesteps(kind, T))
     g = torch.Generator().manual_seed(7)
     u = torch.rand(64, generator=g) if kind == "uniform" else torch.sigmoid(torch.randn(64, generator=g))
     eps = torch.randn(64, 3, generator=g)
@@ -63,7 +64,7 @@ def test_the_flow_grid_is_the_straight_path_in_the_vp_view():
     """x_t = (1 - t) x0 + t eps is c(t) times sqrt(abar) x0 + sqrt(1 - abar) eps with abar = (1 - t)^2 / c^2,
     c = sqrt((1 - t)^2 + t^2), on the grid t_k = FLOW_T_MAX k / T; the denoiser reads t back off abar."""
     T = 50
-    s = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T))
+    s = NoiseSchedule(flow_betas(T))
     t = FLOW_T_MAX * np.arange(T + 1) / T
     assert np.allclose(s.alpha_bar64, (1 - t) ** 2 / ((1 - t) ** 2 + t**2), rtol=1e-12, atol=1e-300)
     den = FlowDenoiser(nn.Identity(), s, "x0")
@@ -101,7 +102,7 @@ def test_euler_on_the_exact_velocity_of_a_point_mass_lands_in_one_step():
     from pure noise lands on the point exactly (a curved VP path would not)."""
     mu = np.array([[0.7, -0.3]])
     oracle = GaussianMixture([1.0], mu, [[1e-9, 1e-9]])
-    grid = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=1000)).respace(1)
+    grid = NoiseSchedule(flow_betas(1000)).respace(1)
     x_T = torch.randn(256, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     x0 = SAMPLERS.get("euler")(oracle.denoiser(grid), grid, x_T)
     assert torch.allclose(x0, torch.as_tensor(mu).expand(256, 2), atol=1e-6)
@@ -126,7 +127,7 @@ def test_every_sampler_drives_a_flow_model_unchanged(sampler):
     w, mu, sd = np.array([0.3, 0.7]), np.array([[-1.5, 0.0], [2.0, 1.0]]), np.array([[0.3, 0.3], [0.5, 0.5]])
     oracle = GaussianMixture(w, mu, sd)
     T = 1000
-    schedule = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T))
+    schedule = NoiseSchedule(flow_betas(T))
     grid = schedule if sampler == "ode" else schedule.respace(100, "trailing")
     den = FlowDenoiser(OracleVelocity(oracle, T), schedule, "v")
     denoise = den if grid is schedule else (lambda x, i: den(x, grid.model_t(i)))
@@ -146,8 +147,10 @@ def test_every_sampler_drives_a_flow_model_unchanged(sampler):
     (["schedule.zero_terminal_snr=true"], "schedule.zero_terminal_snr rescales the ddpm process's betas"),
 ])
 def test_settings_that_belong_to_ddpm_are_refused_for_the_flow_process(overrides, message):
+    """The flow method's rules (toydiff.methods.flow), asked by validate before anything runs."""
+    from toydiff.workflow import validate
     with pytest.raises(ToydiffError, match=message):
-        with_overrides(ExperimentConfig(), ["schedule.process=flow"] + overrides)
+        validate(with_overrides(ExperimentConfig(), ["schedule.process=flow"] + overrides))
 
 
 def test_flow_settings_on_the_ddpm_process_are_a_one_line_error(tmp_path, capsys):

@@ -14,6 +14,8 @@ import torch
 from toydiff import config as C, graphs, train_run
 from toydiff.errors import ToydiffError
 from toydiff.losses import ImportanceTimesteps
+from toydiff.methods.base import ddpm_timesteps
+from toydiff.methods.ddpm import Denoising
 from toydiff.models import build_model
 from toydiff.schedules import NoiseSchedule
 from toydiff.training import capturable, make_state, step_tensors, train
@@ -93,14 +95,14 @@ def _training(cfg, timestep_sampling="uniform", steps=40):
     schedule = NoiseSchedule.from_config(C.ScheduleConfig(T=20))
     torch.manual_seed(0)
     model = build_model(C.ModelConfig(width=16, depth=1), 2, 20)
-    state = make_state(model, cfg, 20, torch.Generator().manual_seed(1))
+    state = make_state(model, cfg, ddpm_timesteps(cfg.timestep_sampling, 20), torch.Generator().manual_seed(1))
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(2))
     return state, schedule, x0, cfg
 
 
 def _trained(cfg, mode, sampling="uniform"):
     state, schedule, x0, tcfg = _training(cfg, sampling)
-    rows = train(state, schedule, x0, dataclasses.replace(tcfg, cuda_graphs=mode), "eps")
+    rows = train(state, schedule, x0, dataclasses.replace(tcfg, cuda_graphs=mode), Denoising("eps"))
     return state, rows
 
 
@@ -149,7 +151,7 @@ def test_a_step_that_cannot_be_captured_runs_eagerly(tiny_cfg, on_cpu, monkeypat
 def test_a_capturable_optimizer_checkpoints_as_a_plain_one(tiny_cfg):
     state, schedule, x0, cfg = _training(tiny_cfg, steps=10)
     capturable(state.optimizer)
-    train(state, schedule, x0, cfg, "eps")
+    train(state, schedule, x0, cfg, Denoising("eps"))
     tensors, meta = state.tensors()
     groups = json.loads(meta["param_groups"])
     assert groups[0]["capturable"] is False and isinstance(groups[0]["lr"], float)

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from toydiff.cli import main
-from toydiff.config import ScheduleConfig
-from toydiff.losses import MEANFLOW_C, MEANFLOW_POWER, MEANFLOW_RATIO, Objective, diffusion_loss
+from toydiff.losses import diffusion_loss
+from toydiff.methods.meanflow import MEANFLOW_C, MEANFLOW_POWER, MEANFLOW_RATIO, MeanFlow
 from toydiff.parameterization import MeanFlowDenoiser
 from toydiff.samplers import SAMPLERS
 from toydiff.sampling import VPDiffusion
-from toydiff.schedules import NoiseSchedule
+from toydiff.schedules import NoiseSchedule, flow_betas
 
 T = 100
 M, S = torch.tensor([0.6, -0.4], dtype=torch.float64), 0.3  # the data: N(M, S^2 I)
@@ -63,7 +63,7 @@ def test_one_meanflow_step_on_the_exact_mean_velocity_draws_the_data():
     """sample_meanflow through MeanFlowDenoiser on the flow's grid: one step of the exact mean velocity maps noise
     to N(M, S^2 I) (the flow's whole ODE in one evaluation), where one Euler step of the instantaneous velocity
     (the same denoiser without r) does not."""
-    schedule = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T))
+    schedule = NoiseSchedule(flow_betas(T))
     process = VPDiffusion(schedule)
     grid = process.grid(1, "trailing")
     denoise = process.denoise_on(grid, MeanFlowDenoiser(ExactMeanFlow(), schedule, "v"))
@@ -78,7 +78,7 @@ def test_one_meanflow_step_on_the_exact_mean_velocity_draws_the_data():
 def test_without_an_interval_the_denoiser_is_the_flow_s_posterior_mean():
     """MeanFlowDenoiser(x_t, t) asks the network for u(x, t, t), the flow-matching velocity: for Gaussian data the
     exact x0_hat is E[x0 | x_s] = M + S^2 (1 - s) (x_s - mu_s) / sd_s^2, written out here."""
-    schedule = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T))
+    schedule = NoiseSchedule(flow_betas(T))
     denoise = MeanFlowDenoiser(ExactMeanFlow(), schedule, "v")
     x_t = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     t = torch.tensor([37])
@@ -99,8 +99,8 @@ def test_the_meanflow_loss_is_recomputed_by_hand():
     """Same draws: t = max and r = min of two uniform times, r = t outside MEANFLOW_RATIO of the batch, eps ~ N(0, I),
     target v - (t - r) du/dt, and the adaptive weight 1 / (|error|^2 + c)^p, both without gradient."""
     x0 = torch.randn(512, 2, generator=torch.Generator().manual_seed(3))
-    schedule = NoiseSchedule.from_config(ScheduleConfig(process="flow", T=T))
-    loss = diffusion_loss(Affine(), schedule, x0, Objective("v", process="flow", mean_flow=True),
+    schedule = NoiseSchedule(flow_betas(T))
+    loss = diffusion_loss(Affine(), schedule, x0, MeanFlow(),
                           torch.Generator().manual_seed(8))
     g = torch.Generator().manual_seed(8)
     a, b = torch.rand(512, generator=g), torch.rand(512, generator=g)

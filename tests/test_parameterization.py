@@ -54,13 +54,14 @@ def test_min_snr_weights_are_hang_et_al():
 def test_min_snr_loss_is_the_weighted_mse_by_hand(kind):
     from toydiff.config import ScheduleConfig
     from toydiff.schedules import NoiseSchedule
-    from toydiff.losses import Objective, diffusion_loss
+    from toydiff.losses import diffusion_loss
+    from toydiff.methods.ddpm import Denoising
     s = NoiseSchedule.from_config(ScheduleConfig(T=50))
     net = torch.nn.Linear(2, 2)
     model = lambda x, t: net(x) + t[:, None].float() / 50  # noqa: E731
     x0 = torch.randn(64, 2)
-    uniform = diffusion_loss(model, s, x0, kind, torch.Generator().manual_seed(0))
-    weighted = diffusion_loss(model, s, x0, Objective(kind, "min-snr", 5.0), torch.Generator().manual_seed(0))
+    uniform = diffusion_loss(model, s, x0, Denoising(kind), torch.Generator().manual_seed(0))
+    weighted = diffusion_loss(model, s, x0, Denoising(kind, "min-snr", 5.0), torch.Generator().manual_seed(0))
     # the same draws, by hand
     g = torch.Generator().manual_seed(0)
     t = torch.randint(1, 51, (64,), generator=g)

@@ -138,7 +138,8 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     assert (run.path / "model_ema.safetensors").is_file()
     # replay: same init, same batches, a hand-written EMA
     import toydiff.training as tr
-    from toydiff.parameterization import Prediction
+    from toydiff.methods.base import ddpm_timesteps
+    from toydiff.methods.ddpm import Denoising
     from toydiff.runtime import derive_seed, torch_generator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -158,8 +159,9 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
         return out
     torch.optim.AdamW.step = step_and_average
     try:
-        state = tr.make_state(model, cfg.train, cfg.schedule.T, torch_generator(cfg.seed, "train"))
-        tr.train(state, run.schedule, x0, cfg.train, Prediction.parse(cfg.model.prediction))
+        state = tr.make_state(model, cfg.train, ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T),
+                              torch_generator(cfg.seed, "train"))
+        tr.train(state, run.schedule, x0, cfg.train, Denoising.from_config(cfg))
     finally:
         torch.optim.AdamW.step = original_step
     stored = build_model(cfg.model, 2, cfg.schedule.T)

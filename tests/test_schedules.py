@@ -164,9 +164,10 @@ def test_zero_terminal_snr_rescaling_is_lin_et_al_algorithm_1():
 
 
 def test_zero_terminal_snr_refuses_eps_prediction():
-    """Refused when the config is made (the rule ties two sections); v prediction passes every check."""
+    """Refused by the VP diffusion's rules (toydiff.methods.ddpm), which validate asks; v prediction passes every
+    check."""
     from toydiff import config as C
     from toydiff.workflow import validate
     with pytest.raises(ToydiffError, match="set model.prediction=v"):
-        C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=eps"])
+        validate(C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=eps"]))
     validate(C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=v"]))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from toydiff.config import ScheduleConfig
-from toydiff.losses import ImportanceTimesteps, Objective, UniformTimesteps, diffusion_loss, vlb_term
+from toydiff.losses import ImportanceTimesteps, UniformTimesteps, diffusion_loss, vlb_term
+from toydiff.methods.ddpm import Denoising
 from toydiff.parameterization import Prediction, to_x0, training_target
 from toydiff.schedules import NoiseSchedule
 from toydiff.training import drop_labels
@@ -66,7 +67,7 @@ def test_hybrid_loss_is_mse_plus_lambda_T_vlb_in_bits_with_the_mean_stopped():
     the L_vlb part sends no gradient into the prediction's columns."""
     x0 = torch.randn(256, 2, generator=torch.Generator().manual_seed(0))
     net = Fixed(torch.tensor([0.1, -0.2, 0.3, -0.5]))
-    loss = diffusion_loss(net, S, x0, Objective(Prediction.V, learned_variance=True, vlb_weight=0.01),
+    loss = diffusion_loss(net, S, x0, Denoising(Prediction.V, learned_variance=True, vlb_weight=0.01),
                           torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)  # replay the draws: t, then eps
     t = torch.randint(1, 21, (256,), generator=g)
@@ -147,8 +148,8 @@ def test_bf16_autocast_runs_the_network_in_bfloat16_and_the_loss_in_float32():
     net, x0 = MLP(2, S.T, width=32, depth=2), torch.randn(256, 2)
     seen = []
     net.inp.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    full = diffusion_loss(net, S, x0, Prediction.V, torch.Generator().manual_seed(3)).detach()
-    half = diffusion_loss(net, S, x0, Prediction.V, torch.Generator().manual_seed(3), autocast=True)
+    full = diffusion_loss(net, S, x0, Denoising(Prediction.V), torch.Generator().manual_seed(3)).detach()
+    half = diffusion_loss(net, S, x0, Denoising(Prediction.V), torch.Generator().manual_seed(3), autocast=True)
     assert seen == [torch.float32, torch.bfloat16]
     assert half.dtype == torch.float32
     assert abs(half.item() - full.item()) < 0.02 * full.item()  # bfloat16 keeps about 3 significant digits

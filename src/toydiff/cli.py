@@ -506,7 +506,11 @@ def _backend_args(args: argparse.Namespace) -> dict:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(resolve_config(args).to_toml(), end="")
+    from . import methods
+
+    cfg = resolve_config(args)
+    methods.check(cfg)  # what its method refuses, before it is printed as a config to use
+    print(cfg.to_toml(), end="")
     return 0
 
 

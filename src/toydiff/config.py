@@ -39,11 +39,11 @@ DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid
             "spirals", "rings", "gmm")  # toydiff.data.DATASETS
 SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.scaler.Scaler
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.schedules.BETA_SCHEDULES
-PROCESSES = ("ddpm", "flow")  # toydiff.schedules.NoiseSchedule.from_config, toydiff.parameterization
+PROCESSES = ("ddpm", "flow")  # toydiff.methods: the VP diffusion and flow matching, each a method of its own
+METHODS = ("ddpm", "flow", "meanflow", "consistency")  # toydiff.methods.METHODS: what trains a run from scratch
 COUPLINGS = ("independent", "ot", "reflow")  # toydiff.losses (flow matching's pairing of data and noise)
-DISTILL_METHODS = ("reflow", "progressive", "consistency")  # toydiff.distill
+DISTILL_METHODS = ("reflow", "progressive", "consistency")  # toydiff.methods.STUDENTS (toydiff distill)
 RUN_DISTILL = ("none",) + DISTILL_METHODS  # distill.method: what `toydiff run` makes of the run it trained
-TEACHER_IN_MEMORY = ("progressive", "consistency")  # distill methods whose students train against a loaded teacher
 ARCHS = ("guide", "mlp")  # toydiff.models.MODELS
 PREDICTIONS = ("eps", "x0", "v")  # toydiff.parameterization.Prediction
 MODEL_VARIANCES = ("fixed", "learned")
@@ -52,8 +52,8 @@ WEIGHTINGS = ("uniform", "min-snr")  # toydiff.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # toydiff.graphs: capture on CUDA where it can | insist | never
-OBJECTIVES = ("denoise", "consistency", "meanflow")  # toydiff.losses: the process's own loss | consistency training
-#                                                    | MeanFlow (flow only)
+OBJECTIVES = ("denoise", "consistency", "meanflow")  # the process's own loss | consistency training | MeanFlow
+#                                                    (toydiff.methods.of: each names a method)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
             "dpmpp-3m-sde", "ode", "consistency", "meanflow")  # toydiff.samplers.SAMPLERS
 DIFFUSERS_PREFIX = "diffusers:"  # sample.sampler = "diffusers:NAME" drives a diffusers scheduler (toydiff.interop)
@@ -399,45 +399,8 @@ class ExperimentConfig:
         self._check_across()
 
     def _check_across(self) -> None:
-        """The rules that tie two sections together."""
-        flow = self.schedule.process == "flow"
-        if self.train.objective == "consistency":
-            _check(self.model.prediction != "x0", "train.objective = consistency needs model.prediction = v or eps: "
-                   "their x0_hat is x_t itself at zero noise (the consistency function's boundary condition)")
-            _check(self.model.variance == "fixed" and not self.model.conditional and self.train.coupling != "reflow",
-                   "train.objective = consistency trains an unconditional model with fixed variances on independent "
-                   "noise: set model.variance=fixed, model.conditional=false, train.coupling=independent")
-            _check(self.sample.sampler == "consistency", "a consistency-trained model's x0_hat is the end of its ODE "
-                   "path, not a posterior mean: set sample.sampler=consistency")
-        if self.train.objective == "meanflow":
-            _check(flow and self.model.prediction == "v" and self.model.arch == "mlp", "train.objective = meanflow "
-                   "learns the flow's mean velocity: set schedule.process=flow, model.prediction=v, model.arch=mlp")
-            _check(not self.model.conditional and self.train.coupling != "reflow" and self.train.autocast == "none",
-                   "train.objective = meanflow trains an unconditional model on fresh noise in float32: set "
-                   "model.conditional=false, train.coupling=independent (or ot), train.autocast=none")
-        _check(self.sample.sampler != "meanflow" or self.train.objective == "meanflow", "sample.sampler = meanflow "
-               "steps with a mean velocity, which only a model trained with train.objective=meanflow has")
-        if flow and self.schedule.zero_terminal_snr:
-            raise ToydiffError("schedule.zero_terminal_snr rescales the ddpm process's betas; the flow path has none "
-                               "(set schedule.zero_terminal_snr=false)")
-        if flow and self.model.variance == "learned":
-            raise ToydiffError("model.variance = learned belongs to the ddpm process (its reverse steps' variances); "
-                               "flow matching's sampler is an ODE: set model.variance=fixed")
-        if flow and self.train.timestep_sampling == "importance":
-            raise ToydiffError("train.timestep_sampling = importance needs the ddpm process's discrete t; with "
-                               "schedule.process=flow choose uniform or logit-normal")
-        if not flow and self.train.timestep_sampling == "logit-normal":
-            raise ToydiffError("train.timestep_sampling = logit-normal draws flow matching's continuous t; set "
-                               "schedule.process=flow, or choose uniform or importance")
-        if not flow and self.train.coupling != "independent":
-            raise ToydiffError(f"train.coupling = {self.train.coupling} pairs data and noise for flow matching; set "
-                               "schedule.process=flow, or train.coupling=independent")
-        if flow and self.train.loss_weighting != "uniform":
-            raise ToydiffError("train.loss_weighting = min-snr weighs the ddpm process's SNR; flow matching trains "
-                               "with uniform weights (train.loss_weighting=uniform)")
-        if self.schedule.zero_terminal_snr and self.model.prediction == "eps":
-            raise ToydiffError("schedule.zero_terminal_snr leaves x_T pure noise, where an eps prediction says "
-                               "nothing about x0; set model.prediction=v (or x0)")
+        """The rules that tie two sections together and belong to no method (a method's own rules are its
+        check, toydiff.methods, which workflow.validate asks before anything runs)."""
         T = self.schedule.T
         for t in self.plot.forward_t:
             _check(0 <= t <= T, f"plot.forward_t has t = {t}; each t must be in 0..T = 0..{T}")

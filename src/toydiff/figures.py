@@ -20,7 +20,7 @@ from .datafiles import column_index
 from .errors import ToydiffError
 from .runs import Run
 from .runtime import numpy_rng, torch_generator
-from .schedules import NoiseSchedule, flow_scale, flow_time
+from .schedules import NoiseSchedule
 from .storage import atomic_write_bytes
 
 ORACLE_TS = 12  # t values (log-spaced) at which the learned field is compared with the exact one
@@ -50,11 +50,9 @@ def _subset(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def _frame_scale(run: Run, t: int) -> float:
-    """What x_t is drawn in: the process's own frame. For a flow run its x_t = (1 - t) x0 + t eps, c(t) times
-    the VP view its schedule and denoiser work in (schedules.flow_betas); 1 for ddpm."""
-    if run.config.schedule.process != "flow" or t == 0:  # t = 0 is the data itself
-        return 1.0
-    return float(flow_scale(flow_time(run.schedule, torch.tensor([t]))))
+    """What x_t is drawn in: the process's own frame (Method.frame_scale: a flow run's x_t = (1 - t) x0 + t eps
+    is c(t) times the VP view its schedule and denoiser work in; 1 for ddpm)."""
+    return run.method.frame_scale(run.config, run.schedule, t)
 
 
 def forward_panels(run: Run, ts: tuple[int, ...], x0: np.ndarray) -> list[tuple[int, np.ndarray]]:
@@ -84,20 +82,17 @@ def schedule_panels(run: Run) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """linear and polynomial (the guide's Fig. 5), and the configured schedule if it is another, at the same T;
     for a flow-matching run, its straight path seen as a VP schedule (schedules.flow_betas) beside them."""
     cfg = run.config.schedule
-    flow = cfg.process == "flow"
+    own = run.method.schedule_panel(run.config, run.schedule)  # a schedule none of the beta schedules is
     names = ["linear", "polynomial"] + ([cfg.name] if cfg.name not in ("linear", "polynomial") else [])
     panels = []
     for name in names:
         try:
-            s = NoiseSchedule.from_config(dataclasses.replace(cfg, name=name, process="ddpm"))
+            s = NoiseSchedule.from_config(dataclasses.replace(cfg, name=name))
         except ToydiffError:  # e.g. linear's beta_end > 1: nothing to compare with
             continue
-        title = f"{name}{' (this run)' if name == cfg.name and not flow else ''}, $T={s.T}$"
+        title = f"{name}{' (this run)' if name == cfg.name and own is None else ''}, $T={s.T}$"
         panels.append((title, s.betas64, 1 - s.alpha_bar64))
-    if flow:
-        panels.append((f"flow matching (this run), $T={run.schedule.T}$", run.schedule.betas64,
-                       1 - run.schedule.alpha_bar64))
-    return panels
+    return panels + ([own] if own is not None else [])
 
 
 def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:

@@ -20,8 +20,10 @@ from .config import MAX_ROWS, ExperimentConfig, SampleConfig
 from .datafiles import default_names
 from .errors import ToydiffError, first_line
 from . import graphs
-from .models import Autocast, build_model, check_batch_memory
-from .parameterization import Denoiser, FlowDenoiser, MeanFlowDenoiser
+from . import methods
+from .methods import Method
+from .models import Autocast, check_batch_memory
+from .parameterization import Denoiser
 from .progress import Progress
 from .rundir import RunDir
 from .runtime import NoiseStream, derive_seed, resolve_device, set_threads
@@ -29,15 +31,6 @@ from .sampling import Plan, VPDiffusion, make_plan
 from .scaler import Scaler
 from .storage import check_memory
 from .schedules import NoiseSchedule
-
-
-def build(cfg: ExperimentConfig, dim: int, device: torch.device, classes: int = 0) -> tuple[NoiseSchedule, nn.Module]:
-    """The configured schedule and a freshly initialised network (seeded by the config's seed) on `device`."""
-    schedule = NoiseSchedule.from_config(cfg.schedule, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(cfg.seed, "init"))
-        model = build_model(cfg.model, dim, cfg.schedule.T, classes, intervals=cfg.train.objective == "meanflow")
-    return schedule, model.to(device)
 
 
 @dataclass
@@ -78,12 +71,16 @@ class Run:
     def column_names(self) -> list[str]:
         return self.names or default_names(self.dim)
 
+    @property
+    def method(self) -> Method:
+        """The generative method that trained this run (toydiff.methods)."""
+        return methods.of(self.config)
+
     def denoiser_for(self, labels: torch.Tensor | None = None, guidance: float = 1.0,
                      model: nn.Module | None = None) -> Denoiser:
-        cls = MeanFlowDenoiser if self.config.train.objective == "meanflow" else \
-            FlowDenoiser if self.config.schedule.process == "flow" else Denoiser
-        return cls(self.model if model is None else model, self.schedule, self.config.model.prediction,
-                   learned_variance=self.config.model.variance == "learned", labels=labels, guidance=guidance)
+        """The run's network (or `model`, a network of the same kind) as its method's denoiser."""
+        return self.method.denoiser(self.config, self.model if model is None else model, self.schedule, labels,
+                                    guidance)
 
     @property
     def denoiser(self) -> Denoiser:
@@ -101,7 +98,8 @@ class Run:
         data, labels, holdout = rd.read_data(scaler.dim, cfg.model.conditional, info.get("classes"))
         dev = resolve_device(device)
         set_threads(threads, dev)  # for sampling (resume_run sets train.threads for training)
-        schedule, model = build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
+        methods.check(cfg)  # a config.toml edited into a combination its method refuses
+        schedule, model = methods.of(cfg).build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
         if weights:
             rd.load_weights(model, ema=cfg.sample.use_ema)  # sampling uses the moving average when there is one
         model.eval()
@@ -118,9 +116,8 @@ class Run:
 
     def plan(self, settings: Optional[SampleConfig] = None) -> Plan:
         """The sampling plan (toydiff.sampling) for `settings` (default: the run's own)."""
-        if settings is not None and settings.sampler == "meanflow" and self.config.train.objective != "meanflow":
-            raise ToydiffError("sample.sampler = meanflow steps with a mean velocity, which only a model trained with "
-                               "train.objective=meanflow has; choose another sampler")
+        if settings is not None:
+            self.method.check_sampler(self.config, settings.sampler)
         return make_plan(settings or self.config.sample, VPDiffusion(self.schedule),
                          learned_variance=self.config.model.variance == "learned", classes=self.classes)
 

@@ -35,10 +35,24 @@ Sampler = Callable[..., torch.Tensor]
 SAMPLERS: Registry[Sampler] = Registry("sampler", NAMES)
 
 
+# Marks a sampler carries (toydiff.sampling reads them): what it is, not lists kept elsewhere.
 def adaptive(fn: Sampler) -> Sampler:
     """Marks a sampler that chooses its own steps: it calls the denoiser at fractional t and walks the full
-    schedule, never a respaced one (toydiff.sampling reads the mark)."""
+    schedule, never a respaced one."""
     fn.adaptive = True
+    return fn
+
+
+def stochastic(fn: Sampler) -> Sampler:
+    """Marks a sampler that draws fresh noise after x_T (ddim only at eta > 0, so it is not marked)."""
+    fn.stochastic = True
+    return fn
+
+
+def trailing(fn: Sampler) -> Sampler:
+    """Marks a sampler whose grid under sample.spacing = auto is trailing t rather than Karras sigmas: the
+    grid each sampler was measured best on (benchmarks/nfe.py), or the one its steps were trained for."""
+    fn.default_spacing = "trailing"
     return fn
 
 
@@ -50,6 +64,8 @@ def randn_like(x: torch.Tensor, generator: torch.Generator | NoiseStream | None)
 
 
 @SAMPLERS.register("ddpm")
+@stochastic
+@trailing
 @torch.no_grad()
 def sample_ddpm(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                 generator: torch.Generator | None = None, callback: Callback = None,
@@ -117,6 +133,8 @@ def sample_ddim(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
 
 
 @SAMPLERS.register("consistency")
+@stochastic
+@trailing
 @torch.no_grad()
 def sample_consistency(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                        generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
@@ -137,6 +155,7 @@ def sample_consistency(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tenso
 
 
 @SAMPLERS.register("meanflow")
+@trailing
 @torch.no_grad()
 def sample_meanflow(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                     generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
@@ -304,6 +323,7 @@ def sample_dpmpp_3m(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, 
 
 
 @SAMPLERS.register("dpmpp-2m-sde")
+@stochastic
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                         generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
@@ -314,6 +334,7 @@ def sample_dpmpp_2m_sde(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tens
 
 
 @SAMPLERS.register("dpmpp-2m-sde-heun")
+@stochastic
 @torch.no_grad()
 def sample_dpmpp_2m_sde_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                              generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:
@@ -323,6 +344,7 @@ def sample_dpmpp_2m_sde_heun(denoise: Denoise, schedule: NoiseSchedule, x: torch
 
 
 @SAMPLERS.register("dpmpp-3m-sde")
+@stochastic
 @torch.no_grad()
 def sample_dpmpp_3m_sde(denoise: Denoise, schedule: NoiseSchedule, x: torch.Tensor, *,
                         generator: torch.Generator | None = None, callback: Callback = None) -> torch.Tensor:

@@ -43,13 +43,15 @@ def sampling_steps(steps: int, T: int) -> int:
 
 
 def resolve_spacing(spacing: str, sampler: str) -> str:
-    """sample.spacing "auto": trailing t for ddpm, consistency, meanflow (uniform in flow time: the grid its
-    intervals were drawn on) and diffusers' schedulers (trailing is what they all accept), Karras sigmas for the ODE and SDE solvers, the grids each was measured best on
-    (benchmarks/nfe.py)."""
+    """sample.spacing "auto": the sampler's own mark (samplers.trailing: ddpm, consistency, meanflow, whose
+    intervals were drawn uniform in flow time), trailing t for diffusers' schedulers (what they all accept),
+    else Karras sigmas (the ODE and SDE solvers): the grids each was measured best on (benchmarks/nfe.py)."""
     choose("sample.spacing", spacing, SAMPLE_SPACINGS)
     if spacing != "auto":
         return spacing
-    return "trailing" if sampler in ("ddpm", "consistency", "meanflow") or sampler.startswith(DIFFUSERS_PREFIX) else "karras"
+    if sampler.startswith(DIFFUSERS_PREFIX):
+        return "trailing"
+    return getattr(SAMPLERS.get(sampler), "default_spacing", "karras")
 
 
 def check_conditioning(classes: Optional[int], label: int, guidance: float) -> None:

@@ -162,9 +162,7 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, cfg: ScheduleConfig, device: torch.device | str = "cpu") -> "NoiseSchedule":
-        """The configured beta schedule, or (schedule.process = flow) the flow path's grid (flow_betas)."""
-        if cfg.process == "flow":
-            return cls(flow_betas(cfg.T), device=device)
+        """The configured beta schedule (a flow run's grid is its method's: flow_betas, toydiff.methods.flow)."""
         betas = BETA_SCHEDULES.get(cfg.name)(cfg)
         if cfg.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)

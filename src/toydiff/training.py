@@ -1,6 +1,6 @@
 """The training loop: batches, AdamW, learning-rate schedule, EMA, stop signals, logging and checkpoint hooks,
-and on CUDA the step captured as a graph. The objective is toydiff.losses', the state the loop advances (and a
-checkpoint holds) toydiff.trainstate's.
+and on CUDA the step captured as a graph. The objective is the method's (toydiff.methods, through
+losses.diffusion_loss), the state the loop advances (and a checkpoint holds) toydiff.trainstate's.
 
 Nothing here knows about files, plots or the command line: the caller passes
 `on_log(row)` and `on_checkpoint(state)` callbacks.
@@ -23,8 +23,7 @@ from torch import nn
 from . import graphs
 from .config import TrainConfig
 from .errors import ToydiffError
-from .losses import Consistency, Objective, Progressive, diffusion_loss, timestep_sampler
-from .parameterization import Prediction
+from .losses import Objective, UniformTimesteps, diffusion_loss
 from .progress import Progress
 from .runtime import World
 from .schedules import NoiseSchedule
@@ -148,26 +147,24 @@ class Interrupted(Exception):
         self.step, self.signum = step, signum
 
 
-def make_state(model: nn.Module, cfg: TrainConfig, T: int, generator: torch.Generator,
-               device: torch.device | str = "cpu", process: str = "ddpm") -> TrainState:
-    """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and the configured t sampler (of
-    the process: ddpm's discrete t, or flow matching's continuous one)."""
+def make_state(model: nn.Module, cfg: TrainConfig, timesteps: UniformTimesteps, generator: torch.Generator
+               ) -> TrainState:
+    """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and `timesteps`, the t sampler (the
+    method's: Method.timesteps; its statistics are part of the state)."""
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
-    return TrainState(model, optimizer, scheduler, make_ema(model, cfg.ema_decay),
-                      timestep_sampler(cfg.timestep_sampling, T, device, process), generator)
+    return TrainState(model, optimizer, scheduler, make_ema(model, cfg.ema_decay), timesteps, generator)
 
 
 def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig,
-          objective: Objective | Progressive | Consistency | Prediction | str, *, labels: torch.Tensor | None = None,
+          objective: Objective, *, labels: torch.Tensor | None = None,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
           progress: bool = False, world: World = World()) -> list[dict]:
     """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
     Returns the loss-log rows.
 
-    objective: toydiff.losses.Objective, or a bare prediction (eps, x0, v) with cfg's weighting, or a
-    distilled student's (toydiff.losses.Progressive, Consistency).
+    objective: what each step minimizes (a method's: Method.objective, or a distilled student's).
     labels (N,) in 0..K-1 train a class-conditional model (model.classes = K), dropped to the null label K
     with probability cfg.label_dropout. Each row is {step, loss (mean over the rows' steps), lr, seconds}.
     The loss is read back from the device only every cfg.log_every steps, where a non-finite loss or
@@ -179,8 +176,6 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     step's device work is captured in a CUDA graph after two eager steps and replayed, its first two replays
     checked against the eager step (toydiff.graphs.Stepper); state.graphs says how the steps ran.
     """
-    if not isinstance(objective, (Objective, Progressive, Consistency)):
-        objective = Objective(objective, cfg.loss_weighting, cfg.min_snr_gamma, vlb_weight=cfg.vlb_weight)
     model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
         state.generator
     n = x0.shape[0]

@@ -23,18 +23,17 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import data as datasets, graphs
-from .config import TEACHER_IN_MEMORY, ExperimentConfig
+from . import data as datasets, graphs, methods
+from .config import ExperimentConfig
 from .datafiles import column_index, column_warnings, default_names, read_table
 from .errors import RunInterrupted, ToydiffError, first_line
-from .losses import CONSISTENCY_GRID, Consistency, Objective, Progressive
+from .losses import Objective
 from .models import check as check_model, check_batch_memory, count_parameters
 from .rundir import RunDir
-from .runs import Run, build
+from .runs import Run
 from .runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
 from .sampling import VPDiffusion, check_conditioning, make_plan
 from .scaler import Scaler
-from .schedules import NoiseSchedule
 from .storage import check_memory
 from .training import Interrupted, TrainState, graph_blocker, make_state, train
 
@@ -80,13 +79,15 @@ def make_data(cfg: ExperimentConfig) -> Data:
 def validate(cfg: ExperimentConfig, world: World = World()) -> None:
     """Everything about a config that needs more than the config to check, each rule asked of its owner,
     before anything is trained or written (the config checked itself when it was made)."""
+    method = methods.of(cfg)
+    method.check(cfg)
     if not cfg.data.path:
         datasets.params(cfg.data)
         check_memory(cfg.data.n * max(cfg.data.dim, 2) * 8 * 4, f"data.n = {cfg.data.n:,} points",
                      "lower data.n")
     check_model(cfg.model)
     check_batch_memory(cfg.model, cfg.train.batch_size or cfg.data.n, "train.batch_size", training=True)
-    plan = make_plan(cfg.sample, VPDiffusion(NoiseSchedule.from_config(cfg.schedule)),
+    plan = make_plan(cfg.sample, VPDiffusion(method.schedule(cfg)),
                      learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
     device = resolve_device(cfg.train.device)
     world.check_batch(cfg.train.batch_size)
@@ -122,7 +123,7 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
         classes = int(labels.max()) + 1
         check_conditioning(classes, cfg.sample.label, cfg.sample.guidance)
     scaler = Scaler.fit(data.x, cfg.data.scaling, data.names)
-    schedule, model = build(cfg, data.x.shape[1], device, classes)
+    schedule, model = methods.of(cfg).build(cfg, data.x.shape[1], device, classes)
     return Run(Path(path), cfg, scaler, schedule, model, data.x.astype(np.float32), device, labels, data.names,
                data.holdout, data.classes if classes else [], data.holdout_labels if classes else None,
                [j for j, whole in enumerate(data.integer) if whole])
@@ -134,9 +135,7 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     every process trains, and rank 0 alone makes and writes the directory. evaluate: the run will be
     evaluated, so what the evaluation needs of a file's held-out rows is checked before training too.
     extra: more keys for its manifest."""
-    if cfg.train.coupling == "reflow":
-        raise ToydiffError("train.coupling = reflow trains on the noise-data pairs of a teacher's ODE; make them "
-                           "with `toydiff distill TEACHER_RUN --method reflow`")
+    methods.of(cfg).check_fresh(cfg)
     device = resolve_device(cfg.train.device)
     return start_training(untrained_run(cfg, out, device, world), out, progress=progress, log=log, world=world,
                           evaluate=evaluate, extra=extra)
@@ -145,16 +144,13 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
 def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = silent,
                    world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
                    noise: Optional[np.ndarray] = None,
-                   objective: Optional[Progressive | Consistency] = None) -> Run:
+                   objective: Optional[Objective] = None) -> Run:
     """Train an untrained `run` (untrained_run's, or a distilled student's) into a new run directory at `out`:
     warnings, the training state, the directory with its inputs (and `extra` in its manifest, `noise` for a
     reflow student), then the loop (on `objective` instead of the config's: a distilled student's)."""
     cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
-    warnings = [run.schedule.terminal_warning()]
-    if cfg.train.objective == "consistency" and objective is None:
-        warnings.append("consistency training is experimental here: measured far from the data at this budget "
-                        "(docs/benchmarks.md)")
+    warnings = [run.schedule.terminal_warning()] + (run.method.warnings(cfg) if objective is None else [])
     if cfg.data.path:
         warnings += column_warnings(run.data, run.names, f"the {len(run.data)} training rows")
     if evaluate:
@@ -164,8 +160,8 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
-    state = make_state(run.model, cfg.train, run.schedule.T, torch_generator(cfg.seed, "train", device), device,
-                       cfg.schedule.process)
+    state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
+                       torch_generator(cfg.seed, "train", device))
     if not world.is_writer:
         return _train(run, state, {}, False, silent, world, objective)
     x = run.data
@@ -183,11 +179,9 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
             raise
-        process = (f"flow matching ({cfg.train.timestep_sampling} t, {cfg.train.coupling} coupling)"
-                   if cfg.schedule.process == "flow" else
-                   f"T = {run.schedule.T} {cfg.schedule.name}, alpha_bar_T = {run.schedule.alpha_bar_T:.3g}")
         log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
-            f"(n = {x.shape[0]}, D = {x.shape[1]}), {process}, {cfg.train.steps} steps on {device}")
+            f"(n = {x.shape[0]}, D = {x.shape[1]}), {run.method.describe(cfg, run.schedule)}, {cfg.train.steps} "
+            f"steps on {device}")
         return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)
 
 
@@ -203,13 +197,14 @@ def resume_run(path: str | Path, *, device: str = "auto", progress: bool = False
 
 def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, world: World) -> Run:
     info = run.dir.read_manifest()
-    if info.get("method") in TEACHER_IN_MEMORY and info.get("status") != "trained":
+    student = methods.STUDENTS.get(info["method"]) if info.get("method") in methods.STUDENTS else None
+    if student is not None and student.in_memory_teacher and info.get("status") != "trained":
         raise ToydiffError(f"'{path}' is a {info['method']} student cut short; it trains against a teacher held in "
                            f"memory and cannot resume: run `toydiff distill {info.get('teacher')} --method "
                            f"{info['method']}` again")
     set_threads(run.config.train.threads, run.device)
-    state = make_state(run.model, run.config.train, run.schedule.T,
-                       torch_generator(run.config.seed, "train", run.device), run.device, run.config.schedule.process)
+    state = make_state(run.model, run.config.train, run.method.timesteps(run.config, run.device),
+                       torch_generator(run.config.seed, "train", run.device))
     saved = run.dir.load_checkpoint()
     if saved is not None:
         try:
@@ -228,16 +223,8 @@ def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, w
     return _train(run, state, info, progress, log, world)
 
 
-def training_objective(run: Run) -> Objective | Consistency:
-    """The loss run.config trains: its process's own (losses.Objective), or consistency training (no teacher)."""
-    if run.config.train.objective == "consistency":
-        return Consistency(teacher=None, student=lambda net: run.denoiser_for(model=net),
-                           grid=run.schedule.respace(CONSISTENCY_GRID).timesteps_t)
-    return Objective.from_config(run.config)
-
-
 def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, world: World = World(),
-           objective: Optional[Progressive | Consistency] = None) -> Run:
+           objective: Optional[Objective] = None) -> Run:
     """Train `state` to cfg.train.steps, checkpointing the whole state every train.checkpoint_every steps, on
     Ctrl-C and at the end; the loss log grows a row at a time between checkpoints."""
     cfg, rd = run.config, RunDir(run.path)
@@ -250,10 +237,9 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     writer = world.is_writer
     try:
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
-        if cfg.train.coupling == "reflow":  # each row trains with its own noise: [x0 | eps]
-            x0 = torch.cat([x0, torch.as_tensor(rd.read_train_noise(x0.shape), device=run.device)], dim=1)
+        x0 = run.method.training_rows(cfg, rd, x0)  # a reflow student's rows carry their noise: [x0 | eps]
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
-        rows = train(state, run.schedule, x0, cfg.train, objective or training_objective(run), labels=y,
+        rows = train(state, run.schedule, x0, cfg.train, objective or run.method.objective(run), labels=y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
                      progress=progress, world=world)
     except Interrupted as e:
