@@ -26,7 +26,13 @@ TIMESTEP_SAMPLERS: Registry[type] = Registry("train.timestep_sampling", TIMESTEP
 
 class Objective:
     """What a training step minimizes: a method's loss (toydiff.methods: the VP diffusion's Denoising, flow
-    matching, MeanFlow, consistency, progressive distillation). Frozen dataclasses fill it in."""
+    matching, MeanFlow, consistency, progressive distillation). Frozen dataclasses fill it in.
+
+    A step updates the networks of `updates` in turn, each with its own loss and AdamW: "model" is the run's own
+    network (its loss is `loss`); any other name is one of the method's further networks (a critic), which the
+    objective holds itself, and whose loss is `update_loss`."""
+
+    updates: tuple[str, ...] = ("model",)
 
     def loss(self, model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
              generator: Optional[torch.Generator] = None, *, timesteps: Optional["UniformTimesteps"] = None,
@@ -36,14 +42,26 @@ class Objective:
         each rank's shard under torchrun (`world`), bfloat16 autocast of the forward where the method allows."""
         raise NotImplementedError
 
+    def update_loss(self, network: str, model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
+                    generator: Optional[torch.Generator] = None, *, timesteps: Optional["UniformTimesteps"] = None,
+                    labels: Optional[torch.Tensor] = None, world: World = World(), autocast: bool = False
+                    ) -> torch.Tensor:
+        """The loss whose gradient updates the method's network `network` (one of `updates` but "model"), on the
+        same batch; `model` is the run's own network, to be used without gradient into it where it should."""
+        raise NotImplementedError
+
 
 def diffusion_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, objective: Objective,
                    generator: Optional[torch.Generator] = None, *, timesteps: Optional["UniformTimesteps"] = None,
-                   labels: Optional[torch.Tensor] = None, world: World = World(), autocast: bool = False
-                   ) -> torch.Tensor:
-    """One training step's loss: `objective`'s (the one call the training loop makes, whatever the method)."""
-    return objective.loss(model, schedule, x0, generator, timesteps=timesteps, labels=labels, world=world,
-                          autocast=autocast)
+                   labels: Optional[torch.Tensor] = None, world: World = World(), autocast: bool = False,
+                   network: str = "model") -> torch.Tensor:
+    """One training step's loss for `network`: `objective`'s (the one call the training loop makes, whatever the
+    method; "model", the run's own network, unless the method trains others beside it)."""
+    if network == "model":
+        return objective.loss(model, schedule, x0, generator, timesteps=timesteps, labels=labels, world=world,
+                              autocast=autocast)
+    return objective.update_loss(network, model, schedule, x0, generator, timesteps=timesteps, labels=labels,
+                                 world=world, autocast=autocast)
 
 
 @TIMESTEP_SAMPLERS.register("uniform")

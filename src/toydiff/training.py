@@ -27,7 +27,7 @@ from .losses import Objective, UniformTimesteps, diffusion_loss
 from .progress import Progress
 from .runtime import World
 from .schedules import NoiseSchedule
-from .trainstate import TrainState, step_tensors
+from .trainstate import Network, TrainState, step_tensors
 
 __all__ = ["EMA", "Interrupted", "TrainState", "capturable", "make_optimizer", "make_state", "step_tensors", "train"]
 
@@ -65,10 +65,12 @@ def capturable(optimizer: torch.optim.Optimizer) -> None:
             group["lr"] = torch.tensor(group["lr"], device=group["params"][0].device)
 
 
-def graph_blocker(cfg: TrainConfig, world: World) -> Optional[str]:
+def graph_blocker(cfg: TrainConfig, world: World, networks: int = 1) -> Optional[str]:
     """Why this training's step cannot be captured in a CUDA graph, or None (toydiff.graphs.wanted)."""
     if world.size > 1:
         return "several processes (torchrun) exchange their gradients outside the graph"
+    if networks > 1:
+        return "a method that updates several networks in turn is not captured yet (no GPU has checked one)"
     if cfg.coupling == "ot":
         return "train.coupling = ot pairs each batch with its noise on the host (POT)"
     return None
@@ -147,13 +149,21 @@ class Interrupted(Exception):
         self.step, self.signum = step, signum
 
 
-def make_state(model: nn.Module, cfg: TrainConfig, timesteps: UniformTimesteps, generator: torch.Generator
-               ) -> TrainState:
+def make_state(model: nn.Module, cfg: TrainConfig, timesteps: UniformTimesteps, generator: torch.Generator,
+               others: Optional[dict[str, nn.Module]] = None) -> TrainState:
     """A fresh TrainState: AdamW, warm-up + decay, EMA (if cfg.ema_decay) and `timesteps`, the t sampler (the
-    method's: Method.timesteps; its statistics are part of the state)."""
+    method's: Method.timesteps; its statistics are part of the state); each of the method's `others` (a critic)
+    with an AdamW and schedule of its own, no EMA."""
+    net = _network(model, cfg)
+    others = {name: _network(m, cfg) for name, m in (others or {}).items()}
+    return TrainState(model, net.optimizer, net.scheduler, make_ema(model, cfg.ema_decay), timesteps, generator,
+                      others=others)
+
+
+def _network(model: nn.Module, cfg: TrainConfig) -> Network:
     optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
-    return TrainState(model, optimizer, scheduler, make_ema(model, cfg.ema_decay), timesteps, generator)
+    return Network(model, optimizer, scheduler)
 
 
 def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: TrainConfig,
@@ -176,19 +186,27 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     step's device work is captured in a CUDA graph after two eager steps and replayed, its first two replays
     checked against the eager step (toydiff.graphs.Stepper); state.graphs says how the steps ran.
     """
-    model, optimizer, scheduler, ema, generator = state.model, state.optimizer, state.scheduler, state.ema, \
-        state.generator
+    model, optimizer, ema, generator = state.model, state.optimizer, state.ema, state.generator
+    nets = state.networks()
+    if set(objective.updates) != set(nets):
+        raise ToydiffError(f"the objective updates the networks {', '.join(objective.updates)}, but the training "
+                           f"state holds {', '.join(nets)}")
+    if world.size > 1 and len(nets) > 1:
+        raise ToydiffError("a method that trains several networks cannot run under torchrun yet; train it in one "
+                           "process")
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
     world.check_batch(batch)
     net = model if world.size == 1 else nn.parallel.DistributedDataParallel(model)
-    params = list(model.parameters())  # once: model.parameters() walks the module tree every call
-    model.train()
+    # once: .parameters() walks the module tree every call
+    params = {name: list(nets[name].module.parameters()) for name in objective.updates}
+    for each in nets.values():
+        each.module.train()
     device = x0.device
     running = torch.tensor(state.running, device=device)
     first_bad = torch.zeros((), dtype=torch.long, device=device)  # the first step with a non-finite loss / grad
     step_t = torch.tensor(state.step, dtype=torch.long, device=device)  # the step, counted on the device
-    capture = graphs.wanted(cfg.cuda_graphs, device, "train.cuda_graphs", graph_blocker(cfg, world))
+    capture = graphs.wanted(cfg.cuda_graphs, device, "train.cuda_graphs", graph_blocker(cfg, world, len(nets)))
     if capture:
         capturable(optimizer)
 
@@ -202,18 +220,23 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             xb, yb = x0[idx], None if labels is None else labels[idx]
         if yb is not None:
             yb = drop_labels(yb, cfg.label_dropout, model.classes, generator)
-        loss = diffusion_loss(net, schedule, xb, objective, generator, timesteps=state.timesteps, labels=yb,
-                              world=world, autocast=cfg.autocast == "bf16")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        finite, logged = None, None
+        for name in objective.updates:  # each network in turn, its own loss, gradient and AdamW step
+            loss = diffusion_loss(net, schedule, xb, objective, generator, timesteps=state.timesteps, labels=yb,
+                                  world=world, autocast=cfg.autocast == "bf16", network=name)
+            nets[name].optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(params[name], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            ok = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+            finite = ok if finite is None else finite & ok
+            nets[name].optimizer.step()
+            if name == "model":
+                logged = loss.detach()  # the log follows the run's own network's loss
         step_t.add_(1)
         first_bad.copy_(torch.where((first_bad == 0) & ~finite, step_t, first_bad))
-        optimizer.step()
         if ema is not None:
             ema.update()
-        running.add_(loss.detach())
+        running.add_(logged)
 
     def changed() -> list[torch.Tensor]:  # everything `work` writes, for the stepper's checks
         return step_tensors(state) + [running, first_bad, step_t]
@@ -228,7 +251,8 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             if ema is not None:
                 ema.begin()
             stepper()
-            scheduler.step()
+            for each in nets.values():
+                each.scheduler.step()
             if ema is not None:
                 ema.end()
             state.step, state.since = step, state.since + 1
@@ -258,7 +282,8 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     if capture:
         state.graphs = stepper.note
     state.running, state.seconds = running.item(), time.perf_counter() - start
-    model.eval()
+    for each in nets.values():
+        each.module.eval()
     return state.rows
 
 

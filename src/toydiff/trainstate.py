@@ -3,6 +3,12 @@
     tensors, meta = state.tensors()                  # safetensors' two halves, nothing pickled
     fresh.restore(tensors, meta, steps=cfg.steps)    # every piece checked against what `fresh` expects
 
+A state trains the run's own network ("model": its weights, AdamW, learning-rate schedule and EMA) and, for
+a method that trains more than one (a critic beside the model), each of the method's other networks with its
+own AdamW and schedule (`others`, by name). The run's own network is saved under the keys it always had
+(model/, ema/, optim/, param_groups, scheduler), so a one-network checkpoint is what it was; another network
+NAME under nets/NAME/ (nets/NAME/model/, nets/NAME/optim/, nets/NAME/param_groups, nets/NAME/scheduler).
+
 A damaged or crafted checkpoint is a one-line ToydiffError, never a TypeError, a resume from step -5 or a
 run marked trained that was not. What belongs to where the run happens rather than to its state (an
 optimizer group's kernel and CUDA-graph switches, a capturable optimizer's learning rate held in a device
@@ -15,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,6 +33,15 @@ from .storage import Fields, check_schema, parse_json
 # an optimizer group's switches that belong to where it runs (CUDA graphs, the device's AdamW kernel), not to the
 # training state: a checkpoint restores everything else
 RUNTIME_KEYS = ("capturable", "fused", "foreach", "differentiable")
+
+
+@dataclass
+class Network:
+    """One of a method's further networks (a critic): its module, AdamW and learning-rate schedule; no EMA."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
 
 
 @dataclass
@@ -47,89 +62,126 @@ class TrainState:
     since: int = 0  # steps since the last log row
     seconds: float = 0.0  # training time before this session (resumed runs)
     graphs: str = ""  # how the last session's steps ran on CUDA (captured in a graph, or eager and why)
+    others: dict[str, Network] = field(default_factory=dict)  # the method's further networks, by name
+
+    def networks(self) -> dict[str, Network]:
+        """Every network the state trains, by name: "model" (the run's own) first, then the method's others."""
+        return {"model": Network(self.model, self.optimizer, self.scheduler), **self.others}
 
     def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The state as named CPU tensors and string metadata (safetensors' two halves; nothing pickled)."""
-        t = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        t: dict[str, torch.Tensor] = {}
+        meta = {"step": str(self.step), "rows": json.dumps(self.rows), "running": repr(self.running),
+                "since": str(self.since), "seconds": repr(self.seconds)}
+        for name, net in self.networks().items():
+            prefix = _prefix(name)
+            t.update({f"{prefix}model/{k}": v for k, v in net.module.state_dict().items()})
+            optim = net.optimizer.state_dict()
+            for i, slots in optim["state"].items():
+                t.update({f"{prefix}optim/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
+            sched = {k: v for k, v in net.scheduler.state_dict().items() if k != "lr_lambdas"}
+            groups = [{**g, "capturable": False} for g in optim["param_groups"]]
+            meta.update({f"{prefix}param_groups": json.dumps(_plain(groups)),
+                         f"{prefix}scheduler": json.dumps(_plain(sched))})
         if self.ema is not None:
             t.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
-        optim = self.optimizer.state_dict()
-        for i, slots in optim["state"].items():
-            t.update({f"optim/{i}/{k}": torch.as_tensor(v) for k, v in slots.items()})
         t["rng"] = self.generator.get_state()
         if isinstance(self.timesteps, ImportanceTimesteps):
             t["timesteps/second_moment"], t["timesteps/seen"] = self.timesteps.second_moment, self.timesteps.seen
-        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-        groups = [{**g, "capturable": False} for g in optim["param_groups"]]
-        meta = {"step": str(self.step), "rows": json.dumps(self.rows), "running": repr(self.running),
-                "since": str(self.since), "seconds": repr(self.seconds),
-                "param_groups": json.dumps(_plain(groups)), "scheduler": json.dumps(_plain(sched))}
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}, meta
 
     def restore(self, t: dict[str, torch.Tensor], meta: dict[str, str], steps: int) -> None:
-        """Load what `tensors` saved into this freshly built state (same config, model and device), after
+        """Load what `tensors` saved into this freshly built state (same config, networks and device), after
         checking every piece against what this state expects (`steps`: the run's train.steps): a damaged or
         crafted checkpoint is a one-line ToydiffError, never a TypeError, a resume from step -5 or a run
-        marked trained that was not."""
+        marked trained that was not. Nothing is loaded until every piece has passed."""
         where = "the checkpoint"
-        fresh = {"param_groups": _plain(self.optimizer.state_dict()["param_groups"])}
-        groups = _json_meta(meta, "param_groups", where)
-        sched = _json_meta(meta, "scheduler", where)
         rows = _json_meta(meta, "rows", where)
         step, since = _int_meta(meta, "step", where), _int_meta(meta, "since", where)
         running, seconds = _float_meta(meta, "running", where), _float_meta(meta, "seconds", where)
         _check(0 <= step <= steps, f"{where} is at step {step}, outside 0..{steps} (train.steps)")
         _check(0 <= since <= step and seconds >= 0, f"{where} has an impossible log position or time")
-        _same_shape(groups, fresh["param_groups"], f"{where}'s optimizer groups")
-        _check(all(g["params"] == f["params"] for g, f in zip(groups, fresh["param_groups"])),
-               f"{where}'s optimizer groups name other parameters than the model's")
-        fresh_sched = _plain({k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"})
-        _same_shape(sched, fresh_sched, f"{where}'s learning-rate schedule")
-        _check(sched["last_epoch"] == step, f"{where}'s learning-rate schedule is at step {sched['last_epoch']}, "
-                                            f"its training state at {step}")
         check_schema(rows, [Fields({"step": int, "loss": float, "lr": float, "seconds": float},
                                    required=("step", "loss", "lr", "seconds"))], f"{where}'s loss log")
         _check(all(0 < r["step"] <= step for r in rows) and all(a["step"] < b["step"] for a, b in zip(rows, rows[1:])),
                f"{where}'s loss log has steps out of order or beyond step {step}")
-        params = dict(enumerate(p for g in self.optimizer.param_groups for p in g["params"]))
-        slots: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in t.items():
-            if k.startswith("optim/"):
-                parts = k.split("/", 2)
-                i = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else -1
-                _check(i in params and parts[2] in ("step", "exp_avg", "exp_avg_sq"),
-                       f"{where} holds an unknown optimizer entry '{k}'")
-                want = () if parts[2] == "step" else tuple(params[i].shape)
-                _check(tuple(v.shape) == want and v.dtype.is_floating_point,
-                       f"{where}'s optimizer entry '{k}' has shape {tuple(v.shape)} {v.dtype}, the model needs "
-                       f"{want} floating point")
-                slots.setdefault(i, {})[parts[2]] = v
-        _check(all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in slots.values())
-               and set(slots) in (set(), set(params)), f"{where}'s optimizer state is incomplete")
+        saved = {k.split("/")[1] for k in list(t) + list(meta) if k.startswith("nets/") and k.count("/") >= 2}
+        _check(saved <= set(self.others), f"{where} holds networks this run's method does not train: "
+                                          f"{', '.join(sorted(saved - set(self.others)))}")
+        loads = [_checked_network(name, net, t, meta, step, where) for name, net in self.networks().items()]
         _check("rng" in t and t["rng"].dtype == torch.uint8 and t["rng"].shape == self.generator.get_state().shape,
                f"{where}'s random generator state is missing or damaged")
-        self.model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model/")})
-        if self.ema is not None:
-            self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
-        groups = [{**g, **{k: f[k] for k in RUNTIME_KEYS if k in f}} for g, f in zip(groups, fresh["param_groups"])]
-        self.optimizer.load_state_dict({"state": slots, "param_groups": groups})
-        self.scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
-        self.generator.set_state(t["rng"])
         if isinstance(self.timesteps, ImportanceTimesteps):
-            device, shape = self.timesteps.second_moment.device, self.timesteps.second_moment.shape
+            shape = self.timesteps.second_moment.shape
             _check(all(t.get(f"timesteps/{k}", torch.empty(0)).shape == shape for k in ("second_moment", "seen")),
                    f"{where}'s importance-sampling state does not fit schedule.T")
+        for load in loads:
+            load()
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema/")})
+        self.generator.set_state(t["rng"])
+        if isinstance(self.timesteps, ImportanceTimesteps):
+            device = self.timesteps.second_moment.device
             self.timesteps.second_moment = t["timesteps/second_moment"].to(device)
             self.timesteps.seen = t["timesteps/seen"].to(device)
         self.step, self.rows = step, rows
         self.running, self.since, self.seconds = running, since, seconds
 
 
+def _prefix(name: str) -> str:
+    """Where a network's entries live in a checkpoint: the run's own at the top, the others under nets/NAME/."""
+    return "" if name == "model" else f"nets/{name}/"
+
+
+def _checked_network(name: str, net: Network, t: dict[str, torch.Tensor], meta: dict[str, str], step: int,
+                     where: str) -> Callable[[], None]:
+    """Check network `name`'s saved entries against `net` (freshly built); return what loads them."""
+    prefix, what = _prefix(name), where if name == "model" else f"{where}'s {name} network"
+    _check(name == "model" or any(k.startswith(prefix) for k in t), f"{where} has no state for the {name} network "
+                                                                    "this run's method trains")
+    fresh = {"param_groups": _plain(net.optimizer.state_dict()["param_groups"])}
+    groups = _json_meta(meta, f"{prefix}param_groups", what)
+    sched = _json_meta(meta, f"{prefix}scheduler", what)
+    _same_shape(groups, fresh["param_groups"], f"{what}'s optimizer groups")
+    _check(all(g["params"] == f["params"] for g, f in zip(groups, fresh["param_groups"])),
+           f"{what}'s optimizer groups name other parameters than the network's")
+    fresh_sched = _plain({k: v for k, v in net.scheduler.state_dict().items() if k != "lr_lambdas"})
+    _same_shape(sched, fresh_sched, f"{what}'s learning-rate schedule")
+    _check(sched["last_epoch"] == step, f"{what}'s learning-rate schedule is at step {sched['last_epoch']}, "
+                                        f"its training state at {step}")
+    params = dict(enumerate(p for g in net.optimizer.param_groups for p in g["params"]))
+    slots: dict[int, dict[str, torch.Tensor]] = {}
+    optim = f"{prefix}optim/"
+    for k, v in t.items():
+        if k.startswith(optim):
+            parts = k[len(optim):].split("/", 1)
+            i = int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else -1
+            _check(i in params and parts[-1] in ("step", "exp_avg", "exp_avg_sq"),
+                   f"{where} holds an unknown optimizer entry '{k}'")
+            want = () if parts[1] == "step" else tuple(params[i].shape)
+            _check(tuple(v.shape) == want and v.dtype.is_floating_point,
+                   f"{where}'s optimizer entry '{k}' has shape {tuple(v.shape)} {v.dtype}, the network needs "
+                   f"{want} floating point")
+            slots.setdefault(i, {})[parts[1]] = v
+    _check(all(set(v) == {"step", "exp_avg", "exp_avg_sq"} for v in slots.values())
+           and set(slots) in (set(), set(params)), f"{what}'s optimizer state is incomplete")
+    weights = {k[len(prefix) + 6:]: v for k, v in t.items() if k.startswith(f"{prefix}model/")}
+    groups = [{**g, **{k: f[k] for k in RUNTIME_KEYS if k in f}} for g, f in zip(groups, fresh["param_groups"])]
+
+    def load() -> None:
+        net.module.load_state_dict(weights)
+        net.optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        net.scheduler.load_state_dict({**sched, "lr_lambdas": [None]})
+    return load
+
+
 def step_tensors(state: TrainState) -> list[torch.Tensor]:
     """Every tensor of `state` a training step writes: the model's, the optimizer's slots, the EMA's and the
     importance sampler's (what toydiff.graphs.Stepper snapshots to check a captured step)."""
-    tensors = list(state.model.parameters()) + list(state.model.buffers())
-    tensors += [v for slots in state.optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
+    tensors = []
+    for net in state.networks().values():
+        tensors += list(net.module.parameters()) + list(net.module.buffers())
+        tensors += [v for slots in net.optimizer.state.values() for v in slots.values() if torch.is_tensor(v)]
     if state.ema is not None:
         tensors += state.ema.tensors
     if isinstance(state.timesteps, ImportanceTimesteps):

@@ -91,7 +91,11 @@ def validate(cfg: ExperimentConfig, world: World = World()) -> None:
                      learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
     device = resolve_device(cfg.train.device)
     world.check_batch(cfg.train.batch_size)
-    graphs.wanted(cfg.train.cuda_graphs, device, "train.cuda_graphs", graph_blocker(cfg.train, world))
+    if method.others and world.size > 1:
+        raise ToydiffError(f"the {method.name} method trains several networks ({', '.join(('model',) + method.others)}) "
+                           "and cannot run under torchrun yet; train it in one process")
+    graphs.wanted(cfg.train.cuda_graphs, device, "train.cuda_graphs",
+                  graph_blocker(cfg.train, world, 1 + len(method.others)))
     graphs.wanted(cfg.sample.cuda_graphs, device, "sample.cuda_graphs", plan.graph_blocker)
 
 
@@ -161,7 +165,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
-                       torch_generator(cfg.seed, "train", device))
+                       torch_generator(cfg.seed, "train", device), run.method.other_networks(cfg, run.dim, device))
     if not world.is_writer:
         return _train(run, state, {}, False, silent, world, objective)
     x = run.data
@@ -204,7 +208,8 @@ def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, w
                            f"{info['method']}` again")
     set_threads(run.config.train.threads, run.device)
     state = make_state(run.model, run.config.train, run.method.timesteps(run.config, run.device),
-                       torch_generator(run.config.seed, "train", run.device))
+                       torch_generator(run.config.seed, "train", run.device),
+                       run.method.other_networks(run.config, run.dim, run.device))
     saved = run.dir.load_checkpoint()
     if saved is not None:
         try:
@@ -239,7 +244,7 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
         x0 = run.method.training_rows(cfg, rd, x0)  # a reflow student's rows carry their noise: [x0 | eps]
         y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
-        rows = train(state, run.schedule, x0, cfg.train, objective or run.method.objective(run), labels=y,
+        rows = train(state, run.schedule, x0, cfg.train, objective or run.method.objective(run, {k: v.module for k, v in state.others.items()}), labels=y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
                      progress=progress, world=world)
     except Interrupted as e:

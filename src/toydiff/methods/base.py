@@ -64,6 +64,7 @@ class Method:
     name = ""
     samplers: tuple[str, ...] = ()  # samplers that need this method's networks (no other method may use them)
     intervals = False  # its network takes a second time (a mean velocity's interval: models.build_model)
+    others: tuple[str, ...] = ()  # the networks it trains beside the run's own (a critic): other_networks
 
     def process(self, cfg: ExperimentConfig) -> "Method":
         """The method whose process (schedule, denoiser, t) this one trains on: schedule.process's."""
@@ -106,6 +107,11 @@ class Method:
             model = build_model(cfg.model, dim, cfg.schedule.T, classes, intervals=self.intervals)
         return schedule, model.to(device)
 
+    def other_networks(self, cfg: ExperimentConfig, dim: int, device: torch.device) -> dict[str, nn.Module]:
+        """The networks it trains beside the run's own, by name (`others`), freshly initialised from the config's
+        seed; they live in the training state (its checkpoint) only, never in what samples."""
+        return {}
+
     def denoiser(self, cfg: ExperimentConfig, model: nn.Module, schedule: NoiseSchedule,
                  labels: Optional[torch.Tensor] = None, guidance: float = 1.0) -> Denoiser:
         """The network as denoise(x_t, t) -> x0_hat (toydiff.parameterization)."""
@@ -121,8 +127,9 @@ class Method:
         process = self.process(cfg)
         return x0 if process is self else process.training_rows(cfg, run_dir, x0)
 
-    def objective(self, run: "Run") -> Objective:
-        """What a training step of `run` minimizes (losses.diffusion_loss calls it)."""
+    def objective(self, run: "Run", others: Optional[dict[str, nn.Module]] = None) -> Objective:
+        """What a training step of `run` minimizes (losses.diffusion_loss calls it); `others`: the training
+        state's modules of the method's further networks (other_networks), which its objective updates too."""
         raise NotImplementedError
 
     def describe(self, cfg: ExperimentConfig, schedule: NoiseSchedule) -> str:

@@ -82,7 +82,7 @@ class ConsistencyTraining(Method):
               "path, not a posterior mean: set sample.sampler=consistency")
         super().check(cfg)
 
-    def objective(self, run) -> Objective:
+    def objective(self, run, others=None) -> Objective:
         return Consistency(teacher=None, student=lambda net: run.denoiser_for(model=net),
                            grid=run.schedule.respace(CONSISTENCY_GRID).timesteps_t)
 

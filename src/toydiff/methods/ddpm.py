@@ -112,7 +112,7 @@ class VPDiffusionMethod(Method):
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
         return ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T, device)
 
-    def objective(self, run) -> Objective:
+    def objective(self, run, others=None) -> Objective:
         return Denoising.from_config(run.config)
 
     def describe(self, cfg: ExperimentConfig, schedule: NoiseSchedule) -> str:

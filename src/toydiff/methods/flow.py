@@ -130,7 +130,7 @@ class FlowMatchingMethod(Method):
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
         return flow_timesteps(cfg.train.timestep_sampling, cfg.schedule.T)
 
-    def objective(self, run) -> Objective:
+    def objective(self, run, others=None) -> Objective:
         return FlowMatching.from_config(run.config)
 
     def describe(self, cfg: ExperimentConfig, schedule: NoiseSchedule) -> str:

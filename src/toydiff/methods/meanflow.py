@@ -95,5 +95,5 @@ class MeanFlowMethod(Method):
                  labels: Optional[torch.Tensor] = None, guidance: float = 1.0) -> Denoiser:
         return MeanFlowDenoiser(model, schedule, cfg.model.prediction, labels=labels, guidance=guidance)
 
-    def objective(self, run) -> Objective:
+    def objective(self, run, others=None) -> Objective:
         return MeanFlow(run.config.train.coupling)
