@@ -14,13 +14,14 @@ the power to see a difference.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -37,33 +38,68 @@ from .scaler import Scaler
 from .storage import Fields, MapOf, atomic_write_text, read_json
 
 
-class Metric(NamedTuple):
+class Pair:
+    """The samples x and the reference y (both (n, D), data units), their images xs, ys in the reference's frame,
+    and what the metrics share: the settings, the MMD kernel, the data's support and a PRDC computed once."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, scaler: Scaler, spec: EvalConfig,
+                 bandwidths: Optional[tuple[float, ...]], support_distance: Optional[Callable[[np.ndarray], np.ndarray]],
+                 noise: float):
+        self.x, self.y, self.xs, self.ys = x, y, scaler.transform(x), scaler.transform(y)
+        self.spec, self.bandwidths, self.support_distance, self.noise = spec, bandwidths, support_distance, noise
+        self.w = min(spec.w2_n, len(x), len(y))  # exact W2 on the first w points
+
+    @functools.cached_property
+    def prdc(self) -> dict[str, float]:
+        return M.prdc(self.xs, self.ys, k=self.spec.k)
+
+    def off_data(self) -> Optional[float]:
+        if self.support_distance is None:
+            return None
+        return M.off_data_fraction(self.support_distance(self.x), max(4 * self.noise, 0.02))
+
+
+@dataclass(frozen=True)
+class Metric:
     """direction: +1 when larger is worse, -1 when larger is better. bound: the value two identical samples
     give, which no pair passes on its good side (None: none, as for the classifier's AUC); the floor's law
-    is read as a gamma law anchored there (z_scores). about: what it is, for the table and metrics.json."""
+    is read as a gamma law anchored there (z_scores). about: what it is, for the table and metrics.json.
+    value: the metric of a Pair (None where it is not computable), or None for one computed with more than
+    the pair (memorized: the training rows). fraction: a share of n points, whose resolution is 1 / n."""
     direction: int
     bound: Optional[float]
     about: str
+    value: Optional[Callable[[Pair], Optional[float]]] = None
+    fraction: bool = False
 
 
-FRACTIONS = ("precision", "recall", "coverage", "off_data", "memorized")  # shares of n points: resolution 1 / n
+# Every metric, declared once, in the order of the tables.
 METRICS: dict[str, Metric] = {
     "mmd2": Metric(+1, 0.0, "MMD^2 (V-statistic), RBF kernels from the reference's nearest-neighbour scale to its "
-                            "median distance"),
-    "knn_auc": Metric(+1, None, "k-NN classifier two-sample AUC (0.5 = indistinguishable)"),
-    "energy": Metric(+1, 0.0, "energy distance (V-statistic), scaled frame"),
-    "energy_data": Metric(+1, 0.0, "energy distance (V-statistic), data units"),
-    "w2": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, scaled frame"),
-    "w2_data": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, data units"),
-    "sliced_w2": Metric(+1, 0.0, "sliced 2-Wasserstein, scaled frame"),
-    "sliced_w2_data": Metric(+1, 0.0, "sliced 2-Wasserstein, data units"),
-    "precision": Metric(-1, 1.0, "share of samples inside the data's k-NN balls"),
-    "recall": Metric(-1, 1.0, "share of data inside the samples' k-NN balls"),
-    "density": Metric(-1, None, "k-NN density (Naeem et al. 2020)"),
-    "coverage": Metric(-1, 1.0, "share of data balls that hold a sample"),
-    "off_data": Metric(+1, 0.0, "share of samples farther than 4 noise std (at least 0.02) from the data's support"),
-    "memorized": Metric(+1, 0.0, "share of samples closer to a training row than 90% of fresh data is (0.1 expected)"),
+                            "median distance", lambda p: M.mmd2(p.xs, p.ys, p.bandwidths)),
+    "knn_auc": Metric(+1, None, "k-NN classifier two-sample AUC (0.5 = indistinguishable)",
+                      lambda p: M.knn_auc(p.xs, p.ys)),
+    "energy": Metric(+1, 0.0, "energy distance (V-statistic), scaled frame", lambda p: M.energy_distance(p.xs, p.ys)),
+    "energy_data": Metric(+1, 0.0, "energy distance (V-statistic), data units", lambda p: M.energy_distance(p.x, p.y)),
+    "w2": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, scaled frame",
+                 lambda p: M.w2_exact(p.xs[:p.w], p.ys[:p.w])),
+    "w2_data": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, data units",
+                      lambda p: M.w2_exact(p.x[:p.w], p.y[:p.w])),
+    "sliced_w2": Metric(+1, 0.0, "sliced 2-Wasserstein, scaled frame", lambda p: M.sliced_w2(p.xs, p.ys)),
+    "sliced_w2_data": Metric(+1, 0.0, "sliced 2-Wasserstein, data units", lambda p: M.sliced_w2(p.x, p.y)),
+    "precision": Metric(-1, 1.0, "share of samples inside the data's k-NN balls", lambda p: p.prdc["precision"],
+                        fraction=True),
+    "recall": Metric(-1, 1.0, "share of data inside the samples' k-NN balls", lambda p: p.prdc["recall"],
+                     fraction=True),
+    "density": Metric(-1, None, "k-NN density (Naeem et al. 2020)", lambda p: p.prdc["density"]),
+    "coverage": Metric(-1, 1.0, "share of data balls that hold a sample", lambda p: p.prdc["coverage"],
+                       fraction=True),
+    "off_data": Metric(+1, 0.0, "share of samples farther than 4 noise std (at least 0.02) from the data's support",
+                       Pair.off_data, fraction=True),
+    "memorized": Metric(+1, 0.0, "share of samples closer to a training row than 90% of fresh data is (0.1 expected)",
+                        fraction=True),  # needs the training rows: memorization_floor, M.memorized_share
 }
+FRACTIONS = tuple(name for name, m in METRICS.items() if m.fraction)
 FLOOR_VERSION = 3  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
 # 3: MMD^2 and energy as V-statistics)
 
@@ -71,25 +107,11 @@ FLOOR_VERSION = 3  # bump when a metric's definition changes, so cached floors a
 def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,
             support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None,
             noise: float = 0.0, bandwidths: Optional[tuple[float, ...]] = None) -> dict[str, Optional[float]]:
-    """Every metric of METRICS for samples vs reference (both (n, D), data units). None = not computable."""
+    """Every metric of METRICS computable from the pair, for samples vs reference (both (n, D), data units).
+    None = not computable."""
     x, y = M.check_pair(samples, reference, max(10, spec.k + 1))
-    xs, ys = scaler.transform(x), scaler.transform(y)
-    w = min(spec.w2_n, len(x), len(y))
-    out: dict[str, Optional[float]] = {
-        "mmd2": M.mmd2(xs, ys, bandwidths),
-        "knn_auc": M.knn_auc(xs, ys),
-        "energy": M.energy_distance(xs, ys),
-        "energy_data": M.energy_distance(x, y),
-        "w2": M.w2_exact(xs[:w], ys[:w]),
-        "w2_data": M.w2_exact(x[:w], y[:w]),
-        "sliced_w2": M.sliced_w2(xs, ys),
-        "sliced_w2_data": M.sliced_w2(x, y),
-        **M.prdc(xs, ys, k=spec.k),
-        "off_data": None,
-    }
-    if support_distance is not None:
-        out["off_data"] = M.off_data_fraction(support_distance(x), max(4 * noise, 0.02))
-    return out
+    pair = Pair(x, y, scaler, spec, bandwidths, support_distance, noise)
+    return {name: m.value(pair) for name, m in METRICS.items() if m.value is not None}
 
 
 def floors(draw_pair: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], scaler: Scaler,
