@@ -36,6 +36,7 @@ STUDENTS: Registry["Student"] = Registry("distill method", DISTILL_METHODS)
 def method(name: str):
     """Class decorator: the method's one instance joins METHODS under `name` (a name of config.METHODS)."""
     def add(cls: type) -> type:
+        cls.name = name
         METHODS.register(name)(cls())
         return cls
     return add
@@ -44,6 +45,7 @@ def method(name: str):
 def student(name: str):
     """Class decorator: the recipe's one instance joins STUDENTS under `name` (config.DISTILL_METHODS)."""
     def add(cls: type) -> type:
+        cls.name = name
         STUDENTS.register(name)(cls())
         return cls
     return add
@@ -61,7 +63,7 @@ class Method:
     A method that trains on another's process (consistency training on the VP diffusion or on flow matching)
     takes that process's schedule, denoiser and t sampler from `process(cfg)`."""
 
-    name = ""
+    name = ""  # its name in METHODS (set by @method)
     samplers: tuple[str, ...] = ()  # samplers that need this method's networks (no other method may use them)
     intervals = False  # its network takes a second time (a mean velocity's interval: models.build_model)
     others: tuple[str, ...] = ()  # the networks it trains beside the run's own (a critic): other_networks
@@ -166,7 +168,7 @@ class Student:
 
     in_memory_teacher: the student trains against a teacher held in memory, so one cut short cannot resume."""
 
-    name = ""
+    name = ""  # its name in STUDENTS (set by @student)
     in_memory_teacher = False
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:

@@ -70,8 +70,6 @@ class Consistency(Objective):
 class ConsistencyTraining(Method):
     """train.objective = consistency: consistency training on either process (its schedule and denoiser)."""
 
-    name = "consistency"
-
     def check(self, cfg: ExperimentConfig) -> None:
         check(cfg.model.prediction != "x0", "train.objective = consistency needs model.prediction = v or eps: "
               "their x0_hat is x_t itself at zero noise (the consistency function's boundary condition)")
@@ -97,7 +95,6 @@ class ConsistencyDistillation(Student):
     v or eps network's x0_hat is x_t itself: the boundary condition holds by the parameterization. It samples by
     multistep consistency sampling in `steps` evaluations."""
 
-    name = "consistency"
     in_memory_teacher = True
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:

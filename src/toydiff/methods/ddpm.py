@@ -88,8 +88,6 @@ class Denoising(Objective):
 class VPDiffusionMethod(Method):
     """The discrete VP process of the configured beta schedule, trained with Denoising."""
 
-    name = "ddpm"
-
     def process(self, cfg: ExperimentConfig) -> Method:
         return self
 

@@ -95,8 +95,6 @@ class FlowMatching(Objective):
 class FlowMatchingMethod(Method):
     """schedule.process = flow: the straight path, trained with FlowMatching, sampled through FlowDenoiser."""
 
-    name = "flow"
-
     def process(self, cfg: ExperimentConfig) -> Method:
         return self
 

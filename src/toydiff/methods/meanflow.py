@@ -74,7 +74,6 @@ class MeanFlow(Objective):
 class MeanFlowMethod(Method):
     """train.objective = meanflow: the flow process, a network with an interval input, its own sampler."""
 
-    name = "meanflow"
     samplers = ("meanflow",)
     intervals = True
 

@@ -90,7 +90,8 @@ def progressive_rounds(steps: int, T: int) -> int:
 
 @student("progressive")
 class ProgressiveDistillation(Student):
-    name = "progressive"
+    """Rounds of halving in memory, the last one in the run directory (see the module)."""
+
     in_memory_teacher = True
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:

@@ -25,7 +25,7 @@ TEACHER_SAMPLER = {"sampler": "dpmpp-3m", "steps": 50, "spacing": "karras"}  # d
 
 @student("reflow")
 class Reflow(Student):
-    name = "reflow"
+    """A flow-matching student of the teacher's ODE pairs (see the module)."""
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         """The teacher's configuration made a reflow student: the flow process on the teacher's pairs (settings
