@@ -33,22 +33,19 @@ METHODS: Registry["Method"] = Registry("method", METHOD_NAMES)
 STUDENTS: Registry["Student"] = Registry("distill method", DISTILL_METHODS)
 
 
-def method(name: str):
-    """Class decorator: the method's one instance joins METHODS under `name` (a name of config.METHODS)."""
-    def add(cls: type) -> type:
-        cls.name = name
-        METHODS.register(name)(cls())
-        return cls
-    return add
+def _joining(registry: Registry):
+    """A class decorator factory: @deco(name) makes the class's one instance, named `name`, join `registry`."""
+    def deco(name: str):
+        def add(cls: type) -> type:
+            cls.name = name
+            registry.register(name)(cls())
+            return cls
+        return add
+    return deco
 
 
-def student(name: str):
-    """Class decorator: the recipe's one instance joins STUDENTS under `name` (config.DISTILL_METHODS)."""
-    def add(cls: type) -> type:
-        cls.name = name
-        STUDENTS.register(name)(cls())
-        return cls
-    return add
+method = _joining(METHODS)  # @method("ddpm"): a Method subclass, under a name of config.METHODS
+student = _joining(STUDENTS)  # @student("reflow"): a Student subclass, under a name of config.DISTILL_METHODS
 
 
 def check(ok: bool, message: str) -> None:
