@@ -70,10 +70,15 @@ def private_cache(tmp_path):
         yield
 
 
+def file_hashes(root: Path) -> dict[str, str]:
+    """Every file below root (its path relative to root) and the SHA-256 of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
 def _contents(root: Path) -> dict[str, str]:
-    """Every file below root and the SHA-256 of its bytes (the OS lock file, which readers take, left out)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+    """file_hashes without the OS lock files, which readers take too."""
+    return {k: v for k, v in file_hashes(root).items() if Path(k).name != ".lock"}
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,7 @@ def test_sections_from_dicts_and_keywords_are_checked_like_toml():
 def test_a_prediction_is_accepted_by_name_everywhere():
     from toydiff.parameterization import Prediction, to_eps, to_x0, training_target
     from toydiff.schedules import NoiseSchedule
-    from toydiff.methods.base import ddpm_timesteps
-    from toydiff.methods.ddpm import Denoising
+    from toydiff.methods.ddpm import Denoising, ddpm_timesteps
     from toydiff.training import make_state, train
     x0, eps, ab = torch.randn(4, 2), torch.randn(4, 2), torch.full((4, 1), 0.3)
     for kind in Prediction:

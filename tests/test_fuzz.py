@@ -6,7 +6,6 @@ Each test counts its cases in CASES; `pytest tests/test_fuzz.py -s` prints the c
 """
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,8 @@ from toydiff import config as C  # noqa: E402
 from toydiff.cli import main  # noqa: E402
 from toydiff.datafiles import read_table  # noqa: E402
 from toydiff.errors import ToydiffError  # noqa: E402
+
+from conftest import file_hashes as snapshot  # noqa: E402
 
 CASES: Counter = Counter()
 STRUCK: Counter = Counter()  # of the injected OS errors, those whose write happened (the command wrote k files)
@@ -129,11 +130,6 @@ def test_arrays_with_any_values_load_or_name_the_problem(tmp_path_factory, rows,
         assert "\n" not in str(e)
         return
     assert np.isfinite(table.x).all()
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
-            if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,7 @@ import torch
 from toydiff import config as C, graphs, train_run
 from toydiff.errors import ToydiffError
 from toydiff.losses import ImportanceTimesteps
-from toydiff.methods.base import ddpm_timesteps
-from toydiff.methods.ddpm import Denoising
+from toydiff.methods.ddpm import Denoising, ddpm_timesteps
 from toydiff.models import build_model
 from toydiff.schedules import NoiseSchedule
 from toydiff.training import capturable, make_state, step_tensors, train

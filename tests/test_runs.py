@@ -138,8 +138,7 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     assert (run.path / "model_ema.safetensors").is_file()
     # replay: same init, same batches, a hand-written EMA
     import toydiff.training as tr
-    from toydiff.methods.base import ddpm_timesteps
-    from toydiff.methods.ddpm import Denoising
+    from toydiff.methods.ddpm import Denoising, ddpm_timesteps
     from toydiff.runtime import derive_seed, torch_generator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))

@@ -142,6 +142,13 @@ class World:
             raise ToydiffError(f"the global batch ({batch}) must be divisible by the {self.size} processes; "
                                "change train.batch_size")
 
+    def check_networks(self, names) -> None:
+        """Only the run's own network is wrapped for DistributedDataParallel: a method that trains several (a
+        critic beside the model) is refused under torchrun."""
+        if self.size > 1 and len(names) > 1:
+            raise ToydiffError(f"a method that trains several networks ({', '.join(names)}) cannot run under "
+                               "torchrun yet; train it in one process")
+
     def shard(self, n: int) -> slice:
         per = n // self.size
         return slice(self.rank * per, (self.rank + 1) * per)

@@ -191,9 +191,7 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     if set(objective.updates) != set(nets):
         raise ToydiffError(f"the objective updates the networks {', '.join(objective.updates)}, but the training "
                            f"state holds {', '.join(nets)}")
-    if world.size > 1 and len(nets) > 1:
-        raise ToydiffError("a method that trains several networks cannot run under torchrun yet; train it in one "
-                           "process")
+    world.check_networks(list(nets))
     n = x0.shape[0]
     batch = n if cfg.batch_size == 0 else cfg.batch_size
     world.check_batch(batch)

@@ -91,9 +91,7 @@ def validate(cfg: ExperimentConfig, world: World = World()) -> None:
                      learned_variance=cfg.model.variance == "learned", classes=None if cfg.model.conditional else 0)
     device = resolve_device(cfg.train.device)
     world.check_batch(cfg.train.batch_size)
-    if method.others and world.size > 1:
-        raise ToydiffError(f"the {method.name} method trains several networks ({', '.join(('model',) + method.others)}) "
-                           "and cannot run under torchrun yet; train it in one process")
+    world.check_networks(("model",) + method.others)
     graphs.wanted(cfg.train.cuda_graphs, device, "train.cuda_graphs",
                   graph_blocker(cfg.train, world, 1 + len(method.others)))
     graphs.wanted(cfg.sample.cuda_graphs, device, "sample.cuda_graphs", plan.graph_blocker)

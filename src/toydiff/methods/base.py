@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import METHODS as METHOD_NAMES, DISTILL_METHODS, ExperimentConfig
 from ..errors import ToydiffError
-from ..losses import TIMESTEP_SAMPLERS, ImportanceTimesteps, Objective, UniformTimesteps
+from ..losses import Objective, UniformTimesteps
 from ..models import build_model
 from ..parameterization import Denoiser
 from ..registry import Registry
@@ -150,12 +150,6 @@ class Method:
         of the beta schedules drawn there (None: it is)."""
         process = self.process(cfg)
         return None if process is self else process.schedule_panel(cfg, schedule)
-
-
-def ddpm_timesteps(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
-    """The discrete t sampler of train.timestep_sampling for T steps (uniform or importance)."""
-    cls = TIMESTEP_SAMPLERS.get(kind)
-    return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
 
 
 class Student:

@@ -17,11 +17,17 @@ import torch
 from torch import nn
 
 from ..config import WEIGHTINGS, ExperimentConfig, choose
-from ..losses import Objective, UniformTimesteps, vlb_term
+from ..losses import TIMESTEP_SAMPLERS, ImportanceTimesteps, Objective, UniformTimesteps, vlb_term
 from ..parameterization import Denoiser, Prediction, min_snr_weight, to_x0, training_target
 from ..runtime import World
 from ..schedules import NoiseSchedule
-from .base import Method, check, ddpm_timesteps, method
+from .base import Method, check, method
+
+
+def ddpm_timesteps(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
+    """The discrete t sampler of train.timestep_sampling for T steps (uniform or importance)."""
+    cls = TIMESTEP_SAMPLERS.get(kind)
+    return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
 
 
 @dataclass(frozen=True)
