@@ -130,8 +130,9 @@ def own_sampler_rows(name, seeds, nfes, target, spec, train_seconds, tmp, quick)
         run = run_experiment(cfg, Path(tmp) / f"{name}-{seed}", figures=False, evaluate=False).run
         train_seconds.setdefault(name, []).append(round(time.perf_counter() - start, 1))
         for nfe in [cfg.distill.steps] if name == "fast" else nfes:
-            x = run.sample(spec.n, sampler=sampler, steps=nfe, spacing=spacing)
-            assert run.last_sampling["nfe"] == nfe, run.last_sampling
+            drawn = run.draw(spec.n, sampler=sampler, steps=nfe, spacing=spacing)
+            x = drawn.samples
+            assert drawn.record["nfe"] == nfe, drawn.record
             rows.append({"process": name, "model": "trained", "seed": seed, "sampler": sampler, "spacing": spacing,
                          "nfe": nfe, **judge(x, target, spec)})
             print(rows[-1], flush=True)
@@ -221,8 +222,9 @@ def main() -> None:
                     for nfe in nfes:
                         for sampler in SAMPLERS_TRIED:
                             for spacing in SPACINGS_TRIED:
-                                x = model.sample(spec.n, sampler=sampler, steps=nfe, spacing=spacing)
-                                assert model.last_sampling["nfe"] == nfe, model.last_sampling
+                                drawn = model.draw(spec.n, sampler=sampler, steps=nfe, spacing=spacing)
+                                x = drawn.samples
+                                assert drawn.record["nfe"] == nfe, drawn.record
                                 rows.append({"process": name, "model": "trained", "seed": seed, "sampler": sampler,
                                              "spacing": spacing, "nfe": nfe, **judge(x, target, spec)})
                         print(rows[-1], flush=True)

@@ -73,7 +73,7 @@ def test_animate_writes_a_gif_of_the_reverse_and_the_forward_process(run_dir, tm
 
 @pytest.mark.parametrize("args, message", [
     (["--out", "x.png"], "--out must end in .gif or .webp"),
-    (["--frames", "1"], "--frames in 2..1000, got --n None --frames 1"),
+    (["--frames", "1"], "--frames in 2..1000, got --n 2000 --frames 1"),
     (["--n", "0"], "--n must be in 1..100,000"), (["--frames", "100000"], "--frames in 2..1000"),
     (["--out", "nowhere/x.gif"], "does not exist"),
     (["--out", "/proc/x.gif"], "cannot write '/proc/x.gif'"),
@@ -84,6 +84,16 @@ def test_bad_animate_input_is_one_line_and_writes_nothing(run_dir, tmp_path, cap
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert sorted(p.name for p in (run_dir / "figures").iterdir()) == before
+
+
+def test_an_animation_s_bounds_are_its_own_in_the_python_api(run_dir):
+    from toydiff import load
+    from toydiff.errors import ToydiffError
+    from toydiff.figures import forward_frames, reverse_frames
+    run = load(run_dir)
+    for frames_of, n, count in ((reverse_frames, 0, 5), (forward_frames, 10, 1), (reverse_frames, 10, 2.5)):
+        with pytest.raises(ToydiffError, match="--n must be in 1..100,000 and --frames in 2..1000"):
+            frames_of(run, n, count)
 
 
 def test_animate_needs_a_run_directory(tmp_path, capsys):

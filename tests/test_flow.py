@@ -181,8 +181,9 @@ def test_a_flow_run_trains_samples_evaluates_and_records_its_nfe(tmp_path):
     assert json.loads((out / "samples.json").read_text())["nfe"] == 8
     run = toydiff.load(out)
     assert run.config.schedule.process == "flow" and isinstance(run.denoiser, FlowDenoiser)
-    x = run.sample(2000, sampler="heun", steps=5, spacing="trailing")
-    assert run.last_sampling["nfe"] == 9  # Heun: 2 S - 1 evaluations
+    drawn = run.draw(2000, sampler="heun", steps=5, spacing="trailing")
+    x = drawn.samples
+    assert drawn.record["nfe"] == 9  # Heun: 2 S - 1 evaluations
     assert np.isfinite(x).all() and np.abs(x.mean(0) - [0.5, 0.25]).max() < 0.3  # the moons' centre
     assert np.isfinite(report["likelihood"]["values"]["ode_nll"]["nats"])
     from toydiff.figures import forward_panels  # drawn in the flow's own frame: x_t = (1 - t) x0 + t eps

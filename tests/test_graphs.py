@@ -186,26 +186,27 @@ def test_replayed_batches_draw_exactly_the_eager_noise(trained, on_cpu, sampler)
     replay with their own noise copied in, the partial one (a shape seen once) runs eagerly."""
     eager = trained.sample(250, seed=4, batch_size=64, sampler=sampler, steps=6, cuda_graphs="off")
     on_cpu(ReplayByRerun)
-    replayed = trained.sample(250, seed=4, batch_size=64, sampler=sampler, steps=6, cuda_graphs="auto")
-    assert np.array_equal(replayed, eager)
-    note = trained.last_sampling["cuda_graphs"]
+    replayed = trained.draw(250, seed=4, batch_size=64, sampler=sampler, steps=6, cuda_graphs="auto")
+    assert np.array_equal(replayed.samples, eager)
+    note = replayed.record["cuda_graphs"]
     assert note == "captured in a CUDA graph per batch shape (bit-identical to the eager loop where checked)"
-    assert trained.last_sampling["nfe"] == 6
+    assert replayed.record["nfe"] == 6
 
 
 def test_a_single_batch_is_not_worth_a_capture_unless_asked(trained, on_cpu):
     on_cpu(ReplayByRerun)
-    trained.sample(64, seed=1, batch_size=64, cuda_graphs="auto")
-    assert trained.last_sampling["cuda_graphs"].startswith("eager: no batch shape came twice")
-    trained.sample(64, seed=1, batch_size=64, cuda_graphs="on")
-    assert trained.last_sampling["cuda_graphs"].startswith("captured")
+    drawn = trained.draw(64, seed=1, batch_size=64, cuda_graphs="auto")
+    assert drawn.record["cuda_graphs"].startswith("eager: no batch shape came twice")
+    drawn = trained.draw(64, seed=1, batch_size=64, cuda_graphs="on")
+    assert drawn.record["cuda_graphs"].startswith("captured")
 
 
 def test_a_sampling_graph_that_computes_anything_else_is_never_used(trained, on_cpu):
     eager = trained.sample(200, seed=2, batch_size=50, cuda_graphs="off")
     on_cpu(ReplayNothing)
-    assert np.array_equal(trained.sample(200, seed=2, batch_size=50, cuda_graphs="auto"), eager)
-    assert trained.last_sampling["cuda_graphs"] == \
+    drawn = trained.draw(200, seed=2, batch_size=50, cuda_graphs="auto")
+    assert np.array_equal(drawn.samples, eager)
+    assert drawn.record["cuda_graphs"] == \
         "eager: the replayed sampling loop computed other samples than the eager loop"
     with pytest.raises(ToydiffError, match="sample.cuda_graphs = on, but the replayed sampling loop"):
         trained.sample(200, seed=2, batch_size=50, cuda_graphs="on")

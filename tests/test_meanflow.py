@@ -130,8 +130,8 @@ def test_a_meanflow_run_samples_in_one_step_and_is_a_flow_model_to_the_other_sam
     report = json.loads((out / "metrics.json").read_text())
     assert report["nfe"] == 1
     run = toydiff.load(out)
-    x = run.sample(50, sampler="euler", steps=4)
-    assert x.shape == (50, 2) and run.last_sampling["nfe"] == 4
+    drawn = run.draw(50, sampler="euler", steps=4)
+    assert drawn.samples.shape == (50, 2) and drawn.record["nfe"] == 4
     capsys.readouterr()
     for settings, message in ((["schedule.process=ddpm"], "set schedule.process=flow"),
                               (["model.conditional=true"], "model.conditional=false"),

@@ -8,9 +8,12 @@ import json
 import shutil
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 
+import toydiff
 from toydiff.cli import main
+from toydiff.errors import ToydiffError
 
 QUICK = ["--set", "train.steps=60", "--set", "train.batch_size=128", "--set", "data.n=500", "--set", "schedule.T=16",
          "--set", "eval.n=300", "--set", "eval.draws=3", "--set", "eval.nll_n=50", "--set", "sample.n=300"]
@@ -211,3 +214,24 @@ def test_bad_samples_judging_input_is_one_line(evaluated, capsys, args, message)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_the_python_api_judges_samples_as_the_command_does(evaluated, tmp_path):
+    """toydiff.evaluate_samples is what `toydiff eval --samples` runs: an array gives the same metrics as its file,
+    and the API refuses what the command refuses, in one line."""
+    x = np.load(evaluated[0] / "samples.npy")
+    settings = ["eval.n=300", "eval.draws=3"]
+    from_array = toydiff.evaluate_samples(x, "moons", settings=settings, quiet=True)
+    from_file = toydiff.evaluate_samples(evaluated[0] / "samples.npy", settings=settings, quiet=True,
+                                         report=tmp_path / "p.html")
+    for name in ("knn_auc", "mmd2", "w2", "off_data"):
+        assert from_array["metrics"][name]["value"] == from_file["metrics"][name]["value"], name
+    assert from_array["n"] == 300 and (tmp_path / "p.html").read_text(encoding="utf-8").count("Verdict:") == 1
+    for kwargs, message in [({"settings": ["train.steps=3"]}, r"only \[data\] and \[eval\] settings"),
+                            ({"settings": "eval.n=3"}, "a list of section.key=value strings"),
+                            ({"dataset": "moon"}, "did you mean 'moons'"),
+                            ({"report": tmp_path / "p.txt"}, "an .html page"),
+                            ({"samples": np.array([["a", "b"]] * 30, dtype=object)}, "an \\(n, D\\) array of numbers")]:
+        with pytest.raises(ToydiffError, match=message):
+            toydiff.evaluate_samples(**{"samples": x, **kwargs})
+    assert not (tmp_path / "p.txt").exists()

@@ -57,6 +57,15 @@ def test_trajectory_runs_from_x_T_to_x_0(trained):
     assert np.allclose(trained.scaler.inverse(path[-1]), x, atol=1e-5)
 
 
+def test_a_draw_returns_its_record_beside_the_samples(trained):
+    """Run.draw says how its samples were drawn (no side channel on the run); Run.sample is its samples."""
+    drawn = trained.draw(40, seed=3, sampler="ddim", steps=4)
+    assert np.array_equal(drawn.samples, trained.sample(40, seed=3, sampler="ddim", steps=4))
+    assert drawn.record == {"sampler": "ddim", "steps": 4, "spacing": drawn.record["spacing"], "nfe": 4}
+    assert drawn.trajectory is None and not hasattr(trained, "last_sampling")
+    assert trained.draw(10, seed=3, trajectory=True).trajectory.shape == (trained.schedule.T + 1, 10, 2)
+
+
 def test_sampling_in_batches_keeps_count(trained):
     assert trained.sample(130, seed=0, batch_size=50).shape == (130, 2)
 

@@ -86,3 +86,24 @@ def test_cli_study_errors(capsys, tmp_path):
     assert main(["study", "--grid", "schedule.T=4", "--seeds", "0", "--out", str(tmp_path / "s")]) == 2
     assert "1..1000 seeds per cell" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"jobs": 0}, "--jobs must be in 1..1024, got 0"), ({"jobs": 2.5}, "--jobs must be in 1..1024"),
+    ({"backend": "slurm"}, "unknown backend 'slurm'"),
+    ({"gpus_per_cell": 1}, "--gpus-per-cell go with --backend ray"),
+    ({"retries": 3}, "--retries go with --backend ray"),
+    ({"backend": "ray", "retries": -1}, "--retries must be in 0..100"),
+    ({"backend": "ray", "gpus_per_cell": 0}, "--gpus-per-cell must be in"),
+    ({"seeds": 0}, "1..1000 seeds per cell, got 0"),
+])
+def test_the_python_api_refuses_what_the_command_refuses(tmp_path, kwargs, message):
+    """The engine's options and the seeds are checked by run_study itself (toydiff.engines.check_options), before
+    the study directory is made, so a notebook's call fails as `toydiff study` does."""
+    import dataclasses
+    grid = study.build_grid(C.ExperimentConfig(), study.parse_axes({"schedule.T": [4]}), 1, [])
+    if "seeds" in kwargs:
+        grid = dataclasses.replace(grid, seeds=kwargs.pop("seeds"))
+    with pytest.raises(ToydiffError, match=message):
+        study.run_study(grid, tmp_path / "s", **kwargs)
+    assert not (tmp_path / "s").exists()

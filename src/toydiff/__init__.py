@@ -20,19 +20,19 @@ __version__ = "0.1.0"
 
 # public name -> the module that owns it
 _API = {
-    "run": "api", "load": "api", "evaluate": "api", "plot": "api", "make_config": "api",
+    "run": "api", "load": "api", "evaluate": "api", "evaluate_samples": "api", "plot": "api", "make_config": "api",
     "Experiment": "experiment", "train_run": "workflow", "resume_run": "workflow",
     "Run": "runs", "ExperimentConfig": "config", "ToydiffError": "errors", "NoiseSchedule": "schedules",
 }
 __all__ = ["Experiment", "ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "__version__", "evaluate",
-           "load", "make_config", "plot", "resume_run", "run", "train_run"]
+           "evaluate_samples", "load", "make_config", "plot", "resume_run", "run", "train_run"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ExperimentConfig
     from .errors import ToydiffError
     from .runs import Run
     from .schedules import NoiseSchedule
-    from .api import evaluate, load, make_config, plot, run
+    from .api import evaluate, evaluate_samples, load, make_config, plot, run
     from .experiment import Experiment
     from .workflow import resume_run, train_run
 

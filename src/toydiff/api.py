@@ -124,12 +124,42 @@ def _evaluate(run: Run, samples: Optional[np.ndarray], n: Optional[int], draws: 
     if samples is None:
         samples, sampling = run.dir.read_samples(), run.dir.read_sampling()
         if samples is None or len(samples) < spec.n:
-            samples = run.sample(spec.n, progress=progress and not quiet)  # the stored ones are too few
-            sampling = run.last_sampling
+            drawn = run.draw(spec.n, progress=progress and not quiet)  # the stored ones are too few
+            samples, sampling = drawn.samples, drawn.record
     log = message_log(quiet)
     target = file_reference(run, data, columns, log) if data is not None else None
     return evaluate_run(run, samples, log=log, spec=spec, target=target, progress=progress and not quiet,
                         sampling=sampling)
+
+
+def evaluate_samples(samples: np.ndarray | str | Path, dataset: str = "moons", *, n: Optional[int] = None,
+                     draws: Optional[int] = None, settings: Sequence[str] = (), report: str | Path | None = None,
+                     progress: bool = True, quiet: bool = False) -> dict:
+    """Judge any generator's samples (an (n, D) array, or a CSV / .npy / ... file of them) against a dataset of
+    the zoo, each metric beside its noise floor: what `toydiff eval --samples FILE --dataset NAME` does.
+    `settings` are --set overrides of its [data] and [eval] sections (data.noise=0.1, eval.z_max=4); n and
+    draws override eval.n and eval.draws; `report` writes a one-page HTML report there. Nothing else is
+    written."""
+    from .datafiles import read_table
+    from .evaluation import judge_samples
+
+    page = Path(report) if report is not None else None
+    if page is not None and page.suffix != ".html":
+        raise ToydiffError(f"the report is an .html page, not '{page}'")
+    cfg = config_io.samples_config(dataset, settings, n, draws)
+    name = str(samples) if isinstance(samples, (str, Path)) else None
+    x = read_table(samples).x if name is not None else samples
+    rep, target = judge_samples(x, cfg, log=message_log(quiet), progress=progress and not quiet)
+    if page is not None:
+        from .figures import samples_over_data
+        from .report import samples_page
+        from .storage import atomic_write_text
+
+        facts = {"samples": name or "an array", "rows": len(x), "dataset": cfg.data.name,
+                 "data settings": ", ".join(settings) or None}
+        atomic_write_text(page, samples_page(f"samples judged against {cfg.data.name}", rep,
+                                             samples_over_data(np.asarray(x, dtype=float), target), facts))
+    return rep
 
 
 def plot(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:

@@ -337,16 +337,16 @@ def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Opti
             run.sample(n, into=into, **options)
         print(f"wrote {n} samples to {out} (data units)")
         return 0
-    result = run.sample(n, trajectory=trajectory is not None, **options)
-    samples = result[0] if trajectory is not None else result
+    drawn = run.draw(n, trajectory=trajectory is not None, **options)
+    samples = drawn.samples
     if out is None:
-        npy, csv = run.dir.write_samples(samples, run.column_names, run.last_sampling)
+        npy, csv = run.dir.write_samples(samples, run.column_names, drawn.record)
         print(f"wrote {len(samples)} samples to {npy} and {csv} (data units)")
     else:
         save_table(out, samples, run.column_names)
         print(f"wrote {len(samples)} samples to {out} (data units)")
     if trajectory is not None:
-        save_npy(trajectory, result[1])
+        save_npy(trajectory, drawn.trajectory)
         print(f"wrote the reverse paths (steps, n, D) to {trajectory} (scaled frame)")
     return 0
 
@@ -368,15 +368,13 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_MAX_FRAMES, ANIMATION_MAX_POINTS,
-                          ANIMATION_POINTS, forward_frames, reverse_frames, write_animation)
+    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_POINTS, check_animation, forward_frames,
+                          reverse_frames, write_animation)
     from .runs import Run
 
     out = _output(args.out, "--out", ANIMATION_FORMATS)
     n, count = ANIMATION_POINTS if args.n is None else args.n, ANIMATION_FRAMES if args.frames is None else args.frames
-    if not 1 <= n <= ANIMATION_MAX_POINTS or not 2 <= count <= ANIMATION_MAX_FRAMES:
-        raise ToydiffError(f"--n must be in 1..{ANIMATION_MAX_POINTS:,} and --frames in 2..{ANIMATION_MAX_FRAMES}, "
-                           f"got --n {args.n} --frames {args.frames}")
+    check_animation(n, count)  # before the run is loaded
 
     run = Run.load(args.run_dir, device=args.device)
     with run.dir.writing() if out is None else contextlib.nullcontext():
@@ -405,34 +403,15 @@ def _eval_samples(args: argparse.Namespace) -> int:
     """`toydiff eval --samples FILE --dataset NAME`: any generator's samples against a dataset's floors."""
     if args.run_dir or args.data or args.columns:
         raise ToydiffError("--samples judges a file against --dataset; drop RUN_DIR, --data and --columns")
-    outside = [o for o in args.overrides if o.split(".", 1)[0] not in ("data", "eval")]
-    if outside:
-        raise ToydiffError(f"--samples takes only [data] and [eval] settings; drop --set {outside[0]}")
-    given = [f"eval.{k}={v}" for k, v in (("n", args.n), ("draws", args.draws)) if v is not None]
-    cfg = config_io.with_overrides(config_io.ExperimentConfig(data={"name": args.dataset or "moons"}),
-                                   args.overrides + given)
-    if cfg.data.path:
-        raise ToydiffError("--samples is judged against a dataset of the zoo; to judge against a file's rows, train "
-                           "a run on it (its held-out rows are the reference)")
-    from .datafiles import read_table
-    from .evaluation import evaluate, format_table
-    from .reference import target_for
+    from .api import evaluate_samples
+    from .evaluation import format_table
 
     page = _output(args.report, "--report", (".html",))
-    samples = read_table(args.samples).x
-    target = target_for(cfg)
-    report = evaluate(samples, target, cfg.eval, log=message_log(args.quiet), progress=not args.quiet)
-    print(f"samples: {args.samples} ({len(samples)} rows) against {cfg.data.name}")
+    report = evaluate_samples(args.samples, args.dataset or "moons", n=args.n, draws=args.draws,
+                              settings=args.overrides, report=page, quiet=args.quiet)
+    print(f"samples: {args.samples} against {args.dataset or 'moons'}")
     print(format_table(report))
     if page is not None:
-        from .figures import samples_over_data
-        from .report import samples_page
-        from .storage import atomic_write_text
-
-        facts = {"samples": args.samples, "rows": len(samples), "dataset": cfg.data.name,
-                 "data settings": ", ".join(args.overrides) or None}
-        atomic_write_text(page, samples_page(f"samples judged against {cfg.data.name}", report,
-                                             samples_over_data(samples, target), facts))
         print(f"report: {page}")
     return 0
 
@@ -460,8 +439,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     from . import study
 
-    if not 1 <= args.jobs <= 1024:
-        raise ToydiffError(f"--jobs must be in 1..1024, got {args.jobs}")
     if sum(bool(x) for x in (args.axes, args.grid_file, args.builtin)) != 1:
         raise ToydiffError("give the grid one way: --grid (repeatable), --grid-file FILE or --builtin NAME")
     if args.axes:
@@ -474,10 +451,11 @@ def cmd_study(args: argparse.Namespace) -> int:
         grid = study.load_grid_file(path, resolve_config(args) if explicit else None)
         if args.seeds is not None:
             grid = dataclasses.replace(grid, seeds=args.seeds)
-            study.build_grid(grid.base, [("x", [("x", ())])], grid.seeds, [])  # the same check as a file's seeds
         name = args.builtin or path.stem
     out = Path(args.out) if args.out else Path("studies") / name
-    study.run_study(grid, out, jobs=args.jobs, log=message_log(False), progress=True, **_backend_args(args))
+    study.run_study(grid, out, jobs=args.jobs, log=message_log(False), progress=True, backend=args.backend,
+                    address=args.address, shared_dir=args.shared_dir, gpus_per_cell=args.gpus_per_cell,
+                    retries=args.retries)
     files = study.StudyFiles.of(out)
     print(f"study directory: {out}")
     print(f"  results:   {files.results}")
@@ -486,23 +464,6 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(files.summary.read_text(encoding="utf-8"), end="")
     print(f"report: {files.page}")
     return 0
-
-
-def _backend_args(args: argparse.Namespace) -> dict:
-    """The study's engine from its flags; the Ray-only flags are refused without --backend ray."""
-    from .engines import RAY_RETRIES
-
-    ray_only = [f for f, v in (("--address", args.address), ("--shared-dir", args.shared_dir),
-                               ("--gpus-per-cell", args.gpus_per_cell is not None),
-                               ("--retries", args.retries is not None)) if v]
-    if ray_only and args.backend != "ray":
-        raise ToydiffError(f"{', '.join(ray_only)} go with --backend ray")
-    if args.gpus_per_cell is not None and not 0 < args.gpus_per_cell <= 8:
-        raise ToydiffError(f"--gpus-per-cell must be in (0, 8], got {args.gpus_per_cell}")
-    if args.retries is not None and not 0 <= args.retries <= 100:
-        raise ToydiffError(f"--retries must be in 0..100, got {args.retries}")
-    return {"backend": args.backend, "address": args.address, "shared_dir": args.shared_dir,
-            "gpus_per_cell": args.gpus_per_cell, "retries": RAY_RETRIES if args.retries is None else args.retries}
 
 
 def cmd_config(args: argparse.Namespace) -> int:

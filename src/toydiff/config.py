@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, Sequence, get_type_hints
 
 import tomli_w
 
@@ -572,3 +572,23 @@ def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentCon
         else:
             updates.setdefault(path[0], {})[path[1]] = value
     return merged(cfg, updates) if updates else cfg
+
+
+def samples_config(dataset: str, overrides: Sequence[str] = (), n: int | None = None,
+                   draws: int | None = None) -> ExperimentConfig:
+    """The configuration outside samples are judged by (`toydiff eval --samples`): a zoo dataset, with only
+    [data] and [eval] settings overridden (nothing is trained); n and draws: eval.n and eval.draws."""
+    if not isinstance(dataset, str):
+        raise ToydiffError(f"the dataset is a name ({', '.join(DATASETS)}), not {type(dataset).__name__}")
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise ToydiffError("settings are a list of section.key=value strings, e.g. ['data.noise=0.1']")
+    outside = [o for o in overrides if o.split(".", 1)[0] not in ("data", "eval")]
+    if outside:
+        raise ToydiffError(f"--samples takes only [data] and [eval] settings; drop --set {outside[0]}")
+    given = [f"eval.{k}={v}" for k, v in (("n", n), ("draws", draws)) if v is not None]
+    cfg = with_overrides(ExperimentConfig(data={"name": choose("dataset", dataset, DATASETS)}),
+                         list(overrides) + given)
+    if cfg.data.path:
+        raise ToydiffError("--samples is judged against a dataset of the zoo; to judge against a file's rows, train "
+                           "a run on it (its held-out rows are the reference)")
+    return cfg

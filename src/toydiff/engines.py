@@ -29,10 +29,34 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
 
-from .errors import ToydiffError
+from .errors import ToydiffError, unknown
 
 BACKENDS = ("local", "ray")
 RAY_RETRIES = 2  # times Ray reruns a cell whose worker process or node died
+MAX_JOBS = 1024  # local worker processes (or a started cluster's CPUs) at most
+MAX_RETRIES = 100
+MAX_GPUS_PER_CELL = 8
+
+
+def check_options(backend: str, jobs: int, address: Optional[str] = None, shared_dir: bool = False,
+                  gpus_per_cell: Optional[float] = None, retries: Optional[int] = None) -> None:
+    """Refuse, before anything runs, an engine's options out of range or given to the engine that ignores
+    them (the CLI's flags and the Python API's keywords are checked here alike)."""
+    if backend not in BACKENDS:
+        raise ToydiffError(unknown("backend", backend, BACKENDS))
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise ToydiffError(f"--jobs must be in 1..{MAX_JOBS}, got {jobs!r}")
+    ray_only = [f for f, v in (("--address", address), ("--shared-dir", shared_dir),
+                               ("--gpus-per-cell", gpus_per_cell is not None), ("--retries", retries is not None))
+                if v]
+    if ray_only and backend != "ray":
+        raise ToydiffError(f"{', '.join(ray_only)} go with --backend ray")
+    if gpus_per_cell is not None and (isinstance(gpus_per_cell, bool) or not isinstance(gpus_per_cell, (int, float))
+                                      or not 0 < gpus_per_cell <= MAX_GPUS_PER_CELL):
+        raise ToydiffError(f"--gpus-per-cell must be in (0, {MAX_GPUS_PER_CELL}], got {gpus_per_cell!r}")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)
+                                or not 0 <= retries <= MAX_RETRIES):
+        raise ToydiffError(f"--retries must be in 0..{MAX_RETRIES}, got {retries!r}")
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,10 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
              log: Callable[[str], None] = lambda s: None, progress: bool = False,
              training: Optional[np.ndarray] = None) -> dict:
     """Compare the first spec.n samples (data units) with spec.n fresh iid reference points, beside the floors."""
-    samples = np.asarray(samples, dtype=np.float64)
+    try:
+        samples = np.asarray(samples, dtype=np.float64)
+    except (ValueError, TypeError) as e:
+        raise ToydiffError(f"the samples must be an (n, D) array of numbers ({first_line(e)})") from None
     if samples.ndim != 2 or len(samples) == 0:
         raise ToydiffError(f"there are no samples to evaluate (got an array of shape {samples.shape})")
     if not np.isfinite(samples).all():
@@ -496,11 +499,19 @@ def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s:
     return out
 
 
+def judge_samples(samples: np.ndarray, cfg: ExperimentConfig, log: Callable[[str], None] = lambda s: None,
+                  progress: bool = False) -> tuple[dict, Target]:
+    """Any generator's samples against the dataset of `cfg` (a zoo dataset: its [data] and [eval] sections),
+    each metric beside its noise floor: (report, the target judged against)."""
+    target = target_for(cfg)
+    return evaluate(samples, target, cfg.eval, log=log, progress=progress), target
+
+
 def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lambda s: None,
                  spec: Optional[EvalConfig] = None, target: Optional[Target] = None, progress: bool = False,
                  sampling: Optional[dict] = None) -> dict:
     """Evaluate a run's samples (and likelihoods) against its data (or `target`); a conditional run's classes
-    are also judged each on its own (per_class); write RUN_DIR/metrics.json. `sampling` (Run.last_sampling:
+    are also judged each on its own (per_class); write RUN_DIR/metrics.json. `sampling` (Drawn.record:
     sampler, steps, spacing, nfe), where known, is reported with them: `nfe` is the samples' network
     evaluations per sample."""
     spec = spec or run.config.eval

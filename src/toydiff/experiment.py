@@ -86,8 +86,8 @@ def _finish(run: Run, figures: bool, evaluate: bool, progress: bool, log: Log) -
     cfg = run.config
     plan = run.plan()
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")
-    samples = run.sample(cfg.sample.n, progress=progress)
-    sampling = run.last_sampling  # how these samples were drawn (the figures sample again, in other ways)
+    drawn = run.draw(cfg.sample.n, progress=progress)
+    samples, sampling = drawn.samples, drawn.record  # how these samples were drawn (the figures sample again)
     run.dir.write_samples(samples, run.column_names, sampling)
     result = Experiment(run, samples)
     if figures:

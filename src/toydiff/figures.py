@@ -233,6 +233,14 @@ def _projection(run: Run) -> np.ndarray:
     return pair_columns(run, run.scaler.transform(run.data))[0][:, :2]
 
 
+def check_animation(n: int, frames: int) -> None:
+    """An animation's points and frames within what is drawn in memory, or a one-line error."""
+    ok = all(not isinstance(v, bool) and isinstance(v, (int, np.integer)) for v in (n, frames))
+    if not ok or not 1 <= n <= ANIMATION_MAX_POINTS or not 2 <= frames <= ANIMATION_MAX_FRAMES:
+        raise ToydiffError(f"--n must be in 1..{ANIMATION_MAX_POINTS:,} and --frames in 2..{ANIMATION_MAX_FRAMES}, "
+                           f"got --n {n} --frames {frames}")
+
+
 def _evenly(count: int, frames: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, min(frames, count)).round().astype(int))
 
@@ -241,6 +249,7 @@ def reverse_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_
                    progress: bool = False) -> list[tuple[str, np.ndarray]]:
     """The reverse process from noise to samples with the run's own sampler: (label, x_t (n, 2)) at `frames`
     of its steps, evenly spaced, the last the samples; x_t in the process's own frame (as the figures)."""
+    check_animation(n, frames)
     _, path = run.sample(n, seed=run.config.seed + 2, trajectory=True, progress=progress)
     plan = run.plan()
     steps = len(path) - 1
@@ -256,6 +265,7 @@ def reverse_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_
 
 def forward_frames(run: Run, n: int = ANIMATION_POINTS, frames: int = ANIMATION_FRAMES) -> list[tuple[str, np.ndarray]]:
     """The forward process from the data to noise: the same points and the same noise at `frames` t in 0..T."""
+    check_animation(n, frames)
     rng = numpy_rng(run.config.seed, "animation")
     x0 = _subset(run.scaler.transform(run.data), n, rng)
     ts = tuple(int(t) for t in _evenly(run.schedule.T + 1, frames))

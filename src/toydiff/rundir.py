@@ -374,7 +374,7 @@ class RunDir:
     def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None
                       ) -> tuple[Path, Path]:
         """samples.npy and samples.csv in data units, the CSV headed by the data's column names, and samples.json
-        beside them: how they were drawn (`sampling`, Run.last_sampling: sampler, steps, spacing, nfe) and the
+        beside them: how they were drawn (`sampling`, Drawn.record: sampler, steps, spacing, nfe) and the
         SHA-256 of both files. The three are written as one unit, samples.json renamed last, so a kill or a full
         disk in between leaves files that read_samples finds do not belong together, never silently mixed."""
         npy, csv, about = self.samples, self.samples.with_suffix(".csv"), self.path / SAMPLING

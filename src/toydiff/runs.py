@@ -33,6 +33,17 @@ from .storage import check_memory
 from .schedules import NoiseSchedule
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """Samples with the record of how they were drawn (written beside them in the run directory and reported
+    with their metrics): sampler, steps, spacing, nfe (network evaluations per sample) and, on CUDA, what the
+    loop graphs did."""
+
+    samples: np.ndarray  # (n, D) data units
+    record: dict
+    trajectory: Optional[np.ndarray] = None  # (steps + 1, n, D) x_T .. x_0 in the model's frame, when asked
+
+
 @dataclass
 class Run:
     """A trained model with everything needed to use it, as stored in (or loaded from) a run directory."""
@@ -51,8 +62,6 @@ class Run:
     holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
     integer_columns: list[int] = field(default_factory=list)  # columns of whole numbers in the user's file
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
-    # how the last `sample` call drew: sampler, steps, spacing and nfe (network evaluations per sample)
-    last_sampling: Optional[dict] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def dir(self) -> RunDir:
@@ -121,18 +130,25 @@ class Run:
         return make_plan(settings or self.config.sample, VPDiffusion(self.schedule),
                          learned_variance=self.config.model.variance == "learned", classes=self.classes)
 
-    def sample(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
-               sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
-               eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
-               guidance: Optional[float] = None, trajectory: bool = False, compile: Optional[bool] = None,
-               cuda_graphs: Optional[str] = None, autocast: Optional[str] = None, progress: bool = False,
-               into: Optional[np.ndarray] = None):
-        """Draw n samples in data units, in batches of at most `batch_size` (bounded memory).
+    def sample(self, n: int, *, trajectory: bool = False, **settings):
+        """n samples in data units, an (n, D) array; with trajectory=True (samples, path). What `draw` does,
+        without its record: `Run.draw(...).record` says how they were drawn (sampler, steps, nfe)."""
+        drawn = self.draw(n, trajectory=trajectory, **settings)
+        return (drawn.samples, drawn.trajectory) if trajectory else drawn.samples
+
+    def draw(self, n: int, *, seed: Optional[int] = None, batch_size: Optional[int] = None,
+             sampler: Optional[str] = None, steps: Optional[int] = None, spacing: Optional[str] = None,
+             eta: Optional[float] = None, clip: Optional[bool] = None, label: Optional[int] = None,
+             guidance: Optional[float] = None, trajectory: bool = False, compile: Optional[bool] = None,
+             cuda_graphs: Optional[str] = None, autocast: Optional[str] = None, progress: bool = False,
+             into: Optional[np.ndarray] = None) -> "Drawn":
+        """Draw n samples in data units, in batches of at most `batch_size` (bounded memory), with the record
+        of how they were drawn (`Drawn`).
 
         sampler, steps, spacing, eta, clip, label, guidance, compile, cuda_graphs and autocast default to the
         run's [sample] settings; steps < T samples on the respaced schedule. A conditional model samples class
         `label`, or for label = -1 classes drawn in their training proportions, with classifier-free guidance
-        scale `guidance`. With trajectory=True, returns (samples, path) where path (steps + 1, n, D) holds
+        scale `guidance`. With trajectory=True, `Drawn.trajectory` (steps + 1, n, D) holds
         x_T .. x_0 in the model's scaled frame (the frame of the figures). compile runs the network through
         torch.compile (compiled once per Run, again for each new batch shape); on CUDA, cuda_graphs replays
         each recurring batch shape's whole loop as one CUDA graph (toydiff.graphs.LoopGraphs; the same samples
@@ -219,11 +235,9 @@ class Run:
                                f"weights or the scaler of '{self.path}' may be damaged, or the guidance scale "
                                f"({cfg.guidance:g}) too large: lower it, or sample without the EMA weights "
                                "(sample.use_ema = false)")
-        self.last_sampling = {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
-                              "nfe": round(calls / batches, 2), **({"cuda_graphs": loops.note} if graphed else {})}
-        if trajectory:
-            return samples, torch.cat(paths, dim=1).numpy()
-        return samples
+        return Drawn(samples, {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
+                               "nfe": round(calls / batches, 2), **({"cuda_graphs": loops.note} if graphed else {})},
+                     torch.cat(paths, dim=1).numpy() if trajectory else None)
 
     @staticmethod
     def check_count(n: int) -> None:

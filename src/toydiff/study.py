@@ -43,6 +43,7 @@ from .storage import Fields, Lock, atomic_write_bytes, atomic_write_text, csv_te
 
 RUNS = "runs"  # the study directory: runs/cellNNN-seedS/ (one run directory each), results.csv, summary.md, study.png
 GRID_RECORD = "study.json"  # the grid a study directory was made for
+MAX_SEEDS = 1000  # seeds per cell at most
 
 
 @dataclass(frozen=True)
@@ -104,11 +105,15 @@ def parse_cli_axis(item: str) -> tuple[str, list]:
     return key.strip(), [config_io.parse_override(f"x={v}")[1] for v in raw.split(",")]
 
 
+def check_seeds(seeds: int) -> None:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise ToydiffError(f"a study needs 1..{MAX_SEEDS} seeds per cell, got {seeds!r}")
+
+
 def build_grid(base: ExperimentConfig, axes: list, seeds: int, fixed: list[str]) -> Grid:
     from .workflow import validate
 
-    if not 1 <= seeds <= 1000:
-        raise ToydiffError(f"a study needs 1..1000 seeds per cell, got {seeds}")
+    check_seeds(seeds)
     if not axes:
         raise ToydiffError("a study needs at least one grid axis (--grid key=v1,v2 or a grid file)")
     base = config_io.with_overrides(base, fixed)
@@ -208,13 +213,16 @@ def check_grid_record(grid: Grid, out: Path) -> None:
 def run_study(grid: Grid, out: str | Path, jobs: int = 1, log: Callable[[str], None] = lambda s: None,
               progress: bool = False, *, backend: str = "local", address: Optional[str] = None,
               shared_dir: bool = False, gpus_per_cell: Optional[float] = None,
-              retries: int = engines.RAY_RETRIES) -> list[dict]:
+              retries: Optional[int] = None) -> list[dict]:
     """Run every (cell, seed) not yet finished in `out` on `backend` (toydiff.engines: `jobs` local processes,
     or a Ray cluster: the one at `address`, else one started here with `jobs` CPUs), then write the tables and
     the plot. A cell that fails is a row with its reason in the `failed` column (rerun on resume), never
     dropped. Holds the study directory's lock throughout; Ctrl-C or SIGTERM stops the workers (finished runs
-    are kept)."""
+    are kept). `retries` (Ray only) defaults to engines.RAY_RETRIES."""
     out = Path(out)
+    engines.check_options(backend, jobs, address, shared_dir, gpus_per_cell, retries)
+    check_seeds(grid.seeds)
+    retries = engines.RAY_RETRIES if retries is None else retries
     if backend == "ray":
         engines.import_ray()  # a missing extra is said before anything is made
     try:
