@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .config import EvalConfig
+from .config import EvalConfig, ExperimentConfig
 from .errors import ToydiffError, first_line, os_error
 from .likelihood import elbo_nll, model_eps_fn, ode_nll
 from .progress import Progress
