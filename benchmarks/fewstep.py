@@ -43,17 +43,17 @@ import numpy as np
 import torch
 
 from report import machine, publish
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff import train_run
-from toydiff.experiment import run_experiment
-from toydiff.config import EvalConfig
-from toydiff.data import params
-from toydiff.distill import distill_run
-from toydiff.evaluation import evaluate
-from toydiff.oracle import moons_mixture
-from toydiff.reference import target_for
-from toydiff.runtime import NoiseStream
-from toydiff.samplers import SAMPLERS
+from toydiff.jobs.experiment import run_experiment
+from toydiff.core.config import EvalConfig
+from toydiff.data.datasets import params
+from toydiff.jobs.distill import distill_run
+from toydiff.evaluation.judge import evaluate
+from toydiff.diffusion.oracle import moons_mixture
+from toydiff.evaluation.reference import target_for
+from toydiff.core.runtime import NoiseStream
+from toydiff.diffusion.samplers import SAMPLERS
 
 PROCESSES = ("ddpm", "flow")
 ROWS = ("ddpm", "flow", "reflow", "progressive", "consistency-training", "meanflow", "fast")  # the two processes,

@@ -37,10 +37,10 @@ from pathlib import Path
 import torch
 
 from report import machine, publish
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff.api import run as run_experiment
-from toydiff.runtime import NoiseStream
-from toydiff.workflow import untrained_run
+from toydiff.core.runtime import NoiseStream
+from toydiff.jobs.workflow import untrained_run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"default": [], "width-256x4": ["model.width=256", "model.depth=4"]}

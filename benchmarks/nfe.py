@@ -26,16 +26,17 @@ import numpy as np
 import torch
 
 from report import machine, publish
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff import train_run
-from toydiff.config import EvalConfig, ScheduleConfig
-from toydiff.data import params
-from toydiff.evaluation import evaluate, flagged
-from toydiff.reference import Target, target_for
-from toydiff.oracle import GaussianMixture, moons_mixture
-from toydiff.samplers import SAMPLERS
-from toydiff.scaler import Scaler
-from toydiff.schedules import NoiseSchedule
+from toydiff.core.config import EvalConfig, ScheduleConfig
+from toydiff.data.datasets import params
+from toydiff.evaluation.judge import evaluate
+from toydiff.evaluation.scores import flagged
+from toydiff.evaluation.reference import Target, target_for
+from toydiff.diffusion.oracle import GaussianMixture, moons_mixture
+from toydiff.diffusion.samplers import SAMPLERS
+from toydiff.data.scaler import Scaler
+from toydiff.diffusion.schedules import NoiseSchedule
 
 
 def eight_gaussians() -> GaussianMixture:

@@ -25,11 +25,11 @@ import torch
 from scipy import stats
 
 from report import machine, publish
-from toydiff import metrics as M
-from toydiff.config import DataConfig, EvalConfig
-from toydiff.data import load_dataset
-from toydiff.evaluation import FRACTIONS, METRICS, compute, z_limit, z_scores
-from toydiff.scaler import Scaler
+from toydiff.evaluation import metrics as M
+from toydiff.core.config import DataConfig, EvalConfig
+from toydiff.data.datasets import load_dataset
+from toydiff.evaluation.scores import FRACTIONS, METRICS, compute, z_limit, z_scores
+from toydiff.data.scaler import Scaler
 
 TABLES = {"pinwheel": DataConfig(name="pinwheel"), "checkerboard": DataConfig(name="checkerboard"),
           "gmm-16d": DataConfig(name="gmm", dim=16)}

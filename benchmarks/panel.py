@@ -34,10 +34,11 @@ import numpy as np
 import torch
 
 from report import machine, publish
-from toydiff.config import DataConfig, EvalConfig
-from toydiff.data import load_dataset
-from toydiff.evaluation import evaluate, z_limit
-from toydiff.reference import file_target
+from toydiff.core.config import DataConfig, EvalConfig
+from toydiff.data.datasets import load_dataset
+from toydiff.evaluation.judge import evaluate
+from toydiff.evaluation.scores import z_limit
+from toydiff.evaluation.reference import file_target
 
 CASES = ("iid", "shift", "blur", "drop", "memorized")
 
@@ -89,10 +90,10 @@ def judge(train: np.ndarray, ref: np.ndarray, cand: np.ndarray, draws: int) -> s
 def power_table(draws: int) -> list[dict]:
     """What n affords: the classifier-AUC shift seen with 80% power at each n, from `draws` pairs of iid moons
     (the AUC floor's spread depends on n far more than on the data), as `toydiff eval` computes it."""
-    from toydiff.config import ExperimentConfig
-    from toydiff.evaluation import power
-    from toydiff.metrics import knn_auc
-    from toydiff.reference import target_for
+    from toydiff.core.config import ExperimentConfig
+    from toydiff.evaluation.scores import power
+    from toydiff.evaluation.metrics import knn_auc
+    from toydiff.evaluation.reference import target_for
 
     target, rng, out = target_for(ExperimentConfig()), np.random.default_rng(0), []
     for n in (20, 50, 100, 200, 500, 1000, 2000, 5000):

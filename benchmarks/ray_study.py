@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from report import machine, publish
-from toydiff import config as C, study
+from toydiff.core import config as C
+from toydiff.jobs import study
 
 SETTINGS = ["train.steps=1500", "eval.n=2000", "eval.draws=10", "eval.nll_n=0", "sample.n=2000"]
 QUICK = ["train.steps=100", "eval.n=200", "eval.draws=3", "eval.nll_n=0", "sample.n=200", "data.n=1000"]

@@ -36,14 +36,14 @@ import torch
 from torch import nn
 
 from report import machine, publish
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff import train_run
-from toydiff.losses import UniformTimesteps
+from toydiff.diffusion.losses import UniformTimesteps
 from toydiff.methods.ddpm import Denoising
-from toydiff.models import build_model
-from toydiff.parameterization import Prediction, training_target
-from toydiff.schedules import NoiseSchedule
-from toydiff.training import make_optimizer, make_state, train
+from toydiff.diffusion.models import build_model
+from toydiff.diffusion.parameterization import Prediction, training_target
+from toydiff.diffusion.schedules import NoiseSchedule
+from toydiff.training.loop import make_optimizer, make_state, train
 
 
 def _median_time(fn, repeats: int) -> float:

@@ -30,12 +30,13 @@ import time
 import torch
 
 from report import machine, publish
-from toydiff import config as C
-from toydiff.evaluation import evaluate, flagged
-from toydiff.reference import target_for
-from toydiff.runtime import torch_generator
-from toydiff.training import make_state, train
-from toydiff.workflow import untrained_run
+from toydiff.core import config as C
+from toydiff.evaluation.judge import evaluate
+from toydiff.evaluation.scores import flagged
+from toydiff.evaluation.reference import target_for
+from toydiff.core.runtime import torch_generator
+from toydiff.training.loop import make_state, train
+from toydiff.jobs.workflow import untrained_run
 
 SETTINGS = {
     "toydiff default": ([], 250),

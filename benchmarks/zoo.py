@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 from report import machine, publish
-from toydiff import config as C
-from toydiff.data import DATASETS
-from toydiff.evaluation import flagged
-from toydiff.plots import gallery_figure
-from toydiff.experiment import run_experiment
+from toydiff.core import config as C
+from toydiff.data.datasets import DATASETS
+from toydiff.evaluation.scores import flagged
+from toydiff.pictures.plots import gallery_figure
+from toydiff.jobs.experiment import run_experiment
 
 NAMES = [n for n in DATASETS.names() if n not in ("sklearn-moons", "gmm")]  # the 2-D zoo (gmm: any D)
 

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import config as C
+from toydiff.core import config as C
 
 torch.set_num_threads(1)  # tiny networks: one thread is fastest on small CPUs (see runtime.set_threads)
 

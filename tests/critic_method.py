@@ -21,8 +21,8 @@ from torch import nn
 
 from toydiff import methods
 from toydiff.methods.ddpm import Denoising, VPDiffusionMethod
-from toydiff.parameterization import to_x0
-from toydiff.runtime import derive_seed
+from toydiff.diffusion.parameterization import to_x0
+from toydiff.core.runtime import derive_seed
 
 
 @dataclass(frozen=True)

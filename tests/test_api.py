@@ -14,9 +14,9 @@ from matplotlib.figure import Figure
 
 import toydiff
 from conftest import TINY
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff.cli import main
-from toydiff.errors import ToydiffError
+from toydiff.core.errors import ToydiffError
 
 SRC = Path(toydiff.__file__).parent
 QUICK = {"data": {"n": 256}, "schedule": {"T": 8}, "model": {"width": 16, "depth": 1},
@@ -51,10 +51,10 @@ def test_sections_from_dicts_and_keywords_are_checked_like_toml():
 
 
 def test_a_prediction_is_accepted_by_name_everywhere():
-    from toydiff.parameterization import Prediction, to_eps, to_x0, training_target
-    from toydiff.schedules import NoiseSchedule
+    from toydiff.diffusion.parameterization import Prediction, to_eps, to_x0, training_target
+    from toydiff.diffusion.schedules import NoiseSchedule
     from toydiff.methods.ddpm import Denoising, ddpm_timesteps
-    from toydiff.training import make_state, train
+    from toydiff.training.loop import make_state, train
     x0, eps, ab = torch.randn(4, 2), torch.randn(4, 2), torch.full((4, 1), 0.3)
     for kind in Prediction:
         target = training_target(kind.value, x0, eps, ab)
@@ -109,8 +109,8 @@ def test_run_then_rerun_the_cell(tmp_path):
 
 
 def test_reuse_resumes_an_interrupted_run(tmp_path, monkeypatch):
-    import toydiff.training as tr
-    from toydiff.errors import RunInterrupted
+    import toydiff.training.loop as tr
+    from toydiff.core.errors import RunInterrupted
     original, calls = tr.diffusion_loss, {"n": 0}
 
     def stop_at_25(*a, **kw):
@@ -162,7 +162,7 @@ def test_the_command_line_imports_no_heavy_library():
 
 
 def test_progress_lines_off_a_terminal_name_the_rate_and_time_left(monkeypatch, capsys):
-    from toydiff import progress
+    from toydiff.core import progress
     monkeypatch.setattr(progress, "LINE_SECONDS", 0.0)
     with progress.Progress(40, "train", "step", stream=sys.stderr) as bar:
         for _ in range(3):
@@ -179,7 +179,7 @@ def test_progress_lines_off_a_terminal_name_the_rate_and_time_left(monkeypatch, 
 
 def test_the_loss_log_grows_as_training_goes(tmp_path, monkeypatch):
     """train.log_every rows reach train_log.csv as they are logged, not only at checkpoints."""
-    from toydiff.rundir import RunDir
+    from toydiff.runs.directory import RunDir
     seen = []
     original = RunDir.append_log
 
@@ -194,21 +194,21 @@ def test_the_loss_log_grows_as_training_goes(tmp_path, monkeypatch):
 
 
 def test_every_run_directory_file_is_named_in_rundir_alone():
-    from toydiff import rundir
+    from toydiff.runs import directory as rundir
     names = [v for k, v in vars(rundir).items() if k.isupper() and isinstance(v, str) and "." in v]
     assert {"run.json", "config.toml", "model.safetensors", "metrics.json", "train_log.csv"} <= set(names)
-    for path in SRC.glob("*.py"):
-        if path.name == "rundir.py":
+    for path in SRC.rglob("*.py"):
+        if path == Path(rundir.__file__):
             continue
         text = path.read_text()
-        assert not [n for n in names if f'"{n}"' in text or f"'{n}'" in text], path.name
+        assert not [n for n in names if f'"{n}"' in text or f"'{n}'" in text], path.relative_to(SRC)
 
 
 def test_layers_point_one_way():
-    """The data layer imports no schedule, oracle or torch; training does not import the likelihoods."""
-    code = ("import sys, toydiff.data, toydiff.scaler, toydiff.datafiles; "
-            "print(sorted(m for m in ('torch', 'toydiff.oracle', 'toydiff.schedules', 'toydiff.likelihood') "
-            "if m in sys.modules)); import toydiff.training; "
-            "print('toydiff.likelihood' in sys.modules, 'torchdiffeq' in sys.modules)")
+    """The data package imports no schedule, oracle or torch; training does not import the likelihoods."""
+    code = ("import sys, toydiff.data.datasets, toydiff.data.scaler, toydiff.data.tables; "
+            "print(sorted(m for m in ('torch', 'toydiff.diffusion.oracle', 'toydiff.diffusion.schedules', "
+            "'toydiff.diffusion.likelihood') if m in sys.modules)); import toydiff.training.loop; "
+            "print('toydiff.diffusion.likelihood' in sys.modules, 'torchdiffeq' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split("\n")[:2] == ["[]", "False False"], out.stderr

@@ -88,8 +88,8 @@ def test_bad_animate_input_is_one_line_and_writes_nothing(run_dir, tmp_path, cap
 
 def test_an_animation_s_bounds_are_its_own_in_the_python_api(run_dir):
     from toydiff import load
-    from toydiff.errors import ToydiffError
-    from toydiff.figures import forward_frames, reverse_frames
+    from toydiff.core.errors import ToydiffError
+    from toydiff.pictures.figures import forward_frames, reverse_frames
     run = load(run_dir)
     for frames_of, n, count in ((reverse_frames, 0, 5), (forward_frames, 10, 1), (reverse_frames, 10, 2.5)):
         with pytest.raises(ToydiffError, match="--n must be in 1..100,000 and --frames in 2..1000"):

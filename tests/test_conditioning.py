@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import Run, config as C, train_run
+from toydiff import Run, train_run
+from toydiff.core import config as C
 from toydiff.cli import main
-from toydiff.config import ScheduleConfig
-from toydiff.data import moons_distance
-from toydiff.errors import ToydiffError
-from toydiff.models import MLP
-from toydiff.parameterization import Denoiser, Prediction
-from toydiff.schedules import NoiseSchedule
+from toydiff.core.config import ScheduleConfig
+from toydiff.data.datasets import moons_distance
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.models import MLP
+from toydiff.diffusion.parameterization import Denoiser, Prediction
+from toydiff.diffusion.schedules import NoiseSchedule
 
 COND = ["data.n=2000", "schedule.T=100", "model.width=32", "model.depth=2", "train.steps=1500",
         "train.batch_size=256", "train.warmup_steps=50", "model.conditional=true", "sample.n=200", "sample.steps=50"]
@@ -112,8 +113,8 @@ def test_each_class_is_judged_on_its_own_and_a_mixed_up_class_is_caught(tmp_path
     verdict. With a "model" whose samples are exact draws of the data, class by class, every class passes;
     when it draws class 0 for label 1, the pooled samples look half right but class 1 is flagged, by its
     metrics and by the class-accuracy check (a classifier fitted to the training rows)."""
-    from toydiff.evaluation import evaluate_run
-    from toydiff.reference import class_targets
+    from toydiff.evaluation.judge import evaluate_run
+    from toydiff.evaluation.reference import class_targets
     cfg = C.with_overrides(C.ExperimentConfig(), ["model.conditional=true", "data.n=2000", "schedule.T=8",
                                                   "model.width=16", "model.depth=1", "train.steps=5",
                                                   "eval.n=1000", "eval.draws=10", "eval.w2_n=200", "eval.nll_n=0"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from toydiff import config as C
-from toydiff.errors import ToydiffError
+from toydiff.core import config as C
+from toydiff.core.errors import ToydiffError
 
 
 def test_defaults_round_trip_through_toml():

@@ -7,9 +7,9 @@ import pytest
 from scipy import stats
 from sklearn.datasets import make_moons
 
-from toydiff.data import DATASETS, load_dataset, moons
-from toydiff.scaler import Scaler
-from toydiff.errors import ToydiffError
+from toydiff.data.datasets import DATASETS, load_dataset, moons
+from toydiff.data.scaler import Scaler
+from toydiff.core.errors import ToydiffError
 
 
 def test_noise_free_moons_lie_on_the_arcs(rng):
@@ -36,7 +36,7 @@ def test_moons_noise_has_the_requested_std(rng):
 
 
 def test_sklearn_moons_is_make_moons(rng):
-    from toydiff.config import DataConfig
+    from toydiff.core.config import DataConfig
     x, labels = load_dataset(DataConfig(name="sklearn-moons", noise=0.0), 1000, np.random.default_rng(3))
     seed = int(np.random.default_rng(3).integers(2**31 - 1))
     ref_x, ref_y = make_moons(n_samples=1000, random_state=seed)
@@ -82,7 +82,7 @@ def test_unknown_scaling_is_refused(rng):
 
 
 def test_moons_distance_against_hand_cases():
-    from toydiff.data import moons_distance
+    from toydiff.data.datasets import moons_distance
     pts = np.array([[0.0, 1.0], [0.0, 1.5], [0.0, 0.0], [1.0, -0.5], [2.5, 0.5], [-1.0, -1.0], [0.5, 0.0]])
     # on the outer arc; 0.5 above it; the origin is 1 from the outer arc and hypot(1, 0.5) - 1 from the inner
     # arc (centre (1, 0.5), it lies in the arc's lower half-plane); bottom of the inner arc; 0.5 right of the inner arc's tip (2, 0.5); 1 below the outer tip (-1, 0);
@@ -92,12 +92,12 @@ def test_moons_distance_against_hand_cases():
 
 
 def test_noise_free_moons_have_zero_support_distance(rng):
-    from toydiff.data import moons_distance
+    from toydiff.data.datasets import moons_distance
     assert np.allclose(moons_distance(moons(1000, rng, noise=0.0)[0]), 0.0, atol=1e-12)
 
 
 def test_moons_density_integrates_to_one_and_matches_the_reference_entropy():
-    from toydiff.data import moons_log_density
+    from toydiff.data.datasets import moons_log_density
     g = np.linspace(-1.6, 2.6, 421)
     xx, yy = np.meshgrid(g, np.linspace(-1.1, 1.6, 271))
     p = np.exp(moons_log_density(np.c_[xx.ravel(), yy.ravel()], noise=0.05))
@@ -115,7 +115,7 @@ def test_moons_density_integrates_to_one_and_matches_the_reference_entropy():
 
 
 def test_noise_free_moons_have_no_density():
-    from toydiff.data import moons_log_density
+    from toydiff.data.datasets import moons_log_density
     with pytest.raises(ToydiffError, match="no density"):
         moons_log_density(np.zeros((1, 2)), noise=0.0)
 
@@ -125,8 +125,8 @@ def test_moons_oracle_mixture_has_the_moons_density():
     Gauss-Legendre density of data.moons_log_density, on and between the arcs."""
     import torch
 
-    from toydiff.data import moons, moons_log_density
-    from toydiff.oracle import moons_mixture
+    from toydiff.data.datasets import moons, moons_log_density
+    from toydiff.diffusion.oracle import moons_mixture
     x = moons(2000, np.random.default_rng(3), 0.08)[0]
     exact = moons_log_density(x, 0.05)
     mixture = moons_mixture(0.05).log_prob(torch.as_tensor(x)).numpy()

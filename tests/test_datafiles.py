@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from toydiff.cli import main
-from toydiff.datafiles import read_table
-from toydiff.errors import ToydiffError
+from toydiff.data.tables import read_table
+from toydiff.core.errors import ToydiffError
 
 X = np.random.default_rng(0).normal(size=(60, 3)) * [1.0, 10.0, 0.1] + [0.0, 50.0, -2.0]
 KIND = np.where(X[:, 0] > 0, "up", "down")
@@ -103,9 +103,9 @@ def test_other_bad_inputs(tmp_path):
 
 
 def test_a_file_larger_than_free_memory_is_refused(tmp_path, monkeypatch):
-    from toydiff import storage
+    from toydiff.core import machine
     path = write_csv(tmp_path / "big.csv", rows_with_kind())
-    monkeypatch.setattr(storage, "available_memory", lambda: 16)  # 16 bytes available
+    monkeypatch.setattr(machine, "available_memory", lambda: 16)  # 16 bytes available
     with pytest.raises(ToydiffError, match="needs about .* GiB of memory and .* GiB is available; use a random subset"):
         read_table(path, label_column="kind")
 
@@ -163,7 +163,8 @@ def test_eval_against_a_file_matches_columns_by_name_and_refuses_other_dimension
 
 def test_a_run_on_a_file_is_announced_as_that_file(tmp_path):
     """The training message names the user's file, not the default dataset (it once said "on moons")."""
-    from toydiff import config as C, train_run
+    from toydiff.core import config as C
+    from toydiff import train_run
     rng = np.random.default_rng(3)
     path = write_csv(tmp_path / "plants.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(60, 2))],
                      header="leaf,stem")
@@ -177,7 +178,7 @@ def test_a_run_on_a_file_is_announced_as_that_file(tmp_path):
 def test_what_the_evaluation_needs_is_checked_before_training(tmp_path, capsys):
     """A file too small for the held-out reference, or a column constant in the held-out rows, is refused by
     `toydiff run` before the first step (naming the column and the fix); `train` and `run --no-eval` go on."""
-    from toydiff.runtime import numpy_rng
+    from toydiff.core.runtime import numpy_rng
     rng = np.random.default_rng(4)
     small = write_csv(tmp_path / "small.csv", [[repr(float(a)), repr(float(b))] for a, b in rng.normal(size=(90, 2))],
                       header="a,b")

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from toydiff.cli import main
-from toydiff.config import ScheduleConfig
-from toydiff.losses import ddim_step, diffusion_loss
+from toydiff.core.config import ScheduleConfig
+from toydiff.diffusion.losses import ddim_step, diffusion_loss
 from toydiff.methods import consistency, progressive
 from toydiff.methods.consistency import Consistency
 from toydiff.methods.flow import FlowMatching
 from toydiff.methods.progressive import Progressive, progressive_target
-from toydiff.schedules import NoiseSchedule, flow_betas
+from toydiff.diffusion.schedules import NoiseSchedule, flow_betas
 
 
 def test_the_reflow_loss_pairs_each_row_with_its_own_noise():
@@ -75,7 +75,7 @@ def test_a_consistency_function_is_the_identity_at_zero_noise_by_construction():
     f(x, t = 0) = x exactly whatever the network outputs (Song et al. 2023's boundary condition), and the
     loss's target at t_0 = 0 is the teacher's DDIM endpoint itself, for a flow network too (which is never
     asked at s = 0): a student that outputs that endpoint at t_1 has zero loss there."""
-    from toydiff.parameterization import Denoiser
+    from toydiff.diffusion.parameterization import Denoiser
 
     net = lambda x, t: 5 * torch.sin(3 * x) + t[:, None]  # noqa: E731
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
@@ -94,7 +94,7 @@ def test_consistency_sampling_with_the_exact_consistency_function_draws_the_data
     """For data N(m, s^2 I) the probability-flow ODE maps x_t to x0 = m + s (x_t - sqrt(abar) m) /
     sqrt(abar s^2 + 1 - abar) (closed form): multistep consistency sampling with that f draws exactly
     N(m, s^2) after 1 step and after 5 (the fresh noise keeps each intermediate x_t on its marginal)."""
-    from toydiff.samplers import SAMPLERS
+    from toydiff.diffusion.samplers import SAMPLERS
 
     m, s = torch.tensor([0.4, -0.7], dtype=torch.float64), 0.3
     g = torch.Generator().manual_seed(0)
@@ -116,7 +116,7 @@ def test_the_consistency_loss_is_the_distance_between_neighbours_on_one_path(tea
     step (distillation) or, without a teacher, by the same noise one grid point lower (consistency training),
     and |f(x_tn, t_n) - f(x_tn-1, t_n-1)|^2 with f the student's x0_hat (v prediction), the target at t_0 = 0
     the point itself."""
-    from toydiff.parameterization import Denoiser
+    from toydiff.diffusion.parameterization import Denoiser
 
     schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
     grid = schedule.respace(10).timesteps_t
@@ -308,10 +308,10 @@ def test_a_run_with_a_distill_recipe_trains_its_teacher_beside_it_and_is_the_stu
 
 def test_resuming_a_teacher_goes_on_to_its_student(tmp_path):
     """A teacher whose student was never made (the command cut short after training) makes it on resume."""
-    from toydiff.config import ExperimentConfig, merged
-    from toydiff.rundir import teacher_path
-    from toydiff.experiment import run_experiment
-    from toydiff.workflow import train_run
+    from toydiff.core.config import ExperimentConfig, merged
+    from toydiff.runs.directory import teacher_path
+    from toydiff.jobs.experiment import run_experiment
+    from toydiff.jobs.workflow import train_run
 
     out = tmp_path / "fast"
     cfg = merged(ExperimentConfig(), {
@@ -340,7 +340,7 @@ def test_a_recipe_that_cannot_be_distilled_is_refused_before_the_teacher_trains(
 
 
 def test_the_fast_preset_is_a_few_step_recipe():
-    from toydiff.config import preset
+    from toydiff.core.config import preset
     cfg = preset("fast")
     assert cfg.distill.method == "progressive" and cfg.distill.steps <= 4 and cfg.model.prediction in ("v", "x0")
 

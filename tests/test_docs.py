@@ -51,49 +51,73 @@ def test_the_readmes_python_example_runs(tmp_path, monkeypatch):
 
 def _architecture_rows() -> list[tuple[str, int]]:
     text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
-    return [(m, int(n)) for m, n in re.findall(r"^\| `(\w+)` \| (\d+) \|", text, flags=re.M)]
+    return [(m, int(n)) for m, n in re.findall(r"^\| `([\w.]+)` \| (\d+) \|", text, flags=re.M)]
 
 
-def _units() -> dict[str, list[Path]]:
-    """The map's units: each module of toydiff's top folder, and each subpackage as one (its files together)."""
-    units = {p.stem: [p] for p in SRC.glob("*.py") if p.stem not in ("__init__", "__main__")}
-    units.update({d.name: sorted(d.glob("*.py")) for d in SRC.iterdir()
-                  if (d / "__init__.py").is_file() and len(list(d.glob("*.py"))) > 1})  # not presets/, studies/
-    return units
+def _modules() -> dict[str, Path]:
+    """Every module of toydiff by its dotted name under the package (core.errors, methods.ddpm, api); a package's
+    __init__ goes by the package's name (methods), the empty ones aside."""
+    found = {}
+    for path in SRC.rglob("*.py"):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        if parts[0] in ("presets", "studies") or parts[-1] == "__main__" or len(parts) == 1 and parts[0] == "__init__":
+            continue
+        if parts[-1] == "__init__":
+            if not any(isinstance(n, (ast.Import, ast.ImportFrom)) for n in ast.walk(ast.parse(path.read_text()))):
+                continue  # a package's docstring
+            parts = parts[:-1]
+        found[".".join(parts)] = path
+    return found
 
 
-def _imports(paths: list[Path]) -> set[str]:
-    """The toydiff units the files import, at the top or inside functions (a subpackage's own modules aside)."""
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The toydiff modules a file imports, at the top or inside functions, by dotted name; "" is toydiff itself
+    (its __init__: `__version__` and the public names sit at the top of the house)."""
+    package = list(path.relative_to(SRC).parts[:-1])
     found = set()
-    for path in paths:
-        up = 1 if path.parent == SRC else 2  # a subpackage's module reaches toydiff's modules with `from ..`
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level == up:
-                found |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
-    return found - {"__init__"}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {".".join(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "toydiff"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+            elif node.module and node.module.split(".")[0] == "toydiff":
+                base = node.module.split(".")[1:]
+            else:
+                continue
+            for a in node.names:  # `from ..data import datasets` imports a module; `from ..core.config import X` a name
+                dotted = ".".join(base + [a.name])
+                found.add(dotted if dotted in modules else ".".join(base))
+    return found
 
 
 def test_the_module_map_lists_every_module_in_an_order_its_imports_respect():
-    rows, units = _architecture_rows(), _units()
-    assert sorted(m for m, _ in rows) == sorted(units)
+    """The layering test: packages in the order of the flow of data, each module importing only what is listed
+    above it (a lower package, or an earlier module of its own); importing toydiff itself (its `__version__`,
+    its public names) from inside fails, as does a package split over two places in the map."""
+    rows, modules = _architecture_rows(), _modules()
+    assert sorted(m for m, _ in rows) == sorted(modules)
+    packages = [m.split(".")[0] for m, _ in rows]
+    assert [p for i, p in enumerate(packages) if i == 0 or p != packages[i - 1]] == list(dict.fromkeys(packages)), \
+        "a package's modules are not together in the map"
     order = {m: i for i, (m, _) in enumerate(rows)}
     for m, _ in rows:
-        later = [d for d in _imports(units[m]) if d in order and order[d] >= order[m]]
-        assert not later, f"{m} imports {later}, listed below it"
+        up = [d or "toydiff" for d in _imports(modules[m], modules) if d == "" or order.get(d, -1) >= order[m]]
+        assert not up, f"{m} imports {up}, listed below it"
 
 
 def test_the_module_maps_line_counts_are_current():
     """Within a quarter or 20 lines: the map is rewritten when a module grows or shrinks materially."""
-    units = _units()
+    modules = _modules()
     for m, n in _architecture_rows():
-        actual = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in units[m])
+        actual = len(modules[m].read_text(encoding="utf-8").splitlines())
         assert abs(actual - n) <= max(20, n // 4), f"{m}: {n} in docs/architecture.md, {actual} in the code"
 
 
 def test_no_module_outside_the_methods_wing_tests_a_method_s_name():
     """A method's name (and the process or objective names that pick one) is compared only inside
     toydiff/methods: everywhere else a method is an object asked for what it does."""
-    from toydiff import config as C
+    from toydiff.core import config as C
 
     names = "|".join(sorted(set(C.METHODS + C.DISTILL_METHODS + C.OBJECTIVES + C.PROCESSES)))
     quoted = rf"""["']({names})["']"""

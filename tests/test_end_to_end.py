@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from toydiff import config as C, train_run
+from toydiff.core import config as C
+from toydiff import train_run
 from toydiff.cli import main
-from toydiff.data import moons, params
-from toydiff.metrics import knn_auc
+from toydiff.data.datasets import moons, params
+from toydiff.evaluation.metrics import knn_auc
 
 pytestmark = pytest.mark.slow
 

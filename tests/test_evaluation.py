@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from toydiff import config as C
-from toydiff.config import EvalConfig
-from toydiff.errors import ToydiffError
-from toydiff.evaluation import evaluate, floors, fresh_pairs
-from toydiff.reference import Target, target_for
+from toydiff.core import config as C
+from toydiff.core.config import EvalConfig
+from toydiff.core.errors import ToydiffError
+from toydiff.evaluation.judge import evaluate
+from toydiff.evaluation.scores import floors, fresh_pairs
+from toydiff.evaluation.reference import Target, target_for
 
 
 def small(n=300, draws=4, w2_n=200):
@@ -57,7 +58,7 @@ def test_floors_are_cached(target):
 def test_the_cache_lives_where_the_user_says(monkeypatch, tmp_path):
     """TOYDIFF_CACHE, else $XDG_CACHE_HOME/toydiff, else ~/.cache/toydiff: the one place toydiff writes
     outside a run directory."""
-    from toydiff.runtime import cache_dir
+    from toydiff.core.machine import cache_dir
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("TOYDIFF_CACHE")
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
@@ -112,7 +113,7 @@ def _write_floors_many_times(key_and_root):
     import os as _os
     key, root = key_and_root
     _os.environ["TOYDIFF_CACHE"] = root
-    from toydiff.evaluation import cached_floors
+    from toydiff.evaluation.floorcache import cached_floors
     for i in range(30):
         cached_floors({"k": key, "i": i % 3}, lambda: {"w2": {"mean": 1.0, "std": 0.5, "draws": 20}})
     return True
@@ -153,7 +154,7 @@ def test_fewer_samples_than_n_evaluates_at_their_count(target):
 
 def test_missing_metric_is_reported_missing_not_zero():
     draw = lambda rng, n: rng.normal(size=(n, 2))  # noqa: E731
-    from toydiff.scaler import Scaler
+    from toydiff.data.scaler import Scaler
     t = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 1000)), {"dataset": "gauss"}, None, 0.0)
     rep = evaluate(draw(np.random.default_rng(1), 300), t, small())
     assert rep["metrics"]["off_data"]["value"] is None and rep["metrics"]["off_data"]["z"] is None
@@ -178,7 +179,7 @@ def test_cli_eval_writes_metrics_json(tmp_path, capsys):
 
 
 def test_flagged_lists_the_metrics_above_the_limit_in_report_order():
-    from toydiff.evaluation import flagged
+    from toydiff.evaluation.scores import flagged
     rep = {"z_limit": 3.0, "metrics": {"mmd2": {"z": 3.5}, "w2": {"z": None}, "knn_auc": {"z": 3.0},
                                               "off_data": {"z": 12.0}, "recall": {"z": -8.0}}}
     assert flagged(rep) == ["mmd2", "off_data"]  # 3.0 is within; None (no floor) and good-side z never flag
@@ -190,7 +191,7 @@ def test_the_flag_limit_keeps_z_max_s_false_alarm_rate_for_a_floor_from_few_pair
     that z_max names (0.135% for 3), while flagging at z_max itself gives about three times that at 20 pairs."""
     from scipy import stats
 
-    from toydiff.evaluation import z_limit
+    from toydiff.evaluation.scores import z_limit
     rng = np.random.default_rng(11)
     for draws in (5, 20, 40):
         floor = rng.normal(size=(400_000, draws))
@@ -208,7 +209,7 @@ def test_a_bounded_metric_s_z_is_the_normal_reading_of_its_gamma_tail():
     metric without a bound (the AUC), and a floor within one deviation of its bound, keep the plain z."""
     from scipy import stats
 
-    from toydiff.evaluation import z_scores
+    from toydiff.evaluation.scores import z_scores
     nu, scale = 6.0, 1e-3
     floor = {"energy": {"mean": nu * scale, "std": math.sqrt(2 * nu) * scale},
              "recall": {"mean": 1 - nu * scale, "std": math.sqrt(2 * nu) * scale},
@@ -228,7 +229,7 @@ def test_the_gamma_reading_holds_a_skewed_metric_near_the_tail_z_max_names():
     times as often as z_max's normal tail says; read as a gamma law, less than 2.5 times."""
     from scipy import stats
 
-    from toydiff.evaluation import z_limit, z_scores
+    from toydiff.evaluation.scores import z_limit, z_scores
     rng = np.random.default_rng(5)
     draws = stats.chi2.rvs(4, size=(40_000, 21), random_state=rng) / 900
     limit, nominal = z_limit(3.0, 20), stats.norm.sf(3.0)
@@ -244,8 +245,9 @@ def test_memorization_is_measured_against_its_floor_and_flagged_with_what_to_do(
     """Samples that copy training rows are closer to one than 90% of fresh data is: the share (0.1 expected)
     lies far beyond its floor, the verdict names it and `toydiff run` says what to do; fresh data passes."""
     import toydiff
-    from toydiff.evaluation import evaluate, memorization_warning
-    from toydiff.scaler import Scaler
+    from toydiff.evaluation.judge import evaluate
+    from toydiff.evaluation.scores import memorization_warning
+    from toydiff.data.scaler import Scaler
     draw = lambda rng, n: rng.normal(size=(n, 3))  # noqa: E731
     t = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 10_000)), {"dataset": "gauss3"})
     rng = np.random.default_rng(1)
@@ -258,8 +260,9 @@ def test_memorization_is_measured_against_its_floor_and_flagged_with_what_to_do(
     assert "memorizing its 400 training rows" in memorization_warning(rep, 400)
     assert memorization_warning(evaluate(draw(rng, 300), t, small(draws=20), training=training), 400) is None
     # wired into the main job: a run whose samples are its training rows is warned about
-    from toydiff.runs import Run
-    monkeypatch.setattr(Run, "sample", lambda self, n, **kw: self.data[np.arange(n) % len(self.data)].astype(float))
+    from toydiff.runs.run import Drawn, Run
+    monkeypatch.setattr(Run, "draw", lambda self, n, **kw: Drawn(self.data[np.arange(n) % len(self.data)].astype(float),
+                                                                 {"sampler": "copies", "nfe": 0}))
     toydiff.run({"data": {"n": 400}, "schedule": {"T": 8}, "train": {"steps": 2}, "sample": {"n": 300},
                  "eval": {"n": 300, "draws": 5, "w2_n": 50, "nll_n": 0}}, tmp_path / "copy", figures=False)
     assert "warning: 100% of the samples are closer to a training row" in capsys.readouterr().err
@@ -270,7 +273,7 @@ def test_a_test_without_power_says_inconclusive_and_how_many_points_would_decide
     "inconclusive", not "indistinguishable", with the n that would decide; a difference found is still a
     finding ("distinguishable") at any n. The AUC shift seen with 80% power is (z_limit + 0.84) floor
     deviations, and shrinks like 1 / sqrt(n)."""
-    from toydiff.evaluation import POWER_Z, z_limit
+    from toydiff.evaluation.scores import POWER_Z, z_limit
     rng = np.random.default_rng(4)
     rep = evaluate(target.draw(rng, 60), target, small(60, draws=20))
     sees = rep["power"]

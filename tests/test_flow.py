@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from toydiff.cli import main
-from toydiff.config import ExperimentConfig, with_overrides
-from toydiff.errors import ToydiffError
-from toydiff.losses import diffusion_loss
+from toydiff.core.config import ExperimentConfig, with_overrides
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.losses import diffusion_loss
 from toydiff.methods.flow import FlowMatching, couple, flow_timesteps
-from toydiff.oracle import GaussianMixture
-from toydiff.parameterization import FlowDenoiser
-from toydiff.samplers import SAMPLERS
-from toydiff.schedules import FLOW_T_MAX, NoiseSchedule, flow_betas
+from toydiff.diffusion.oracle import GaussianMixture
+from toydiff.diffusion.parameterization import FlowDenoiser
+from toydiff.diffusion.samplers import SAMPLERS
+from toydiff.diffusion.schedules import FLOW_T_MAX, NoiseSchedule, flow_betas
 
 
 class Affine(nn.Module):
@@ -148,7 +148,7 @@ def test_every_sampler_drives_a_flow_model_unchanged(sampler):
 ])
 def test_settings_that_belong_to_ddpm_are_refused_for_the_flow_process(overrides, message):
     """The flow method's rules (toydiff.methods.flow), asked by validate before anything runs."""
-    from toydiff.workflow import validate
+    from toydiff.jobs.workflow import validate
     with pytest.raises(ToydiffError, match=message):
         validate(with_overrides(ExperimentConfig(), ["schedule.process=flow"] + overrides))
 
@@ -186,7 +186,7 @@ def test_a_flow_run_trains_samples_evaluates_and_records_its_nfe(tmp_path):
     assert drawn.record["nfe"] == 9  # Heun: 2 S - 1 evaluations
     assert np.isfinite(x).all() and np.abs(x.mean(0) - [0.5, 0.25]).max() < 0.3  # the moons' centre
     assert np.isfinite(report["likelihood"]["values"]["ode_nll"]["nats"])
-    from toydiff.figures import forward_panels  # drawn in the flow's own frame: x_t = (1 - t) x0 + t eps
+    from toydiff.pictures.figures import forward_panels  # drawn in the flow's own frame: x_t = (1 - t) x0 + t eps
     T = run.schedule.T
     (_, data), (_, mid), (_, noise) = forward_panels(run, (0, T // 2, T), run.scaler.transform(run.data[:500]))
     s = FLOW_T_MAX / 2

@@ -22,10 +22,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from toydiff import config as C  # noqa: E402
+from toydiff.core import config as C  # noqa: E402
 from toydiff.cli import main  # noqa: E402
-from toydiff.datafiles import read_table  # noqa: E402
-from toydiff.errors import ToydiffError  # noqa: E402
+from toydiff.data.tables import read_table  # noqa: E402
+from toydiff.core.errors import ToydiffError  # noqa: E402
 
 from conftest import file_hashes as snapshot  # noqa: E402
 
@@ -298,7 +298,7 @@ meta_values = st.one_of(st.text(max_size=12), json_values.map(json.dumps),
 def test_every_checkpoint_field_and_tensor_mutated_is_refused_or_resumes(sandbox, tmp_path_factory, change):
     """Each metadata entry of the checkpoint set to junk, or one tensor's dtype, shape or size changed (or
     dropped, or NaN): `train --resume` ends in one line, or resumes (a NaN weight: the divergence guard's line)."""
-    from toydiff.storage import load_tensors, save_tensors
+    from toydiff.core.formats import load_tensors, save_tensors
     CASES["checkpoint fields and tensors"] += 1
     run = _copy_run(sandbox, tmp_path_factory, "ckpt")
     cfg = (run / "config.toml").read_text().replace("steps = 3\n", "steps = 6\n")  # steps left to train
@@ -343,8 +343,8 @@ def test_an_os_error_at_any_write_is_one_line_and_leaves_everything_whole(finish
     its first write): the command succeeds and warns that the floors were not cached."""
     import tempfile
 
-    from toydiff.rundir import RunDir
-    from toydiff.storage import check_regular
+    from toydiff.runs.directory import RunDir
+    from toydiff.core.files import check_regular
     CASES["OS errors injected at a write"] += 1
     run = _copy_run(finished, tmp_path_factory, "oserr")
     cache = tmp_path_factory.mktemp("cache")  # each case its own empty cache: the same writes on every machine

@@ -1,4 +1,4 @@
-"""CUDA graphs (toydiff.graphs) without a GPU: the choice of when to capture, and the bookkeeping around a capture
+"""CUDA graphs (toydiff.training.graphs) without a GPU: the choice of when to capture, and the bookkeeping around a capture
 (the training step's checked replays, the sampling loop's recorded noise) run on the CPU with a stand-in graph
 that replays by running the captured Python again. A faulty stand-in shows that a graph computing anything
 else is caught and never used. The one CUDA-only assertion (a real capture) skips without a GPU;
@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import config as C, graphs, train_run
-from toydiff.errors import ToydiffError
-from toydiff.losses import ImportanceTimesteps
+from toydiff.core import config as C
+from toydiff.training import graphs
+from toydiff import train_run
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.losses import ImportanceTimesteps
 from toydiff.methods.ddpm import Denoising, ddpm_timesteps
-from toydiff.models import build_model
-from toydiff.schedules import NoiseSchedule
-from toydiff.training import capturable, make_state, step_tensors, train
+from toydiff.diffusion.models import build_model
+from toydiff.diffusion.schedules import NoiseSchedule
+from toydiff.training.loop import capturable, make_state, step_tensors, train
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

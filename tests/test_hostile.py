@@ -22,10 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import config as C
+from toydiff.core import config as C
 from toydiff.cli import main
-from toydiff.errors import ToydiffError
-from toydiff.storage import Lock, load_tensors, save_tensors
+from toydiff.core.errors import ToydiffError
+from toydiff.core.files import Lock
+from toydiff.core.formats import load_tensors, save_tensors
 
 TINY = ["data.n=256", "schedule.T=20", "model.width=16", "model.depth=1", "train.steps=30", "train.batch_size=64",
         "train.log_every=10", "train.checkpoint_every=10", "sample.n=200", "sample.steps=10", "plot.dpi=40",
@@ -196,8 +197,8 @@ def test_absurd_sizes_are_refused_before_anything_is_allocated(run, setting, nee
 
 
 def test_a_network_larger_than_the_memory_is_refused(tmp_path, monkeypatch):
-    from toydiff import storage
-    monkeypatch.setattr(storage, "available_memory", lambda: 2**30)
+    from toydiff.core import machine
+    monkeypatch.setattr(machine, "available_memory", lambda: 2**30)
     refused(["train", "--quiet", "--out", tmp_path / "r", "--set", "model.width=16384"],
             "needs about", "GiB is available; lower model.width")
 
@@ -213,11 +214,11 @@ def test_an_npy_header_that_claims_more_than_its_file_is_refused_unread(run, mon
 
 
 def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path, monkeypatch):
-    from toydiff import storage
-    from toydiff.datafiles import read_table
+    from toydiff.core import machine
+    from toydiff.data.tables import read_table
     np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros((4_000_000, 2)))  # 64 MB of zeros in ~60 KB
     assert (tmp_path / "bomb.npz").stat().st_size < 200_000
-    monkeypatch.setattr(storage, "available_memory", lambda: 32 * 2**20)
+    monkeypatch.setattr(machine, "available_memory", lambda: 32 * 2**20)
     monkeypatch.setattr(np.lib.format, "read_array", lambda *a, **k: pytest.fail("decompressed"))
     with pytest.raises(ToydiffError, match="once decompressed.* needs about 0.2 GiB"):
         read_table(tmp_path / "bomb.npz")
@@ -324,7 +325,7 @@ def test_non_finite_weights_or_scaler_or_guidance_never_write_non_finite_samples
 
 def test_samples_files_that_do_not_belong_together_are_refused(run, monkeypatch):
     """A write cut between its renames (a kill, here simulated), or a samples.npy swapped by hand."""
-    from toydiff import storage
+    from toydiff.core import files
     real, calls = os.replace, {"n": 0}
 
     def replace_then_die(a, b):
@@ -332,7 +333,7 @@ def test_samples_files_that_do_not_belong_together_are_refused(run, monkeypatch)
         if calls["n"] == 2:
             raise KeyboardInterrupt  # killed after samples.npy was renamed into place, before samples.json
         return real(a, b)
-    monkeypatch.setattr(storage.os, "replace", replace_then_die)
+    monkeypatch.setattr(files.os, "replace", replace_then_die)
     code, err = cli("sample", run, "--seed", "7")
     assert code == 130
     monkeypatch.undo()
@@ -396,7 +397,7 @@ def test_a_trajectory_may_not_overwrite_the_samples(run, tmp_path):
 
 # --- one writer ------------------------------------------------------------------------------------------------
 
-HOLD = ("import sys, time; from toydiff.storage import Lock; Lock(sys.argv[1]).acquire(); print('held', flush=True); "
+HOLD = ("import sys, time; from toydiff.core.files import Lock; Lock(sys.argv[1]).acquire(); print('held', flush=True); "
         "time.sleep(600)")
 
 
@@ -470,7 +471,7 @@ def test_two_resumes_of_one_run_started_together_one_trains_the_other_is_refused
 # --- studies ---------------------------------------------------------------------------------------------------
 
 def test_a_study_directory_refuses_another_grid(tmp_path):
-    from toydiff import study
+    from toydiff.jobs import study
     base = C.with_overrides(C.ExperimentConfig(), TINY + ["train.steps=5"])
     first = study.build_grid(base, study.parse_axes({"schedule.T": [10, 20]}), 1, [])
     study.run_study(first, tmp_path)
@@ -583,7 +584,7 @@ def test_a_frozen_torchrun_rank_ends_the_job_within_the_collective_timeout(tmp_p
 
 
 def test_os_errors_name_the_fix():
-    from toydiff.errors import os_error
+    from toydiff.core.errors import os_error
     for code, needle in ((errno.ENOSPC, "free space"), (errno.EROFS, "read-only"), (errno.EACCES, "permission"),
                          (errno.ENAMETOOLONG, "shorter path"), (errno.EMFILE, "ulimit -n")):
         message = str(os_error(OSError(code, os.strerror(code), "/x/y"), doing="write"))

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff.config import ScheduleConfig
-from toydiff.errors import ToydiffError
-from toydiff.oracle import GaussianMixture
-from toydiff.samplers import SAMPLERS
-from toydiff.schedules import NoiseSchedule
+from toydiff.core.config import ScheduleConfig
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.oracle import GaussianMixture
+from toydiff.diffusion.samplers import SAMPLERS
+from toydiff.diffusion.schedules import NoiseSchedule
 
 diffusers = pytest.importorskip("diffusers")
-from toydiff.interop import build_scheduler, compatible_schedulers, sample_diffusers  # noqa: E402
+from toydiff.diffusion.interop import build_scheduler, compatible_schedulers, sample_diffusers  # noqa: E402
 
 ANGLES = np.arange(8) * np.pi / 4
 EIGHT = GaussianMixture(np.full(8, 1 / 8), 0.8 * np.c_[np.cos(ANGLES), np.sin(ANGLES)], np.full((8, 1), 0.08))

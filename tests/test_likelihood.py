@@ -7,10 +7,10 @@ import pytest
 import torch
 from scipy import stats
 
-from toydiff.config import ScheduleConfig
-from toydiff.likelihood import elbo_nll, ode_nll
-from toydiff.oracle import GaussianMixture
-from toydiff.schedules import NoiseSchedule
+from toydiff.core.config import ScheduleConfig
+from toydiff.diffusion.likelihood import elbo_nll, ode_nll
+from toydiff.diffusion.oracle import GaussianMixture
+from toydiff.diffusion.schedules import NoiseSchedule
 
 GAUSS = GaussianMixture([1.0], [[0.3, -0.2]], [[0.5, 0.8]])
 MIX = GaussianMixture([0.3, 0.7], [[-0.6, 0.2], [0.5, -0.3]], [[0.15, 0.1], [0.2, 0.25]])
@@ -87,7 +87,7 @@ def test_elbo_is_an_upper_bound_on_the_nll(gmm):
 
 def test_scaled_frame_nll_converts_to_data_units_with_the_scalers_log_det():
     """NLL in data units = NLL in the scaler's frame - log|det d x_scaled / d x| (the rule likelihoods() uses)."""
-    from toydiff.scaler import Scaler
+    from toydiff.data.scaler import Scaler
     data_gmm = GaussianMixture([0.4, 0.6], [[3.0, -20.0], [5.0, -10.0]], [[0.5, 2.0], [0.3, 3.0]])
     x = data_gmm.sample(64, np.random.default_rng(4))
     scaler = Scaler.fit(data_gmm.sample(5000, np.random.default_rng(5)), "minmax")
@@ -133,7 +133,7 @@ def test_elbo_with_the_exact_reverse_variances_is_tight():
 def test_vlb_term_matches_torch_distributions():
     from torch.distributions import Normal, kl_divergence
 
-    from toydiff.likelihood import vlb_term
+    from toydiff.diffusion.likelihood import vlb_term
     s = NoiseSchedule.from_config(ScheduleConfig(name="linear", T=50))
     g = torch.Generator().manual_seed(0)
     x0, x_t, x0_hat = (torch.randn(64, 3, generator=g, dtype=torch.float64) for _ in range(3))

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from toydiff.cli import main
-from toydiff.losses import diffusion_loss
+from toydiff.diffusion.losses import diffusion_loss
 from toydiff.methods.meanflow import MEANFLOW_C, MEANFLOW_POWER, MEANFLOW_RATIO, MeanFlow
-from toydiff.parameterization import MeanFlowDenoiser
-from toydiff.samplers import SAMPLERS
-from toydiff.sampling import VPDiffusion
-from toydiff.schedules import NoiseSchedule, flow_betas
+from toydiff.diffusion.parameterization import MeanFlowDenoiser
+from toydiff.diffusion.samplers import SAMPLERS
+from toydiff.diffusion.sampling import VPDiffusion
+from toydiff.diffusion.schedules import NoiseSchedule, flow_betas
 
 T = 100
 M, S = torch.tensor([0.6, -0.4], dtype=torch.float64), 0.3  # the data: N(M, S^2 I)

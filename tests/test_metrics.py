@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from toydiff import metrics as M
-from toydiff.errors import ToydiffError
+from toydiff.evaluation import metrics as M
+from toydiff.core.errors import ToydiffError
 
 
 def test_identical_samples_score_perfectly(rng):
@@ -81,7 +81,7 @@ def test_prdc_separates_off_data_samples_from_missed_data(rng):
 def test_blur_is_seen_by_the_classifier_and_mmd_more_than_by_w2():
     """W2 barely sees blur; the classifier test and MMD do (moons with noise 0.05, blurred by 0.08 more):
     MMD lies beyond 3 deviations of its floor (10 pairs of iid draws, on the kernel fitted to the reference)."""
-    from toydiff.data import moons
+    from toydiff.data.datasets import moons
     rng = np.random.default_rng(0)
     ref, good = moons(3000, rng, 0.05)[0], moons(3000, rng, 0.05)[0]
     blurred = moons(3000, rng, 0.05)[0] + 0.08 * rng.normal(size=(3000, 2))
@@ -107,10 +107,10 @@ def test_mmd_and_energy_see_a_shift_in_any_dimension_and_pass_iid_data(dim):
     on MMD and energy, a copy shifted by 0.6 standard deviations along one axis is beyond them, and MMD's floor
     has a real spread. (Fixed RBF bandwidths of 0.02-0.5 gave a floor spread of 2e-8 and z = 1.7 for the
     shift at D = 64: every kernel value was near 0.)"""
-    from toydiff.config import EvalConfig
-    from toydiff.evaluation import evaluate
-    from toydiff.reference import Target
-    from toydiff.scaler import Scaler
+    from toydiff.core.config import EvalConfig
+    from toydiff.evaluation.judge import evaluate
+    from toydiff.evaluation.reference import Target
+    from toydiff.data.scaler import Scaler
     draw = lambda rng, n: rng.normal(size=(n, dim))  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 20_000)), {"dataset": f"gauss{dim}"})
     spec = EvalConfig(n=600, draws=12, w2_n=100, nll_n=0)

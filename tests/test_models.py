@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from toydiff.config import ModelConfig
-from toydiff.errors import ToydiffError
-from toydiff.models import MODELS, GuideNoisePredictor, build_model, count_parameters, sinusoidal_embedding
+from toydiff.core.config import ModelConfig
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.models import MODELS, GuideNoisePredictor, build_model, count_parameters, sinusoidal_embedding
 
 
 def test_guide_network_is_the_guides():

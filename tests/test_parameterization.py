@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from toydiff.errors import ToydiffError
-from toydiff.parameterization import Prediction, to_eps, to_x0, training_target
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.parameterization import Prediction, to_eps, to_x0, training_target
 
 
 @pytest.mark.parametrize("kind", list(Prediction))
@@ -41,7 +41,7 @@ def test_unknown_prediction_lists_the_choices():
 
 
 def test_min_snr_weights_are_hang_et_al():
-    from toydiff.parameterization import min_snr_weight
+    from toydiff.diffusion.parameterization import min_snr_weight
     snr = torch.tensor([0.5, 5.0, 20.0])
     # x0 target: min(SNR, 5); eps target: min(SNR, 5) / SNR; v target: min(SNR, 5) / (SNR + 1)
     assert torch.allclose(min_snr_weight(Prediction.X0, snr, 5.0), torch.tensor([0.5, 5.0, 5.0]))
@@ -52,9 +52,9 @@ def test_min_snr_weights_are_hang_et_al():
 
 @pytest.mark.parametrize("kind", list(Prediction))
 def test_min_snr_loss_is_the_weighted_mse_by_hand(kind):
-    from toydiff.config import ScheduleConfig
-    from toydiff.schedules import NoiseSchedule
-    from toydiff.losses import diffusion_loss
+    from toydiff.core.config import ScheduleConfig
+    from toydiff.diffusion.schedules import NoiseSchedule
+    from toydiff.diffusion.losses import diffusion_loss
     from toydiff.methods.ddpm import Denoising
     s = NoiseSchedule.from_config(ScheduleConfig(T=50))
     net = torch.nn.Linear(2, 2)

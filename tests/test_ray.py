@@ -1,4 +1,4 @@
-"""Studies on a Ray cluster (toydiff.engines): a local cluster started by the test (ray.init with 2 CPUs), the
+"""Studies on a Ray cluster (toydiff.jobs.engines): a local cluster started by the test (ray.init with 2 CPUs), the
 same job function as the local backend, results equal to it, retries of a killed worker, resume, Ctrl-C."""
 
 import csv
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from toydiff import config as C, study
+from toydiff.core import config as C
+from toydiff.jobs import study
 from toydiff.cli import main
 
 ray = pytest.importorskip("ray")  # in the test extra: CI runs these

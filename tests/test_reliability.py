@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import Run, config as C, train_run
-from toydiff.storage import load_tensors
+from toydiff import Run, train_run
+from toydiff.core import config as C
+from toydiff.core.formats import load_tensors
 from toydiff.cli import main
-from toydiff.errors import RunInterrupted, ToydiffError
-from toydiff.workflow import resume_run
+from toydiff.core.errors import RunInterrupted, ToydiffError
+from toydiff.jobs.workflow import resume_run
 
 RESUMABLE = ["data.n=256", "schedule.T=50", "model.width=16", "model.depth=1", "train.steps=60",
              "train.batch_size=64", "train.log_every=5", "train.checkpoint_every=10", "train.warmup_steps=5",
@@ -34,7 +35,7 @@ def same_weights(a, b):
 def interrupt_at_loss_call(monkeypatch, k, sig=signal.SIGINT):
     """Deliver a real signal (SIGINT, or a cluster's SIGTERM) to this process during the k-th loss computation
     (mid-step)."""
-    import toydiff.training as tr
+    import toydiff.training.loop as tr
     original, calls = tr.diffusion_loss, {"n": 0}
 
     def loss(*a, **kw):
@@ -80,7 +81,7 @@ def test_resume_of_a_finished_run_changes_nothing_and_cli_refuses_config_flags(t
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = C.with_overrides(C.ExperimentConfig(), RESUMABLE)
-    import toydiff.training as tr
+    import toydiff.training.loop as tr
     original, calls = tr.diffusion_loss, {"n": 0}
 
     def poisoned(*a, **kw):
@@ -153,7 +154,7 @@ def test_samples_do_not_depend_on_the_batch_size(tmp_path, sampler, extra):
 
 
 def test_noise_stream_blocks_are_independent_of_the_batch_start():
-    from toydiff.runtime import NoiseStream
+    from toydiff.core.runtime import NoiseStream
     whole = NoiseStream(7, 0, 3000).randn((3000, 2))
     assert torch.equal(NoiseStream(7, 1000, 1500).randn((1500, 2)), whole[1000:2500])
     stream = NoiseStream(7, 2000, 10)
@@ -165,7 +166,7 @@ def test_noise_stream_blocks_are_independent_of_the_batch_start():
 
 def test_noise_stream_blocks_never_share_a_seed_within_a_job():
     """torch's CPU generator keeps 32 bits of a seed: the blocks of a job must differ in those bits."""
-    from toydiff.runtime import NoiseStream
+    from toydiff.core.runtime import NoiseStream
     assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(5)),
                        torch.randn(4, generator=torch.Generator().manual_seed(5 + 2**32)))  # the truncation
     for seed in (0, 1, 2**62 + 12345):

@@ -13,7 +13,7 @@ import pytest
 
 import toydiff
 from toydiff.cli import main
-from toydiff.errors import ToydiffError
+from toydiff.core.errors import ToydiffError
 
 QUICK = ["--set", "train.steps=60", "--set", "train.batch_size=128", "--set", "data.n=500", "--set", "schedule.T=16",
          "--set", "eval.n=300", "--set", "eval.draws=3", "--set", "eval.nll_n=50", "--set", "sample.n=300"]

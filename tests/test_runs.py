@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import Run, config as C, train_run
-from toydiff.errors import ToydiffError
+from toydiff import Run, train_run
+from toydiff.core import config as C
+from toydiff.core.errors import ToydiffError
 
 
 @pytest.fixture
@@ -140,15 +141,15 @@ def test_a_pickle_where_weights_belong_is_refused_unexecuted(trained, tmp_path):
 
 def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     """Replay training with the same seeds and average by hand: the stored EMA must match."""
-    from toydiff.storage import load_weights
-    from toydiff.models import build_model
+    from toydiff.core.formats import load_weights
+    from toydiff.diffusion.models import build_model
     cfg = C.with_overrides(tiny_cfg, ["train.ema_decay=0.9", "train.steps=12", "train.checkpoint_every=0"])
     run = train_run(cfg, tmp_path / "ema")
     assert (run.path / "model_ema.safetensors").is_file()
     # replay: same init, same batches, a hand-written EMA
-    import toydiff.training as tr
+    import toydiff.training.loop as tr
     from toydiff.methods.ddpm import Denoising, ddpm_timesteps
-    from toydiff.runtime import derive_seed, torch_generator
+    from toydiff.core.runtime import derive_seed, torch_generator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
         model = build_model(cfg.model, 2, cfg.schedule.T)
@@ -191,7 +192,7 @@ def test_clipping_keeps_samples_in_the_training_datas_box(trained):
 def test_sample_steps_is_a_most_and_spacing_auto_follows_the_sampler(trained):
     """sample.steps >= T walks the whole schedule (the default 50 on a T = 8 run); auto spacing is trailing
     for ddpm and diffusers' schedulers, Karras sigmas for the ODE / SDE solvers."""
-    from toydiff.sampling import resolve_spacing, sampling_steps
+    from toydiff.diffusion.sampling import resolve_spacing, sampling_steps
     assert trained.schedule.T == 8
     assert [sampling_steps(s, 8) for s in (0, 1, 7, 8, 9, 50)] == [8, 1, 7, 8, 8, 8]
     for sampler in ("ddpm", "dpmpp-3m-sde"):
@@ -233,7 +234,7 @@ def test_samples_streamed_into_a_memory_map_equal_the_in_memory_ones_in_one_batc
     import tracemalloc
 
     from toydiff.cli import main
-    from toydiff.storage import npy_writer
+    from toydiff.core.files import npy_writer
     run = train_run(C.with_overrides(C.ExperimentConfig(), ["data.n=256", "schedule.T=20", "model.width=16",
                                                             "model.depth=1", "train.steps=5"]), tmp_path / "r")
     n = 400_000

@@ -23,13 +23,13 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff import config as C
-from toydiff.config import SampleConfig, ScheduleConfig
-from toydiff.oracle import GaussianMixture
-from toydiff.runtime import NoiseStream
-from toydiff.samplers import SAMPLERS
-from toydiff.sampling import VPDiffusion, make_plan
-from toydiff.schedules import NoiseSchedule
+from toydiff.core import config as C
+from toydiff.core.config import SampleConfig, ScheduleConfig
+from toydiff.diffusion.oracle import GaussianMixture
+from toydiff.core.runtime import NoiseStream
+from toydiff.diffusion.samplers import SAMPLERS
+from toydiff.diffusion.sampling import VPDiffusion, make_plan
+from toydiff.diffusion.schedules import NoiseSchedule
 
 SCHEDULE = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=40))
 # the samplers marked as drawing noise after x_T (samplers.stochastic; ddim only at eta > 0): the mark is checked
@@ -124,12 +124,12 @@ def test_every_sampler_runs_through_the_plan(name):
 
 
 def test_every_vocabulary_has_its_implementation():
-    from toydiff.data import DATASETS
-    from toydiff.losses import TIMESTEP_SAMPLERS
+    from toydiff.data.datasets import DATASETS
+    from toydiff.diffusion.losses import TIMESTEP_SAMPLERS
     from toydiff.methods import METHODS, STUDENTS
-    from toydiff.models import MODELS
-    from toydiff.parameterization import Prediction
-    from toydiff.schedules import BETA_SCHEDULES
+    from toydiff.diffusion.models import MODELS
+    from toydiff.diffusion.parameterization import Prediction
+    from toydiff.diffusion.schedules import BETA_SCHEDULES
     for registry in (SAMPLERS, DATASETS, BETA_SCHEDULES, MODELS, TIMESTEP_SAMPLERS, METHODS, STUDENTS):
         assert registry.missing() == [], registry.kind
     assert [p.value for p in Prediction] == list(C.PREDICTIONS)

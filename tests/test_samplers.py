@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff.config import ScheduleConfig
-from toydiff.samplers import SAMPLERS, sample_ddpm
-from toydiff.schedules import NoiseSchedule
+from toydiff.core.config import ScheduleConfig
+from toydiff.diffusion.samplers import SAMPLERS, sample_ddpm
+from toydiff.diffusion.schedules import NoiseSchedule
 
 MU, S = 0.3, 0.5
 
@@ -99,8 +99,8 @@ def test_registry_lists_ddpm():
 
 # ---- respacing and the deterministic samplers (oracle: an 8-Gaussian mixture with its exact eps) ----
 
-from toydiff.errors import ToydiffError  # noqa: E402
-from toydiff.oracle import GaussianMixture  # noqa: E402
+from toydiff.core.errors import ToydiffError  # noqa: E402
+from toydiff.diffusion.oracle import GaussianMixture  # noqa: E402
 
 
 ANGLES = np.arange(8) * np.pi / 4
@@ -156,7 +156,7 @@ def test_bad_respacing_is_refused():
 
 
 def test_ddim_with_eta_one_is_the_ddpm_step():
-    from toydiff.samplers import sample_ddim
+    from toydiff.diffusion.samplers import sample_ddim
     s = FULL.respace(50)
     x_T = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     a = sample_ddpm(oracle_denoiser(s), s, x_T.clone(), generator=torch.Generator().manual_seed(1))
@@ -166,7 +166,7 @@ def test_ddim_with_eta_one_is_the_ddpm_step():
 
 
 def test_euler_on_the_pf_ode_is_ddim_with_eta_zero():
-    from toydiff.samplers import sample_ddim, sample_euler
+    from toydiff.diffusion.samplers import sample_ddim, sample_euler
     s = FULL.respace(30, "karras")
     x_T = torch.randn(500, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(sample_euler(oracle_denoiser(s), s, x_T.clone()),
@@ -234,10 +234,10 @@ def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
     """No learning error: each sampler's samples of EIGHT are indistinguishable from iid draws at n = 2000
     (every metric within 3 floor deviations) at the stated number of steps. (Ancestral DDPM is borderline
     at 250-500 steps: one or two metrics at z = 3.1-3.5 depending on the seed.)"""
-    from toydiff.config import EvalConfig
-    from toydiff.scaler import Scaler
-    from toydiff.evaluation import evaluate
-    from toydiff.reference import Target
+    from toydiff.core.config import EvalConfig
+    from toydiff.data.scaler import Scaler
+    from toydiff.evaluation.judge import evaluate
+    from toydiff.evaluation.reference import Target
     draw = lambda rng, n: EIGHT.sample(n, rng)  # noqa: E731
     target = Target(draw, Scaler.fit(draw(np.random.default_rng(0), 100_000)), {"dataset": "eight-gaussians"})
     s = FULL.respace(steps, spacing) if steps else FULL
@@ -250,7 +250,7 @@ def test_every_sampler_reaches_the_floor_with_the_oracle(name, steps, spacing):
 
 def test_adaptive_ode_sampler_follows_the_fine_solution_and_counts_its_evaluations():
     """The adaptive solver lands on the same points as a 1000-step Heun solution of the same ODE."""
-    from toydiff.samplers import sample_ode
+    from toydiff.diffusion.samplers import sample_ode
     x_T = torch.randn(1000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     reference = SAMPLERS.get("heun")(oracle_denoiser(FULL), FULL, x_T.clone())
     calls = {"n": 0}
@@ -290,7 +290,7 @@ def test_ddpm_with_large_variance_matches_its_recursion():
 
 
 def test_adaptive_solver_failure_is_a_clear_error():
-    from toydiff.samplers import sample_ode
+    from toydiff.diffusion.samplers import sample_ode
     with pytest.raises(ToydiffError, match="tighten the tolerances"):
         sample_ode(EIGHT.denoiser(FULL), FULL, torch.randn(200, 2, dtype=torch.float64), rtol=1e-2, atol=1e-2)
 

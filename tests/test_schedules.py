@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff.config import ScheduleConfig
-from toydiff.errors import ToydiffError
-from toydiff.schedules import BETA_SCHEDULES, NoiseSchedule
+from toydiff.core.config import ScheduleConfig
+from toydiff.core.errors import ToydiffError
+from toydiff.diffusion.schedules import BETA_SCHEDULES, NoiseSchedule
 
 
 def schedules():
@@ -166,8 +166,8 @@ def test_zero_terminal_snr_rescaling_is_lin_et_al_algorithm_1():
 def test_zero_terminal_snr_refuses_eps_prediction():
     """Refused by the VP diffusion's rules (toydiff.methods.ddpm), which validate asks; v prediction passes every
     check."""
-    from toydiff import config as C
-    from toydiff.workflow import validate
+    from toydiff.core import config as C
+    from toydiff.jobs.workflow import validate
     with pytest.raises(ToydiffError, match="set model.prediction=v"):
         validate(C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=eps"]))
     validate(C.with_overrides(C.ExperimentConfig(), ["schedule.zero_terminal_snr=true", "model.prediction=v"]))

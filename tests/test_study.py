@@ -5,10 +5,10 @@ import json
 import pytest
 
 from conftest import TINY
-from toydiff import config as C
-from toydiff import study
+from toydiff.core import config as C
+from toydiff.jobs import study
 from toydiff.cli import main
-from toydiff.errors import ToydiffError
+from toydiff.core.errors import ToydiffError
 
 FAST = TINY + ["eval.n=60", "eval.draws=3", "eval.w2_n=30", "eval.nll_n=0", "sample.n=60"]
 
@@ -98,7 +98,7 @@ def test_cli_study_errors(capsys, tmp_path):
     ({"seeds": 0}, "1..1000 seeds per cell, got 0"),
 ])
 def test_the_python_api_refuses_what_the_command_refuses(tmp_path, kwargs, message):
-    """The engine's options and the seeds are checked by run_study itself (toydiff.engines.check_options), before
+    """The engine's options and the seeds are checked by run_study itself (toydiff.jobs.engines.check_options), before
     the study directory is made, so a notebook's call fails as `toydiff study` does."""
     import dataclasses
     grid = study.build_grid(C.ExperimentConfig(), study.parse_axes({"schedule.T": [4]}), 1, [])

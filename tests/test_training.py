@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from toydiff.config import ScheduleConfig
-from toydiff.losses import ImportanceTimesteps, UniformTimesteps, diffusion_loss, vlb_term
+from toydiff.core.config import ScheduleConfig
+from toydiff.diffusion.losses import ImportanceTimesteps, UniformTimesteps, diffusion_loss, vlb_term
 from toydiff.methods.ddpm import Denoising
-from toydiff.parameterization import Prediction, to_x0, training_target
-from toydiff.schedules import NoiseSchedule
-from toydiff.training import drop_labels
+from toydiff.diffusion.parameterization import Prediction, to_x0, training_target
+from toydiff.diffusion.schedules import NoiseSchedule
+from toydiff.training.loop import drop_labels
 
 S = NoiseSchedule.from_config(ScheduleConfig(name="cosine", T=20))
 
@@ -102,8 +102,9 @@ def test_learned_variances_tighten_the_elbo_of_a_trained_model(tmp_path):
     """Nichol and Dhariwal (2021)'s point, on the moons at T = 100: the same network's bound with its learned
     variances is well below the bound with the fixed beta_tilde_t (about 1 nat per point, measured), and the
     ddpm sampler uses the learned variance by default (sample.variance = auto)."""
-    from toydiff import config as C, train_run
-    from toydiff.likelihood import elbo_nll, model_eps_fn
+    from toydiff.core import config as C
+    from toydiff import train_run
+    from toydiff.diffusion.likelihood import elbo_nll, model_eps_fn
     cfg = C.with_overrides(C.ExperimentConfig(), [
         "data.n=2000", "schedule.T=100", "model.width=32", "model.depth=2", "train.steps=1500",
         "train.batch_size=256", "train.warmup_steps=50", "model.variance=learned", "train.timestep_sampling=importance"])
@@ -113,8 +114,8 @@ def test_learned_variances_tighten_the_elbo_of_a_trained_model(tmp_path):
     fixed, learned = (elbo_nll(model_eps_fn(d), run.schedule, x, generator=torch.Generator().manual_seed(0),
                                variance_fn=vf).mean() for vf in (None, lambda x_t, t: d.output(x_t, t)[1]))
     assert float(learned) < float(fixed) - 0.5, (float(learned), float(fixed))
-    from toydiff.config import SampleConfig
-    from toydiff.sampling import VPDiffusion, make_plan
+    from toydiff.core.config import SampleConfig
+    from toydiff.diffusion.sampling import VPDiffusion, make_plan
     ddpm = SampleConfig(sampler="ddpm")
     assert make_plan(ddpm, VPDiffusion(run.schedule), learned_variance=True).variance == "learned"
     assert make_plan(ddpm, VPDiffusion(run.schedule), learned_variance=False).variance == "small"
@@ -123,8 +124,8 @@ def test_learned_variances_tighten_the_elbo_of_a_trained_model(tmp_path):
 
 def test_the_fused_adamw_step_is_torchs_adamw_step():
     """make_optimizer picks the fused kernel on the CPU: one step must equal the reference (per-tensor) AdamW."""
-    from toydiff.config import TrainConfig
-    from toydiff.training import make_optimizer
+    from toydiff.core.config import TrainConfig
+    from toydiff.training.loop import make_optimizer
     torch.manual_seed(0)
     a, b = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
@@ -143,7 +144,7 @@ def test_the_fused_adamw_step_is_torchs_adamw_step():
 
 
 def test_bf16_autocast_runs_the_network_in_bfloat16_and_the_loss_in_float32():
-    from toydiff.models import MLP
+    from toydiff.diffusion.models import MLP
     torch.manual_seed(0)
     net, x0 = MLP(2, S.T, width=32, depth=2), torch.randn(256, 2)
     seen = []
@@ -160,7 +161,7 @@ def test_bf16_autocast_runs_the_network_in_bfloat16_and_the_loss_in_float32():
 def test_auto_threads_is_one_thread_on_the_cpu():
     """train.threads = 0 never takes the multi-thread trap (benchmarks/speed.py: 2 threads ran 1.6-3.6x slower
     with one other busy process on a 2-core machine); an explicit count is honoured."""
-    from toydiff.runtime import set_threads
+    from toydiff.core.runtime import set_threads
     before = torch.get_num_threads()
     try:
         assert set_threads(0, torch.device("cpu")) == 1 and torch.get_num_threads() == 1

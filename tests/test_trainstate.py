@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from toydiff import config as C, train_run
-from toydiff.errors import RunInterrupted, ToydiffError
-from toydiff.runtime import World
-from toydiff.storage import load_tensors, save_tensors
-from toydiff.workflow import resume_run, validate
+from toydiff.core import config as C
+from toydiff import train_run
+from toydiff.core.errors import RunInterrupted, ToydiffError
+from toydiff.core.runtime import World
+from toydiff.core.formats import load_tensors, save_tensors
+from toydiff.jobs.workflow import resume_run, validate
 
 from critic_method import installed
 
@@ -61,7 +62,7 @@ def test_both_networks_train_and_the_checkpoint_holds_both(cfg, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_stopped_two_network_run_resumes_to_the_uninterrupted_weights(cfg, tmp_path, sig):
-    import toydiff.training as tr
+    import toydiff.training.loop as tr
 
     with installed():
         whole = train_run(cfg, tmp_path / "whole")
@@ -136,7 +137,7 @@ def test_a_checkpoint_that_does_not_fit_the_method_s_networks_is_one_line(cfg, t
 
 
 def test_a_two_network_method_refuses_torchrun_and_is_not_captured_in_a_graph(cfg):
-    from toydiff.training import graph_blocker
+    from toydiff.training.loop import graph_blocker
 
     with installed():
         with pytest.raises(ToydiffError, match="trains several networks .* cannot run under torchrun") as caught:

@@ -7,10 +7,10 @@ import pytest
 from scipy import stats
 
 from toydiff.cli import main
-from toydiff.config import DataConfig
-from toydiff.data import DATASETS, load_dataset, params
-from toydiff.errors import ToydiffError
-from toydiff.zoo import Params
+from toydiff.core.config import DataConfig
+from toydiff.data.datasets import DATASETS, load_dataset, params
+from toydiff.core.errors import ToydiffError
+from toydiff.data.zoo import Params
 
 N = 40_000
 
@@ -49,7 +49,7 @@ def test_mixtures_have_their_second_moment(name, second_moment):
 def test_mixture_density_is_the_scipy_mixture(name, kw):
     x, y, p = draw(name, n=200, **kw)
     spec = DATASETS.get(name)
-    from toydiff import zoo
+    from toydiff.data import zoo
     gmm = {"gaussians": zoo.ring_of_gaussians, "grid": zoo.grid_of_gaussians, "gmm": zoo.gaussian_mixture}[name](p)
     dens = sum(w * stats.multivariate_normal(m, np.diag(s**2)).pdf(x)
                for w, m, s in zip(gmm.weights, gmm.means, gmm.stds))
@@ -123,8 +123,9 @@ def test_every_dataset_runs_through_toydiff_run(name, tmp_path, capsys):
     (1, [], {"pairs.png", "marginals.png", "schedules.png", "loss.png"}),
 ])
 def test_figures_for_other_dimensions(tmp_path, dim, columns, expect):
-    from toydiff import config as C, train_run
-    from toydiff.figures import pair_columns, write_figures
+    from toydiff.core import config as C
+    from toydiff import train_run
+    from toydiff.pictures.figures import pair_columns, write_figures
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", f"data.dim={dim}", "data.n=300", "schedule.T=8",
                                                   "model.width=16", "train.steps=5"] + columns)
     run = train_run(cfg, tmp_path / "run")
@@ -138,7 +139,8 @@ def test_figures_for_other_dimensions(tmp_path, dim, columns, expect):
 
 
 def test_unknown_plot_column_is_named(tmp_path):
-    from toydiff import config as C, train_run
+    from toydiff.core import config as C
+    from toydiff import train_run
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=3", "data.n=300", "schedule.T=8",
                                                   "train.steps=5", "plot.columns=[\"speed\"]"])
     with pytest.raises(ToydiffError,
@@ -152,9 +154,10 @@ def test_an_8d_gaussian_mixture_beats_a_gaussian_fit_and_its_nll_meets_the_true_
     """D = 8, 4 components: the samples beat a single Gaussian fitted to the training data on the classifier
     test and MMD, and the exact ODE NLL of held-out points is within 0.3 nats of the true entropy (the
     Gaussian fit's NLL is more than 1 nat above it). Measured: AUC 0.53 vs 0.9+, NLL - H 0.07 at 1500 steps."""
-    from toydiff import config as C, train_run
-    from toydiff.evaluation import evaluate, evaluate_run
-    from toydiff.reference import target_for
+    from toydiff.core import config as C
+    from toydiff import train_run
+    from toydiff.evaluation.judge import evaluate, evaluate_run
+    from toydiff.evaluation.reference import target_for
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gmm", "data.dim=8", "data.modes=4", "train.steps=1500",
                                                   "eval.n=2000", "eval.w2_n=500", "eval.draws=10", "eval.nll_n=500"])
     run = train_run(cfg, tmp_path / "run")
@@ -199,9 +202,10 @@ def test_the_oracle_figure_compares_with_the_exact_law_and_shows_no_error_for_th
 
     import torch
 
-    from toydiff import config as C, train_run
-    from toydiff.figures import make_figures, oracle_panels
-    from toydiff.oracle import oracle_for
+    from toydiff.core import config as C
+    from toydiff import train_run
+    from toydiff.pictures.figures import make_figures, oracle_panels
+    from toydiff.diffusion.oracle import oracle_for
 
     cfg = C.with_overrides(C.ExperimentConfig(), ["data.name=gaussians", "data.n=300", "schedule.T=50",
                                                   "model.width=16", "train.steps=5", "model.prediction=eps"])

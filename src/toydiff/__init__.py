@@ -16,25 +16,26 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .core.version import __version__
 
 # public name -> the module that owns it
 _API = {
     "run": "api", "load": "api", "evaluate": "api", "evaluate_samples": "api", "plot": "api", "make_config": "api",
-    "Experiment": "experiment", "train_run": "workflow", "resume_run": "workflow",
-    "Run": "runs", "ExperimentConfig": "config", "ToydiffError": "errors", "NoiseSchedule": "schedules",
+    "Experiment": "jobs.experiment", "train_run": "jobs.workflow", "resume_run": "jobs.workflow",
+    "Run": "runs.run", "ExperimentConfig": "core.config", "ToydiffError": "core.errors",
+    "NoiseSchedule": "diffusion.schedules",
 }
 __all__ = ["Experiment", "ExperimentConfig", "NoiseSchedule", "Run", "ToydiffError", "__version__", "evaluate",
            "evaluate_samples", "load", "make_config", "plot", "resume_run", "run", "train_run"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .config import ExperimentConfig
-    from .errors import ToydiffError
-    from .runs import Run
-    from .schedules import NoiseSchedule
+    from .core.config import ExperimentConfig
+    from .core.errors import ToydiffError
+    from .runs.run import Run
+    from .diffusion.schedules import NoiseSchedule
     from .api import evaluate, evaluate_samples, load, make_config, plot, run
-    from .experiment import Experiment
-    from .workflow import resume_run, train_run
+    from .jobs.experiment import Experiment
+    from .jobs.workflow import resume_run, train_run
 
 
 def __getattr__(name: str) -> Any:

@@ -23,14 +23,14 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-from . import config as config_io
-from .config import ExperimentConfig
-from .errors import ToydiffError
-from .progress import message_log
-from .runs import Run
-from .rundir import RunDir, new_run_path, teacher_path
-from .experiment import Experiment, finish, run_experiment
-from .workflow import resume_run, validate
+from .core import config as config_io
+from .core.config import ExperimentConfig
+from .core.errors import ToydiffError
+from .core.progress import message_log
+from .jobs.experiment import Experiment, finish, run_experiment
+from .jobs.workflow import resume_run, validate
+from .runs.directory import RunDir, new_run_path, teacher_path
+from .runs.run import Run
 
 IF_EXISTS = ("error", "replace", "reuse")
 
@@ -116,8 +116,8 @@ def evaluate(run: Run | str | Path, samples: Optional[np.ndarray] = None, *, n: 
 
 def _evaluate(run: Run, samples: Optional[np.ndarray], n: Optional[int], draws: Optional[int],
               data: str | Path | None, columns: Sequence[str], progress: bool, quiet: bool) -> dict:
-    from .evaluation import evaluate_run
-    from .reference import file_reference
+    from .evaluation.judge import evaluate_run
+    from .evaluation.reference import file_reference
 
     spec = dataclasses.replace(run.config.eval, **{k: v for k, v in (("n", n), ("draws", draws)) if v is not None})
     sampling = None  # how the samples were drawn, where known (their NFE goes in the report)
@@ -140,8 +140,8 @@ def evaluate_samples(samples: np.ndarray | str | Path, dataset: str = "moons", *
     `settings` are --set overrides of its [data] and [eval] sections (data.noise=0.1, eval.z_max=4); n and
     draws override eval.n and eval.draws; `report` writes a one-page HTML report there. Nothing else is
     written."""
-    from .datafiles import read_table
-    from .evaluation import judge_samples
+    from .data.tables import read_table
+    from .evaluation.judge import judge_samples
 
     page = Path(report) if report is not None else None
     if page is not None and page.suffix != ".html":
@@ -151,9 +151,9 @@ def evaluate_samples(samples: np.ndarray | str | Path, dataset: str = "moons", *
     x = read_table(samples).x if name is not None else samples
     rep, target = judge_samples(x, cfg, log=message_log(quiet), progress=progress and not quiet)
     if page is not None:
-        from .figures import samples_over_data
-        from .report import samples_page
-        from .storage import atomic_write_text
+        from .pictures.figures import samples_over_data
+        from .pictures.report import samples_page
+        from .core.files import atomic_write_text
 
         facts = {"samples": name or "an array", "rows": len(x), "dataset": cfg.data.name,
                  "data settings": ", ".join(settings) or None}
@@ -164,7 +164,7 @@ def evaluate_samples(samples: np.ndarray | str | Path, dataset: str = "moons", *
 
 def plot(run: Run | str | Path, samples: Optional[np.ndarray] = None) -> dict[str, Figure]:
     """The run's figures as matplotlib Figures (name -> Figure), for its stored samples by default."""
-    from .figures import make_figures
+    from .pictures.figures import make_figures
 
     run = run if isinstance(run, Run) else Run.load(run)
     if samples is None:

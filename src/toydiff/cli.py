@@ -1,8 +1,9 @@
 """The `toydiff` command: thin subcommands that parse, call the library and print where things went.
 
-Bad input of any kind ends in one line on stderr and exit code 2; see `toydiff --help`. This
-module imports only the light config at start (torch, scikit-learn and matplotlib are imported
-by the subcommand that needs them), so --help, --version and argument errors answer at once.
+Bad input of any kind ends in one line on stderr and exit code 2; see `toydiff --help`. Every check is its
+owner's, so the Python API refuses the same input. This module imports only the light config (and the
+engines' names) at start (torch, scikit-learn and matplotlib are imported by the subcommand that needs
+them), so --help, --version and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__, config as config_io
-from .errors import RunInterrupted, ToydiffError, did_you_mean, os_error
-from .progress import message_log
+from .core import config as config_io
+from .core.errors import RunInterrupted, ToydiffError, did_you_mean, os_error
+from .core.progress import message_log
+from .core.version import __version__
+from .jobs.engines import BACKENDS
 
 
 class _UsageError(Exception):
@@ -62,26 +65,17 @@ def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    """The parser and its subcommands' parsers by name."""
-    parser = _Parser(prog="toydiff", description="Diffusion models on low-dimensional data.")
-    parser.add_argument("--version", action="version", version=f"toydiff {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    subs = {}
-
-    def add(name: str, help: str) -> argparse.ArgumentParser:
-        subs[name] = sub.add_parser(name, help=help)
-        return subs[name]
-
-    p = add("run", "the main job: train, sample, draw the figures and evaluate, in a new run directory")
+def _train_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     _add_out_args(p)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
-    p = add("train", "train a model into a new run directory")
-    _add_config_args(p)
-    _add_out_args(p)
 
-    p = add("distill", "train a few-step student of a trained run into a new run directory, and judge it")
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the teacher run")
     recipe = config_io.DistillConfig()
     p.add_argument("--method", default="reflow", choices=config_io.DISTILL_METHODS,
@@ -99,7 +93,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages, only the summary")
 
-    p = add("sample", "draw samples from a trained run")
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--n", type=int, help="how many samples (default: the run's sample.n)")
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's seed)")
@@ -127,11 +122,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
-    p = add("plot", "draw the figures of a trained run (the guide's five for 2-D data)")
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     _add_device_arg(p)
 
-    p = add("animate", "the reverse process (or the forward one) of a trained run as an animated GIF")
+
+def _animate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.gif", help="where to write it, a .gif or an animated .webp (default: "
                    "RUN_DIR/figures/reverse.gif, or forward.gif)")
@@ -142,12 +139,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
-    p = add("report", "write the run on one self-contained HTML page (report.html in the run directory)")
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", metavar="FILE.html", help="where to write it (default: RUN_DIR/report.html)")
 
-    p = add("eval", "judge a run's samples (or any generator's, --samples) against fresh iid data, each metric "
-                    "beside its noise floor")
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="the run whose samples are judged")
     p.add_argument("--samples", metavar="FILE", help="judge this file's rows instead (CSV, TSV, .npy, .npz, "
                    "Parquet): samples toydiff did not make, against --dataset")
@@ -165,17 +163,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _add_device_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress display or messages, only the table")
 
-    p = add("study", "run a grid of configurations x seeds in parallel; resumable")
+
+def _study_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--grid", dest="axes", action="append", default=[], metavar="SECTION.KEY=V1,V2",
                    help="one grid axis (repeatable), e.g. --grid schedule.T=10,100")
-    p.add_argument("--grid-file", metavar="FILE", help="a TOML grid file (see toydiff.study)")
+    p.add_argument("--grid-file", metavar="FILE", help="a TOML grid file (see toydiff.jobs.study)")
     p.add_argument("--builtin", metavar="NAME", help="a shipped grid: guide (the guide's claims)")
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the grid file's, else 3)")
     p.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1); with --backend ray and no "
                    "--address, the CPUs of the local Ray cluster")
     p.add_argument("--out", metavar="DIR", help="study directory; an existing one is resumed (default: studies/NAME)")
-    p.add_argument("--backend", choices=("local", "ray"), default="local",
+    p.add_argument("--backend", choices=BACKENDS, default="local",
                    help="where the cells run: local processes, or tasks on a Ray cluster (pip install 'toydiff[ray]')")
     p.add_argument("--address", metavar="ADDR", help="--backend ray: the cluster to join (auto: the one `ray start` "
                    "made here or RAY_ADDRESS; host:6379); default: start a local one")
@@ -186,8 +185,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--retries", type=int, default=None, metavar="N", help="--backend ray: reruns of a cell whose "
                    "worker or node died (default 2)")
 
-    p = add("config", "print the resolved configuration as TOML")
-    _add_config_args(p)
+
+SUBCOMMANDS = {  # name -> (help, the function that adds its arguments), in the order --help lists them
+    "run": ("the main job: train, sample, draw the figures and evaluate, in a new run directory", _run_args),
+    "train": ("train a model into a new run directory", _train_args),
+    "distill": ("train a few-step student of a trained run into a new run directory, and judge it", _distill_args),
+    "sample": ("draw samples from a trained run", _sample_args),
+    "plot": ("draw the figures of a trained run (the guide's five for 2-D data)", _plot_args),
+    "animate": ("the reverse process (or the forward one) of a trained run as an animated GIF", _animate_args),
+    "report": ("write the run on one self-contained HTML page (report.html in the run directory)", _report_args),
+    "eval": ("judge a run's samples (or any generator's, --samples) against fresh iid data, each metric beside its "
+             "noise floor", _eval_args),
+    "study": ("run a grid of configurations x seeds in parallel; resumable", _study_args),
+    "config": ("print the resolved configuration as TOML", _add_config_args),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The parser and its subcommands' parsers by name."""
+    parser = _Parser(prog="toydiff", description="Diffusion models on low-dimensional data.")
+    parser.add_argument("--version", action="version", version=f"toydiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    subs = {}
+    for name, (help, add_args) in SUBCOMMANDS.items():
+        subs[name] = sub.add_parser(name, help=help)
+        add_args(subs[name])
     return parser, subs
 
 
@@ -222,10 +244,10 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
     else:
         cfg = resolve_config(args)  # checked before torch is imported: a bad setting answers at once
 
-    from .experiment import run_experiment
-    from .rundir import new_run_path
-    from .runtime import init_world
-    from .workflow import resume_run, train_run
+    from .jobs.experiment import run_experiment
+    from .runs.directory import new_run_path
+    from .core.runtime import init_world
+    from .jobs.workflow import resume_run, train_run
 
     world, device = init_world(args.device or "auto")
     log = message_log(args.quiet or not world.is_writer)
@@ -269,13 +291,13 @@ def _print_run(run, result=None) -> None:
 
 def _report(run) -> None:
     """The run's report.html, its path printed as the last line."""
-    from .report import write_report
+    from .pictures.report import write_report
 
     print(f"report: {write_report(run.path)}")
 
 
 def _print_report(run, report: dict) -> None:
-    from .evaluation import format_likelihoods, format_table
+    from .evaluation.scores import format_likelihoods, format_table
 
     print(f"  metrics:   {run.dir.metrics}")
     print(format_table(report))
@@ -284,9 +306,9 @@ def _print_report(run, report: dict) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from .distill import distill_run
-    from .rundir import new_run_path
-    from .experiment import finish
+    from .jobs.distill import distill_run
+    from .runs.directory import new_run_path
+    from .jobs.experiment import finish
 
     log = message_log(args.quiet)
     out = Path(args.out) if args.out else new_run_path("distill", config_io.ExperimentConfig())
@@ -311,7 +333,7 @@ def _output(path: Optional[str], flag: str, suffixes: tuple[str, ...]) -> Option
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .runs import Run
+    from .runs.run import Run
 
     out = _output(args.out, "--out", (".npy", ".csv"))
     trajectory = _output(args.trajectory, "--trajectory", (".npy",))
@@ -324,7 +346,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Optional[Path]) -> int:
-    from .storage import npy_writer, save_npy, save_table
+    from .core.files import npy_writer
+    from .core.formats import save_npy, save_table
 
     n = run.config.sample.n if args.n is None else args.n
     run.check_count(n)
@@ -352,8 +375,8 @@ def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Opti
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .figures import write_figures
-    from .runs import Run
+    from .pictures.figures import write_figures
+    from .runs.run import Run
 
     run = Run.load(args.run_dir, device=args.device)
     with run.dir.writing():
@@ -368,9 +391,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_animate(args: argparse.Namespace) -> int:
-    from .figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_POINTS, check_animation, forward_frames,
-                          reverse_frames, write_animation)
-    from .runs import Run
+    from .pictures.figures import (ANIMATION_FORMATS, ANIMATION_FRAMES, ANIMATION_POINTS, check_animation,
+                                   forward_frames, reverse_frames, write_animation)
+    from .runs.run import Run
 
     out = _output(args.out, "--out", ANIMATION_FORMATS)
     n, count = ANIMATION_POINTS if args.n is None else args.n, ANIMATION_FRAMES if args.frames is None else args.frames
@@ -387,8 +410,8 @@ def cmd_animate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     out = _output(args.out, "--out", (".html",))
-    from .report import write_report
-    from .rundir import RunDir
+    from .pictures.report import write_report
+    from .runs.directory import RunDir
 
     rd = RunDir(args.run_dir)
     rd.read_manifest()  # a missing or foreign directory says so
@@ -404,7 +427,7 @@ def _eval_samples(args: argparse.Namespace) -> int:
     if args.run_dir or args.data or args.columns:
         raise ToydiffError("--samples judges a file against --dataset; drop RUN_DIR, --data and --columns")
     from .api import evaluate_samples
-    from .evaluation import format_table
+    from .evaluation.scores import format_table
 
     page = _output(args.report, "--report", (".html",))
     report = evaluate_samples(args.samples, args.dataset or "moons", n=args.n, draws=args.draws,
@@ -425,7 +448,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ToydiffError("name the run to judge (toydiff eval RUN_DIR), or a file of samples (--samples FILE "
                            "--dataset NAME)")
     from .api import evaluate
-    from .runs import Run
+    from .runs.run import Run
 
     run = Run.load(args.run_dir, device=args.device)
     report = evaluate(run, n=args.n, draws=args.draws, data=args.data, columns=_columns(args.columns) or (),
@@ -437,7 +460,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from . import study
+    from .jobs import study
 
     if sum(bool(x) for x in (args.axes, args.grid_file, args.builtin)) != 1:
         raise ToydiffError("give the grid one way: --grid (repeatable), --grid-file FILE or --builtin NAME")

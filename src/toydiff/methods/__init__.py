@@ -12,12 +12,18 @@ distill): reflow (`reflow`), progressive distillation (`progressive`), consisten
 (`consistency`). Each owns what differs between methods: its rules on a configuration, its schedule, network,
 denoiser, t sampler and objective, what it logs and warns, and, for a student, how it is made from its teacher.
 Nothing outside this folder tests a method's name (tests/test_docs.py greps for it); adding a method is its
-module here, imported below, and its name in config.METHODS or config.DISTILL_METHODS.
+module here (found and imported below: its decorator registers it) and its name in core.config.METHODS or
+core.config.DISTILL_METHODS.
 """
 
-from ..config import ExperimentConfig
+import importlib
+import pkgutil
+
+from ..core.config import ExperimentConfig
 from .base import METHODS, STUDENTS, Lesson, Method, Student
-from . import ddpm, flow, meanflow, consistency, progressive, reflow  # noqa: F401  (each registers itself)
+
+for _module in pkgutil.iter_modules(__path__):  # every module of this folder registers its methods on import
+    importlib.import_module(f".{_module.name}", __name__)
 
 
 def of(cfg: ExperimentConfig) -> Method:

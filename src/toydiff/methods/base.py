@@ -17,17 +17,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import METHODS as METHOD_NAMES, DISTILL_METHODS, ExperimentConfig
-from ..errors import ToydiffError
-from ..losses import Objective, UniformTimesteps
-from ..models import build_model
-from ..parameterization import Denoiser
-from ..registry import Registry
-from ..runtime import derive_seed
-from ..schedules import NoiseSchedule
+from ..core.config import METHODS as METHOD_NAMES, DISTILL_METHODS, ExperimentConfig
+from ..core.errors import ToydiffError
+from ..core.registry import Registry
+from ..core.runtime import derive_seed
+from ..diffusion.losses import Objective, UniformTimesteps
+from ..diffusion.models import build_model
+from ..diffusion.parameterization import Denoiser
+from ..diffusion.schedules import NoiseSchedule
 
 Log = Callable[[str], None]
-# "Run" and "RunDir" in the annotations below are toydiff.runs.Run and toydiff.rundir.RunDir, handed in by the
+# "Run" and "RunDir" in the annotations below are toydiff.runs.run.Run and toydiff.runs.directory.RunDir, handed in by the
 # layers above: the wing sits below them and never builds one
 METHODS: Registry["Method"] = Registry("method", METHOD_NAMES)
 STUDENTS: Registry["Student"] = Registry("distill method", DISTILL_METHODS)
@@ -113,7 +113,7 @@ class Method:
 
     def denoiser(self, cfg: ExperimentConfig, model: nn.Module, schedule: NoiseSchedule,
                  labels: Optional[torch.Tensor] = None, guidance: float = 1.0) -> Denoiser:
-        """The network as denoise(x_t, t) -> x0_hat (toydiff.parameterization)."""
+        """The network as denoise(x_t, t) -> x0_hat (toydiff.diffusion.parameterization)."""
         return self.process(cfg).denoiser(cfg, model, schedule, labels, guidance)
 
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
@@ -154,7 +154,7 @@ class Method:
 
 class Student:
     """A few-step student of a trained run: what it refuses of its teacher, the configuration it trains with, and
-    what it learns from the teacher (toydiff.distill runs the job: loading the teacher, its copy, training it in
+    what it learns from the teacher (toydiff.jobs.distill runs the job: loading the teacher, its copy, training it in
     the run directory).
 
     in_memory_teacher: the student trains against a teacher held in memory, so one cut short cannot resume."""

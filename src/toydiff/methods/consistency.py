@@ -18,11 +18,11 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import DistillConfig, ExperimentConfig
-from ..losses import Objective, ddim_step
-from ..parameterization import Denoise
-from ..runtime import World
-from ..schedules import NoiseSchedule, append_dims
+from ..core.config import DistillConfig, ExperimentConfig
+from ..core.runtime import World
+from ..diffusion.losses import Objective, ddim_step
+from ..diffusion.parameterization import Denoise
+from ..diffusion.schedules import NoiseSchedule, append_dims
 from .base import Lesson, Log, Method, Student, check, method, student, teacher_record
 
 CONSISTENCY_GRID = 64  # N of consistency training and distillation: the grid whose neighbours must agree

@@ -16,11 +16,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import WEIGHTINGS, ExperimentConfig, choose
-from ..losses import TIMESTEP_SAMPLERS, ImportanceTimesteps, Objective, UniformTimesteps, vlb_term
-from ..parameterization import Denoiser, Prediction, min_snr_weight, to_x0, training_target
-from ..runtime import World
-from ..schedules import NoiseSchedule
+from ..core.config import WEIGHTINGS, ExperimentConfig, choose
+from ..core.runtime import World
+from ..diffusion.losses import TIMESTEP_SAMPLERS, ImportanceTimesteps, Objective, UniformTimesteps, vlb_term
+from ..diffusion.parameterization import Denoiser, Prediction, min_snr_weight, to_x0, training_target
+from ..diffusion.schedules import NoiseSchedule
 from .base import Method, check, method
 
 

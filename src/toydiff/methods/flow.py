@@ -17,12 +17,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import COUPLINGS, ExperimentConfig, choose
-from ..errors import ToydiffError
-from ..losses import TIMESTEP_SAMPLERS, Objective, UniformTimes, UniformTimesteps
-from ..parameterization import Denoiser, FlowDenoiser, Prediction, flow_network_time, flow_target
-from ..runtime import World
-from ..schedules import NoiseSchedule, flow_betas, flow_scale, flow_time
+from ..core.config import COUPLINGS, ExperimentConfig, choose
+from ..core.errors import ToydiffError
+from ..core.runtime import World
+from ..diffusion.losses import TIMESTEP_SAMPLERS, Objective, UniformTimes, UniformTimesteps
+from ..diffusion.parameterization import Denoiser, FlowDenoiser, Prediction, flow_network_time, flow_target
+from ..diffusion.schedules import NoiseSchedule, flow_betas, flow_scale, flow_time
 from .base import Method, check, method
 
 

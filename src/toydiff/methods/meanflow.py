@@ -14,11 +14,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..config import COUPLINGS, ExperimentConfig, choose
-from ..losses import Objective, UniformTimes
-from ..parameterization import Denoiser, MeanFlowDenoiser, flow_network_time
-from ..runtime import World
-from ..schedules import NoiseSchedule
+from ..core.config import COUPLINGS, ExperimentConfig, choose
+from ..core.runtime import World
+from ..diffusion.losses import Objective, UniformTimes
+from ..diffusion.parameterization import Denoiser, MeanFlowDenoiser, flow_network_time
+from ..diffusion.schedules import NoiseSchedule
 from .base import Method, check, method
 from .flow import couple
 

@@ -22,13 +22,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..config import DistillConfig, ExperimentConfig
-from ..errors import ToydiffError
-from ..losses import Objective, ddim_step
-from ..parameterization import Denoise
-from ..runtime import World, torch_generator
-from ..schedules import NoiseSchedule
-from ..training import make_state, train
+from ..core.config import DistillConfig, ExperimentConfig
+from ..core.errors import ToydiffError
+from ..core.runtime import World, torch_generator
+from ..diffusion.losses import Objective, ddim_step
+from ..diffusion.parameterization import Denoise
+from ..diffusion.schedules import NoiseSchedule
+from ..training.loop import make_state, train
 from .base import Lesson, Log, Student, check, student, teacher_record
 
 PROGRESSIVE_START = 512  # the first grid: where the teacher's DDIM meets its ODE (dev table, docs/benchmarks.md)

@@ -16,8 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import DistillConfig, ExperimentConfig
-from ..runtime import NoiseStream, derive_seed
+from ..core.config import DistillConfig, ExperimentConfig
+from ..core.runtime import NoiseStream, derive_seed
 from .base import Lesson, Log, Student, student, teacher_record
 
 TEACHER_SAMPLER = {"sampler": "dpmpp-3m", "steps": 50, "spacing": "karras"}  # deterministic, at the floor

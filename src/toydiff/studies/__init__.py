@@ -1,1 +1,1 @@
-"""Built-in grid studies (TOML grid files beside this one); see toydiff.study."""
+"""Built-in grid studies (TOML grid files beside this one); see toydiff.jobs.study."""

@@ -1,0 +1,175 @@
+"""What a run is judged against: the reference distribution, its frame, and the rules that keep it honest.
+
+For the zoo's datasets the reference is an iid sampler of the same law (make_moons -> iid moons),
+drawn afresh for every comparison. For the user's file it is the held-out rows, and never a
+training row (`unseen_rows`); `eval --data FILE` takes another file's rows under the same rule.
+Everything evaluation will need of a file's held-out rows is checked before training
+(`check_reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+import numpy as np
+
+from ..core.config import ExperimentConfig
+from ..core.errors import ToydiffError
+from ..data.datasets import DATASETS, params
+from ..data.scaler import Scaler
+from ..data.tables import column_warnings, default_names
+from ..data.zoo import Params
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..runs.run import Run
+
+FRAME_POINTS = 100_000  # iid points whose per-axis min-max defines the evaluation frame
+MIN_EVAL_N = 20  # the fewest samples a comparison is made with, and the fewest held-out rows of a file
+
+
+@dataclass(frozen=True)
+class Target:
+    """The data distribution a run is judged against: an iid sampler, a fixed frame, what floors depend on."""
+
+    draw: Callable[[np.random.Generator, int], np.ndarray]  # (rng, n) -> (n, D) data units
+    frame: Scaler  # per-axis min-max of FRAME_POINTS iid points: one frame for every run on this data
+    key: dict  # everything the floors depend on besides the EvalConfig
+    support_distance: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    noise: float = 0.0
+    log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
+    # a finite reference (the user's held-out rows): how many rows it has, so n at most; None for samplers,
+    # whose draws are independent. The floors of a finite reference are a permutation test (evaluation.py).
+    max_n: Optional[int] = None
+
+
+def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None) -> Target:
+    """The user's held-out rows as the reference: the model's samples meet n of them (all of them at most).
+    dropped: how many rows were left out for being training rows (unseen_rows), reported with the
+    reference. frame: the evaluation frame (default: the rows' own per-axis min-max; a class's rows are
+    judged in the pooled frame)."""
+    holdout = np.asarray(holdout, dtype=np.float64)
+
+    def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+        return holdout[rng.permutation(len(holdout))[:n]]
+
+    digest = hashlib.sha256(np.ascontiguousarray(holdout).tobytes()).hexdigest()[:16]
+    key = {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)}
+    if dropped:
+        key["training_rows_dropped"] = dropped
+    return Target(draw, frame or Scaler.fit(holdout, "minmax"), key, max_n=len(holdout))
+
+
+def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
+    """`rows` without the ones equal to a training row, and how many those were. Rows are compared exactly,
+    as the float32 values the run directory keeps of its training data (a memorized row in the reference
+    would pass for fidelity)."""
+    if training is None or len(rows) == 0:
+        return rows, 0
+    seen = {r.tobytes() for r in np.ascontiguousarray(training, dtype=np.float32)}
+    keep = np.array([r.tobytes() not in seen for r in np.ascontiguousarray(rows, dtype=np.float32)])
+    return rows[keep], int((~keep).sum())
+
+
+def reference_rows(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
+                   training: Optional[np.ndarray] = None) -> tuple[np.ndarray, int]:
+    """A file run's held-out rows that are not copies of training rows, and how many were; a one-line error
+    naming the fix when fewer than MIN_EVAL_N remain."""
+    rows, dropped = unseen_rows(holdout, training) if holdout is not None else (None, 0)
+    count = 0 if rows is None else len(rows)
+    if count < MIN_EVAL_N:
+        also = f" ({dropped} more are copies of training rows)" if dropped else ""
+        raise ToydiffError(f"evaluating a run on a file needs at least {MIN_EVAL_N} held-out rows and this run "
+                           f"has {count}{also}; raise data.holdout (now {cfg.data.holdout}), use more rows, or skip "
+                           "the evaluation (--no-eval)")
+    return rows, dropped
+
+
+def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray], names: Optional[Sequence[str]] = None,
+                    training: Optional[np.ndarray] = None) -> list[str]:
+    """What the evaluation of a run on a file needs of its held-out rows, checked before training: enough of
+    them that are not also training rows, and no constant column (one-line errors that name the fix);
+    nearly constant columns are returned as warnings. Nothing to check for the zoo's datasets, which are
+    drawn afresh."""
+    if not cfg.data.path:
+        return []
+    rows, dropped = reference_rows(cfg, holdout, training)
+    warnings = column_warnings(rows, names or default_names(rows.shape[1]), f"the {len(rows)} held-out rows")
+    if dropped:
+        warnings.append(f"{dropped} held-out rows are copies of training rows; the evaluation leaves them out")
+    return warnings
+
+
+def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndarray] = None,
+                  holdout_labels: Optional[np.ndarray] = None, training: Optional[np.ndarray] = None
+                  ) -> dict[int, Optional[Target]]:
+    """One reference per class of a conditional run, in the pooled reference's frame: the zoo dataset's draws
+    of that class (the label its sampler gives: the moon, the component, ...), or the held-out rows of that
+    class of the user's file that are not training rows; None for a class with fewer than MIN_EVAL_N."""
+    pooled = target_for(cfg, holdout, training)
+    if cfg.data.path:
+        out: dict[int, Optional[Target]] = {}
+        for k in range(classes):
+            rows, dropped = unseen_rows(holdout[holdout_labels == k], training) if holdout_labels is not None \
+                else (np.empty((0, pooled.frame.dim)), 0)
+            out[k] = None if len(rows) < MIN_EVAL_N else file_target(rows, dropped, pooled.frame)
+        return out
+    spec = DATASETS.get(DATASETS.get(cfg.data.name).iid_twin or cfg.data.name)
+    p = params(cfg.data)
+
+    def draw_class(k: int):
+        def draw(rng: np.random.Generator, n: int) -> np.ndarray:
+            parts, have = [], 0
+            while have < n:  # rejection: the dataset's own draws, kept where they fall in class k
+                x, labels = spec.sample(2 * n, rng, p)
+                parts.append(x[labels == k])
+                have += len(parts[-1])
+            return np.concatenate(parts)[:n]
+        return draw
+    return {k: dataclasses.replace(pooled, draw=draw_class(k), key={**pooled.key, "class": k}, log_density=None)
+            for k in range(classes)}
+
+
+def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None,
+               training: Optional[np.ndarray] = None) -> Target:
+    """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
+    file, its held-out rows that are not also training rows."""
+    if cfg.data.path:
+        return file_target(*reference_rows(cfg, holdout, training))
+    spec = DATASETS.get(cfg.data.name)
+    name = spec.iid_twin or cfg.data.name
+    spec, p = DATASETS.get(name), params(cfg.data)
+    draw = lambda rng, n: spec.sample(n, rng, p)[0]  # noqa: E731
+    frame = Scaler.fit(draw(np.random.default_rng(0xF7A3E), FRAME_POINTS), "minmax")
+    key = {"dataset": name, "noise": p.noise}
+    key.update({k: v for k, v in asdict(p).items() if k != "noise" and v != asdict(Params(0.0))[k]})
+    bind = lambda fn: None if fn is None else functools.partial(fn, p=p)  # noqa: E731
+    return Target(draw, frame, key, bind(spec.support_distance), p.noise, bind(spec.log_density))
+
+
+def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
+                   log: Callable[[str], None] = lambda s: None) -> Target:
+    """A data file's rows as the reference for `run` (a test split, say): its columns chosen by name (default:
+    the run's own column names where the file has them all), checked against the run's dimension; rows that
+    are the run's own training rows are left out, and the file is refused when too few others remain."""
+    from ..data.tables import column_names, read_table
+
+    path = Path(path)
+    if not columns:
+        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
+    table = read_table(path, list(columns))
+    if table.x.shape[1] != run.dim:
+        raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
+                           f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
+    rows, dropped = unseen_rows(table.x, run.data)
+    if len(rows) < MIN_EVAL_N:
+        raise ToydiffError(f"only {len(rows)} of the {len(table.x)} rows of '{path}' are not training rows of the "
+                           f"run; judging a model on the rows it trained on rewards memorizing them, so the "
+                           f"evaluation needs at least {MIN_EVAL_N} rows it has not seen: use a held-out file")
+    if dropped:
+        log(f"left out {dropped} of the {len(table.x)} rows of '{path}': they are training rows of the run")
+    return file_target(rows, dropped)

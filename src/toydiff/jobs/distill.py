@@ -1,0 +1,56 @@
+"""Few-step students of a trained run: `toydiff distill RUN_DIR --method METHOD --steps K`.
+
+    from toydiff.jobs.distill import distill_run
+    student = distill_run("runs/teacher", "runs/student", method="reflow", steps=4)   # a trained Run
+
+The recipes are the methods wing's students (toydiff.methods: reflow, progressive, consistency): each says what
+it refuses of its teacher, the configuration it trains with and what it learns. This is the job around them:
+load the teacher, check it, make the student in memory (the teacher's rows, scaler and held-out rows, the
+student's own network), let the recipe prepare it, and train it into a complete run directory (its teacher and
+method in run.json) that `sample`, `eval`, `plot` and `train --resume` treat like any run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .. import methods
+from ..core.config import DISTILL_METHODS, DistillConfig, ExperimentConfig, choose
+from ..core.errors import ToydiffError
+from ..core.runtime import resolve_device
+from ..runs.run import Run
+from .workflow import start_training, validate
+
+
+def check(cfg: ExperimentConfig, method: str, steps: int) -> None:
+    """Refuse, before anything is trained, a teacher configuration `method` (a valid name) cannot distill to
+    `steps` >= 1 steps."""
+    methods.STUDENTS.get(method).check(cfg, steps)
+
+
+def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow", steps: int = DistillConfig.steps,
+                pairs: int = DistillConfig.pairs, train_steps: Optional[int] = None, device: str = "auto",
+                progress: bool = False, log: Callable[[str], None] = lambda s: None,
+                on_round: Optional[Callable[[int, torch.nn.Module], None]] = None) -> Run:
+    """Train a `method` student of the run at `teacher` into a new run directory `out` (see the module)."""
+    choose("distill method", method, DISTILL_METHODS)
+    if train_steps is not None and train_steps < 1:
+        raise ToydiffError(f"--train-steps must be >= 1, got {train_steps}")
+    DistillConfig(method=method, steps=steps, train_steps=train_steps or 0, pairs=pairs)  # the ranges, by their owner
+    recipe = methods.STUDENTS.get(method)
+    t = Run.load(teacher, device=device)
+    recipe.check(t.config, steps)
+    cfg = recipe.config(t.config, steps, train_steps)
+    validate(cfg)
+    dev = resolve_device(device)
+    schedule, model = methods.of(cfg).build(cfg, t.dim, dev)
+    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
+                  integer_columns=t.integer_columns)
+    lesson = recipe.lesson(t, student, steps, pairs, progress, log, on_round)
+    if lesson.data is not None:
+        student.data = lesson.data
+    return start_training(student, out, progress=progress, log=log, extra=lesson.record, noise=lesson.noise,
+                          objective=lesson.objective)
