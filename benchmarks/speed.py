@@ -17,7 +17,7 @@
 Interleaved repeats, the median of each: ratios hold on a noisy machine. Prints JSON and a markdown table
 and writes benchmarks/results/speed.json and speed.md.
 
-    .venv/bin/python benchmarks/speed.py            # about 3 minutes on 2 CPU cores
+    .venv/bin/python benchmarks/speed.py            # 3 to 14 minutes on 2 CPU cores (machines differ)
     .venv/bin/python benchmarks/speed.py --quick    # a smoke run
 """
 
