@@ -2,7 +2,7 @@
 
 Each table is split at random, again for every repeat, into training rows (40%), reference rows (30%,
 the evaluation's held-out rows) and candidate rows (30%). The candidate is judged against the reference
-exactly as `toydiff eval` judges a run on a file (file_target, 14 metrics beside their floors, memorization
+exactly as `toydiff eval` judges a run on a file (file_target, every metric beside its floor, memorization
 against the training rows, power), as it is and with known defects:
 
   iid        the candidate itself: should never be called distinguishable (the false-alarm rate)

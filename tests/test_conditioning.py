@@ -138,3 +138,45 @@ def test_each_class_is_judged_on_its_own_and_a_mixed_up_class_is_caught(tmp_path
     assert "class_accuracy" in one["flagged"] and one["class_accuracy"]["samples"] < 0.1 < 0.9 < \
         one["class_accuracy"]["reference"]
     assert one["verdict"].startswith("distinguishable from data at n = 500: the classifier names the class of")
+
+
+def test_a_conditional_run_is_judged_class_by_class_on_the_file_it_is_given(tmp_path, capsys):
+    """Issue #28: `toydiff eval RUN --data FILE` on a conditional run trained without held-out rows judges the
+    file's rows, pooled and class by class (the file's label column matched by value); a file without the label
+    column is judged pooled and says so; a label the run never trained on is refused before anything is
+    computed, and metrics.json is left as it was."""
+    import json
+    rng = np.random.default_rng(5)
+
+    def table(n):
+        kind = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, 2)) + np.where(kind[:, None] == 1, 3.0, -3.0)
+        return x, np.array(["down", "up"])[kind]
+
+    def write(path, x, kind, label=True):
+        lines = ["a,b" + (",kind" if label else "")] + [
+            f"{r[0]!r},{r[1]!r}" + (f",{k}" if label else "") for r, k in zip(x.tolist(), kind)]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+    train = write(tmp_path / "train.csv", *table(600))
+    test = write(tmp_path / "test.csv", *table(300))
+    run = tmp_path / "run"
+    assert main(["train", "--quiet", "--data", str(train), "--label-column", "kind", "--out", str(run),
+                 "--set", "data.holdout=0", "--set", "train.steps=200", "--set", "schedule.T=20",
+                 "--set", "model.width=32", "--set", "model.depth=1", "--set", "eval.nll_n=0"]) == 0
+    assert main(["eval", str(run), "--data", str(test), "--n", "200", "--draws", "4", "--quiet"]) == 0
+    report = json.loads((run / "metrics.json").read_text())
+    assert set(report["per_class"]) == {"down", "up"} and report["reference"]["rows"] == 300
+    assert all(row["n"] >= 20 for row in report["per_class"].values())
+    capsys.readouterr()
+    x, kind = table(100)
+    assert main(["eval", str(run), "--data", str(write(tmp_path / "plain.csv", x, kind, label=False)), "--n", "100",
+                 "--draws", "4"]) == 0
+    assert "the classes are not judged one by one" in capsys.readouterr().err
+    assert "per_class" not in json.loads((run / "metrics.json").read_text())
+    before = (run / "metrics.json").read_bytes()
+    bad = write(tmp_path / "bad.csv", x, np.where(kind == "up", "sideways", kind))
+    assert main(["eval", str(run), "--data", str(bad), "--n", "100", "--draws", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has the label 'sideways', which is not a class of the run (down, up)" in err
+    assert (run / "metrics.json").read_bytes() == before

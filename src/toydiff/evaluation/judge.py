@@ -147,14 +147,17 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
             "entropy_se": out.get("entropy_se")}
 
 
-def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s: None) -> dict:
+def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s: None,
+              targets: Optional[dict[int, Optional[Target]]] = None) -> dict:
     """Each class of a conditional run judged on its own: spec.n / K samples of class k (at least MIN_EVAL_N)
     against that class's reference, beside its own floors, and a class-accuracy check: a k-NN classifier
     fitted to the training rows names the class of the samples about as often as of real rows of the class
-    (a two-proportion z beyond z_max is flagged). Classes with too few held-out rows are named, not judged."""
+    (a two-proportion z beyond z_max is flagged). Classes with too few held-out rows are named, not judged.
+    `targets`: the references class by class (default: the run's own held-out rows or its dataset's draws)."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    targets = class_targets(run.config, run.classes, run.holdout, run.holdout_labels, run.data)
+    if targets is None:
+        targets = class_targets(run.config, run.classes, run.holdout, run.holdout_labels, run.data)
     frame = next((t.frame for t in targets.values() if t is not None), None)
     if frame is None:
         return {}
@@ -201,12 +204,13 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     sampler, steps, spacing, nfe), where known, is reported with them: `nfe` is the samples' network
     evaluations per sample."""
     spec = spec or run.config.eval
-    target = target or target_for(run.config, run.holdout, run.data)
+    given, target = target, target or target_for(run.config, run.holdout, run.data)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
     if sampling is not None:
         rep["nfe"], rep["sampling"] = sampling.get("nfe"), sampling
-    if run.classes:
-        rep["per_class"] = per_class(run, spec, log)
+    classes = None if given is None else given.classes  # a file given to judge the run: its own classes
+    if run.classes and classes != {}:
+        rep["per_class"] = per_class(run, spec, log, classes)
     if spec.nll_n > 0 and run.scaler.log_abs_det is None:
         log(f"likelihoods skipped: the {run.scaler.kind} scaler is not affine, so a density in the model's frame "
             "says nothing exact in data units (a column's spikes have none)")

@@ -45,6 +45,9 @@ class Target:
     # a finite reference (the user's held-out rows): how many rows it has, so n at most; None for samplers,
     # whose draws are independent. The floors of a finite reference are a permutation test (evaluation.py).
     max_n: Optional[int] = None
+    # a file given to judge a conditional run (file_reference): its references class by class (None for a class
+    # with too few rows); {} when the file has no label column, so the classes are not judged on it
+    classes: Optional[dict[int, Optional["Target"]]] = None
 
 
 def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None) -> Target:
@@ -68,11 +71,16 @@ def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.nd
     """`rows` without the ones equal to a training row, and how many those were. Rows are compared exactly,
     as the float32 values the run directory keeps of its training data (a memorized row in the reference
     would pass for fidelity)."""
+    seen = _seen_mask(rows, training)
+    return rows[~seen], int(seen.sum())
+
+
+def _seen_mask(rows: np.ndarray, training: Optional[np.ndarray]) -> np.ndarray:
+    """(len(rows),) True where a row equals a training row (as float32)."""
     if training is None or len(rows) == 0:
-        return rows, 0
+        return np.zeros(len(rows), dtype=bool)
     seen = {r.tobytes() for r in np.ascontiguousarray(training, dtype=np.float32)}
-    keep = np.array([r.tobytes() not in seen for r in np.ascontiguousarray(rows, dtype=np.float32)])
-    return rows[keep], int((~keep).sum())
+    return np.array([r.tobytes() in seen for r in np.ascontiguousarray(rows, dtype=np.float32)], dtype=bool)
 
 
 def reference_rows(cfg: ExperimentConfig, holdout: Optional[np.ndarray],
@@ -155,21 +163,50 @@ def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
                    log: Callable[[str], None] = lambda s: None) -> Target:
     """A data file's rows as the reference for `run` (a test split, say): its columns chosen by name (default:
     the run's own column names where the file has them all), checked against the run's dimension; rows that
-    are the run's own training rows are left out, and the file is refused when too few others remain."""
+    are the run's own training rows are left out, and the file is refused when too few others remain. For a
+    conditional run, a file with the run's label column also gives a reference per class (`Target.classes`),
+    whatever the run held out when it trained; everything is checked here, before anything is computed."""
     from ..data.tables import column_names, read_table
 
     path = Path(path)
+    header = column_names(path)
     if not columns:
-        columns = run.names if run.names and set(run.names) <= set(column_names(path)) else []
-    table = read_table(path, list(columns))
+        columns = run.names if run.names and set(run.names) <= set(header) else []
+    label = run.config.data.label_column if run.classes else ""
+    if run.classes and (not label or label not in header):
+        log(f"the classes are not judged one by one on '{path}': it has no label column"
+            + (f" '{label}'" if label else ""))
+        label = ""
+    table = read_table(path, list(columns), label)
     if table.x.shape[1] != run.dim:
         raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
                            f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
-    rows, dropped = unseen_rows(table.x, run.data)
+    unseen = ~_seen_mask(table.x, run.data)
+    rows, dropped = table.x[unseen], int((~unseen).sum())
     if len(rows) < MIN_EVAL_N:
         raise ToydiffError(f"only {len(rows)} of the {len(table.x)} rows of '{path}' are not training rows of the "
                            f"run; judging a model on the rows it trained on rewards memorizing them, so the "
                            f"evaluation needs at least {MIN_EVAL_N} rows it has not seen: use a held-out file")
     if dropped:
         log(f"left out {dropped} of the {len(table.x)} rows of '{path}': they are training rows of the run")
-    return file_target(rows, dropped)
+    target = file_target(rows, dropped)
+    if not run.classes:
+        return target
+    if not label:
+        return dataclasses.replace(target, classes={})
+    labels = _run_classes(table, run, path)[unseen]
+    return dataclasses.replace(target, classes={
+        k: file_target(rows[labels == k], 0, target.frame) if (labels == k).sum() >= MIN_EVAL_N else None
+        for k in range(run.classes)})
+
+
+def _run_classes(table, run: Run, path: Path) -> np.ndarray:
+    """The file's labels as the run's class indices (matched by value), or a one-line error naming a label the
+    run never trained on."""
+    names = run.class_names or [str(k) for k in range(run.classes)]
+    unknown = [c for c in table.classes if c not in names]
+    if unknown:
+        raise ToydiffError(f"'{path}' has the label {unknown[0]!r}, which is not a class of the run "
+                           f"({', '.join(names[:10])}); judge it with rows of the run's classes")
+    index = np.array([names.index(c) for c in table.classes], dtype=np.int64)
+    return index[table.labels]

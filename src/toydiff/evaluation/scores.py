@@ -63,6 +63,8 @@ METRICS: dict[str, Metric] = {
                             "median distance", lambda p: M.mmd2(p.xs, p.ys, p.bandwidths)),
     "knn_auc": Metric(+1, None, "k-NN classifier two-sample AUC (0.5 = indistinguishable)",
                       lambda p: M.knn_auc(p.xs, p.ys)),
+    "gbt_auc": Metric(+1, None, "gradient-boosted-tree classifier two-sample AUC (0.5 = indistinguishable): sees "
+                                "values a column never takes", lambda p: M.gbt_auc(p.xs, p.ys)),
     "energy": Metric(+1, 0.0, "energy distance (V-statistic), scaled frame", lambda p: M.energy_distance(p.xs, p.ys)),
     "energy_data": Metric(+1, 0.0, "energy distance (V-statistic), data units", lambda p: M.energy_distance(p.x, p.y)),
     "w2": Metric(+1, 0.0, "exact 2-Wasserstein on the first w2_n points, scaled frame",
@@ -84,8 +86,8 @@ METRICS: dict[str, Metric] = {
                         fraction=True),  # needs the training rows: memorization_floor, M.memorized_share
 }
 FRACTIONS = tuple(name for name, m in METRICS.items() if m.fraction)
-FLOOR_VERSION = 3  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
-# 3: MMD^2 and energy as V-statistics)
+FLOOR_VERSION = 4  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
+# 3: MMD^2 and energy as V-statistics, 4: the tree test)
 
 
 def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,
