@@ -137,3 +137,19 @@ def test_every_link_inside_the_repository_resolves_and_none_leaves_it():
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
             if not re.match(r"https?://", target):
                 assert (page.parent / target).exists(), f"{page.name}: {target}"
+
+
+def test_every_folder_of_modules_is_a_package_that_git_keeps():
+    """A folder of modules without its __init__.py still imports from a checkout (a namespace package), but a
+    built wheel leaves it out; and a source file that .gitignore matches (a `runs/` rule met toydiff/runs/) is
+    missing from every fresh clone. Both are checked here, the second where this is a git checkout."""
+    import shutil
+    import subprocess
+    folders = {p.parent for p in SRC.rglob("*.py")}
+    assert not [str(d.relative_to(SRC)) for d in folders if not (d / "__init__.py").is_file()]
+    if shutil.which("git") and (ROOT / ".git").exists():
+        files = [str(p.relative_to(ROOT)) for p in sorted(SRC.rglob("*")) if p.is_file() and "__pycache__" not in
+                 p.parts]
+        ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.split()
+        assert not ignored, f"ignored by .gitignore: {ignored}"
