@@ -77,7 +77,7 @@ def _check(ok: bool, message: str) -> None:
 
 # Upper limits on sizes, so that an absurd value (typed, or read from a damaged run directory) is refused before
 # anything is allocated from it; each is far beyond what a low-dimensional model needs. What fits this machine's
-# memory is checked again where the memory is taken (storage.check_memory).
+# memory is checked again where the memory is taken (core.machine.check_memory).
 MAX_T = 100_000  # schedule.T, sample.steps
 MAX_WIDTH = 16_384  # model.width (its parameters grow as width^2)
 MAX_DEPTH = 256  # model.depth
@@ -400,7 +400,7 @@ class ExperimentConfig:
 
     def _check_across(self) -> None:
         """The rules that tie two sections together and belong to no method (a method's own rules are its
-        check, toydiff.methods, which workflow.validate asks before anything runs)."""
+        check, toydiff.methods, which jobs.workflow.validate asks before anything runs)."""
         T = self.schedule.T
         for t in self.plot.forward_t:
             _check(0 <= t <= T, f"plot.forward_t has t = {t}; each t must be in 0..T = 0..{T}")

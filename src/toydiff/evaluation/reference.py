@@ -43,7 +43,7 @@ class Target:
     noise: float = 0.0
     log_density: Optional[Callable[[np.ndarray], Optional[np.ndarray]]] = None  # data units; None: unknown
     # a finite reference (the user's held-out rows): how many rows it has, so n at most; None for samplers,
-    # whose draws are independent. The floors of a finite reference are a permutation test (evaluation.py).
+    # whose draws are independent. The floors of a finite reference are a permutation test (evaluation.scores).
     max_n: Optional[int] = None
     # a file given to judge a conditional run (file_reference): its references class by class (None for a class
     # with too few rows); {} when the file has no label column, so the classes are not judged on it

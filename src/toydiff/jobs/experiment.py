@@ -48,7 +48,7 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     against the data's noise floors (metrics.json). Under torchrun only rank 0 goes past training (the other
     ranks get None).
 
-    With a [distill] method the configured run is a teacher, trained at rundir.teacher_path(out) (its manifest
+    With a [distill] method the configured run is a teacher, trained at runs.directory.teacher_path(out) (its manifest
     names its student), and `out` is its few-step student, distilled on rank 0 (toydiff.jobs.distill) and the run
     that is sampled, drawn and judged; resuming the teacher goes on to its student."""
     if resume:

@@ -1,7 +1,7 @@
 """The methods wing: one object per generative method, each in its own module of this folder.
 
     method = methods.of(cfg)                          # what trains this configuration
-    method.check(cfg)                                 # its rules, one line each (workflow.validate asks)
+    method.check(cfg)                                 # its rules, one line each (jobs.workflow.validate asks)
     schedule, network = method.build(cfg, dim, device, classes)
     denoiser = method.denoiser(cfg, network, schedule)
     loss = method.objective(run).loss(network, schedule, x0, generator)

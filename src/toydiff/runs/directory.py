@@ -73,7 +73,7 @@ RESULT = "result.json"
 REPORT = "report.html"
 
 
-# What each JSON file of a run directory may hold, checked on every read (storage.check_schema): damaged or
+# What each JSON file of a run directory may hold, checked on every read (core.schema.check_schema): damaged or
 # hostile metadata ends in one line naming the field, never a TypeError inside.
 MANIFEST_SCHEMA = Fields({
     "format": str, "version": int, "status": str, "dim": int, "n_train": int, "classes": int, "columns": [str],

@@ -155,7 +155,7 @@ class Run:
         as eager), and autocast = bf16 runs the network in bfloat16. progress shows the steps (the batches of
         a graphed job).
         Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
-        into: an (n, D) array to write the samples into and return (a memory map: `storage.npy_writer`), so
+        into: an (n, D) array to write the samples into and return (a memory map: `core.files.npy_writer`), so
         that memory stays that of one batch however large n is.
         """
         self.check_count(n)
