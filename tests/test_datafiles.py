@@ -46,8 +46,9 @@ def test_every_format_round_trips(fmt, tmp_path):
 
 def test_columns_by_name_or_index_and_headerless_csv(tmp_path):
     path = write_csv(tmp_path / "h.csv", rows_with_kind())
-    with pytest.raises(ToydiffError, match="row 2, column 'kind': '(up|down)' is not a number"):
-        read_table(path)  # the label column is not numeric and was not named as the label
+    unnamed = read_table(path)  # the label column not named as the label: a binary column of text
+    assert unnamed.names == ["a", "b", "c", "kind"] and unnamed.columns[-1].kind == "binary"
+    assert unnamed.columns[-1].text == ("down", "up") and set(unnamed.x[:, -1]) == {0.0, 1.0}
     assert np.array_equal(read_table(path, columns=["c", "0"], label_column="kind").x, X[:, [2, 0]])
     bare = write_csv(tmp_path / "bare.csv", X.tolist(), header="")
     assert read_table(bare).names == ["x1", "x2", "x3"] and np.allclose(read_table(bare).x, X)
@@ -98,7 +99,7 @@ def test_other_bad_inputs(tmp_path):
     with_nan = X.copy()
     with_nan[4, 1] = np.nan
     np.save(tmp_path / "nan.npy", with_nan)
-    with pytest.raises(ToydiffError, match="row 5, column 'x2' is NaN or infinite"):
+    with pytest.raises(ToydiffError, match="row 5, column 'x2' is missing, NaN or infinite"):
         read_table(tmp_path / "nan.npy")
 
 
@@ -120,7 +121,7 @@ def test_a_users_csv_trains_samples_and_evaluates_from_one_command(tmp_path, cap
                  "--set", "train.steps=200", "--set", "schedule.T=50", "--set", "eval.draws=3",
                  "--set", "eval.nll_n=20"]) == 0
     header = (out / "samples.csv").read_text().splitlines()[0]
-    assert header == "height,weight"
+    assert header == "height,weight,group"  # the user's columns, the label column in its place
     assert np.load(out / "holdout_data.npy").shape == (120, 2) and np.load(out / "train_data.npy").shape == (480, 2)
     assert "at n = 120" in (out / "metrics.json").read_text()  # all 120 held-out rows
     samples = np.load(out / "samples.npy")

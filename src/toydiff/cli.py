@@ -51,6 +51,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    "model on them (data.label_column, model.conditional = true)")
     p.add_argument("--drop-missing", action="store_true", default=None,
                    help="drop rows with empty, NaN or infinite cells (data.drop_missing)")
+    p.add_argument("--types", metavar="NAME=TYPE,...", help="the file's column types where detection guesses "
+                   "wrong: continuous, integer, binary or categorical, e.g. grade=categorical (data.types)")
 
 
 def _add_out_args(p: argparse.ArgumentParser) -> None:
@@ -224,7 +226,7 @@ def resolve_config(args: argparse.Namespace):
     overrides = list(args.overrides) + ([f"train.device={args.device}"] if args.device else [])
     cfg = config_io.with_overrides(cfg, overrides)
     data = {"path": args.data, "label_column": args.label_column, "drop_missing": args.drop_missing,
-            "columns": _columns(args.columns)}
+            "columns": _columns(args.columns), "types": _columns(args.types)}
     data = {k: v for k, v in data.items() if v is not None}
     updates = {"data": data} if data else {}
     if args.label_column:
@@ -238,7 +240,8 @@ def cmd_train(args: argparse.Namespace, *, full: bool) -> int:
         given = [flag for flag, value in (("--preset", args.preset != "default"), ("--config", args.config),
                                           ("--set", args.overrides), ("--data", args.data), ("--out", args.out),
                                           ("--columns", args.columns), ("--label-column", args.label_column),
-                                          ("--drop-missing", args.drop_missing)) if value]
+                                          ("--drop-missing", args.drop_missing), ("--types", args.types))
+                 if value]
         if given:
             raise ToydiffError(f"--resume continues the run with its own configuration; drop {', '.join(given)}")
     else:
@@ -346,8 +349,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Optional[Path]) -> int:
-    from .core.files import npy_writer
-    from .core.formats import save_npy, save_table
+    from .core.files import atomic_write_text, npy_writer
+    from .core.formats import save_npy
 
     n = run.config.sample.n if args.n is None else args.n
     run.check_count(n)
@@ -356,17 +359,20 @@ def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Opti
                    compile=args.compile, cuda_graphs=args.cuda_graphs, autocast=args.autocast,
                    progress=not args.quiet)
     if out is not None and out.suffix == ".npy" and trajectory is None:  # streamed: memory is one batch's
-        with npy_writer(out, (n, run.dim)) as into:
+        with npy_writer(out, (n, run.dim)) as into:  # a text column's level indices (samples.csv: its text)
             run.sample(n, into=into, **options)
         print(f"wrote {n} samples to {out} (data units)")
         return 0
     drawn = run.draw(n, trajectory=trajectory is not None, **options)
     samples = drawn.samples
     if out is None:
-        npy, csv = run.dir.write_samples(samples, run.column_names, drawn.record)
+        npy, csv = run.dir.write_samples(samples, run.table_text(samples, drawn.labels), drawn.record)
         print(f"wrote {len(samples)} samples to {npy} and {csv} (data units)")
+    elif out.suffix == ".csv":
+        atomic_write_text(out, run.table_text(samples, drawn.labels))
+        print(f"wrote {len(samples)} samples to {out} (data units)")
     else:
-        save_table(out, samples, run.column_names)
+        save_npy(out, samples.astype("float32"))
         print(f"wrote {len(samples)} samples to {out} (data units)")
     if trajectory is not None:
         save_npy(trajectory, drawn.trajectory)

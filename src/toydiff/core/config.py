@@ -38,6 +38,7 @@ else:  # pragma: no cover
 DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid", "checkerboard", "pinwheel",
             "spirals", "rings", "gmm")  # toydiff.data.datasets.DATASETS
 SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.data.scaler.Scaler
+COLUMN_TYPES = ("continuous", "integer", "binary", "categorical")  # toydiff.data.columns
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.diffusion.schedules.BETA_SCHEDULES
 PROCESSES = ("ddpm", "flow")  # toydiff.methods: the VP diffusion and flow matching, each a method of its own
 METHODS = ("ddpm", "flow", "meanflow", "consistency")  # toydiff.methods.METHODS: what trains a run from scratch
@@ -128,6 +129,8 @@ class DataConfig(_Section):
     label_column: str = ""  # file column of class labels (model.conditional uses them); "" = none
     holdout: float = 0.2  # share of the file's rows kept out of training, the evaluation's reference
     drop_missing: bool = False  # drop file rows with empty, NaN or infinite cells instead of refusing the file
+    types: tuple[str, ...] = ()  # file columns' types where detection guesses wrong, "NAME=TYPE" each, TYPE one of
+    #                              continuous | integer | binary | categorical (toydiff.data.columns detects the rest)
 
     def _check(self):
         choose("dataset", self.name, DATASETS)
@@ -140,6 +143,11 @@ class DataConfig(_Section):
         _check(self.modes >= 0, f"data.modes must be >= 0 (0 = the dataset's), got {self.modes}")
         _check(1 <= self.dim <= 4096, f"data.dim must be in 1..4096, got {self.dim}")
         _check(0 <= self.holdout < 1, f"data.holdout must be in [0, 1), got {self.holdout}")
+        for entry in self.types:
+            _check(entry.count("=") >= 1 and entry.rpartition("=")[0].strip() != "",
+                   f"data.types entry '{entry}' must read NAME=TYPE, e.g. 'grade=categorical'")
+            choose(f"data.types: the type of '{entry.rpartition('=')[0].strip()}'", entry.rpartition("=")[2].strip(),
+                   COLUMN_TYPES)
         _check(not (self.path and self.name != "moons"),
                f"data.path ('{self.path}') and data.name ('{self.name}') both name the data; keep one")
 
@@ -280,7 +288,8 @@ class SampleConfig(_Section):
     cuda_graphs: str = "auto"  # on CUDA, replay the sampler's whole loop as one CUDA graph per batch shape, checked
     #                            against the eager loop first: auto (jobs of 2+ batches) | on (or an error) | off
     autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs); the sampler's math in float32
-    round_integers: bool = True  # a file's columns whose values are all whole numbers: samples rounded to them
+    round_integers: bool = True  # a file's integer columns: samples rounded to whole numbers (false: left as drawn,
+    #                              still within the training range; binary and categorical columns always decoded)
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

@@ -67,10 +67,16 @@ def load_npy(path: Path) -> np.ndarray:
         raise ToydiffError(f"'{path}' is not a readable .npy array ({e})") from None
 
 
-def csv_text(rows: list[dict[str, Any]] | np.ndarray, header: list[str] | tuple[str, ...] | None = None) -> str:
-    """Rows of dicts, or a 2-D array with its column names, as CSV text (numbers with 7 significant digits)."""
+def csv_text(rows: list[dict[str, Any]] | list[list[str]] | np.ndarray,
+             header: list[str] | tuple[str, ...] | None = None) -> str:
+    """Rows of dicts, rows of cells (lists of text) or a 2-D array, with the column names, as CSV text (numbers
+    with 7 significant digits; text with a comma, a quote or a newline quoted)."""
     buf = io.StringIO()
-    if isinstance(rows, np.ndarray):  # the header through csv (a name with a comma or newline is quoted)
+    if isinstance(rows, list) and rows and isinstance(rows[0], list):
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(list(header or []))
+        writer.writerows(rows)
+    elif isinstance(rows, np.ndarray):  # the header through csv (a name with a comma or newline is quoted)
         if header:
             csv.writer(buf, lineterminator="\n").writerow(list(header))
         np.savetxt(buf, rows, delimiter=",", comments="", fmt="%.7g")

@@ -7,7 +7,9 @@ minmax and standardize are per-axis affine maps (AffineScaler). quantile maps ea
 its empirical distribution function to a standard normal (QuantileScaler, the rank-Gauss transform
 tabular diffusion models use, e.g. TabDDPM): bounded and spiky columns (pixel counts 0..16, most
 of them 0) become smooth for the model, and every sample comes back inside the column's training
-range, with its spikes as exact values.
+range, with its spikes as exact values. A user's table, whose columns have types (toydiff.data.columns),
+goes through a TableScaler: its numbers through one of those, its binary and categorical columns as
+their levels, and back as values the column takes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from scipy.special import ndtr, ndtri
 
 from ..core.config import SCALINGS, choose
 from ..core.errors import ToydiffError
+from .columns import Column
 
 QUANTILES = 1000  # the quantile scaler's knots per column (fewer with fewer rows)
 EDGE = 1e-7  # the quantile scaler keeps u in [EDGE, 1 - EDGE] before the normal's inverse (|z| <= 5.2)
@@ -32,9 +35,14 @@ class Scaler:
     kind: str
 
     @staticmethod
-    def fit(x: np.ndarray, kind: str = "minmax", names: Optional[Sequence[str]] = None) -> "Scaler":
-        """Fit on x (n, D); `names` (the D column names) make the error for a constant column name it."""
+    def fit(x: np.ndarray, kind: str = "minmax", names: Optional[Sequence[str]] = None,
+            columns: Optional[Sequence[Column]] = None) -> "Scaler":
+        """Fit on x (n, D); `names` (the D column names) make the error for a constant column name it. With
+        `columns` (a user's table's column types) a TableScaler: the numbers through `kind`, the discrete
+        columns as their levels."""
         choose("scaling", kind, SCALINGS)
+        if columns is not None:
+            return TableScaler.fit_table(np.asarray(x, dtype=np.float64), kind, tuple(columns))
         x = np.asarray(x, dtype=np.float64)
         if x.ndim != 2 or x.shape[0] < 2:
             raise ToydiffError(f"the scaler needs data of shape (n >= 2, D), got {x.shape}")
@@ -49,13 +57,31 @@ class Scaler:
     @staticmethod
     def from_dict(d: dict) -> "Scaler":
         kind = d.get("kind") if isinstance(d, dict) else None
+        if kind == TableScaler.kind:
+            return TableScaler.from_table(d)
         if kind not in SCALINGS:
             raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
         return QuantileScaler.from_quantiles(d) if kind == "quantile" else AffineScaler.from_affine(d)
 
     @property
     def dim(self) -> int:
+        """D: the columns in data units."""
         raise NotImplementedError
+
+    @property
+    def frame_dim(self) -> int:
+        """The coordinates of the model's frame (more than D where a categorical column is one-hot)."""
+        return self.dim
+
+    @property
+    def frame_names(self) -> Optional[list[str]]:
+        """Names of the frame's coordinates where they differ from the columns' (None: the same)."""
+        return None
+
+    @property
+    def frame_columns(self) -> list[int]:
+        """The frame coordinate where each column starts."""
+        return list(range(self.dim))
 
     @property
     def log_abs_det(self) -> Optional[float]:
@@ -64,7 +90,8 @@ class Scaler:
     def transform(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def inverse(self, x: np.ndarray) -> np.ndarray:
+    def inverse(self, x: np.ndarray, whole: bool = True) -> np.ndarray:
+        """Back to data units; whole: a table's integer columns come back rounded (the others have none)."""
         raise NotImplementedError
 
     def to_dict(self) -> dict:
@@ -94,7 +121,7 @@ class AffineScaler(Scaler):
     def transform(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, dtype=np.float64) - self.shift) / self.scale
 
-    def inverse(self, x: np.ndarray) -> np.ndarray:
+    def inverse(self, x: np.ndarray, whole: bool = True) -> np.ndarray:
         return np.asarray(x, dtype=np.float64) * self.scale + self.shift
 
     @property
@@ -147,7 +174,7 @@ class QuantileScaler(Scaler):
             u[:, j] = 0.5 * (np.interp(x[:, j], q, r) - np.interp(-x[:, j], -q[::-1], -r[::-1]))
         return ndtri(np.clip(u, EDGE, 1 - EDGE))
 
-    def inverse(self, z: np.ndarray) -> np.ndarray:
+    def inverse(self, z: np.ndarray, whole: bool = True) -> np.ndarray:
         u, r = ndtr(np.asarray(z, dtype=np.float64)), self._references
         return np.stack([np.interp(u[:, j], r, q) for j, q in enumerate(self.quantiles.T)], axis=1)
 
@@ -168,3 +195,117 @@ class QuantileScaler(Scaler):
                 or not np.all(q[-1] > q[0]):
             raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
         return cls(q)
+
+
+@dataclass(frozen=True)
+class TableScaler(Scaler):
+    """A user's table with its column types. Continuous and integer columns go through `numeric` (the chosen
+    minmax, standardize or quantile scaler, fitted on them); a binary column is one coordinate, -1 for its
+    lower level and +1 for its upper; a categorical column is one coordinate per level seen in the training
+    rows, +1 for the row's level and -1 for the others (one-hot at +-1). Back in data units: a binary
+    column's level by the sign, a categorical's by the largest of its coordinates (a level never seen in
+    training is never drawn), integers rounded (`whole`), and every number clipped to the training rows'
+    range, so that every value is one the training rows admit. The frame keeps the columns' order."""
+
+    columns: tuple[Column, ...]
+    numeric: Optional[Scaler]  # over the continuous and integer columns in order; None when there are none
+    low: np.ndarray  # (D,) each column's training minimum, data units
+    high: np.ndarray  # (D,) and maximum
+    seen: tuple[tuple[float, ...], ...]  # per column: a categorical's levels seen in training (its coordinates)
+    kind = "table"
+
+    @classmethod
+    def fit_table(cls, x: np.ndarray, kind: str, columns: tuple[Column, ...], every_level: bool = False
+                  ) -> "TableScaler":
+        """Fitted on the rows x (n, D); every_level: a coordinate for each level of a categorical column, not only
+        those x holds (an evaluation frame, where samples may take a level the reference rows lack)."""
+        if x.ndim != 2 or x.shape[1] != len(columns):
+            raise ValueError(f"{len(columns)} column types for data of shape {x.shape}")
+        numbers = [j for j, c in enumerate(columns) if not c.discrete]
+        numeric = Scaler.fit(x[:, numbers], kind, [columns[j].name for j in numbers]) if numbers else None
+        seen = tuple((c.values if every_level else tuple(float(v) for v in np.unique(x[:, j])))
+                     if c.kind == "categorical" else () for j, c in enumerate(columns))
+        return cls(columns, numeric, x.min(axis=0), x.max(axis=0), seen)
+
+    def _widths(self) -> list[int]:
+        return [len(s) if c.kind == "categorical" else 1 for c, s in zip(self.columns, self.seen)]
+
+    @property
+    def dim(self) -> int:
+        return len(self.columns)
+
+    @property
+    def frame_dim(self) -> int:
+        return sum(self._widths())
+
+    @property
+    def frame_names(self) -> Optional[list[str]]:
+        if self.frame_dim == self.dim:
+            return None
+        return [name for c, s in zip(self.columns, self.seen)
+                for name in ([f"{c.name}={c.level(v)}" for v in s] if c.kind == "categorical" else [c.name])]
+
+    @property
+    def _numbers(self) -> list[int]:
+        return [j for j, c in enumerate(self.columns) if not c.discrete]
+
+    @property
+    def frame_columns(self) -> list[int]:
+        return [int(v) for v in np.concatenate([[0], np.cumsum(self._widths())[:-1]])]
+
+    def _starts(self) -> np.ndarray:
+        return np.asarray(self.frame_columns, dtype=int)
+
+    @property
+    def log_abs_det(self) -> Optional[float]:
+        """The numeric scaler's, where every column is a number (a discrete column has no density)."""
+        return self.numeric.log_abs_det if self.numeric is not None and len(self._numbers) == self.dim else None
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        z, starts, numbers = np.empty((len(x), self.frame_dim)), self._starts(), self._numbers
+        if numbers:
+            z[:, starts[numbers]] = self.numeric.transform(x[:, numbers])
+        for j, (c, s) in enumerate(zip(self.columns, self.seen)):
+            if c.kind == "binary":
+                z[:, starts[j]] = np.where(x[:, j] == c.values[1], 1.0, -1.0)
+            elif c.kind == "categorical":
+                z[:, starts[j]:starts[j] + len(s)] = np.where(x[:, j, None] == np.asarray(s), 1.0, -1.0)
+        return z
+
+    def inverse(self, z: np.ndarray, whole: bool = True) -> np.ndarray:
+        z = np.asarray(z, dtype=np.float64)
+        x, starts, numbers = np.empty((len(z), self.dim)), self._starts(), self._numbers
+        if numbers:
+            x[:, numbers] = self.numeric.inverse(z[:, starts[numbers]])
+        for j, (c, s) in enumerate(zip(self.columns, self.seen)):
+            if c.kind == "binary":
+                x[:, j] = np.where(z[:, starts[j]] >= 0, c.values[1], c.values[0])
+            elif c.kind == "categorical":
+                x[:, j] = np.asarray(s)[np.argmax(z[:, starts[j]:starts[j] + len(s)], axis=1)]
+            elif c.kind == "integer" and whole:
+                x[:, j] = np.round(x[:, j])
+        return np.clip(x, self.low, self.high)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "columns": [c.to_dict() for c in self.columns],
+                "numeric": None if self.numeric is None else self.numeric.to_dict(), "low": self.low.tolist(),
+                "high": self.high.tolist(), "seen": [list(s) for s in self.seen]}
+
+    @classmethod
+    def from_table(cls, d: dict) -> "TableScaler":
+        try:
+            columns = tuple(Column.from_dict(c) for c in d["columns"])
+            numeric = None if d["numeric"] is None else Scaler.from_dict(d["numeric"])
+            low, high = np.asarray(d["low"], np.float64), np.asarray(d["high"], np.float64)
+            seen = tuple(tuple(float(v) for v in s) for s in d["seen"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ToydiffError(f"the stored scaler is malformed ({e}); the run directory is damaged") from None
+        numbers = sum(not c.discrete for c in columns)
+        if not columns or low.shape != (len(columns),) or high.shape != low.shape or len(seen) != len(columns) \
+                or not np.all(low <= high) or (numeric is None) != (numbers == 0) \
+                or (numeric is not None and (numeric.dim != numbers or isinstance(numeric, TableScaler))) \
+                or any(bool(s) != (c.kind == "categorical") or not set(s) <= set(c.values)
+                       for c, s in zip(columns, seen)):
+            raise ToydiffError("the stored scaler is malformed; the run directory is damaged")
+        return cls(columns, numeric, low, high, seen)

@@ -1,12 +1,14 @@
-"""The user's own data: a table of numeric columns from CSV, TSV, .npy, .npz or Parquet, checked cell by cell.
+"""The user's own data: a table from CSV, TSV, .npy, .npz or Parquet, checked cell by cell.
 
     table = read_table("measurements.csv", columns=("a", "b"), label_column="kind")
-    table.x (n, D) float64, table.labels (n,) int64 or None, table.names, table.classes
+    table.x (n, D) float64, table.labels (n,) int64 or None, table.names, table.classes, table.columns
 
-Every problem is a ToydiffError naming the file, and the row and column where there is one:
-a missing or empty file, a non-numeric cell, an empty / NaN / infinite cell (or, with
-drop_missing, the row is dropped), a ragged row, a constant column, a label column with one
-class, too few rows, a file larger than the memory it would need. CSV and TSV have a header
+Each column is continuous, integer, binary or categorical, numbers or text (toydiff.data.columns: detected
+from the rows, or declared with data.types); a column of text holds its levels' indices in `x`. Every problem
+is a ToydiffError naming the file, and the row and column where there is one: a missing or empty file, a
+column mixing numbers and text, an empty / NaN / infinite cell (or, with drop_missing, the row is dropped), a
+ragged row, a constant column, a label column with one class, a declared type the column contradicts, too
+few rows, a file larger than the memory it would need. CSV and TSV have a header
 row when the first row is not all numbers; without one, columns are named x1, x2, ...
 Parquet needs the optional extra: pip install 'toydiff[parquet]'.
 """
@@ -26,6 +28,7 @@ from ..core.errors import ToydiffError
 from ..core.files import check_regular
 from ..core.formats import load_npy, npy_header
 from ..core.machine import check_memory
+from .columns import Column, as_number, codes, decide, declared_types, level_order
 
 MIN_ROWS = 10
 MAX_COLUMNS = 1024  # columns a file may give the model: far beyond low-dimensional data, and every figure stays bounded
@@ -47,12 +50,18 @@ class Table:
     names: list[str]  # the D column names
     classes: list[str]  # the label values behind indices 0..K-1 ([] without labels)
     dropped: int = 0  # rows dropped for missing values (drop_missing)
-    integer: tuple[bool, ...] = ()  # per column: every value is a whole number (samples are rounded back)
+    columns: tuple[Column, ...] = ()  # each column's type (toydiff.data.columns), detected or declared
+    label_column: str = ""  # the label column's name ("" without one)
+    label_index: int = 0  # where the label column goes among `names` to restore the file's order of columns
 
 
 def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str = "",
-               drop_missing: bool = False) -> Table:
-    """The chosen numeric columns (default: all but the label column) and the labels of a data file."""
+               drop_missing: bool = False, types: Sequence[str] = (),
+               schema: Optional[Sequence[Column]] = None) -> Table:
+    """The chosen columns (default: all but the label column) and the labels of a data file, each column's
+    type detected or declared (`types`: data.types' "NAME=TYPE" entries); or, given a run's `schema` (its
+    columns' types, in the order of `columns`), read as that run's columns: a text level or a value the run's
+    column does not have is an error."""
     path = Path(path)
     if not path.is_file():
         raise ToydiffError(f"data file '{path}' does not exist")
@@ -70,7 +79,9 @@ def read_table(path: str | Path, columns: Sequence[str] = (), label_column: str 
         names, cells, rows = _read_text(path, "\t" if suffix == ".tsv" else ",")
     else:
         names, cells, rows = _read_array(path, suffix)
-    return _select(path, names, cells, rows, list(columns), label_column, drop_missing)
+    if schema is not None and len(schema) != len(columns):
+        raise ValueError("read_table: a schema needs the columns it describes")
+    return _select(path, names, cells, rows, list(columns), label_column, drop_missing, types, schema)
 
 
 def _too_wide(path: Path, d: int) -> ToydiffError:
@@ -86,7 +97,7 @@ def column_names(path: str | Path) -> list[str]:
     if suffix in (".csv", ".tsv") and path.is_file():
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             first = next(csv.reader(f, delimiter="\t" if suffix == ".tsv" else ","), [])
-        return default_names(len(first)) if all(_is_number(c) for c in first) else \
+        return default_names(len(first)) if all(as_number(c) is not None for c in first) else \
             [c.strip() for c in first]
     return read_table(path).names if path.is_file() and suffix in FORMATS else []
 
@@ -101,7 +112,7 @@ def _read_text(path: Path, delimiter: str):
     if not rows:
         raise ToydiffError(f"data file '{path}' is empty")
     first = rows[0][1]
-    if all(_is_number(c) for c in first):
+    if all(as_number(c) is not None for c in first):
         names = default_names(len(first))
     else:
         names, rows = [c.strip() for c in first], rows[1:]
@@ -163,14 +174,6 @@ def _read_npz(path: Path) -> np.ndarray:
         raise ToydiffError(f"data file '{path}' is not a readable .npz file ({e})") from None
 
 
-def _is_number(cell) -> bool:
-    try:
-        float(cell)
-        return True
-    except (TypeError, ValueError):
-        return False
-
-
 def column_warnings(x: np.ndarray, names: Sequence[str], where: str) -> list[str]:
     """Refuse a column that is constant in the rows x (n, D) (`where` names them, e.g. "the 30 held-out
     rows"); return a warning for each nearly constant one (one value in >= NEAR_CONSTANT of the rows)."""
@@ -198,62 +201,109 @@ def column_index(names: Sequence[str], column: str, where: str) -> int:
 
 
 def _select(path: Path, names: list[str], cells, rows: list[int], columns: list[str], label_column: str,
-            drop_missing: bool) -> Table:
-    label_at = column_index(names, label_column, f"data file '{path}'") if label_column else None
-    chosen = [column_index(names, c, f"data file '{path}'") for c in columns] if columns else \
+            drop_missing: bool, types: Sequence[str], schema: Optional[Sequence[Column]]) -> Table:
+    where = f"data file '{path}'"
+    label_at = column_index(names, label_column, where) if label_column else None
+    chosen = [column_index(names, c, where) for c in columns] if columns else \
         [i for i in range(len(names)) if i != label_at]
     if not chosen:
-        raise ToydiffError(f"data file '{path}' has no numeric column to model besides the label")
+        raise ToydiffError(f"{where} has no column to model besides the label")
     if len(chosen) > MAX_COLUMNS:
         raise _too_wide(path, len(chosen))
+    declared = declared_types(types, [names[c] for c in chosen], where)
+    texts: dict[int, list] = {}  # chosen column j -> its cells, for a column of text
     if isinstance(cells, np.ndarray) and cells.dtype.kind in "iufb":  # a numeric array: checked at once
         x = cells[:, chosen].astype(np.float64)
-        keep = np.isfinite(x).all(1)
-        if not drop_missing and not keep.all():
-            r, j = np.argwhere(~np.isfinite(x))[0]
-            raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[chosen[j]]}' is NaN or infinite; "
-                               "fix the file or pass --drop-missing")
-        return _finish(path, names, cells, x, keep, chosen, label_at)
-    x = np.empty((len(cells), len(chosen)), dtype=np.float64)
-    keep = np.ones(len(cells), dtype=bool)
-    for r, row in enumerate(cells):
+        missing = ~np.isfinite(x)
+    else:
+        x = np.empty((len(cells), len(chosen)), dtype=np.float64)
+        missing = np.zeros(x.shape, dtype=bool)
         for j, c in enumerate(chosen):
-            cell = row[c]
-            try:
-                value = float(cell)
-            except (TypeError, ValueError):
-                if isinstance(cell, str) and cell.strip() == "" or cell is None:
-                    value = math.nan
-                else:
-                    raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[c]}': {str(cell)!r} "
-                                       "is not a number") from None
-            if not math.isfinite(value):
-                if not drop_missing:
-                    raise ToydiffError(f"data file '{path}', row {rows[r]}, column '{names[c]}' is missing, NaN or "
-                                       "infinite; fix the file or pass --drop-missing")
-                keep[r] = False
-            x[r, j] = value
-    return _finish(path, names, cells, x, keep, chosen, label_at)
+            text = schema[j].text if schema is not None else declared.get(names[c]) == "categorical"
+            x[:, j], missing[:, j], is_text = _parse_column(where, names[c], [row[c] for row in cells], rows,
+                                                            bool(text))
+            if is_text:
+                texts[j] = [row[c] for row in cells]
+    if missing.any() and not drop_missing:
+        r, j = np.argwhere(missing)[0]
+        raise ToydiffError(f"{where}, row {rows[r]}, column '{names[chosen[j]]}' is missing, NaN or infinite; fix "
+                           "the file or pass --drop-missing")
+    keep = ~missing.any(axis=1)
+    return _finish(where, names, cells, x, keep, chosen, label_at, rows, texts, declared, schema)
 
 
-def _finish(path: Path, names: list[str], cells, x: np.ndarray, keep: np.ndarray, chosen: list[int],
-            label_at: Optional[int]) -> Table:
-    """Drop the rows marked missing, then check row count, constant columns and labels."""
+def _parse_column(where: str, name: str, cells: list, rows: list[int], text: bool
+                  ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(values, missing, is_text) of one column's cells: numbers, or (text=True, or text alone) a column of text
+    whose values are filled in later. A column mixing numbers and text is an error naming the rarer kind's
+    first cell."""
+    blank = np.array([cell is None or isinstance(cell, str) and not cell.strip() for cell in cells], dtype=bool)
+    numbers = [None if b else as_number(cell) for cell, b in zip(cells, blank)]
+    words = [r for r, v in enumerate(numbers) if v is None and not blank[r]]
+    if text or (words and len(words) == int((~blank).sum())):  # a column of text: only blanks are missing
+        return np.zeros(len(cells)), blank, True
+    if words:
+        numeric = [r for r, v in enumerate(numbers) if v is not None]
+        if len(words) <= len(numeric):
+            r = words[0]
+            raise ToydiffError(f"{where}, row {rows[r]}, column '{name}': {str(cells[r])!r} is not a number, and "
+                               f"the column's other cells are; fix the cell, or declare the column categorical "
+                               f"(data.types = [\"{name}=categorical\"])")
+        r = numeric[0]
+        raise ToydiffError(f"{where}, row {rows[r]}, column '{name}': {str(cells[r])!r} is a number in a column of "
+                           f"text; fix the cell, or declare the column categorical (data.types = "
+                           f"[\"{name}=categorical\"]) to read every cell as a level")
+    values = np.array([np.nan if v is None else v for v in numbers], dtype=np.float64)
+    return values, ~np.isfinite(values), False
+
+
+def _finish(where: str, names: list[str], cells, x: np.ndarray, keep: np.ndarray, chosen: list[int],
+            label_at: Optional[int], rows: list[int], texts: dict[int, list], declared: dict[str, str],
+            schema: Optional[Sequence[Column]]) -> Table:
+    """Drop the rows marked missing, give each column of text its codes, then check the row count, constant
+    columns, the labels, and each column's type (detected, declared, or the `schema` given)."""
     x = x[keep]
+    kept_rows = [r for r, k in zip(rows, keep) if k]
     if len(x) < MIN_ROWS:
-        raise ToydiffError(f"data file '{path}' has {len(x)} usable rows; toydiff needs at least {MIN_ROWS}")
+        raise ToydiffError(f"{where} has {len(x)} usable rows; toydiff needs at least {MIN_ROWS}")
+    levels: dict[int, list[str]] = {}
+    for j, raw in texts.items():
+        kept = [str(cell).strip() for cell, k in zip(raw, keep) if k]
+        if schema is not None:
+            x[:, j] = codes(schema[j], kept, where, kept_rows)
+        else:
+            levels[j] = level_order(kept)
+            index = {t: k for k, t in enumerate(levels[j])}
+            x[:, j] = [index[t] for t in kept]
+    found = []
     for j, c in enumerate(chosen):
         if np.ptp(x[:, j]) == 0:
-            raise ToydiffError(f"data file '{path}', column '{names[c]}' is constant ({x[0, j]:g}), so scaling "
-                               "would divide by zero; leave it out with data.columns")
+            shown = repr(levels[j][0]) if j in levels else f"{x[0, j]:g}"
+            raise ToydiffError(f"{where}, column '{names[c]}' is constant ({shown}), so scaling would divide by "
+                               "zero; leave it out with data.columns")
+        if schema is not None:
+            _check_levels(where, schema[j], x[:, j], kept_rows)
+        else:
+            found.append(decide(names[c], x[:, j], levels.get(j), declared.get(names[c], ""), where))
     labels, classes = None, []
     if label_at is not None:
         raw = [str(row[label_at]).strip() for row, k in zip(cells, keep) if k]
-        classes = sorted(set(raw), key=lambda v: (not _is_number(v), float(v) if _is_number(v) else 0.0, v))
+        classes = level_order(raw)
         if len(classes) < 2:
-            raise ToydiffError(f"data file '{path}', label column '{names[label_at]}' has one class "
-                               f"({classes[0]!r}); a conditional model needs at least two")
+            raise ToydiffError(f"{where}, label column '{names[label_at]}' has one class ({classes[0]!r}); a "
+                               "conditional model needs at least two")
         index = {v: i for i, v in enumerate(classes)}
         labels = np.array([index[v] for v in raw], dtype=np.int64)
-    integer = tuple(bool(np.all(x[:, j] == np.round(x[:, j]))) for j in range(x.shape[1]))
-    return Table(x, labels, [names[c] for c in chosen], classes, int((~keep).sum()), integer)
+    return Table(x, labels, [names[c] for c in chosen], classes, int((~keep).sum()),
+                 tuple(schema) if schema is not None else tuple(found),
+                 "" if label_at is None else names[label_at], sum(c < (label_at or 0) for c in chosen))
+
+
+def _check_levels(where: str, column: Column, values: np.ndarray, rows: list[int]) -> None:
+    """A discrete column of numbers read against a run's types: every value one of its levels."""
+    if column.discrete and not column.text:
+        bad = np.flatnonzero(~np.isin(values, column.values))
+        if bad.size:
+            r = int(bad[0])
+            raise ToydiffError(f"{where}, row {rows[r]}, column '{column.name}': {values[r]:g} is not one of the "
+                               f"column's values ({', '.join(f'{v:g}' for v in column.values[:6])})")

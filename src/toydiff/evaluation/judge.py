@@ -125,7 +125,7 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     variance_fn = (lambda x_t, t: denoiser.output(x_t, t)[1]) if denoiser.learned_variance else None
     gen = torch_generator(cfg.seed, "eval-nll", run.device)
     log(f"likelihoods of {n} held-out points: ELBO ({run.schedule.T} terms) and probability-flow ODE")
-    d, shift = run.dim, -run.scaler.log_abs_det  # nll_data = nll_scaled - log|det|
+    d, shift = run.frame_dim, -run.scaler.log_abs_det  # nll_data = nll_scaled - log|det|
     with Progress(run.schedule.T, "ELBO", "term", enabled=progress) as bar:
         elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn, on_step=bar.update)
     with Progress(None, "ODE likelihood", "evaluation", enabled=progress) as bar:
@@ -157,7 +157,7 @@ def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s:
     from sklearn.neighbors import KNeighborsClassifier
 
     if targets is None:
-        targets = class_targets(run.config, run.classes, run.holdout, run.holdout_labels, run.data)
+        targets = class_targets(run.config, run.classes, run.holdout, run.holdout_labels, run.data, run.columns)
     frame = next((t.frame for t in targets.values() if t is not None), None)
     if frame is None:
         return {}
@@ -204,7 +204,7 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     sampler, steps, spacing, nfe), where known, is reported with them: `nfe` is the samples' network
     evaluations per sample."""
     spec = spec or run.config.eval
-    given, target = target, target or target_for(run.config, run.holdout, run.data)
+    given, target = target, target or target_for(run.config, run.holdout, run.data, run.columns)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
     if sampling is not None:
         rep["nfe"], rep["sampling"] = sampling.get("nfe"), sampling
@@ -212,8 +212,8 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     if run.classes and classes != {}:
         rep["per_class"] = per_class(run, spec, log, classes)
     if spec.nll_n > 0 and run.scaler.log_abs_det is None:
-        log(f"likelihoods skipped: the {run.scaler.kind} scaler is not affine, so a density in the model's frame "
-            "says nothing exact in data units (a column's spikes have none)")
+        log("likelihoods skipped: the map into the model's frame is not affine (the quantile scaler) or a column "
+            "is binary or categorical, so a density in the model's frame says nothing exact in data units")
     elif spec.nll_n > 0:
         rep["likelihood"] = likelihoods(run, target, min(spec.nll_n, target.max_n or spec.nll_n), log, progress)
     run.dir.write_metrics(rep)

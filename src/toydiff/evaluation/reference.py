@@ -21,7 +21,8 @@ import numpy as np
 from ..core.config import ExperimentConfig
 from ..core.errors import ToydiffError
 from ..data.datasets import DATASETS, params
-from ..data.scaler import Scaler
+from ..data.columns import Column
+from ..data.scaler import Scaler, TableScaler
 from ..data.tables import column_warnings, default_names
 from ..data.zoo import Params
 
@@ -50,11 +51,13 @@ class Target:
     classes: Optional[dict[int, Optional["Target"]]] = None
 
 
-def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None) -> Target:
+def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None,
+                columns: Optional[Sequence[Column]] = None) -> Target:
     """The user's held-out rows as the reference: the model's samples meet n of them (all of them at most).
     dropped: how many rows were left out for being training rows (unseen_rows), reported with the
-    reference. frame: the evaluation frame (default: the rows' own per-axis min-max; a class's rows are
-    judged in the pooled frame)."""
+    reference. frame: the evaluation frame (default: the rows' own per-axis min-max, with a binary or
+    categorical column of `columns` (the run's types) as its levels at +-1; a class's rows are judged in the
+    pooled frame)."""
     holdout = np.asarray(holdout, dtype=np.float64)
 
     def draw(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -64,7 +67,10 @@ def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] =
     key = {"dataset": "file", "holdout_sha256": digest, "rows": len(holdout)}
     if dropped:
         key["training_rows_dropped"] = dropped
-    return Target(draw, frame or Scaler.fit(holdout, "minmax"), key, max_n=len(holdout))
+    if frame is None:
+        frame = Scaler.fit(holdout, "minmax") if columns is None else \
+            TableScaler.fit_table(holdout, "minmax", tuple(columns), every_level=True)
+    return Target(draw, frame, key, max_n=len(holdout))
 
 
 def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
@@ -113,12 +119,12 @@ def check_reference(cfg: ExperimentConfig, holdout: Optional[np.ndarray], names:
 
 
 def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndarray] = None,
-                  holdout_labels: Optional[np.ndarray] = None, training: Optional[np.ndarray] = None
-                  ) -> dict[int, Optional[Target]]:
+                  holdout_labels: Optional[np.ndarray] = None, training: Optional[np.ndarray] = None,
+                  columns: Optional[Sequence[Column]] = None) -> dict[int, Optional[Target]]:
     """One reference per class of a conditional run, in the pooled reference's frame: the zoo dataset's draws
     of that class (the label its sampler gives: the moon, the component, ...), or the held-out rows of that
     class of the user's file that are not training rows; None for a class with fewer than MIN_EVAL_N."""
-    pooled = target_for(cfg, holdout, training)
+    pooled = target_for(cfg, holdout, training, columns)
     if cfg.data.path:
         out: dict[int, Optional[Target]] = {}
         for k in range(classes):
@@ -143,11 +149,11 @@ def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndar
 
 
 def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None,
-               training: Optional[np.ndarray] = None) -> Target:
+               training: Optional[np.ndarray] = None, columns: Optional[Sequence[Column]] = None) -> Target:
     """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
-    file, its held-out rows that are not also training rows."""
+    file, its held-out rows that are not also training rows (`columns`: their types)."""
     if cfg.data.path:
-        return file_target(*reference_rows(cfg, holdout, training))
+        return file_target(*reference_rows(cfg, holdout, training), columns=columns)
     spec = DATASETS.get(cfg.data.name)
     name = spec.iid_twin or cfg.data.name
     spec, p = DATASETS.get(name), params(cfg.data)
@@ -177,7 +183,9 @@ def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
         log(f"the classes are not judged one by one on '{path}': it has no label column"
             + (f" '{label}'" if label else ""))
         label = ""
-    table = read_table(path, list(columns), label)
+    chosen = list(columns) or [h for h in header if h != label]
+    table = read_table(path, chosen, label, schema=run.columns if run.columns is not None and
+                       len(chosen) == run.dim else None)
     if table.x.shape[1] != run.dim:
         raise ToydiffError(f"the run models {run.dim} columns ({', '.join(run.names or [])}) but '{path}' gives "
                            f"{table.x.shape[1]} ({', '.join(table.names)}); choose them with --columns")
@@ -189,7 +197,7 @@ def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
                            f"evaluation needs at least {MIN_EVAL_N} rows it has not seen: use a held-out file")
     if dropped:
         log(f"left out {dropped} of the {len(table.x)} rows of '{path}': they are training rows of the run")
-    target = file_target(rows, dropped)
+    target = file_target(rows, dropped, columns=run.columns)
     if not run.classes:
         return target
     if not label:

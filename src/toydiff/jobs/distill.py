@@ -46,9 +46,8 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     cfg = recipe.config(t.config, steps, train_steps)
     validate(cfg)
     dev = resolve_device(device)
-    schedule, model = methods.of(cfg).build(cfg, t.dim, dev)
-    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
-                  integer_columns=t.integer_columns)
+    schedule, model = methods.of(cfg).build(cfg, t.frame_dim, dev)
+    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout)
     lesson = recipe.lesson(t, student, steps, pairs, progress, log, on_round)
     if lesson.data is not None:
         student.data = lesson.data

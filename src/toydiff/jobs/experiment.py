@@ -88,7 +88,7 @@ def _finish(run: Run, figures: bool, evaluate: bool, progress: bool, log: Log) -
     log(f"sampling {cfg.sample.n} points with {cfg.sample.sampler} ({plan.steps} of T = {run.schedule.T} steps)")
     drawn = run.draw(cfg.sample.n, progress=progress)
     samples, sampling = drawn.samples, drawn.record  # how these samples were drawn (the figures sample again)
-    run.dir.write_samples(samples, run.column_names, sampling)
+    run.dir.write_samples(samples, run.table_text(samples, drawn.labels), sampling)
     result = Experiment(run, samples)
     if figures:
         from ..pictures.figures import write_figures

@@ -29,6 +29,7 @@ from ..core.errors import RunInterrupted, ToydiffError, first_line
 from ..core.machine import check_memory
 from ..core.runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
 from ..data import datasets
+from ..data.columns import Column, describe
 from ..data.scaler import Scaler
 from ..data.tables import column_index, column_warnings, default_names, read_table
 from ..diffusion.losses import Objective
@@ -56,7 +57,9 @@ class Data:
     classes: list[str]
     holdout: Optional[np.ndarray] = None
     holdout_labels: Optional[np.ndarray] = None
-    integer: tuple[bool, ...] = ()  # per column: whole numbers only in the user's file
+    columns: Optional[tuple[Column, ...]] = None  # a user's file: each column's type (toydiff.data.columns)
+    label_column: str = ""  # a user's file: the label column's name, and its place among the columns
+    label_index: int = 0
 
 
 def make_data(cfg: ExperimentConfig) -> Data:
@@ -65,7 +68,8 @@ def make_data(cfg: ExperimentConfig) -> Data:
         x, labels = datasets.load_dataset(cfg.data, cfg.data.n, numpy_rng(cfg.seed, "data"))
         classes = [] if labels is None else [str(k) for k in range(int(labels.max()) + 1)]
         return Data(x, labels, default_names(x.shape[1]), classes)
-    table = read_table(cfg.data.path, cfg.data.columns, cfg.data.label_column, cfg.data.drop_missing)
+    table = read_table(cfg.data.path, cfg.data.columns, cfg.data.label_column, cfg.data.drop_missing,
+                       cfg.data.types)
     order = numpy_rng(cfg.seed, "holdout").permutation(len(table.x))
     cut = int(round(cfg.data.holdout * len(order)))
     held, train_rows = order[:cut], order[cut:]
@@ -75,7 +79,7 @@ def make_data(cfg: ExperimentConfig) -> Data:
     labels = None if table.labels is None else table.labels[train_rows]
     held_labels = None if table.labels is None or not len(held) else table.labels[held]
     return Data(table.x[train_rows], labels, table.names, table.classes, table.x[held] if len(held) else None,
-                held_labels, table.integer)
+                held_labels, table.columns, table.label_column, table.label_index)
 
 
 def validate(cfg: ExperimentConfig, world: World = World()) -> None:
@@ -126,11 +130,13 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
         labels = check_labels(data.labels, data.x.shape[0])
         classes = int(labels.max()) + 1
         check_conditioning(classes, cfg.sample.label, cfg.sample.guidance)
-    scaler = Scaler.fit(data.x, cfg.data.scaling, data.names)
-    schedule, model = methods.of(cfg).build(cfg, data.x.shape[1], device, classes)
+    if data.columns is not None:  # a column constant in the training rows is refused before the scaler meets it
+        column_warnings(data.x, data.names, f"the {len(data.x)} training rows")
+    scaler = Scaler.fit(data.x, cfg.data.scaling, data.names, data.columns)
+    schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, device, classes)
     return Run(Path(path), cfg, scaler, schedule, model, data.x.astype(np.float32), device, labels, data.names,
                data.holdout, data.classes if classes else [], data.holdout_labels if classes else None,
-               [j for j, whole in enumerate(data.integer) if whole])
+               data.label_column if classes else "", data.label_index if classes else 0)
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = silent,
@@ -160,19 +166,22 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     if evaluate:
         from ..evaluation.reference import check_reference
         warnings += check_reference(cfg, run.holdout, run.names, run.data)
+    if run.columns is not None:
+        log(describe(run.columns))
     for warning in filter(None, warnings):
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
-                       torch_generator(cfg.seed, "train", device), run.method.other_networks(cfg, run.dim, device))
+                       torch_generator(cfg.seed, "train", device), run.method.other_networks(cfg, run.frame_dim, device))
     if not world.is_writer:
         return _train(run, state, {}, False, silent, world, objective)
     x = run.data
     info = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "dim": int(x.shape[1]),
             "n_train": int(x.shape[0]), "classes": run.classes, "columns": run.names,
             "class_names": run.class_names, "source": cfg.data.path or cfg.data.name,
-            "integer_columns": [run.column_names[j] for j in run.integer_columns],
+            **({"column_types": [c.kind for c in run.columns], "label_column": run.label_column,
+                "label_index": run.label_index} if run.columns is not None else {}),
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
             "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
@@ -209,7 +218,7 @@ def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, w
     set_threads(run.config.train.threads, run.device)
     state = make_state(run.model, run.config.train, run.method.timesteps(run.config, run.device),
                        torch_generator(run.config.seed, "train", run.device),
-                       run.method.other_networks(run.config, run.dim, run.device))
+                       run.method.other_networks(run.config, run.frame_dim, run.device))
     saved = run.dir.load_checkpoint()
     if saved is not None:
         try:

@@ -51,7 +51,7 @@ class Reflow(Student):
             f"{TEACHER_SAMPLER['steps']} {TEACHER_SAMPLER['spacing']} steps)")
         x = teacher.sample(pairs, seed=seed, progress=progress, **TEACHER_SAMPLER)
         # the x_T each sample started from: Run.sample's per-sample stream, whatever its batches
-        z = NoiseStream(derive_seed(seed, "sample"), 0, pairs, teacher.device).randn((pairs, teacher.dim))
+        z = NoiseStream(derive_seed(seed, "sample"), 0, pairs, teacher.device).randn((pairs, teacher.frame_dim))
         same_network = teacher.config.model == student.config.model and not teacher.method.intervals
         if teacher.method.process(teacher.config) is student.method and same_network:
             student.model.load_state_dict(teacher.model.state_dict())  # fine-tune the teacher's (EMA) weights

@@ -99,14 +99,14 @@ def pair_columns(run: Run, data: np.ndarray) -> tuple[np.ndarray, list[str]]:
     """The (D, k) projection shown by the pair plot and its axis names: plot.columns of the data by name or
     index, else the first min(D, 4) principal components of the scaled training data (PCA is orthonormal,
     so isotropic noise stays isotropic in the projection)."""
-    names = run.column_names
-    if run.config.plot.columns:
+    names, d = run.column_names, run.frame_dim
+    if run.config.plot.columns:  # a categorical column is shown by its first level's coordinate
         index = [column_index(names, c, "plot.columns: the data") for c in run.config.plot.columns]
-        return np.eye(run.dim)[:, index], [names[i] for i in index]
-    if run.dim <= 4:
-        return np.eye(run.dim), list(names)
+        return np.eye(d)[:, [run.scaler.frame_columns[i] for i in index]], [names[i] for i in index]
+    if d <= 4:
+        return np.eye(d), run.scaler.frame_names or list(names)
     from sklearn.decomposition import PCA
-    k = min(run.dim, 4)
+    k = min(d, 4)
     return PCA(n_components=k, random_state=0).fit(data).components_.T, [f"PC{i + 1}" for i in range(k)]
 
 
@@ -117,7 +117,7 @@ def make_figures(run: Run, samples: np.ndarray) -> dict[str, Figure]:
     first principal components), the per-column marginals in data units, the forward process in the pair
     plot's first two axes (D >= 2) and the schedules. Any D: the loss curve of its training log ("loss").
     """
-    figures = _two_dims(run, samples) if run.dim == 2 else _other_dims(run, samples)
+    figures = _two_dims(run, samples) if run.frame_dim == 2 else _other_dims(run, samples)
     log = run.dir.read_log()
     if log is not None:
         figures["loss"] = plots.loss_figure(log["step"], log["loss"], log["lr"])
@@ -226,9 +226,9 @@ FRAME_MS, HOLD_MS = 80, 1500  # each frame's time on screen, and the last frame'
 
 def _projection(run: Run) -> np.ndarray:
     """(D, 2): the plane an animation is drawn in, the pair plot's first two axes (the identity for D = 2)."""
-    if run.dim < 2:
+    if run.frame_dim < 2:
         raise ToydiffError("an animation draws points in a plane; the data has one column")
-    if run.dim == 2:
+    if run.frame_dim == 2:
         return np.eye(2)
     return pair_columns(run, run.scaler.transform(run.data))[0][:, :2]
 

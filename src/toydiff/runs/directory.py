@@ -14,7 +14,7 @@ A run directory describes itself, so sampling, plotting and evaluation need noth
     checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
                            which `--resume` continues from
     train_log.csv          step, loss, lr, seconds: a row appended as each is logged, rewritten at checkpoints
-    samples.npy / .csv     generated samples, in data units
+    samples.npy / .csv     generated samples, in data units (.csv: the user's table, a text column's levels as text)
     samples.json           how they were drawn, and the SHA-256 of both files (written last: it vouches for them)
     .lock                  the OS lock of the process writing the run directory (RunDir.writing)
     metrics.json           the evaluation: each metric beside its noise floor, the verdict, the likelihoods
@@ -77,7 +77,7 @@ REPORT = "report.html"
 # hostile metadata ends in one line naming the field, never a TypeError inside.
 MANIFEST_SCHEMA = Fields({
     "format": str, "version": int, "status": str, "dim": int, "n_train": int, "classes": int, "columns": [str],
-    "class_names": [str], "integer_columns": [str], "source": str, "student": str, "teacher": str, "method": str,
+    "class_names": [str], "column_types": [str], "label_column": str, "label_index": int, "source": str, "student": str, "teacher": str, "method": str,
     "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
     "alpha_bar_T": float, "parameters": int, "device": str, "threads": int, "created": str,
     "toydiff_version": str, "cuda_graphs": str}, required=("format", "version", "status"))
@@ -374,16 +374,15 @@ class RunDir:
             os.fsync(f.fileno())
 
     # --- outputs -----------------------------------------------------------------------------------------
-    def write_samples(self, samples: np.ndarray, names: list[str], sampling: Optional[dict] = None
-                      ) -> tuple[Path, Path]:
-        """samples.npy and samples.csv in data units, the CSV headed by the data's column names, and samples.json
+    def write_samples(self, samples: np.ndarray, table: str, sampling: Optional[dict] = None) -> tuple[Path, Path]:
+        """samples.npy and samples.csv in data units (the CSV text `table`: Run.table_text), and samples.json
         beside them: how they were drawn (`sampling`, Drawn.record: sampler, steps, spacing, nfe) and the
         SHA-256 of both files. The three are written as one unit, samples.json renamed last, so a kill or a full
         disk in between leaves files that read_samples finds do not belong together, never silently mixed."""
         npy, csv, about = self.samples, self.samples.with_suffix(".csv"), self.path / SAMPLING
         buf = io.BytesIO()
         np.save(buf, samples.astype(np.float32), allow_pickle=False)
-        npy_bytes, csv_bytes = buf.getvalue(), csv_text(samples, names).encode("utf-8")
+        npy_bytes, csv_bytes = buf.getvalue(), table.encode("utf-8")
         record = {**(sampling or {}), "npy_sha256": hashlib.sha256(npy_bytes).hexdigest(),
                   "csv_sha256": hashlib.sha256(csv_bytes).hexdigest()}
         atomic_write_many({npy: npy_bytes, csv: csv_bytes, about: json.dumps(record).encode("utf-8")})

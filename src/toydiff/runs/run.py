@@ -22,7 +22,9 @@ from ..core.errors import ToydiffError, first_line
 from ..core.machine import check_memory
 from ..core.progress import Progress
 from ..core.runtime import NoiseStream, derive_seed, resolve_device, set_threads
-from ..data.scaler import Scaler
+from ..core.formats import csv_text
+from ..data.columns import Column, table_text
+from ..data.scaler import Scaler, TableScaler
 from ..data.tables import default_names
 from ..diffusion.models import Autocast, check_batch_memory
 from ..diffusion.parameterization import Denoiser
@@ -42,6 +44,7 @@ class Drawn:
     samples: np.ndarray  # (n, D) data units
     record: dict
     trajectory: Optional[np.ndarray] = None  # (steps + 1, n, D) x_T .. x_0 in the model's frame, when asked
+    labels: Optional[np.ndarray] = None  # (n,) the class of each sample, for a conditional model
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Run:
     holdout: Optional[np.ndarray] = None  # (H, D) rows of the user's file kept out of training, data units
     class_names: list[str] = field(default_factory=list)  # the label values behind class indices 0..K-1
     holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
-    integer_columns: list[int] = field(default_factory=list)  # columns of whole numbers in the user's file
+    label_column: str = ""  # a conditional run on a file: its label column's name, written into samples.csv
+    label_index: int = 0  # and that column's place among the columns
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -77,8 +81,26 @@ class Run:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
     @property
+    def frame_dim(self) -> int:
+        """The coordinates the network sees: D, or more where a categorical column is one-hot."""
+        return self.scaler.frame_dim
+
+    @property
     def column_names(self) -> list[str]:
         return self.names or default_names(self.dim)
+
+    @property
+    def columns(self) -> Optional[tuple[Column, ...]]:
+        """A user's table's column types (toydiff.data.columns); None for the zoo's data."""
+        return self.scaler.columns if isinstance(self.scaler, TableScaler) else None
+
+    def table_text(self, samples: np.ndarray, labels: Optional[np.ndarray] = None) -> str:
+        """Samples as the CSV text of the user's table (its columns' names, order and types, the label column
+        back in its place for a conditional run), or of the columns of the zoo's data."""
+        if self.columns is None:
+            return csv_text(samples, self.column_names)
+        return table_text(samples, self.columns, labels if self.label_column else None, self.label_column,
+                          self.label_index, self.class_names)
 
     @property
     def method(self) -> Method:
@@ -108,15 +130,15 @@ class Run:
         dev = resolve_device(device)
         set_threads(threads, dev)  # for sampling (resume_run sets train.threads for training)
         methods.check(cfg)  # a config.toml edited into a combination its method refuses
-        schedule, model = methods.of(cfg).build(cfg, data.shape[1], dev, 0 if labels is None else int(labels.max()) + 1)
+        schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, dev,
+                                                0 if labels is None else int(labels.max()) + 1)
         if weights:
             rd.load_weights(model, ema=cfg.sample.use_ema)  # sampling uses the moving average when there is one
         model.eval()
         names = info.get("columns") or default_names(data.shape[1])
-        integer = [names.index(c) for c in info.get("integer_columns") or [] if c in names]
         return cls(rd.path, cfg, scaler, schedule, model, data, dev, labels, names, holdout,
                    info.get("class_names") or [], rd.read_holdout_labels(holdout) if labels is not None else None,
-                   integer)
+                   info.get("label_column", "") if labels is not None else "", info.get("label_index", 0))
 
     def settings(self, **given) -> SampleConfig:
         """The run's [sample] settings with the given ones replaced (None keeps the run's), checked like a config."""
@@ -154,7 +176,9 @@ class Run:
         each recurring batch shape's whole loop as one CUDA graph (toydiff.training.graphs.LoopGraphs; the same samples
         as eager), and autocast = bf16 runs the network in bfloat16. progress shows the steps (the batches of
         a graphed job).
-        Columns of the user's file that hold only whole numbers come back rounded (sample.round_integers).
+        A user's table comes back as values its columns take (toydiff.data.scaler.TableScaler): binary and
+        categorical columns as their levels, integers whole (sample.round_integers), numbers within the
+        training rows' range. `Drawn.labels` holds a conditional model's class of each sample.
         into: an (n, D) array to write the samples into and return (a memory map: `core.files.npy_writer`), so
         that memory stays that of one batch however large n is.
         """
@@ -180,8 +204,8 @@ class Run:
         check_batch_memory(self.config.model, min(cfg.batch_size, n), "sample.batch_size (--batch-size)",
                            training=False)
         samples = np.empty((n, self.dim)) if into is None else into  # each batch is written into it in data units
+        drawn_labels = np.empty(n, dtype=np.int64) if self.labels is not None else None
         paths, calls, bad = [], 0, 0
-        whole = self.integer_columns if cfg.round_integers else []  # whole-number columns come back whole
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
         graphed = graphs.wanted(cfg.cuda_graphs, self.device, "sample.cuda_graphs",
                                 "a trajectory is read at every step" if trajectory else plan.graph_blocker)
@@ -195,7 +219,7 @@ class Run:
                 b = min(cfg.batch_size, n - start)
                 stream = NoiseStream(base_seed, start, b, self.device)  # each sample's noise, whatever the batches
                 labels = self._draw_labels(b, cfg.label, stream)
-                x_T = stream.randn((b, self.dim))
+                x_T = stream.randn((b, self.frame_dim))
                 visited: list[torch.Tensor] = []
 
                 def callback(t, x_t, x0_hat):
@@ -221,11 +245,11 @@ class Run:
                 calls += calls_of[b]
                 if not step_bar:
                     bar.update(per_batch or 1)
-                batch = self.scaler.inverse(x0.cpu().double().numpy())
-                bad += int(np.count_nonzero(~np.isfinite(batch).all(axis=1)))
-                if whole:
-                    batch[:, whole] = np.round(batch[:, whole])
-                samples[start:start + b] = batch
+                z = x0.cpu().double().numpy()
+                bad += int(np.count_nonzero(~np.isfinite(z).all(axis=1)))
+                samples[start:start + b] = self.scaler.inverse(z, whole=cfg.round_integers)
+                if drawn_labels is not None:
+                    drawn_labels[start:start + b] = labels.cpu().numpy()
                 if trajectory:
                     paths.append(torch.stack(visited + [x0.cpu()]))
         graphs.join(loops.stream)
@@ -237,7 +261,7 @@ class Run:
                                "(sample.use_ema = false)")
         return Drawn(samples, {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
                                "nfe": round(calls / batches, 2), **({"cuda_graphs": loops.note} if graphed else {})},
-                     torch.cat(paths, dim=1).numpy() if trajectory else None)
+                     torch.cat(paths, dim=1).numpy() if trajectory else None, drawn_labels)
 
     @staticmethod
     def check_count(n: int) -> None:
