@@ -16,7 +16,6 @@ Parquet needs the optional extra: pip install 'toydiff[parquet]'.
 from __future__ import annotations
 
 import csv
-import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
