@@ -177,11 +177,28 @@ def test_a_categorical_columns_sampled_frequencies_match_the_training_frequencie
         assert stats.chisquare(observed, uniform).pvalue < 1e-6  # the test has the power to see a wrong share
 
 
-def test_sample_label_k_from_the_cli_writes_that_class_in_the_label_column(typed_run, tmp_path, capsys):
-    out = tmp_path / "up.csv"
-    assert main(["sample", str(typed_run[1]), "--label", "1", "--n", "50", "--out", str(out), "--quiet"]) == 0
-    rows = list(csv.DictReader(open(out, newline="", encoding="utf-8")))
-    assert len(rows) == 50 and {r["kind"] for r in rows} == {"up"} and {r["grade"] for r in rows} <= set(TRICKY)
+def _rows(path):
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sample_label_k_and_per_class_counts_from_the_cli(typed_run, tmp_path, capsys):
+    run, out = typed_run[1], tmp_path / "up.csv"
+    for label in ("1", "up"):  # the class's index or its name
+        assert main(["sample", str(run), "--label", label, "--n", "50", "--out", str(out), "--quiet"]) == 0
+        rows = _rows(out)
+        assert len(rows) == 50 and {r["kind"] for r in rows} == {"up"} and {r["grade"] for r in rows} <= set(TRICKY)
+    assert main(["sample", str(run), "--counts", "up=30,down=12", "--out", str(out), "--quiet"]) == 0
+    kinds = [r["kind"] for r in _rows(out)]
+    assert kinds == ["up"] * 30 + ["down"] * 12
+    capsys.readouterr()
+    for flags, message in [(["--label", "sideways"], "'sideways' is not a class"),
+                           (["--counts", "up=0"], "must read CLASS=N with N >= 1"),
+                           (["--counts", "up=3,up=4"], "names class 'up' twice"),
+                           (["--counts", "up=3", "--n", "5"], "drop --label, --n and --trajectory")]:
+        assert main(["sample", str(run), "--out", str(tmp_path / "never.csv")] + flags) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and not (tmp_path / "never.csv").exists()
 
 
 def test_eval_data_reads_a_file_as_the_runs_columns_and_names_a_level_it_never_had(typed_run, tmp_path, capsys):

@@ -105,7 +105,7 @@ def test_cli_samples_one_class(cond_run, tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert on_outer_arc(np.load(out)).mean() < 0.1
     assert main(["sample", str(cond_run.path), "--label", "5", "--out", str(tmp_path / "x.npy")]) == 2
-    assert "model knows classes 0..1" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    assert "'5' is not a class" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
 
 
 def test_each_class_is_judged_on_its_own_and_a_mixed_up_class_is_caught(tmp_path, monkeypatch):

@@ -115,8 +115,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
                    "whole sampling loop as one CUDA graph: auto, on or off (default: the run's sample.cuda_graphs)")
     p.add_argument("--autocast", choices=config_io.AUTOCASTS, help="bf16: the network in bfloat16, for GPUs "
                    "(default: the run's sample.autocast)")
-    p.add_argument("--label", type=int, help="conditional models: the class to sample; -1 = all, in their "
-                   "training proportions (default: the run's sample.label)")
+    p.add_argument("--label", help="conditional models: the class to sample, by its name (a value of the label "
+                   "column) or index; -1 = all, in their training proportions (default: the run's sample.label)")
+    p.add_argument("--counts", metavar="CLASS=N,...", help="conditional models: how many samples of each class, "
+                   "e.g. up=300,down=200 (instead of --n and --label)")
     p.add_argument("--guidance", type=float, help="conditional models: classifier-free guidance scale; 1 = plain "
                    "conditional (default: the run's sample.guidance)")
     p.add_argument("--out", metavar="FILE", help="a .npy or .csv file (default: RUN_DIR/samples.npy and .csv)")
@@ -349,21 +351,59 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _sample(run, args: argparse.Namespace, out: Optional[Path], trajectory: Optional[Path]) -> int:
-    from .core.files import atomic_write_text, npy_writer
-    from .core.formats import save_npy
+    from .core.files import npy_writer
 
-    n = run.config.sample.n if args.n is None else args.n
+    counts = _class_counts(run, args)
+    n = sum(counts.values()) if counts else run.config.sample.n if args.n is None else args.n
     run.check_count(n)
     options = dict(seed=args.seed, batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
-                   spacing=args.spacing, eta=args.eta, clip=args.clip, label=args.label, guidance=args.guidance,
+                   spacing=args.spacing, eta=args.eta, clip=args.clip, guidance=args.guidance,
                    compile=args.compile, cuda_graphs=args.cuda_graphs, autocast=args.autocast,
                    progress=not args.quiet)
+    if counts:  # one draw per class, each with its own seed, stacked in the order given
+        import numpy as np
+
+        from .runs.run import Drawn
+        seed = run.config.seed if args.seed is None else args.seed
+        parts = [run.draw(count, label=k, **{**options, "seed": seed + i}) for i, (k, count) in
+                 enumerate(counts.items())]
+        drawn = Drawn(np.concatenate([p.samples for p in parts]), parts[0].record,
+                      labels=np.concatenate([p.labels for p in parts]))
+        return _write_drawn(run, drawn, out, None)
+    options["label"] = None if args.label is None else run.class_index(args.label)
     if out is not None and out.suffix == ".npy" and trajectory is None:  # streamed: memory is one batch's
         with npy_writer(out, (n, run.dim)) as into:  # a text column's level indices (samples.csv: its text)
             run.sample(n, into=into, **options)
         print(f"wrote {n} samples to {out} (data units)")
         return 0
-    drawn = run.draw(n, trajectory=trajectory is not None, **options)
+    return _write_drawn(run, run.draw(n, trajectory=trajectory is not None, **options), out, trajectory)
+
+
+def _class_counts(run, args: argparse.Namespace) -> dict[int, int]:
+    """--counts as {class index: count}, or {} without it."""
+    if args.counts is None:
+        return {}
+    if args.label is not None or args.n is not None or args.trajectory:
+        raise ToydiffError("--counts gives each class's number of samples; drop --label, --n and --trajectory")
+    counts: dict[int, int] = {}
+    for item in _columns(args.counts) or []:
+        name, _, count = item.rpartition("=")
+        if not name or not count.strip().isdigit() or int(count) < 1:
+            raise ToydiffError(f"--counts entry '{item}' must read CLASS=N with N >= 1, e.g. up=300")
+        k = run.class_index(name.strip())
+        if k < 0 or k in counts:
+            raise ToydiffError(f"--counts names class '{name.strip()}' {'twice' if k in counts else 'as -1'}; "
+                               "give each class once")
+        counts[k] = int(count)
+    if not counts:
+        raise ToydiffError("--counts is empty; give CLASS=N entries, e.g. up=300,down=200")
+    return counts
+
+
+def _write_drawn(run, drawn, out: Optional[Path], trajectory: Optional[Path]) -> int:
+    from .core.files import atomic_write_text
+    from .core.formats import save_npy
+
     samples = drawn.samples
     if out is None:
         npy, csv = run.dir.write_samples(samples, run.table_text(samples, drawn.labels), drawn.record)

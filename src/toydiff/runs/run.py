@@ -94,6 +94,22 @@ class Run:
         """A user's table's column types (toydiff.data.columns); None for the zoo's data."""
         return self.scaler.columns if isinstance(self.scaler, TableScaler) else None
 
+    def class_index(self, label: str | int) -> int:
+        """A class of a conditional model given by its name (a value of the label column; names first, so a
+        class named "2" is that class) or by its index, as its index; -1 (all classes) passes through."""
+        names = self.class_names or [str(k) for k in range(self.classes)]
+        if not self.classes:
+            raise ToydiffError(f"'{self.path}' is not a conditional model, so it has no classes to choose from; "
+                               "drop --label / --counts")
+        text = str(label).strip()
+        if text in names:
+            return names.index(text)
+        if text.lstrip("-").isdigit() and -1 <= int(text) < self.classes:
+            return int(text)
+        raise ToydiffError(f"'{text}' is not a class of '{self.path}'; its classes are "
+                           f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''} (or their indices 0.."
+                           f"{self.classes - 1}, or -1 for all)")
+
     def table_text(self, samples: np.ndarray, labels: Optional[np.ndarray] = None) -> str:
         """Samples as the CSV text of the user's table (its columns' names, order and types, the label column
         back in its place for a conditional run), or of the columns of the zoo's data."""
