@@ -33,6 +33,8 @@ from ..runs.run import Run
 from . import metrics as M
 from .floorcache import cached_floors
 from .reference import MIN_EVAL_N, Target, class_targets, target_for
+
+MEMORIZED_SAMPLES = 20_000  # samples the memorization test compares with the reference rows (all of them, up to this)
 from .scores import compute, flagged, floors, fresh_pairs, memorization_floor, report, shuffled_pairs
 
 
@@ -73,7 +75,7 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
                                f"(eval.n = {spec.n})")
         log(f"only {len(samples)} samples: evaluating at n = {len(samples)} instead of eval.n = {spec.n}")
         spec = replace(spec, n=len(samples))
-    samples = samples[:spec.n]
+    every, samples = samples[:MEMORIZED_SAMPLES], samples[:spec.n]
     with _all_cores():
         # one kernel for the floors and the comparison: fitted to a fixed draw of the reference at this n
         bandwidths = M.mmd_bandwidths(target.frame.transform(target.draw(np.random.default_rng(0xB4D), spec.n)))
@@ -94,11 +96,12 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
             settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors use
             floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors,
                                           log)
-        if training is not None:  # its floor depends on the training rows, so it is not cached; it costs seconds
-            train = target.frame.transform(training)
-            floor = {**floor, "memorized": memorization_floor(pairs, target.frame, spec, train)}
-            values["memorized"] = M.memorized_share(target.frame.transform(samples), target.frame.transform(reference),
-                                                    train)
+        if training is not None:  # every sample against every reference row: its floor is exact (beta-binomial)
+            rows = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), target.max_n) \
+                if finite else reference
+            values["memorized"] = M.memorized_share(target.frame.transform(every), target.frame.transform(rows),
+                                                    target.frame.transform(training))
+            floor = {**floor, "memorized": memorization_floor(len(every), len(rows))}
     rep = report(values, floor, spec)
     rep["mmd_bandwidths"] = [float(f"{b:.4g}") for b in bandwidths]
     rep["frame"] = ("per-axis min-max of the held-out rows" if finite

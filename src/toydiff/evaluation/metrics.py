@@ -179,14 +179,31 @@ def prdc(samples: np.ndarray, reference: np.ndarray, k: int = 5) -> dict[str, fl
 
 
 def memorized_share(samples: np.ndarray, reference: np.ndarray, training: np.ndarray, quantile: float = 0.1) -> float:
-    """Share of samples closer to a training row than `quantile` of the reference's rows are (distance to the
-    closest training record, Euclidean). Fresh data scores `quantile` (0.1) up to sampling noise; a model
-    that reproduces its training rows scores more (a copy of them scores 1)."""
+    """Share of samples closer to a training row than the k-th closest of the m reference rows is, k =
+    memorized_rank(m, quantile) (distance to the closest training record, Euclidean). Samples exchangeable
+    with the reference score about k / (m + 1) (`memorized_null`); a model that reproduces its training rows
+    scores more (a copy of them scores 1)."""
     x, y = check_pair(samples, reference)
     train = check_pair(training, y)[0]
     nearest = NearestNeighbors(n_neighbors=1).fit(train)
-    cut = np.quantile(nearest.kneighbors(y)[0][:, 0], quantile)
+    cut = np.sort(nearest.kneighbors(y)[0][:, 0])[memorized_rank(len(y), quantile) - 1]
     return float(np.mean(nearest.kneighbors(x)[0][:, 0] < cut))
+
+
+def memorized_rank(m: int, quantile: float = 0.1) -> int:
+    """k: the order statistic of the m reference distances that cuts memorized_share, about quantile * (m + 1)."""
+    return min(m, max(1, int(round(quantile * (m + 1)))))
+
+
+def memorized_null(n: int, m: int, quantile: float = 0.1) -> tuple[float, float]:
+    """The exact mean and standard deviation of memorized_share for n samples exchangeable with m reference
+    rows (continuous distances): each sample lies below the k-th of m reference distances with probability
+    U ~ Beta(k, m - k + 1), so the count is beta-binomial(n, k, m - k + 1). The cut's own uncertainty
+    (through m) dominates once n >> m: more samples than reference rows still sharpen the test."""
+    k = memorized_rank(m, quantile)
+    a, b = k, m - k + 1
+    var = n * a * b * (a + b + n) / ((a + b) ** 2 * (a + b + 1))
+    return a / (a + b), float(np.sqrt(var)) / n
 
 
 def off_data_fraction(distance: np.ndarray, threshold: float) -> float:
