@@ -210,3 +210,21 @@ def test_eval_data_reads_a_file_as_the_runs_columns_and_names_a_level_it_never_h
     assert main(["eval", str(out), "--data", str(bad), "--draws", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row 6, column 'grade': 'never seen' is not one of the column's levels" in err
+
+
+def test_levels_that_float32_cannot_hold_stay_their_levels(tmp_path):
+    """diabetes' sex column is -0.0446416365069974 / 0.0506801187398187: the float32 copy a run keeps of its rows
+    and the 7 digits of samples.csv must still read as those levels (the first build read every row as the lower
+    one, and a sample's 0.05068012 as a value the column never takes)."""
+    low, high = -0.0446416365069974, 0.0506801187398187
+    column = Column("sex", "binary", (low, high))
+    x64 = np.array([[low], [high], [high]])
+    s = Scaler.fit(x64, "minmax", columns=(column,))
+    assert np.array_equal(s.transform(x64.astype(np.float32)), [[-1], [1], [1]])
+    rows = [[f"{v:.7g}"] for v in (low, high) * 10]
+    back = read_table(_write(tmp_path / "s.csv", ["sex"], rows), columns=["sex"], schema=(column,))
+    near = column.nearest(back.x[:, 0])
+    assert np.allclose(back.x[:, 0], near, rtol=1e-6, atol=0) and set(near) == {low, high}
+    bad = _write(tmp_path / "bad.csv", ["sex"], rows + [["0.02"]])
+    with pytest.raises(ToydiffError, match="0.02 is not one of the column's values"):
+        read_table(bad, columns=["sex"], schema=(column,))

@@ -23,7 +23,7 @@ def test_run_directory_is_self_describing(trained):
     assert info["format"] == "toydiff-run" and info["version"] == 1 and info["status"] == "trained"
     assert info["alpha_bar_T"] == pytest.approx(trained.schedule.alpha_bar_T)
     log = (trained.path / "train_log.csv").read_text().splitlines()
-    assert log[0] == "step,loss,lr,seconds" and len(log) == 1 + 3  # log_every = 10 over 30 steps
+    assert log[0] == "step,loss,lr,seconds,val_loss" and len(log) == 1 + 3  # log_every = 10 over 30 steps
 
 
 def test_save_load_gives_identical_samples(trained):

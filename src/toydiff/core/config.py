@@ -233,6 +233,10 @@ class TrainConfig(_Section):
     #                             is sample.sampler = meanflow)
     vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
     label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
+    validation: float = -1.0  # share of the training rows held back to stop training when their denoising loss stops
+    #                           improving (early stopping, against memorizing a small table); -1 = auto: 0.1 for
+    #                           a user's file (data.path), 0 (off) for the zoo's draws; ddpm and flow (a denoising loss)
+    patience: float = 0.25  # early stopping: stop once the validation loss has not improved for this share of steps
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
@@ -250,6 +254,9 @@ class TrainConfig(_Section):
         choose("train.autocast", self.autocast, AUTOCASTS)
         choose("train.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         choose("train.objective", self.objective, OBJECTIVES)
+        _check(self.validation == -1 or 0 <= self.validation <= 0.5,
+               f"train.validation must be in [0, 0.5] (or -1: auto), got {self.validation}")
+        _check(0 < self.patience <= 1, f"train.patience must be in (0, 1], got {self.patience}")
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.batch_size >= 0, f"train.batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")

@@ -70,7 +70,7 @@ def load_npy(path: Path) -> np.ndarray:
 def csv_text(rows: list[dict[str, Any]] | list[list[str]] | np.ndarray,
              header: list[str] | tuple[str, ...] | None = None) -> str:
     """Rows of dicts, rows of cells (lists of text) or a 2-D array, with the column names, as CSV text (numbers
-    with 7 significant digits; text with a comma, a quote or a newline quoted)."""
+    with 7 significant digits; text with a comma, a quote or a newline quoted; a dict's missing key: nan)."""
     buf = io.StringIO()
     if isinstance(rows, list) and rows and isinstance(rows[0], list):
         writer = csv.writer(buf, lineterminator="\n")
@@ -81,7 +81,7 @@ def csv_text(rows: list[dict[str, Any]] | list[list[str]] | np.ndarray,
             csv.writer(buf, lineterminator="\n").writerow(list(header))
         np.savetxt(buf, rows, delimiter=",", comments="", fmt="%.7g")
     else:
-        writer = csv.DictWriter(buf, fieldnames=list(header or (list(rows[0]) if rows else [])))
+        writer = csv.DictWriter(buf, fieldnames=list(header or (list(rows[0]) if rows else [])), restval="nan")
         writer.writeheader()
         writer.writerows(rows)
     return buf.getvalue()

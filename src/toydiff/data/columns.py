@@ -46,6 +46,12 @@ class Column:
     def discrete(self) -> bool:
         return self.kind in DISCRETE
 
+    def nearest(self, x: np.ndarray) -> np.ndarray:
+        """A discrete column's values (n,) as its nearest levels: the float32 copy a run directory keeps of
+        0.0506801187398187 is that level, not a value between levels."""
+        values = np.asarray(self.values)
+        return values[np.abs(np.asarray(x, dtype=np.float64)[:, None] - values).argmin(axis=1)]
+
     def level(self, value: float) -> str:
         """How a value of this column is written: the level's text, or the number (7 significant digits)."""
         return self.text[int(value)] if self.text else f"{value:.7g}"

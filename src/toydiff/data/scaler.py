@@ -223,7 +223,7 @@ class TableScaler(Scaler):
             raise ValueError(f"{len(columns)} column types for data of shape {x.shape}")
         numbers = [j for j, c in enumerate(columns) if not c.discrete]
         numeric = Scaler.fit(x[:, numbers], kind, [columns[j].name for j in numbers]) if numbers else None
-        seen = tuple((c.values if every_level else tuple(float(v) for v in np.unique(x[:, j])))
+        seen = tuple((c.values if every_level else tuple(float(v) for v in np.unique(c.nearest(x[:, j]))))
                      if c.kind == "categorical" else () for j, c in enumerate(columns))
         return cls(columns, numeric, x.min(axis=0), x.max(axis=0), seen)
 
@@ -268,9 +268,9 @@ class TableScaler(Scaler):
             z[:, starts[numbers]] = self.numeric.transform(x[:, numbers])
         for j, (c, s) in enumerate(zip(self.columns, self.seen)):
             if c.kind == "binary":
-                z[:, starts[j]] = np.where(x[:, j] == c.values[1], 1.0, -1.0)
+                z[:, starts[j]] = np.where(c.nearest(x[:, j]) == c.values[1], 1.0, -1.0)
             elif c.kind == "categorical":
-                z[:, starts[j]:starts[j] + len(s)] = np.where(x[:, j, None] == np.asarray(s), 1.0, -1.0)
+                z[:, starts[j]:starts[j] + len(s)] = np.where(c.nearest(x[:, j])[:, None] == np.asarray(s), 1.0, -1.0)
         return z
 
     def inverse(self, z: np.ndarray, whole: bool = True) -> np.ndarray:

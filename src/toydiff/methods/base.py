@@ -64,6 +64,13 @@ class Method:
     samplers: tuple[str, ...] = ()  # samplers that need this method's networks (no other method may use them)
     intervals = False  # its network takes a second time (a mean velocity's interval: models.build_model)
     others: tuple[str, ...] = ()  # the networks it trains beside the run's own (a critic): other_networks
+    denoises = False  # its objective is a denoising loss of the run's network alone, which held-back rows can
+    #                   measure: early stopping (train.validation) watches it
+
+    @property
+    def validates(self) -> bool:
+        """Whether early stopping can watch its loss on held-back rows."""
+        return self.denoises and not self.others
 
     def process(self, cfg: ExperimentConfig) -> "Method":
         """The method whose process (schedule, denoiser, t) this one trains on: schedule.process's."""
@@ -74,6 +81,9 @@ class Method:
         process it trains on, and its sampler's."""
         self.process(cfg).check_process(cfg)
         self.check_sampler(cfg, cfg.sample.sampler)
+        check(cfg.train.validation <= 0 or self.validates,
+              f"train.validation stops training on the held-back rows' denoising loss, and the {self.name} method "
+              "has none to watch; set train.validation = 0")
 
     def check_process(self, cfg: ExperimentConfig) -> None:
         """The rules the process itself puts on any method trained on it."""

@@ -94,6 +94,8 @@ class Denoising(Objective):
 class VPDiffusionMethod(Method):
     """The discrete VP process of the configured beta schedule, trained with Denoising."""
 
+    denoises = True
+
     def process(self, cfg: ExperimentConfig) -> Method:
         return self
 

@@ -95,6 +95,8 @@ class FlowMatching(Objective):
 class FlowMatchingMethod(Method):
     """schedule.process = flow: the straight path, trained with FlowMatching, sampled through FlowDenoiser."""
 
+    denoises = True
+
     def process(self, cfg: ExperimentConfig) -> Method:
         return self
 

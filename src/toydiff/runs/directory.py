@@ -63,7 +63,7 @@ WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "model_ema.safetensors"
 CHECKPOINT = "checkpoint.safetensors"
 TRAIN_LOG = "train_log.csv"
-LOG_HEADER = ("step", "loss", "lr", "seconds")
+LOG_HEADER = ("step", "loss", "lr", "seconds", "val_loss")  # val_loss: nan without early stopping
 TRAIN_NOISE = "train_noise.npy"  # reflow students: the noise paired with each training row (model frame)
 SAMPLES = "samples"  # .npy and .csv
 SAMPLING = "samples.json"  # how the samples were drawn: sampler, steps, spacing, nfe
@@ -80,7 +80,9 @@ MANIFEST_SCHEMA = Fields({
     "class_names": [str], "column_types": [str], "label_column": str, "label_index": int, "source": str, "student": str, "teacher": str, "method": str,
     "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
     "alpha_bar_T": float, "parameters": int, "device": str, "threads": int, "created": str,
-    "toydiff_version": str, "cuda_graphs": str}, required=("format", "version", "status"))
+    "toydiff_version": str, "cuda_graphs": str, "stopped_early": bool,
+    "validation": Fields({"rows": int, "best_step": int, "best_loss": float, "patience_steps": int})},
+    required=("format", "version", "status"))
 SAMPLING_SCHEMA = Fields({"sampler": str, "steps": int, "spacing": (str, None), "nfe": (float, None),
                           "npy_sha256": str, "csv_sha256": str, "cuda_graphs": str})
 _VALUE = (float, None)
@@ -353,7 +355,7 @@ class RunDir:
             raise ToydiffError(f"'{self.train_log}' is not a loss log ({e}); the run directory is damaged") from None
         if table.shape[0] == 0:
             return None
-        if table.shape[1] != len(LOG_HEADER):
+        if table.shape[1] not in (len(LOG_HEADER) - 1, len(LOG_HEADER)):  # a log from before early stopping: no val_loss
             raise ToydiffError(f"'{self.train_log}' has {table.shape[1]} columns, not {len(LOG_HEADER)}; the run "
                                "directory is damaged")
         return dict(zip(LOG_HEADER, table.T))

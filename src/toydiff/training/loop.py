@@ -170,7 +170,8 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
           objective: Objective, *, labels: torch.Tensor | None = None,
           on_log: Optional[Callable[[dict], None]] = None,
           on_checkpoint: Optional[Callable[[TrainState], None]] = None,
-          progress: bool = False, world: World = World()) -> list[dict]:
+          progress: bool = False, world: World = World(),
+          validate: Optional[Callable[[], float]] = None) -> list[dict]:
     """Train state.model on x0 (N, D), already scaled and on the model's device, from state.step to cfg.steps.
     Returns the loss-log rows.
 
@@ -185,9 +186,17 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
     log row (one small all-reduce there), so every rank stops at the same step. On CUDA (cfg.cuda_graphs) the
     step's device work is captured in a CUDA graph after two eager steps and replayed, its first two replays
     checked against the eager step (toydiff.training.graphs.Stepper); state.graphs says how the steps ran.
+    validate: the held-back rows' loss of the sampling weights, logged with each row (val_loss); training stops
+    early (state.stopped_early) at the first row where it has not improved for cfg.patience of cfg.steps
+    (`early_stop`, read off the rows, so a resumed run stops where the uninterrupted one does), and the
+    sampling weights return to those of the best row (state.best, kept in every checkpoint).
     """
     model, optimizer, ema, generator = state.model, state.optimizer, state.ema, state.generator
     nets = state.networks()
+    state.stopped_early = validate is not None and state.step < cfg.steps and early_stop(state.rows, cfg)
+    if state.stopped_early:  # resumed from the checkpoint of the very row that stopped it
+        state.restore_best()
+        return state.rows
     if set(objective.updates) != set(nets):
         raise ToydiffError(f"the objective updates the networks {', '.join(objective.updates)}, but the training "
                            f"state holds {', '.join(nets)}")
@@ -263,7 +272,12 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
                 mean_loss = world.mean(running).item() / state.since
                 row = {"step": step, "loss": mean_loss, "lr": float(optimizer.param_groups[0]["lr"]),
                        "seconds": time.perf_counter() - start}
+                if validate is not None:
+                    row["val_loss"] = validate()
+                    if row is best_row(state.rows + [row]):
+                        state.keep_best()
                 state.rows.append(row)
+                state.stopped_early = validate is not None and step < cfg.steps and early_stop(state.rows, cfg)
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
                 if on_log is not None:
                     on_log(row)
@@ -275,14 +289,34 @@ def train(state: TrainState, schedule: NoiseSchedule, x0: torch.Tensor, cfg: Tra
             if stopping:
                 bar.close()
                 raise Interrupted(step, stop.signum or signal.SIGTERM)
+            if state.stopped_early:
+                break
     graphs.join(stream)
     bar.close()
+    if validate is not None:  # early stopping's choice: the sampling weights of the best validation row
+        state.restore_best()
     if capture:
         state.graphs = stepper.note
     state.running, state.seconds = running.item(), time.perf_counter() - start
     for each in nets.values():
         each.module.eval()
     return state.rows
+
+
+def early_stop(rows: list[dict], cfg: TrainConfig) -> bool:
+    """Whether the validation loss of the log `rows` has not improved for cfg.patience of cfg.steps (at least two
+    log rows) since its best row."""
+    scored = [r for r in rows if "val_loss" in r]
+    if not scored:
+        return False
+    best = min(scored, key=lambda r: r["val_loss"])
+    return scored[-1]["step"] - best["step"] >= max(cfg.patience * cfg.steps, 2 * cfg.log_every)
+
+
+def best_row(rows: list[dict]) -> Optional[dict]:
+    """The log row of the lowest validation loss, or None without one."""
+    scored = [r for r in rows if "val_loss" in r]
+    return min(scored, key=lambda r: r["val_loss"]) if scored else None
 
 
 def _check_finite(first_bad: int, cfg: TrainConfig) -> None:

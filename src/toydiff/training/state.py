@@ -63,6 +63,22 @@ class TrainState:
     seconds: float = 0.0  # training time before this session (resumed runs)
     graphs: str = ""  # how the last session's steps ran on CUDA (captured in a graph, or eager and why)
     others: dict[str, Network] = field(default_factory=dict)  # the method's further networks, by name
+    stopped_early: bool = False  # the loop stopped on its validation loss (toydiff.training.loop.early_stop)
+    best: Optional[dict[str, torch.Tensor]] = None  # the sampling weights at the lowest validation loss so far
+    use_ema: bool = True  # samples are drawn with the EMA's weights where there is one (sample.use_ema)
+
+    @property
+    def sampling_module(self) -> nn.Module:
+        """The weights samples are drawn with: the EMA's where there is one (and sample.use_ema), else the model's."""
+        return self.ema.module if self.ema is not None and self.use_ema else self.model
+
+    def keep_best(self) -> None:
+        self.best = {k: v.detach().clone() for k, v in self.sampling_module.state_dict().items()}
+
+    def restore_best(self) -> None:
+        """The sampling weights back to the best validation row's (early stopping's choice)."""
+        if self.best is not None:
+            self.sampling_module.load_state_dict(self.best)
 
     def networks(self) -> dict[str, Network]:
         """Every network the state trains, by name: "model" (the run's own) first, then the method's others."""
@@ -85,6 +101,8 @@ class TrainState:
                          f"{prefix}scheduler": json.dumps(_plain(sched))})
         if self.ema is not None:
             t.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        if self.best is not None:
+            t.update({f"best/{k}": v for k, v in self.best.items()})
         t["rng"] = self.generator.get_state()
         if isinstance(self.timesteps, ImportanceTimesteps):
             t["timesteps/second_moment"], t["timesteps/seen"] = self.timesteps.second_moment, self.timesteps.seen
@@ -101,7 +119,7 @@ class TrainState:
         running, seconds = _float_meta(meta, "running", where), _float_meta(meta, "seconds", where)
         _check(0 <= step <= steps, f"{where} is at step {step}, outside 0..{steps} (train.steps)")
         _check(0 <= since <= step and seconds >= 0, f"{where} has an impossible log position or time")
-        check_schema(rows, [Fields({"step": int, "loss": float, "lr": float, "seconds": float},
+        check_schema(rows, [Fields({"step": int, "loss": float, "lr": float, "seconds": float, "val_loss": float},
                                    required=("step", "loss", "lr", "seconds"))], f"{where}'s loss log")
         _check(all(0 < r["step"] <= step for r in rows) and all(a["step"] < b["step"] for a, b in zip(rows, rows[1:])),
                f"{where}'s loss log has steps out of order or beyond step {step}")
@@ -115,6 +133,10 @@ class TrainState:
             shape = self.timesteps.second_moment.shape
             _check(all(t.get(f"timesteps/{k}", torch.empty(0)).shape == shape for k in ("second_moment", "seen")),
                    f"{where}'s importance-sampling state does not fit schedule.T")
+        best = {k[5:]: v for k, v in t.items() if k.startswith("best/")} or None
+        own = self.sampling_module.state_dict()
+        _check(best is None or (set(best) == set(own) and all(best[k].shape == own[k].shape for k in own)),
+               f"{where}'s best weights do not fit the network")
         for load in loads:
             load()
         if self.ema is not None:
@@ -124,7 +146,7 @@ class TrainState:
             device = self.timesteps.second_moment.device
             self.timesteps.second_moment = t["timesteps/second_moment"].to(device)
             self.timesteps.seen = t["timesteps/seen"].to(device)
-        self.step, self.rows = step, rows
+        self.step, self.rows, self.best = step, rows, best
         self.running, self.since, self.seconds = running, since, seconds
 
 
