@@ -1,5 +1,7 @@
 """The user's own data files: every format round-trips, every bad input is one line naming file, row and column."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -124,9 +126,11 @@ def test_a_users_csv_trains_samples_and_evaluates_from_one_command(tmp_path, cap
     assert header == "height,weight,group"  # the user's columns, the label column in its place
     assert np.load(out / "holdout_data.npy").shape == (120, 2) and np.load(out / "train_data.npy").shape == (480, 2)
     assert "at n = 120" in (out / "metrics.json").read_text()  # all 120 held-out rows
+    efficacy = json.loads((out / "metrics.json").read_text())["efficacy"]  # labelled: machine-learning efficacy
+    assert efficacy["held_out_rows"] == 120 and efficacy["samples"] == efficacy["training_rows"] == 480
+    assert efficacy["on_training_rows"] > 0.9  # the label is the sign of height: trees learn it from real rows
     samples = np.load(out / "samples.npy")
     assert 80 < np.median(samples[:, 1]) < 150  # data units, not the scaled frame
-    import json
 
     from toydiff import Run
     info = json.loads((out / "run.json").read_text())

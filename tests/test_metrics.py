@@ -177,3 +177,26 @@ def test_the_tree_test_can_split_a_table_of_a_few_dozen_rows():
         shifted.append(gbt_auc(moved, ref))
         same.append(gbt_auc(rng.normal(size=(36, 5)), ref))
     assert np.mean(shifted) > 0.8 and abs(np.mean(same) - 0.5) < 0.06
+
+
+def test_efficacy_compares_a_classifier_taught_by_samples_with_one_taught_by_training_rows():
+    """Three Gaussian classes: samples drawn from the classes' own laws teach as well as training rows (gap about
+    0, within its bootstrap spread); samples whose labels are shuffled teach nothing (held-out accuracy about 1/3,
+    a gap far beyond its spread)."""
+    from toydiff.evaluation.metrics import efficacy
+    rng = np.random.default_rng(3)
+    means = np.array([[0, 0, 0], [3, 0, 0], [0, 3, 0]], dtype=float)
+
+    def draw(n):
+        y = rng.integers(0, 3, n)
+        return means[y] + rng.normal(size=(n, 3)), y
+    (xt, yt), (xh, yh), (xs, ys) = draw(300), draw(200), draw(300)
+    good = efficacy(xs, ys, xt, yt, xh, yh)
+    assert abs(good["gap"]) < 3 * good["gap_std"] + 0.01 and good["on_training_rows"] > 0.85
+    assert good["held_out_rows"] == 200 and good["samples"] == good["training_rows"] == 300
+    bad = efficacy(xs, rng.permutation(ys), xt, yt, xh, yh)
+    assert bad["on_samples"] < 0.5 and bad["gap"] > 5 * bad["gap_std"]
+    # the accuracies, recomputed by hand with the same classifier
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    hand = np.mean(HistGradientBoostingClassifier(random_state=0).fit(xs, ys).predict(xh) == yh)
+    assert good["on_samples"] == pytest.approx(hand)

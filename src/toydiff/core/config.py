@@ -351,6 +351,8 @@ class EvalConfig(_Section):
     draws: int = 20  # reference pairs behind each noise floor (10 leave the floor's std 25% uncertain)
     z_max: float = 3.0  # a metric more than this many floor deviations on the bad side is flagged
     nll_n: int = 1000  # held-out iid points whose ELBO and ODE likelihood are computed; 0 = skip likelihoods
+    efficacy: bool = True  # a conditional run on a labelled table: classifiers trained on samples and on the training
+    #                        rows, tested on the held-out rows (machine-learning efficacy)
 
     def _check(self):
         _check(self.n >= 20, f"eval.n must be >= 20, got {self.n}")

@@ -93,7 +93,7 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
         if finite:  # the permutation floors depend on the samples: nothing to cache
             floor, cached = compute_floors(), False
         else:
-            settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n")}  # not what floors use
+            settings = {k: v for k, v in asdict(spec).items() if k not in ("z_max", "nll_n", "efficacy")}  # not what floors use
             floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors,
                                           log)
         if training is not None:  # every sample against every reference row: its floor is exact (beta-binomial)
@@ -148,6 +148,18 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
         rows["elbo"]["minus_entropy"] = out["elbo"] - out["entropy"]
     return {"n": n, "units": "data units, nats per point unless named", "values": rows,
             "entropy_se": out.get("entropy_se")}
+
+
+def efficacy(run: Run, target: Target, log: Callable[[str], None]) -> dict:
+    """Machine-learning efficacy of a conditional run on a labelled reference: as many samples as it has training
+    rows, their classes drawn in the training proportions, teach a classifier that is tested on the reference's
+    rows, beside one taught by the training rows (metrics.efficacy)."""
+    n = len(run.data)
+    log(f"machine-learning efficacy: trees trained on {n} samples and on the {n} training rows, tested on the "
+        f"{len(target.labels)} held-out rows")
+    drawn = run.draw(n, seed=derive_seed(run.config.seed, "efficacy"), label=-1)
+    return M.efficacy(drawn.samples, drawn.labels, run.data, run.labels, target.rows, target.labels,
+                      seed=run.config.seed % 2**32)
 
 
 def per_class(run: Run, spec: EvalConfig, log: Callable[[str], None] = lambda s: None,
@@ -207,13 +219,15 @@ def evaluate_run(run: Run, samples: np.ndarray, log: Callable[[str], None] = lam
     sampler, steps, spacing, nfe), where known, is reported with them: `nfe` is the samples' network
     evaluations per sample."""
     spec = spec or run.config.eval
-    given, target = target, target or target_for(run.config, run.holdout, run.data, run.columns)
+    given, target = target, target or target_for(run.config, run.holdout, run.data, run.columns, run.holdout_labels)
     rep = evaluate(samples, target, spec, seed=run.config.seed, log=log, progress=progress, training=run.data)
     if sampling is not None:
         rep["nfe"], rep["sampling"] = sampling.get("nfe"), sampling
     classes = None if given is None else given.classes  # a file given to judge the run: its own classes
     if run.classes and classes != {}:
         rep["per_class"] = per_class(run, spec, log, classes)
+    if run.classes and target.labels is not None and len(np.unique(target.labels)) >= 2 and spec.efficacy:
+        rep["efficacy"] = efficacy(run, target, log)
     if spec.nll_n > 0 and run.scaler.log_abs_det is None:
         log("likelihoods skipped: the map into the model's frame is not affine (the quantile scaler) or a column "
             "is binary or categorical, so a density in the model's frame says nothing exact in data units")

@@ -49,6 +49,10 @@ class Target:
     # a file given to judge a conditional run (file_reference): its references class by class (None for a class
     # with too few rows); {} when the file has no label column, so the classes are not judged on it
     classes: Optional[dict[int, Optional["Target"]]] = None
+    # a finite reference with class labels (a conditional run's held-out rows, or a file's with its label column):
+    # each row's class index, for machine-learning efficacy
+    labels: Optional[np.ndarray] = None
+    rows: Optional[np.ndarray] = None  # a finite reference's rows in order (labels' order); None for samplers
 
 
 def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] = None,
@@ -70,7 +74,7 @@ def file_target(holdout: np.ndarray, dropped: int = 0, frame: Optional[Scaler] =
     if frame is None:
         frame = Scaler.fit(holdout, "minmax") if columns is None else \
             TableScaler.fit_table(holdout, "minmax", tuple(columns), every_level=True)
-    return Target(draw, frame, key, max_n=len(holdout))
+    return Target(draw, frame, key, max_n=len(holdout), rows=holdout)
 
 
 def unseen_rows(rows: np.ndarray, training: Optional[np.ndarray]) -> tuple[np.ndarray, int]:
@@ -149,11 +153,13 @@ def class_targets(cfg: ExperimentConfig, classes: int, holdout: Optional[np.ndar
 
 
 def target_for(cfg: ExperimentConfig, holdout: Optional[np.ndarray] = None,
-               training: Optional[np.ndarray] = None, columns: Optional[Sequence[Column]] = None) -> Target:
+               training: Optional[np.ndarray] = None, columns: Optional[Sequence[Column]] = None,
+               labels: Optional[np.ndarray] = None) -> Target:
     """The iid twin of the run's dataset (make_moons -> iid moons), with the run's parameters; for the user's
-    file, its held-out rows that are not also training rows (`columns`: their types)."""
+    file, its held-out rows that are not also training rows (`columns`: their types; `labels`: their classes)."""
     if cfg.data.path:
-        return file_target(*reference_rows(cfg, holdout, training), columns=columns)
+        target = file_target(*reference_rows(cfg, holdout, training), columns=columns)
+        return target if labels is None else dataclasses.replace(target, labels=labels[~_seen_mask(holdout, training)])
     spec = DATASETS.get(cfg.data.name)
     name = spec.iid_twin or cfg.data.name
     spec, p = DATASETS.get(name), params(cfg.data)
@@ -203,7 +209,7 @@ def file_reference(run: Run, path: str | Path, columns: Sequence[str] = (),
     if not label:
         return dataclasses.replace(target, classes={})
     labels = _run_classes(table, run, path)[unseen]
-    return dataclasses.replace(target, classes={
+    return dataclasses.replace(target, labels=labels, classes={
         k: file_target(rows[labels == k], 0, target.frame) if (labels == k).sum() >= MIN_EVAL_N else None
         for k in range(run.classes)})
 

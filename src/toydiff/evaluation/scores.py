@@ -258,7 +258,16 @@ def format_table(rep: dict) -> str:
                      f"{how.get('steps')} steps, {how.get('spacing')} spacing)")
     for name, row in rep.get("per_class", {}).items():
         lines.append(f"  class {name}: {row['verdict']}")
+    if "efficacy" in rep:
+        lines.append(efficacy_line(rep["efficacy"]))
     return "\n".join(lines)
+
+
+def efficacy_line(e: dict) -> str:
+    """Machine-learning efficacy in one line (metrics.efficacy's record)."""
+    return (f"efficacy: trees trained on {e['samples']} samples score {e['on_samples']:.3f} on the "
+            f"{e['held_out_rows']} held-out rows, trained on the {e['training_rows']} training rows "
+            f"{e['on_training_rows']:.3f} (gap {e['gap']:+.3f} +- {e['gap_std']:.3f})")
 
 
 def memorization_warning(report: dict, n_train: int) -> Optional[str]:

@@ -21,6 +21,7 @@ from typing import Optional
 
 from ..core.files import atomic_write_text
 from ..core.version import __version__
+from ..evaluation.scores import efficacy_line
 from ..runs.directory import RunDir
 
 STYLE = """
@@ -99,6 +100,8 @@ def _metrics(report: dict) -> str:
            f"{sampling.get('steps')} steps, {html.escape(str(sampling.get('spacing')))} spacing).</p>"
            if report.get("nfe") is not None else "")
     limit_text = f" A row is flagged beyond z = {limit:.2f}." if limit is not None else ""
+    if "efficacy" in report:
+        nfe += f"<p>{html.escape(efficacy_line(report['efficacy']))}.</p>"
     return (f"<p>{report['n']} samples against as many fresh reference points; each metric beside its noise floor "
             f"(the same metric between two draws of the data), z in floor deviations, positive on the bad side."
             f"{limit_text}</p><div class=scroll><table>{''.join(rows)}</table></div>{nfe}")

@@ -91,7 +91,9 @@ METRICS_SCHEMA = Fields({
     "metrics": MapOf(Fields({"value": _VALUE, "floor_mean": _VALUE, "floor_std": _VALUE, "z": _VALUE,
                              "about": str})),
     "likelihood": Fields({"n": int, "units": str, "values": MapOf(Fields({
-        "nats": _VALUE, "nats_per_dim": _VALUE, "bits_per_dim": _VALUE, "minus_entropy": _VALUE}))})},
+        "nats": _VALUE, "nats_per_dim": _VALUE, "bits_per_dim": _VALUE, "minus_entropy": _VALUE}))}),
+    "efficacy": Fields({"on_samples": float, "on_training_rows": float, "gap": float, "gap_std": float,
+                        "held_out_rows": int, "samples": int, "training_rows": int})},
     required=("verdict", "n", "metrics"))
 RESULT_SCHEMA = MapOf((str, float, bool, None))
 
