@@ -54,7 +54,7 @@ from toydiff.evaluation.reference import file_target
 
 TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
 GENERATORS = ("toydiff", "gaussian", "copula", "ctgan", "tvae", "forest")
-PEERS = ["sdv>=1.10", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
+PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
 LABEL = "target"
 
 
@@ -130,12 +130,13 @@ def _sdv(kind: str):
         torch.manual_seed(seed)
         np.random.seed(seed)
         frame = pd.read_csv(train)
-        metadata = Metadata.detect_from_dataframe(frame)
+        metadata = Metadata.detect_from_dataframes({"table": frame})  # SDV 1.x named it detect_from_dataframe
         model = {"copula": lambda: GaussianCopulaSynthesizer(metadata),
                  "ctgan": lambda: CTGANSynthesizer(metadata, epochs=300),
                  "tvae": lambda: TVAESynthesizer(metadata, epochs=300)}[kind]()
-        model.fit(frame)
-        model.sample(n).to_csv(work / "samples.csv", index=False)
+        model.fit({"table": frame})  # SDV 2 takes and returns {table name: DataFrame}; SDV 1 the frame itself
+        made = model.sample(n)
+        (made["table"] if isinstance(made, dict) else made).to_csv(work / "samples.csv", index=False)
         return work / "samples.csv"
     return gen
 
