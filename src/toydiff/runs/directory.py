@@ -13,7 +13,7 @@ A run directory describes itself, so sampling, plotting and evaluation need noth
     model_ema.safetensors  their exponential moving average (sampling uses it by default)
     checkpoint.safetensors the whole training state at the last checkpoint (weights, EMA, optimizer, RNG, log),
                            which `--resume` continues from
-    train_log.csv          step, loss, lr, seconds: a row appended as each is logged, rewritten at checkpoints
+    train_log.csv          step, loss, lr, seconds, val_loss: a row appended as each is logged, rewritten at checkpoints
     samples.npy / .csv     generated samples, in data units (.csv: the user's table, a text column's levels as text)
     samples.json           how they were drawn, and the SHA-256 of both files (written last: it vouches for them)
     .lock                  the OS lock of the process writing the run directory (RunDir.writing)
