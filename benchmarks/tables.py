@@ -14,7 +14,8 @@ every CSV is judged the same way against the test rows:
   verdict     toydiff's verdict on the samples, every metric beside its permutation floor
 
 The judge works on the table's numbers (a text column as its level's index, per-axis min-max of the test
-rows), never on a generator's own frame, and does not snap invented values to valid ones.
+rows), never on a generator's own frame; a binary or categorical value is read as the level it prints
+(to 7 significant digits), and an invented value is left as it is.
 
 Generators: toydiff (its defaults on the file: `toydiff run --data train.csv [--label-column target]`), a
 per-class Gaussian (mean and covariance of each class), and the peers of the optional extra, installed by
@@ -56,6 +57,7 @@ TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
 GENERATORS = ("toydiff", "gaussian", "copula", "ctgan", "tvae", "forest")
 PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
 LABEL = "target"
+PRINTED = 1e-6  # relative precision of a number a generator writes (7 significant digits, toydiff's and pandas' least)
 
 
 def table(name: str) -> tuple[list[str], list[list[str]], bool]:
@@ -180,9 +182,13 @@ def read_samples(path: Path, train) -> tuple[np.ndarray, np.ndarray | None, floa
             bad += int((x[:, j] < 0).sum())
             continue
         values = np.array([float(v) if v.strip() else math.nan for v in cells])
-        ok = np.isfinite(values) & (values >= lo[j] - 1e-9 * abs(lo[j])) & (values <= hi[j] + 1e-9 * abs(hi[j]))
-        if c.discrete:
-            ok &= np.isclose(values[:, None], np.asarray(c.values), rtol=1e-6, atol=0).any(1)
+        slack = PRINTED * max(abs(lo[j]), abs(hi[j]))  # a CSV's 7 significant digits may step past the range
+        ok = np.isfinite(values) & (values >= lo[j] - slack) & (values <= hi[j] + slack)
+        if c.discrete:  # a level as printed is that level (0.05068012 is diabetes' 0.0506801187398187)
+            near = c.nearest(np.where(np.isfinite(values), values, lo[j]))
+            level = np.isclose(values, near, rtol=PRINTED, atol=0)
+            ok &= level
+            values = np.where(level, near, values)
         elif c.kind == "integer":
             ok &= values == np.round(values)
         bad += int((~ok).sum())
