@@ -48,6 +48,7 @@ import numpy as np
 
 from report import machine, publish
 from toydiff.core.config import EvalConfig
+from toydiff.data.columns import PRINTED
 from toydiff.data.tables import read_table
 from toydiff.evaluation.judge import evaluate
 from toydiff.evaluation.metrics import efficacy
@@ -57,7 +58,6 @@ TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
 GENERATORS = ("toydiff", "gaussian", "copula", "ctgan", "tvae", "forest")
 PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
 LABEL = "target"
-PRINTED = 1e-6  # relative precision of a number a generator writes (7 significant digits, toydiff's and pandas' least)
 
 
 def table(name: str) -> tuple[list[str], list[list[str]], bool]:
@@ -185,10 +185,9 @@ def read_samples(path: Path, train) -> tuple[np.ndarray, np.ndarray | None, floa
         slack = PRINTED * max(abs(lo[j]), abs(hi[j]))  # a CSV's 7 significant digits may step past the range
         ok = np.isfinite(values) & (values >= lo[j] - slack) & (values <= hi[j] + slack)
         if c.discrete:  # a level as printed is that level (0.05068012 is diabetes' 0.0506801187398187)
-            near = c.nearest(np.where(np.isfinite(values), values, lo[j]))
-            level = np.isclose(values, near, rtol=PRINTED, atol=0)
+            level = c.is_level(values)
             ok &= level
-            values = np.where(level, near, values)
+            values = np.where(level, c.nearest(np.where(np.isfinite(values), values, lo[j])), values)
         elif c.kind == "integer":
             ok &= values == np.round(values)
         bad += int((~ok).sum())

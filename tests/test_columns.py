@@ -228,3 +228,12 @@ def test_levels_that_float32_cannot_hold_stay_their_levels(tmp_path):
     bad = _write(tmp_path / "bad.csv", ["sex"], rows + [["0.02"]])
     with pytest.raises(ToydiffError, match="0.02 is not one of the column's values"):
         read_table(bad, columns=["sex"], schema=(column,))
+
+
+def test_nearest_level_is_the_closest_level_by_brute_force():
+    levels = (-3.0, -0.5, 0.25, 2.0, 10.0)
+    column = Column("c", "categorical", levels)
+    x = np.random.default_rng(1).uniform(-6, 14, 2000)
+    brute = np.asarray(levels)[np.abs(x[:, None] - np.asarray(levels)).argmin(1)]
+    assert np.array_equal(column.nearest(x), brute)
+    assert column.is_level(np.array([0.25 * (1 + 1e-8), 2.0, 2.1])).tolist() == [True, True, False]

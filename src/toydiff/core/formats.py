@@ -92,17 +92,6 @@ def save_csv(path: Path, rows: list[dict[str, Any]] | np.ndarray, header: list[s
     atomic_write_text(path, csv_text(rows, header))
 
 
-def save_table(path: Path, x: np.ndarray, names: list[str]) -> None:
-    """An (n, D) array as .npy (float32) or .csv (headed by `names`), by the path's suffix."""
-    path = Path(path)
-    if path.suffix == ".npy":
-        save_npy(path, np.asarray(x, dtype=np.float32))
-    elif path.suffix == ".csv":
-        save_csv(path, x, names)
-    else:
-        raise ToydiffError(f"'{path}' must end in .npy or .csv")
-
-
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Named tensors and string metadata as one safetensors file, tagged with the run format, written atomically."""
     from safetensors.torch import save as st_save

@@ -30,6 +30,7 @@ from ..core.formats import csv_text
 
 MAX_LEVELS = 256  # a categorical column's levels: beyond them a column is an identifier or free text, not a category
 DISCRETE = ("binary", "categorical")  # the types sampled as one of their levels
+PRINTED = 1e-6  # relative precision of a number read back from a CSV (samples.csv writes 7 significant digits)
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,15 @@ class Column:
         return self.kind in DISCRETE
 
     def nearest(self, x: np.ndarray) -> np.ndarray:
-        """A discrete column's values (n,) as its nearest levels: the float32 copy a run directory keeps of
-        0.0506801187398187 is that level, not a value between levels."""
+        """A discrete column's values (n,) as its nearest levels (the levels are ascending: one search between
+        their midpoints): the float32 copy a run directory keeps of 0.0506801187398187 is that level."""
         values = np.asarray(self.values)
-        return values[np.abs(np.asarray(x, dtype=np.float64)[:, None] - values).argmin(axis=1)]
+        return values[np.searchsorted((values[1:] + values[:-1]) / 2, np.asarray(x, dtype=np.float64))]
+
+    def is_level(self, x: np.ndarray) -> np.ndarray:
+        """(n,) whether each value is one of a discrete column's levels as a CSV prints it (to PRINTED)."""
+        x = np.asarray(x, dtype=np.float64)
+        return np.isclose(x, self.nearest(x), rtol=PRINTED, atol=0)
 
     def level(self, value: float) -> str:
         """How a value of this column is written: the level's text, or the number (7 significant digits)."""

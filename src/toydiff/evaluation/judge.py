@@ -97,8 +97,7 @@ def evaluate(samples: np.ndarray, target: Target, spec: EvalConfig, seed: int = 
             floor, cached = cached_floors({**target.key, **settings, "frame": target.frame.to_dict()}, compute_floors,
                                           log)
         if training is not None:  # every sample against every reference row: its floor is exact (beta-binomial)
-            rows = target.draw(np.random.default_rng(derive_seed(seed, "eval-reference")), target.max_n) \
-                if finite else reference
+            rows = target.rows if finite else reference
             values["memorized"] = M.memorized_share(target.frame.transform(every), target.frame.transform(rows),
                                                     target.frame.transform(training))
             floor = {**floor, "memorized": memorization_floor(len(every), len(rows))}
