@@ -58,6 +58,7 @@ TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
 GENERATORS = ("toydiff", "gaussian", "copula", "ctgan", "tvae", "forest")
 PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
 LABEL = "target"
+TOYDIFF_SET: dict = {}  # --toydiff-set SECTION.KEY=VALUE: toydiff's settings other than its defaults (ablations)
 
 
 def table(name: str) -> tuple[list[str], list[list[str]], bool]:
@@ -95,6 +96,9 @@ def gen_toydiff(train: Path, labelled: bool, n: int, seed: int, work: Path) -> P
     import toydiff
     sections = {"data": {"path": str(train), "holdout": 0.0, **({"label_column": LABEL} if labelled else {})},
                 "model": {"conditional": labelled}, "seed": seed}
+    for key, value in TOYDIFF_SET.items():
+        section, _, name = key.partition(".")
+        sections[section] = {**sections.get(section, {}), name: value}
     exp = toydiff.run(out=work / "run", figures=False, evaluate=False, quiet=True, **sections)
     drawn = exp.run.draw(n, seed=seed)
     (work / "samples.csv").write_text(exp.run.table_text(drawn.samples, drawn.labels), encoding="utf-8")
@@ -241,8 +245,16 @@ def main() -> None:
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--draws", type=int, default=20, help="permutation pairs behind each floor")
     p.add_argument("--install-peers", action="store_true", help=f"pip install {' '.join(PEERS)} first")
+    p.add_argument("--toydiff-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a toydiff setting other than its default, e.g. data.scaling=minmax (repeatable)")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args()
+    for entry in args.toydiff_set:
+        key, _, value = entry.partition("=")
+        try:
+            TOYDIFF_SET[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            TOYDIFF_SET[key.strip()] = value.strip()
     if args.install_peers:
         subprocess.run([sys.executable, "-m", "pip", "install", *PEERS], check=True)
     chosen = []
@@ -280,7 +292,8 @@ def main() -> None:
                     results.append({"table": name, "split": split, "generator": g, "rows": len(train.x),
                                     "dim": len(train.columns), **row})
                     print(json.dumps(results[-1]), flush=True)
-    publish(args.out, "tables", {"meta": machine(splits=args.splits, draws=args.draws), "rows": results},
+    meta = machine(splits=args.splits, draws=args.draws, toydiff_set=TOYDIFF_SET)
+    publish(args.out, "tables", {"meta": meta, "rows": results},
             summary(results))
 
 

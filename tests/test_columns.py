@@ -10,7 +10,7 @@ from scipy import stats
 
 from toydiff.cli import main
 from toydiff.core.errors import ToydiffError
-from toydiff.data.columns import MAX_LEVELS, Column
+from toydiff.data.columns import MAX_LEVELS, Column, decimals
 from toydiff.data.scaler import Scaler, TableScaler
 from toydiff.data.tables import read_table
 
@@ -117,8 +117,8 @@ def test_a_categorical_of_too_many_levels_and_a_one_class_label_are_one_line_err
     assert main(["train", "--data", str(one), "--types", "b=binary", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "declared binary" in err and not out.exists()
-    assert main(["train", "--data", str(one), "--types", "b=ordinal", "--out", str(out)]) == 2
-    assert "continuous, integer, binary, categorical" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "--data", str(one), "--types", "b=nominal", "--out", str(out)]) == 2
+    assert "continuous, integer, ordinal, binary, categorical" in capsys.readouterr().err and not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +159,13 @@ def test_samples_take_only_values_their_columns_take_in_the_users_schema(typed_r
     assert x[:, 3].min() >= train.x[:, 3].min() and x[:, 3].max() <= train.x[:, 3].max()
     lo, hi = run.data[:, 0].min(), run.data[:, 0].max()  # the training rows' range (float32 as stored)
     assert x[:, 0].min() >= lo - 1e-4 and x[:, 0].max() <= hi + 1e-4
+    with open(out / "samples.csv", newline="", encoding="utf-8") as f:
+        cells = list(csv.reader(f))[1:]
+    assert all(len(r[0].split(".")[1]) == 3 for r in cells)  # weight as the file wrote it: 3 decimals
+    assert all(r[4].isdigit() for r in cells)  # age: whole numbers without a point
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["scaling"] == "quantile" == run.scaler.numeric.kind  # data.scaling = auto on a file
+    assert manifest["width"] == 64  # model.width = 0 (auto) for a 6-coordinate frame
 
 
 def test_a_categorical_columns_sampled_frequencies_match_the_training_frequencies(typed_run):
@@ -237,3 +244,76 @@ def test_nearest_level_is_the_closest_level_by_brute_force():
     brute = np.asarray(levels)[np.abs(x[:, None] - np.asarray(levels)).argmin(1)]
     assert np.array_equal(column.nearest(x), brute)
     assert column.is_level(np.array([0.25 * (1 + 1e-8), 2.0, 2.1])).tolist() == [True, True, False]
+
+
+def _piled(rng, n, values=40):
+    """A column of fractions whose rows pile up on `values` grid points (a standardized ratio, diabetes' s4)."""
+    grid = np.sort(np.random.default_rng(values).normal(size=values))
+    return grid, grid[rng.integers(0, values, n)]
+
+
+def test_a_column_of_fractions_that_repeat_is_ordinal_and_comes_back_on_its_training_values(tmp_path):
+    rng = np.random.default_rng(5)
+    grid, piled = _piled(rng, 400)
+    spread = rng.normal(size=400)  # 400 distinct fractions: continuous
+    near = np.round(rng.normal(size=400), 1) + 0.05  # about 50 distinct values: ordinal (<= 400 / 4)
+    path = _write(tmp_path / "o.csv", ["piled", "spread", "near"],
+                  [[repr(float(a)), repr(float(b)), repr(float(c))] for a, b, c in zip(piled, spread, near)])
+    by = {c.name: c for c in read_table(path).columns}
+    assert (by["piled"].kind, by["spread"].kind, by["near"].kind) == ("ordinal", "continuous", "ordinal")
+    assert np.array_equal(by["piled"].values, np.unique(piled)) and by["spread"].values == ()
+    assert "piled (" in by["piled"].describe() and "values in [" in by["piled"].describe()
+    assert read_table(path, types=["piled=continuous"]).columns[0].kind == "continuous"
+    with pytest.raises(ToydiffError, match=r"'spread' is declared ordinal .* takes 400 values; .* at most 256"):
+        _write(tmp_path / "many.csv", ["spread"], [[repr(float(v))] for v in rng.normal(size=400)])
+        read_table(tmp_path / "many.csv", types=["spread=ordinal"])
+    # the scaler models it as a number and returns the nearest training value (brute force), in range
+    column = by["piled"]
+    s = Scaler.fit(piled[:, None], "minmax", columns=(column,))
+    assert s.frame_dim == 1 and np.allclose(s.transform(piled[:, None]).min(), -1)
+    z = rng.uniform(-1.3, 1.3, (3000, 1))
+    back = s.inverse(z)[:, 0]
+    drawn = s.inverse(z, whole=False)[:, 0]
+    brute = grid[np.abs(drawn[:, None] - grid).argmin(1)]
+    assert np.array_equal(back, brute) and set(np.unique(back)) <= set(grid)
+    assert not np.isin(drawn, grid).all() and drawn.min() >= grid.min() and drawn.max() <= grid.max()
+    again = Scaler.from_dict(json.loads(json.dumps(s.to_dict())))
+    assert np.array_equal(again.inverse(z)[:, 0], back)
+
+
+def test_the_tree_test_sees_a_piled_column_spread_between_its_values_and_not_once_snapped():
+    """Why ordinal exists: the gradient-boosted-tree test tells rows whose column piles on a few values from
+    rows spread between them (what a model of a continuous column returns), and cannot once they are moved to
+    the nearest value seen in training."""
+    from toydiff.evaluation.metrics import gbt_auc
+    rng = np.random.default_rng(6)
+    grid, real = _piled(rng, 600, values=30)
+    _, train = _piled(np.random.default_rng(7), 600, values=30)
+    spread = train + rng.normal(0, 0.5 * np.diff(grid).mean(), 600)  # between the values, not on them
+    column = Column("c", "ordinal", tuple(np.unique(train)))
+    other, more = rng.normal(size=(600, 3)), rng.normal(size=(600, 3))
+    assert gbt_auc(np.c_[spread, other], np.c_[real, more]) > 0.7
+    assert gbt_auc(np.c_[column.nearest(spread), other], np.c_[real, more]) < 0.6
+
+
+def test_numbers_are_written_with_the_decimals_the_file_wrote_them_with():
+    assert decimals(["1.50", " 2", "-0.125 "]) == 3 and decimals(["3", "4"]) == 0
+    assert decimals(["0.1", "1e-05"]) == -1 and decimals([0.5, 1.0]) == -1  # an exponent; a .npy's numbers
+    piled = Column("s4", "ordinal", (-0.0394933829, 0.0343088588, 0.0712099798), decimals=10)
+    assert [piled.level(v) for v in piled.values] == ["-0.0394933829", "0.0343088588", "0.0712099798"]
+    assert Column("w", "continuous", decimals=2).level(-0.0001) == "0.00"  # no "-0.00"
+    exact = Column("v", "continuous")  # decimals unknown: written exactly
+    assert float(exact.level(0.1 + 0.2)) == 0.1 + 0.2
+    from toydiff.data.columns import table_text
+    text = table_text(np.array([[0.0343088588, 3.14159], [-0.0394933829, -0.004]]),
+                      [piled, Column("w", "continuous", decimals=2)])
+    assert text == "s4,w\n0.0343088588,3.14\n-0.0394933829,0.00\n"
+    assert Column.from_dict({k: v for k, v in piled.to_dict().items() if k != "decimals"}).decimals == -1
+
+
+def test_auto_scaling_is_quantile_for_a_table_and_minmax_for_points():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 2))
+    assert Scaler.fit(x, "auto").kind == "minmax"
+    table = Scaler.fit(x, "auto", columns=(Column("a", "continuous"), Column("b", "continuous")))
+    assert table.scaling == "quantile" and Scaler.fit(x, "auto").scaling == "minmax"

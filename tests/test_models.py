@@ -81,3 +81,17 @@ def test_a_shared_t_of_shape_one_equals_the_same_t_on_every_row(arch, variance, 
         rows = net(x, torch.full((7,), t)) if y is None else net(x, torch.full((7,), t), y)
         assert shared.shape == rows.shape == (7, 3 * (2 if variance == "learned" else 1))
         assert torch.allclose(shared, rows, atol=1e-6)
+
+
+def test_auto_width_is_64_for_the_zoo_and_grows_with_a_tables_frame():
+    """model.width = 0: 64 hidden units up to 16 frame coordinates (the moons network keeps its 33k parameters),
+    then 4 per coordinate as a power of two, at most 512; a width that is set is kept."""
+    from toydiff.diffusion.models import width
+    auto = ModelConfig()
+    assert auto.width == 0
+    assert [width(auto, d) for d in (2, 16, 17, 30, 64, 65, 1000)] == [64, 64, 128, 128, 256, 512, 512]
+    assert width(auto) == 64 and width(ModelConfig(width=96), 64) == 96
+    net = build_model(auto, 2, 1000)
+    assert net.inp.out_features == 64 and count_parameters(build_model(auto, 30, 1000)) > count_parameters(net)
+    with pytest.raises(ToydiffError, match="model.width must be >= 0"):
+        ModelConfig(width=-1)

@@ -52,7 +52,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drop-missing", action="store_true", default=None,
                    help="drop rows with empty, NaN or infinite cells (data.drop_missing)")
     p.add_argument("--types", metavar="NAME=TYPE,...", help="the file's column types where detection guesses "
-                   "wrong: continuous, integer, binary or categorical, e.g. grade=categorical (data.types)")
+                   "wrong: continuous, integer, ordinal, binary or categorical, e.g. grade=categorical (data.types)")
 
 
 def _add_out_args(p: argparse.ArgumentParser) -> None:

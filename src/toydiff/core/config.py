@@ -38,7 +38,7 @@ else:  # pragma: no cover
 DATASETS = ("moons", "sklearn-moons", "circles", "swissroll", "gaussians", "grid", "checkerboard", "pinwheel",
             "spirals", "rings", "gmm")  # toydiff.data.datasets.DATASETS
 SCALINGS = ("minmax", "standardize", "quantile")  # toydiff.data.scaler.Scaler
-COLUMN_TYPES = ("continuous", "integer", "binary", "categorical")  # toydiff.data.columns
+COLUMN_TYPES = ("continuous", "integer", "ordinal", "binary", "categorical")  # toydiff.data.columns
 SCHEDULES = ("linear", "polynomial", "cosine", "sigmoid")  # toydiff.diffusion.schedules.BETA_SCHEDULES
 PROCESSES = ("ddpm", "flow")  # toydiff.methods: the VP diffusion and flow matching, each a method of its own
 METHODS = ("ddpm", "flow", "meanflow", "consistency")  # toydiff.methods.METHODS: what trains a run from scratch
@@ -122,19 +122,20 @@ class DataConfig(_Section):
     scale: float = 1.0  # multiplies the dataset's noise-free shape
     modes: int = 0  # the dataset's count (gaussians 8, grid 5 per side, checkerboard 4, pinwheel 5, rings 4, gmm 8)
     dim: int = 2  # gmm: the dimension
-    scaling: str = "minmax"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
-    #                          | quantile: each column through its distribution to a standard normal (tables)
+    scaling: str = "auto"  # minmax: per axis into [-1, 1] (the guide's) | standardize: zero mean, unit std
+    #                        | quantile: each column through its distribution to a standard normal (tables)
+    #                        | auto: quantile for a file's table, minmax for the zoo (toydiff.data.scaler.AUTO)
     path: str = ""  # the user's data: a .csv, .tsv, .npy, .npz or .parquet file; set, it replaces name and n
     columns: tuple[str, ...] = ()  # file columns to model, by name or 0-based index; () = all but the label
     label_column: str = ""  # file column of class labels (model.conditional uses them); "" = none
     holdout: float = 0.2  # share of the file's rows kept out of training, the evaluation's reference
     drop_missing: bool = False  # drop file rows with empty, NaN or infinite cells instead of refusing the file
     types: tuple[str, ...] = ()  # file columns' types where detection guesses wrong, "NAME=TYPE" each, TYPE one of
-    #                              continuous | integer | binary | categorical (toydiff.data.columns detects the rest)
+    #                              continuous | integer | ordinal | binary | categorical (toydiff.data.columns detects the rest)
 
     def _check(self):
         choose("dataset", self.name, DATASETS)
-        choose("data.scaling", self.scaling, SCALINGS)
+        choose("data.scaling", self.scaling, ("auto",) + SCALINGS)
         _check(self.n >= 1, f"data.n must be >= 1, got {self.n}")
         _at_most("data.n", self.n, MAX_ROWS)
         _at_most("data.modes", self.modes, 10_000)
@@ -185,7 +186,7 @@ class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
     arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
     prediction: str = "v"  # what the network predicts: eps | x0 | v (v: well-conditioned where alpha_bar_t -> 0)
-    width: int = 64  # mlp: hidden units per layer
+    width: int = 0  # mlp: hidden units per layer; 0 = auto: 64 for the zoo, more for a wide table (models.width)
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding
     fourier_octaves: int = 3  # mlp: sin/cos features of x at frequencies 2^0..2^(k-1) * pi; 0 = off
@@ -197,7 +198,7 @@ class ModelConfig(_Section):
         choose("model", self.arch, ARCHS)
         choose("prediction", self.prediction, PREDICTIONS)
         choose("model.variance", self.variance, MODEL_VARIANCES)
-        _check(self.width >= 1, f"model.width must be >= 1, got {self.width}")
+        _check(self.width >= 0, f"model.width must be >= 0 (0 = auto), got {self.width}")
         _check(self.depth >= 0, f"model.depth must be >= 0, got {self.depth}")
         _at_most("model.width", self.width, MAX_WIDTH)
         _at_most("model.depth", self.depth, MAX_DEPTH)
@@ -295,8 +296,9 @@ class SampleConfig(_Section):
     cuda_graphs: str = "auto"  # on CUDA, replay the sampler's whole loop as one CUDA graph per batch shape, checked
     #                            against the eager loop first: auto (jobs of 2+ batches) | on (or an error) | off
     autocast: str = "none"  # none | bf16: the network's forward in bfloat16 (for GPUs); the sampler's math in float32
-    round_integers: bool = True  # a file's integer columns: samples rounded to whole numbers (false: left as drawn,
-    #                              still within the training range; binary and categorical columns always decoded)
+    round_integers: bool = True  # a file's integer and ordinal columns: samples rounded to whole numbers and to the
+    #                              nearest training value (false: left as drawn, still within the training range;
+    #                              binary and categorical columns always decoded)
     n: int = 5000  # samples drawn by `toydiff run`
     batch_size: int = 65536  # samples denoised at once (bounds memory)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -68,9 +68,10 @@ def load_npy(path: Path) -> np.ndarray:
 
 
 def csv_text(rows: list[dict[str, Any]] | list[list[str]] | np.ndarray,
-             header: list[str] | tuple[str, ...] | None = None) -> str:
-    """Rows of dicts, rows of cells (lists of text) or a 2-D array, with the column names, as CSV text (numbers
-    with 7 significant digits; text with a comma, a quote or a newline quoted; a dict's missing key: nan)."""
+             header: list[str] | tuple[str, ...] | None = None, formats: Sequence[str] = ()) -> str:
+    """Rows of dicts, rows of cells (lists of text) or a 2-D array, with the column names, as CSV text (an
+    array's numbers with 7 significant digits, or each column's %-format in `formats`; text with a comma, a
+    quote or a newline quoted; a dict's missing key: nan)."""
     buf = io.StringIO()
     if isinstance(rows, list) and rows and isinstance(rows[0], list):
         writer = csv.writer(buf, lineterminator="\n")
@@ -79,7 +80,7 @@ def csv_text(rows: list[dict[str, Any]] | list[list[str]] | np.ndarray,
     elif isinstance(rows, np.ndarray):  # the header through csv (a name with a comma or newline is quoted)
         if header:
             csv.writer(buf, lineterminator="\n").writerow(list(header))
-        np.savetxt(buf, rows, delimiter=",", comments="", fmt="%.7g")
+        np.savetxt(buf, rows, delimiter=",", comments="", fmt=list(formats) if formats else "%.7g")
     else:
         writer = csv.DictWriter(buf, fieldnames=list(header or (list(rows[0]) if rows else [])), restval="nan")
         writer.writeheader()

@@ -3,7 +3,7 @@
     table = read_table("measurements.csv", columns=("a", "b"), label_column="kind")
     table.x (n, D) float64, table.labels (n,) int64 or None, table.names, table.classes, table.columns
 
-Each column is continuous, integer, binary or categorical, numbers or text (toydiff.data.columns: detected
+Each column is continuous, integer, ordinal, binary or categorical, numbers or text (toydiff.data.columns: detected
 from the rows, or declared with data.types); a column of text holds its levels' indices in `x`. Every problem
 is a ToydiffError naming the file, and the row and column where there is one: a missing or empty file, a
 column mixing numbers and text, an empty / NaN / infinite cell (or, with drop_missing, the row is dropped), a
@@ -27,7 +27,7 @@ from ..core.errors import ToydiffError
 from ..core.files import check_regular
 from ..core.formats import load_npy, npy_header
 from ..core.machine import check_memory
-from .columns import Column, as_number, codes, decide, declared_types, level_order
+from .columns import Column, as_number, codes, decide, decimals, declared_types, level_order
 
 MIN_ROWS = 10
 MAX_COLUMNS = 1024  # columns a file may give the model: far beyond low-dimensional data, and every figure stays bounded
@@ -283,7 +283,8 @@ def _finish(where: str, names: list[str], cells, x: np.ndarray, keep: np.ndarray
         if schema is not None:
             _check_levels(where, schema[j], x[:, j], kept_rows)
         else:
-            found.append(decide(names[c], x[:, j], levels.get(j), declared.get(names[c], ""), where))
+            places = -1 if j in levels else decimals(row[c] for row, k in zip(cells, keep) if k)
+            found.append(decide(names[c], x[:, j], levels.get(j), declared.get(names[c], ""), where, places))
     labels, classes = None, []
     if label_at is not None:
         raw = [str(row[label_at]).strip() for row, k in zip(cells, keep) if k]

@@ -97,6 +97,20 @@ MEAN_FLOW_TIME_SCALE = 10.0  # a mean-flow network's: its loss differentiates th
 #                              2025), and at 1000 that derivative swamps the velocity (docs/benchmarks.md)
 
 
+AUTO_WIDTH = (64, 4, 512)  # model.width = 0: 4 hidden units per frame coordinate as a power of two, in [64, 512]
+
+
+def width(cfg: ModelConfig, dim: int | None = None) -> int:
+    """model.width, with 0 (auto) sized to the model's frame: 64 up to 16 coordinates (the zoo's 2-D data, the
+    guide's 64), then 4 units per coordinate rounded up to a power of two, at most 512 (a 64-column table's
+    448 Fourier features are no longer squeezed through 64 units). dim None (not yet known, a file not yet
+    read): the smallest auto width, for checks made before the data."""
+    lo, per, hi = AUTO_WIDTH
+    if cfg.width or dim is None:
+        return cfg.width or lo
+    return min(hi, max(lo, 2 ** math.ceil(math.log2(per * dim))))
+
+
 def time_scale(cfg: ModelConfig, intervals: bool = False) -> float:
     """model.time_scale, with 0 (auto) resolved: MEAN_FLOW_TIME_SCALE for a mean-flow network, else the default."""
     return cfg.time_scale or (MEAN_FLOW_TIME_SCALE if intervals else DEFAULT_TIME_SCALE)
@@ -183,33 +197,35 @@ def _guide(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool
 @MODELS.register("mlp")
 def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     outputs = 2 if cfg.variance == "learned" else 1
-    return MLP(dim, T, cfg.width, cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs, intervals,
+    return MLP(dim, T, width(cfg, dim), cfg.depth, cfg.time_dim, cfg.fourier_octaves, classes, outputs, intervals,
                time_scale(cfg, intervals))
 
 
-def check(cfg: ModelConfig, classes: int = 0) -> None:
-    """What the configured network cannot do, refused before anything is built or written."""
+def check(cfg: ModelConfig, classes: int = 0, dim: int | None = None) -> None:
+    """What the configured network cannot do (for data of `dim` frame coordinates, where known), refused before
+    anything is built or written."""
     if cfg.arch == "guide" and (cfg.variance == "learned" or cfg.conditional or classes):
         raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
                            "model.variance=learned or model.conditional=true")
     if cfg.arch == "mlp":  # weights, gradients, AdamW's two moments and the EMA: about 5 copies in float32
-        params = (2 * cfg.depth + 2) * cfg.width ** 2 + cfg.width * (cfg.time_dim + 4 * cfg.fourier_octaves + 16)
-        check_memory(20 * params, f"a network of model.width = {cfg.width} and model.depth = {cfg.depth}",
+        w = width(cfg, dim)
+        params = (2 * cfg.depth + 2) * w ** 2 + w * (cfg.time_dim + 4 * cfg.fourier_octaves + 16)
+        check_memory(20 * params, f"a network of model.width = {w} and model.depth = {cfg.depth}",
                      "lower model.width or model.depth")
 
 
-def check_batch_memory(cfg: ModelConfig, batch: int, what: str, training: bool) -> None:
+def check_batch_memory(cfg: ModelConfig, batch: int, what: str, training: bool, dim: int | None = None) -> None:
     """Refuse a batch whose activations would not fit the memory available (float32; training keeps them for
     the backward pass and the gradients): the network's hidden layers, about 4 tensors of `width` per block."""
-    width = max(cfg.width, cfg.time_dim, 64)
-    need = batch * width * (4 * cfg.depth + 8) * 4 * (3 if training else 1)
-    check_memory(need, f"{what} = {batch:,} with model.width = {cfg.width}", f"lower {what}")
+    w = width(cfg, dim)
+    need = batch * max(w, cfg.time_dim, 64) * (4 * cfg.depth + 8) * 4 * (3 if training else 1)
+    check_memory(need, f"{what} = {batch:,} with model.width = {w}", f"lower {what}")
 
 
 def build_model(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool = False) -> nn.Module:
     """The configured network for D = dim and T steps; classes > 0 adds a label input (K classes + null),
     intervals a mean-flow network's second time (mlp)."""
-    check(cfg, classes)
+    check(cfg, classes, dim)
     return MODELS.get(cfg.arch)(cfg, dim, T, classes, intervals)
 
 

@@ -33,7 +33,7 @@ from ..data.columns import Column, describe
 from ..data.scaler import Scaler
 from ..data.tables import column_index, column_warnings, default_names, read_table
 from ..diffusion.losses import Objective
-from ..diffusion.models import check as check_model, check_batch_memory, count_parameters
+from ..diffusion.models import check as check_model, check_batch_memory, count_parameters, width
 from ..diffusion.sampling import VPDiffusion, check_conditioning, make_plan
 from ..runs.directory import RunDir
 from ..runs.run import Run
@@ -167,7 +167,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         from ..evaluation.reference import check_reference
         warnings += check_reference(cfg, run.holdout, run.names, run.data)
     if run.columns is not None:
-        log(describe(run.columns))
+        log(f"{describe(run.columns)}; numbers scaled by {run.scaler.scaling} (data.scaling)")
     for warning in filter(None, warnings):
         log(f"warning: {warning}")
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
@@ -178,11 +178,12 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         return _train(run, state, {}, False, silent, world, objective)
     x = run.data
     info = {"created": _dt.datetime.now().isoformat(timespec="seconds"), "dim": int(x.shape[1]),
-            "n_train": int(x.shape[0]), "classes": run.classes, "columns": run.names,
+            "n_train": int(x.shape[0]), "scaling": run.scaler.scaling, "classes": run.classes, "columns": run.names,
             "class_names": run.class_names, "source": cfg.data.path or cfg.data.name,
             **({"column_types": [c.kind for c in run.columns], "label_column": run.label_column,
                 "label_index": run.label_index} if run.columns is not None else {}),
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
+            "width": width(cfg.model, run.frame_dim),
             "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
     with staging.writing():  # the lock follows the directory when it is published
@@ -192,7 +193,8 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
             raise
-        log(f"training {cfg.model.arch} ({info['parameters']:,} parameters) on {info['source']} "
+        shape = f"width {info['width']}{'' if cfg.model.width else ' (auto)'}, " if cfg.model.arch == "mlp" else ""
+        log(f"training {cfg.model.arch} ({shape}{info['parameters']:,} parameters) on {info['source']} "
             f"(n = {x.shape[0]}, D = {x.shape[1]}), {run.method.describe(cfg, run.schedule)}, {cfg.train.steps} "
             f"steps on {device}")
         return _train(run, state, RunDir(run.path).read_manifest(), progress, log, world, objective)

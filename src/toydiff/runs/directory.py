@@ -76,10 +76,11 @@ REPORT = "report.html"
 # What each JSON file of a run directory may hold, checked on every read (core.schema.check_schema): damaged or
 # hostile metadata ends in one line naming the field, never a TypeError inside.
 MANIFEST_SCHEMA = Fields({
-    "format": str, "version": int, "status": str, "dim": int, "n_train": int, "classes": int, "columns": [str],
-    "class_names": [str], "column_types": [str], "label_column": str, "label_index": int, "source": str, "student": str, "teacher": str, "method": str,
+    "format": str, "version": int, "status": str, "dim": int, "n_train": int, "scaling": str, "classes": int,
+    "columns": [str], "class_names": [str], "column_types": [str], "label_column": str, "label_index": int,
+    "source": str, "student": str, "teacher": str, "method": str,
     "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
-    "alpha_bar_T": float, "parameters": int, "device": str, "threads": int, "created": str,
+    "alpha_bar_T": float, "parameters": int, "width": int, "device": str, "threads": int, "created": str,
     "toydiff_version": str, "cuda_graphs": str, "stopped_early": bool,
     "validation": Fields({"rows": int, "best_step": int, "best_loss": float, "patience_steps": int})},
     required=("format", "version", "status"))

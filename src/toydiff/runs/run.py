@@ -193,8 +193,8 @@ class Run:
         as eager), and autocast = bf16 runs the network in bfloat16. progress shows the steps (the batches of
         a graphed job).
         A user's table comes back as values its columns take (toydiff.data.scaler.TableScaler): binary and
-        categorical columns as their levels, integers whole (sample.round_integers), numbers within the
-        training rows' range. `Drawn.labels` holds a conditional model's class of each sample.
+        categorical columns as their levels, integers whole and ordinals on their training values
+        (sample.round_integers), numbers within the training rows' range. `Drawn.labels` holds a conditional model's class of each sample.
         into: an (n, D) array to write the samples into and return (a memory map: `core.files.npy_writer`), so
         that memory stays that of one batch however large n is.
         """
@@ -218,7 +218,7 @@ class Run:
                          f"{n:,} samples of {self.dim} columns" + (" with their paths" if trajectory else ""),
                          "draw fewer at a time (--n), or write them to a .npy file (--out FILE.npy): streamed")
         check_batch_memory(self.config.model, min(cfg.batch_size, n), "sample.batch_size (--batch-size)",
-                           training=False)
+                           training=False, dim=self.frame_dim)
         samples = np.empty((n, self.dim)) if into is None else into  # each batch is written into it in data units
         drawn_labels = np.empty(n, dtype=np.int64) if self.labels is not None else None
         paths, calls, bad = [], 0, 0
