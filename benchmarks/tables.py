@@ -52,6 +52,7 @@ from toydiff.data.columns import PRINTED
 from toydiff.data.tables import read_table
 from toydiff.evaluation.judge import evaluate
 from toydiff.evaluation.metrics import efficacy
+from toydiff.evaluation.scores import z_limit
 from toydiff.evaluation.reference import file_target
 
 TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
@@ -294,7 +295,7 @@ def main() -> None:
                     print(json.dumps(results[-1]), flush=True)
     meta = machine(splits=args.splits, draws=args.draws, toydiff_set=TOYDIFF_SET)
     publish(args.out, "tables", {"meta": meta, "rows": results},
-            summary(results))
+            summary(results) + "\n\n" + goals(results, z_limit(EvalConfig().z_max, args.draws)))
 
 
 def summary(results: list[dict]) -> str:
@@ -322,6 +323,44 @@ def summary(results: list[dict]) -> str:
               "(0.5 = indistinguishable); memorized: share closer to a training row than 90% of test rows are "
               "(about 0.1 expected); efficacy: test accuracy of trees trained on the samples."]
     return "\n".join(lines)
+
+
+def goals(results: list[dict], limit: float) -> str:
+    """Issue #28's goal on each table, toydiff against the best peer (means over splits): tree and k-NN AUC at
+    or below the best peer's, memorization within its floor (z <= limit on every split), efficacy within 0.01
+    of the best peer's or better, no invalid value, and a verdict that sees whatever the tree test sees."""
+    def mean(rows, key):
+        v = [r[key] for r in rows if r.get(key) is not None]
+        return float(np.mean(v)) if v else None
+
+    lines = ["| table | tree AUC <= best peer | k-NN AUC <= best peer | memorized within floor | efficacy >= best "
+             "peer - 0.01 | no invalid value | verdict sees the tree |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["table"] for r in results):
+        ok = [r for r in results if r["table"] == name and "error" not in r]
+        mine = [r for r in ok if r["generator"] == "toydiff"]
+        peers = {g: [r for r in ok if r["generator"] == g] for g in dict.fromkeys(r["generator"] for r in ok)
+                 if g != "toydiff"}
+        if not mine or not peers:
+            continue
+        cells = []
+        for key, better in (("gbt_auc", min), ("knn_auc", min), ("efficacy", max)):
+            theirs = {g: mean(rows, key) for g, rows in peers.items() if mean(rows, key) is not None}
+            ours = mean(mine, key)
+            if ours is None or not theirs:
+                cells.append("")
+                continue
+            best = better(theirs, key=theirs.get)
+            met = ours <= theirs[best] if key != "efficacy" else ours >= theirs[best] - 0.01
+            cells.append(f"{'yes' if met else '**no**'} ({ours:.3f} vs {best} {theirs[best]:.3f})")
+        cells.insert(2, "yes" if all(r["memorized_z"] <= limit for r in mine) else
+                     f"**no** (z {max(r['memorized_z'] for r in mine):.1f} > {limit:.1f})")
+        bad = max(r["invalid"] for r in mine)
+        cells.insert(4, "yes" if bad == 0 else f"**no** ({bad:.1%} of cells)")
+        seen = all(r["verdict"].startswith("distinguishable") for r in mine if r["gbt_auc_z"] > limit)
+        cells.append("yes" if seen else "**no**")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + ["", f"Goals: toydiff against the best peer on each test (z limit {limit:.2f}); "
+                                   "**no** marks a goal not met."])
 
 
 if __name__ == "__main__":

@@ -193,7 +193,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
             raise
-        shape = f"width {info['width']}{'' if cfg.model.width else ' (auto)'}, " if cfg.model.arch == "mlp" else ""
+        shape = f"{'' if cfg.model.width else 'auto '}width {info['width']}, " if cfg.model.arch == "mlp" else ""
         log(f"training {cfg.model.arch} ({shape}{info['parameters']:,} parameters) on {info['source']} "
             f"(n = {x.shape[0]}, D = {x.shape[1]}), {run.method.describe(cfg, run.schedule)}, {cfg.train.steps} "
             f"steps on {device}")
