@@ -317,3 +317,11 @@ def test_auto_scaling_is_quantile_for_a_table_and_minmax_for_points():
     assert Scaler.fit(x, "auto").kind == "minmax"
     table = Scaler.fit(x, "auto", columns=(Column("a", "continuous"), Column("b", "continuous")))
     assert table.scaling == "quantile" and Scaler.fit(x, "auto").scaling == "minmax"
+
+
+def test_a_held_out_file_may_hold_values_an_ordinal_column_never_had_in_training(tmp_path):
+    """An ordinal column's levels bound what samples take, not what a reference file may hold (eval --data)."""
+    column = Column("r", "ordinal", (0.5, 1.5, 2.5), decimals=1)
+    path = _write(tmp_path / "test.csv", ["r"], [[v] for v in ("0.5", "3.5", "1.0") * 5])
+    back = read_table(path, columns=["r"], schema=(column,))
+    assert sorted(set(back.x[:, 0])) == [0.5, 1.0, 3.5]
