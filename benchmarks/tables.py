@@ -61,6 +61,9 @@ TABLES = ("mixed", "diabetes", "breast-cancer", "wine", "iris", "digits")
 GENERATORS = ("toydiff", "gaussian", "copula", "ctgan", "tvae", "forest")
 PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-peers)
 LABEL = "target"
+COUNTS = ("digits",)  # tables whose columns are counts, declared integer as a user would (--types): a pixel that
+#                       is 0 or 1 in the training rows is not a binary column, and the test rows hold its 2s
+TYPES: list[str] = []  # the current table's data.types (every generator reads its training CSV with them)
 TOYDIFF_SET: dict = {}  # --toydiff-set SECTION.KEY=VALUE: toydiff's settings other than its defaults (ablations)
 
 
@@ -85,6 +88,13 @@ def table(name: str) -> tuple[list[str], list[list[str]], bool]:
     return names + [LABEL], rows, labelled
 
 
+def varying(header: list[str], rows: list[list[str]], *parts: np.ndarray) -> tuple[list[str], list[list[str]]]:
+    """The table without the columns constant in its training or its test rows (digits' always-blank corner
+    pixels), which toydiff refuses and no generator or judge learns anything from; the label column is kept."""
+    keep = [j for j, h in enumerate(header) if h == LABEL or all(len({rows[i][j] for i in p}) > 1 for p in parts)]
+    return [header[j] for j in keep], [[r[j] for j in keep] for r in rows]
+
+
 def write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
@@ -97,7 +107,8 @@ def write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
 
 def gen_toydiff(train: Path, labelled: bool, n: int, seed: int, work: Path) -> Path:
     import toydiff
-    sections = {"data": {"path": str(train), "holdout": 0.0, **({"label_column": LABEL} if labelled else {})},
+    sections = {"data": {"path": str(train), "holdout": 0.0, "types": TYPES,
+                         **({"label_column": LABEL} if labelled else {})},
                 "model": {"conditional": labelled}, "seed": seed}
     for key, value in TOYDIFF_SET.items():
         section, _, name = key.partition(".")
@@ -111,7 +122,7 @@ def gen_toydiff(train: Path, labelled: bool, n: int, seed: int, work: Path) -> P
 def gen_gaussian(train: Path, labelled: bool, n: int, seed: int, work: Path) -> Path:
     """A Gaussian per class (mean and covariance of its rows; a text column as its level index, written back as
     the nearest level); the label drawn in the training proportions."""
-    t = read_table(train, label_column=LABEL if labelled else "")
+    t = read_table(train, label_column=LABEL if labelled else "", types=TYPES)
     rng = np.random.default_rng(seed)
     labels = t.labels if t.labels is not None else np.zeros(len(t.x), dtype=int)
     drawn_labels = rng.choice(labels, n)
@@ -153,7 +164,7 @@ def _sdv(kind: str):
 def gen_forest(train: Path, labelled: bool, n: int, seed: int, work: Path) -> Path:
     from ForestDiffusion import ForestDiffusionModel
     from toydiff.data.columns import table_text
-    t = read_table(train, label_column=LABEL if labelled else "")
+    t = read_table(train, label_column=LABEL if labelled else "", types=TYPES)
     cats = [j for j, c in enumerate(t.columns) if c.discrete]
     ints = [j for j, c in enumerate(t.columns) if c.kind == "integer"]
     model = ForestDiffusionModel(t.x, label_y=t.labels, n_t=50, duplicate_K=100, diffusion_type="flow",
@@ -272,11 +283,13 @@ def main() -> None:
         for split in range(args.splits):
             order = np.random.default_rng([split, len(rows)]).permutation(len(rows))
             cut = int(0.7 * len(rows))
+            names, cells = varying(header, rows, order[:cut], order[cut:])
             with tempfile.TemporaryDirectory() as tmp:
                 tmp = Path(tmp)
-                train_csv = write(tmp / "train.csv", header, [rows[i] for i in order[:cut]])
-                test_csv = write(tmp / "test.csv", header, [rows[i] for i in order[cut:]])
-                train = read_table(train_csv, label_column=LABEL if labelled else "")
+                train_csv = write(tmp / "train.csv", names, [cells[i] for i in order[:cut]])
+                test_csv = write(tmp / "test.csv", names, [cells[i] for i in order[cut:]])
+                TYPES[:] = [f"{h}=integer" for h in names if h != LABEL] if name in COUNTS else []
+                train = read_table(train_csv, label_column=LABEL if labelled else "", types=TYPES)
                 test = read_table(test_csv, columns=train.names, label_column=LABEL if labelled else "",
                                   schema=train.columns)
                 if labelled:  # the test rows' labels as the training file's class indices

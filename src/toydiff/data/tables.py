@@ -184,8 +184,9 @@ def column_warnings(x: np.ndarray, names: Sequence[str], where: str) -> list[str
                                "by zero; leave it out with data.columns (--columns), or change data.holdout")
         share = counts.max() / len(x)
         if share >= NEAR_CONSTANT:
-            warnings.append(f"column '{name}' is {values[counts.argmax()]:g} in {share:.0%} of {where}: what the "
-                            "model learns and what the evaluation sees of it rest on the few other rows; consider "
+            others = len(x) - counts.max()
+            warnings.append(f"column '{name}' is {values[counts.argmax()]:g} in all but {others} of {where}: what "
+                            "the model learns and what the evaluation sees of it rest on those few rows; consider "
                             "leaving it out with data.columns")
     return warnings
 
