@@ -299,6 +299,8 @@ def test_the_tree_test_sees_a_piled_column_spread_between_its_values_and_not_onc
 def test_numbers_are_written_with_the_decimals_the_file_wrote_them_with():
     assert decimals(["1.50", " 2", "-0.125 "]) == 3 and decimals(["3", "4"]) == 0
     assert decimals(["0.1", "1e-05"]) == -1 and decimals([0.5, 1.0]) == -1  # an exponent; a .npy's numbers
+    assert decimals(["0." + "1" * 40]) == -1  # more digits than a float holds: written exactly
+    assert decimals(["0." + "1" * 40]) == -1  # more digits than a float holds: written exactly
     piled = Column("s4", "ordinal", (-0.0394933829, 0.0343088588, 0.0712099798), decimals=10)
     assert [piled.level(v) for v in piled.values] == ["-0.0394933829", "0.0343088588", "0.0712099798"]
     assert Column("w", "continuous", decimals=2).level(-0.0001) == "0.00"  # no "-0.00"
@@ -309,6 +311,8 @@ def test_numbers_are_written_with_the_decimals_the_file_wrote_them_with():
                       [piled, Column("w", "continuous", decimals=2)])
     assert text == "s4,w\n0.0343088588,3.14\n-0.0394933829,0.00\n"
     assert Column.from_dict({k: v for k, v in piled.to_dict().items() if k != "decimals"}).decimals == -1
+    with pytest.raises(ToydiffError, match="damaged"):
+        Column.from_dict({**piled.to_dict(), "decimals": 10**9})  # a hostile scaler.json
 
 
 def test_auto_scaling_is_quantile_for_a_table_and_minmax_for_points():

@@ -13,7 +13,7 @@ Detection, from the rows of the file (the label column aside):
 An integer column keeps its order (grades 1..5 are integer); declare it categorical (data.types =
 ["grade=categorical"], --types) when its numbers are codes. An ordinal column is modelled as a number and
 returned as the nearest value the training rows hold: a column whose rows pile up on a few values (diabetes'
-s4, 66 values over 309 rows) has mass points a gradient-boosted tree finds at once when samples spread
+s4, 46 values over 309 training rows) has mass points a gradient-boosted tree finds at once when samples spread
 between them; declare it continuous to keep the values as drawn. A declaration that contradicts the rows
 (integer on fractions, binary on three values, a number type on text, ordinal on more than MAX_LEVELS
 values) is an error.
@@ -35,6 +35,7 @@ from ..core.config import COLUMN_TYPES
 from ..core.errors import ToydiffError
 from ..core.formats import csv_text
 
+MAX_DECIMALS = 30  # digits after the point written back; a file's column with more is written exactly (%.17g)
 MAX_LEVELS = 256  # a categorical column's levels: beyond them a column is an identifier or free text, not a category
 DISCRETE = ("binary", "categorical")  # the types encoded as levels (not numbers) and sampled as one of them
 LEVELLED = DISCRETE + ("ordinal",)  # the types whose values (levels) a Column keeps
@@ -60,8 +61,8 @@ class Column:
         return self.kind in DISCRETE
 
     def nearest(self, x: np.ndarray) -> np.ndarray:
-        """A discrete or ordinal column's values (n,) as its nearest levels (the levels are ascending: one search between
-        their midpoints): the float32 copy a run directory keeps of 0.0506801187398187 is that level."""
+        """A discrete or ordinal column's values (n,) as its nearest levels (the levels are ascending: one search
+        between their midpoints): the float32 copy a run directory keeps of 0.0506801187398187 is that level."""
         values = np.asarray(self.values)
         return values[np.searchsorted((values[1:] + values[:-1]) / 2, np.asarray(x, dtype=np.float64))]
 
@@ -106,7 +107,7 @@ class Column:
         values = np.asarray(column.values)
         if column.kind not in COLUMN_TYPES or (column.kind in LEVELLED) != (len(values) >= 2) or \
                 not np.all(np.isfinite(values)) or not np.all(np.diff(values) > 0) or \
-                (column.text and len(column.text) != len(values)):
+                (column.text and len(column.text) != len(values)) or not -1 <= column.decimals <= MAX_DECIMALS:
             raise ToydiffError(f"the stored type of column '{column.name}' is malformed; the run directory is damaged")
         return column
 
@@ -143,7 +144,7 @@ def declared_types(entries: Sequence[str], names: Sequence[str], where: str) -> 
 
 def decimals(cells: Iterable) -> int:
     """The most digits after the point among a column's cells as the file wrote them; -1 where a cell has an
-    exponent (1e-05) or is not text (a .npy file's numbers)."""
+    exponent (1e-05) or more than MAX_DECIMALS of them, or is not text (a .npy file's numbers)."""
     most = 0
     for cell in cells:
         if not isinstance(cell, str):
@@ -152,7 +153,7 @@ def decimals(cells: Iterable) -> int:
         if "e" in cell or "n" in cell:  # 1e-05, inf, nan
             return -1
         most = max(most, len(cell) - cell.index(".") - 1 if "." in cell else 0)
-    return most
+    return most if most <= MAX_DECIMALS else -1
 
 
 def decide(name: str, values: np.ndarray, text: Optional[list[str]], declared: str, where: str,
