@@ -311,6 +311,7 @@ def main() -> None:
     meta = machine(splits=args.splits, draws=args.draws, toydiff_set=TOYDIFF_SET)
     publish(args.out, "tables", {"meta": meta, "rows": results},
             summary(results) + "\n\n" + goals(results, z_limit(EvalConfig().z_max, args.draws)))
+    plot(results, Path(args.out) / "tables.png")
 
 
 def summary(results: list[dict]) -> str:
@@ -338,6 +339,34 @@ def summary(results: list[dict]) -> str:
               "(0.5 = indistinguishable); memorized: share closer to a training row than 90% of test rows are "
               "(about 0.1 expected); efficacy: test accuracy of trees trained on the samples."]
     return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Tree and k-NN AUC of every generator on every table (mean and spread over splits; 0.5 = data)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    tables = list(dict.fromkeys(r["table"] for r in results))
+    gens = [g for g in GENERATORS if any(r["generator"] == g for r in results)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
+    width = 0.8 / len(gens)
+    for ax, key, title in zip(axes, ("gbt_auc", "knn_auc"), ("gradient-boosted-tree AUC", "k-NN AUC")):
+        for k, g in enumerate(gens):
+            mean, spread = [], []
+            for t in tables:
+                v = [r[key] for r in results if r["table"] == t and r["generator"] == g and key in r]
+                mean.append(np.mean(v) if v else np.nan)
+                spread.append(np.std(v) if len(v) > 1 else 0.0)
+            ax.bar(np.arange(len(tables)) + (k - (len(gens) - 1) / 2) * width, mean, width, yerr=spread,
+                   label=g, color=plt.cm.tab10(k), capsize=2)
+        ax.axhline(0.5, color="k", lw=0.8, ls="--")
+        ax.set_xticks(range(len(tables)), tables)
+        ax.set_ylim(0.4, 1.02)
+        ax.set_title(f"{title} against the test rows (0.5: indistinguishable)", fontsize=10)
+    fig.legend(*axes[0].get_legend_handles_labels(), ncol=len(gens), fontsize=9, loc="lower center")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def goals(results: list[dict], limit: float) -> str:
