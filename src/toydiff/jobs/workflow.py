@@ -183,7 +183,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
             **({"column_types": [c.kind for c in run.columns], "label_column": run.label_column,
                 "label_index": run.label_index} if run.columns is not None else {}),
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
-            "width": width(cfg.model, run.frame_dim),
+            **({"width": width(cfg.model, run.frame_dim)} if cfg.model.arch == "mlp" else {}),
             "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
     with staging.writing():  # the lock follows the directory when it is published
@@ -193,7 +193,7 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
             raise
-        shape = f"{'' if cfg.model.width else 'auto '}width {info['width']}, " if cfg.model.arch == "mlp" else ""
+        shape = f"{'' if cfg.model.width else 'auto '}width {info['width']}, " if "width" in info else ""
         log(f"training {cfg.model.arch} ({shape}{info['parameters']:,} parameters) on {info['source']} "
             f"(n = {x.shape[0]}, D = {x.shape[1]}), {run.method.describe(cfg, run.schedule)}, {cfg.train.steps} "
             f"steps on {device}")
