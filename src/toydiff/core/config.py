@@ -82,6 +82,7 @@ def _check(ok: bool, message: str) -> None:
 MAX_T = 100_000  # schedule.T, sample.steps
 MAX_WIDTH = 16_384  # model.width (its parameters grow as width^2)
 MAX_DEPTH = 256  # model.depth
+MAX_COMPONENTS = 256  # model.components (each is a class of the network's label embedding)
 MAX_TIME_DIM = 4096  # model.time_dim
 MAX_OCTAVES = 24  # model.fourier_octaves (2^23 pi is already far below float32's resolution)
 MAX_ROWS = 100_000_000  # data.n, sample.n
@@ -193,6 +194,9 @@ class ModelConfig(_Section):
     time_scale: float = 0.0  # mlp: the time embedding's angle at t = T; 0 = auto (toydiff.diffusion.models.time_scale)
     variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
     conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
+    components: int = 1  # mlp: the support's separate pieces, each sample drawing its piece first by the training
+    #                      rows' shares, then a point of it (toydiff.data.components): 1 = one (off); 0 = as
+    #                      many as the training rows fall into; K >= 2 = exactly K (else an error)
 
     def _check(self):
         choose("model", self.arch, ARCHS)
@@ -207,6 +211,10 @@ class ModelConfig(_Section):
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
         _check(self.time_scale >= 0, f"model.time_scale must be >= 0 (0 = auto), got {self.time_scale}")
+        _check(self.components >= 0, f"model.components must be >= 0 (0 = found, 1 = off), got {self.components}")
+        _at_most("model.components", self.components, MAX_COMPONENTS)
+        _check(self.components == 1 or not self.conditional, "model.components and model.conditional cannot be "
+               "combined yet: the class labels already split the rows; set model.components = 1")
 
 
 @dataclass(frozen=True)
@@ -233,7 +241,8 @@ class TrainConfig(_Section):
     #                             | meanflow (flow: the mean velocity over [r, t], Geng et al. 2025; its sampler
     #                             is sample.sampler = meanflow)
     vlb_weight: float = 0.001  # model.variance = learned: lambda of L_hybrid = L_simple + lambda L_vlb
-    label_dropout: float = 0.1  # model.conditional: share of labels replaced by the null label (for guidance)
+    label_dropout: float = 0.1  # model.conditional (or components): share of labels replaced by the null label
+    #                             (for guidance; a model of pieces draws its vector field with that branch)
     validation: float = -1.0  # share of the training rows held back to stop training when their denoising loss stops
     #                           improving (early stopping, against memorizing a small table); -1 = auto: 0.1 for
     #                           a user's file (data.path), 0 (off) for the zoo's draws; ddpm and flow (a denoising loss)

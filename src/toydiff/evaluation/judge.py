@@ -122,16 +122,28 @@ def likelihoods(run: Run, target: Target, n: int, log: Callable[[str], None] = l
     cfg = run.config
     held_out = target.draw(np.random.default_rng(derive_seed(cfg.seed, "eval-nll")), n)
     x = torch.as_tensor(run.scaler.transform(held_out), dtype=torch.float32, device=run.device)
-    denoiser = run.denoiser  # a conditional model's likelihood is that of its unconditional (null-label) branch
-    eps_fn = model_eps_fn(denoiser)
-    variance_fn = (lambda x_t, t: denoiser.output(x_t, t)[1]) if denoiser.learned_variance else None
-    gen = torch_generator(cfg.seed, "eval-nll", run.device)
-    log(f"likelihoods of {n} held-out points: ELBO ({run.schedule.T} terms) and probability-flow ODE")
+    # a conditional model's likelihood is that of its unconditional (null-label) branch; a model of pieces
+    # (model.components) is the mixture sum_k share_k p(x | k), each piece's likelihood computed on its own
+    # (the ELBO's mixture stays a bound: sum_k share_k e^-ELBO_k <= p(x))
+    pieces = run.pieces
+    branches = [(None, 0.0)] if pieces is None else [
+        (torch.full((len(x),), k, dtype=torch.long, device=run.device), math.log(s))
+        for k, s in enumerate(pieces.shares)]
+    log(f"likelihoods of {n} held-out points: ELBO ({run.schedule.T} terms) and probability-flow ODE"
+        + (f", for each of the {len(branches)} pieces" if pieces is not None else ""))
     d, shift = run.frame_dim, -run.scaler.log_abs_det  # nll_data = nll_scaled - log|det|
-    with Progress(run.schedule.T, "ELBO", "term", enabled=progress) as bar:
-        elbo = elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn, on_step=bar.update)
-    with Progress(None, "ODE likelihood", "evaluation", enabled=progress) as bar:
-        ode = ode_nll(eps_fn, run.schedule, x, generator=gen, on_step=bar.update)
+    elbos, odes = [], []
+    for labels, log_share in branches:
+        denoiser = run.denoiser_for(labels)
+        eps_fn = model_eps_fn(denoiser)
+        variance_fn = (lambda x_t, t, dn=denoiser: dn.output(x_t, t)[1]) if denoiser.learned_variance else None
+        gen = torch_generator(cfg.seed, "eval-nll", run.device)
+        with Progress(run.schedule.T, "ELBO", "term", enabled=progress) as bar:
+            elbos.append(log_share - elbo_nll(eps_fn, run.schedule, x, generator=gen, variance_fn=variance_fn,
+                                              on_step=bar.update))
+        with Progress(None, "ODE likelihood", "evaluation", enabled=progress) as bar:
+            odes.append(log_share - ode_nll(eps_fn, run.schedule, x, generator=gen, on_step=bar.update))
+    elbo, ode = -torch.logsumexp(torch.stack(elbos), 0), -torch.logsumexp(torch.stack(odes), 0)
     out = {"n": n, "elbo": float(elbo.mean()) + shift, "ode_nll": float(ode.mean()) + shift}
     logp = None
     if target.log_density is not None:

@@ -30,6 +30,7 @@ from ..core.machine import check_memory
 from ..core.runtime import World, derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
 from ..data import datasets
 from ..data.columns import Column, describe
+from ..data.components import describe_components, find_components
 from ..data.scaler import Scaler
 from ..data.tables import column_index, column_warnings, default_names, read_table
 from ..diffusion.losses import Objective
@@ -133,10 +134,14 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
     if data.columns is not None:  # a column constant in the training rows is refused before the scaler meets it
         column_warnings(data.x, data.names, f"the {len(data.x)} training rows")
     scaler = Scaler.fit(data.x, cfg.data.scaling, data.names, data.columns)
-    schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, device, classes)
-    return Run(Path(path), cfg, scaler, schedule, model, data.x.astype(np.float32), device, labels, data.names,
+    x = data.x.astype(np.float32)
+    found = None if cfg.model.components == 1 else \
+        find_components(scaler.transform(x), cfg.model.components)  # in the frame the model sees
+    pieces = found.count if found is not None and found.count > 1 else 0
+    schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, device, classes or pieces)
+    return Run(Path(path), cfg, scaler, schedule, model, x, device, labels, data.names,
                data.holdout, data.classes if classes else [], data.holdout_labels if classes else None,
-               data.label_column if classes else "", data.label_index if classes else 0)
+               data.label_column if classes else "", data.label_index if classes else 0, found)
 
 
 def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False, log: Log = silent,
@@ -170,6 +175,8 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         log(f"{describe(run.columns)}; numbers scaled by {run.scaler.scaling} (data.scaling)")
     for warning in filter(None, warnings):
         log(f"warning: {warning}")
+    if run.components is not None:
+        log(describe_components(run.components))
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
@@ -184,11 +191,13 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
                 "label_index": run.label_index} if run.columns is not None else {}),
             "alpha_bar_T": run.schedule.alpha_bar_T, "parameters": count_parameters(run.model),
             **({"width": width(cfg.model, run.frame_dim)} if cfg.model.arch == "mlp" else {}),
+            **({"components": run.components.record()} if run.components is not None else {}),
             "device": str(device), "threads": threads, **(extra or {})}
     staging = RunDir.create(Path(out))
     with staging.writing():  # the lock follows the directory when it is published
         try:
-            staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels, noise)
+            staging.write_inputs(cfg, run.scaler, x, run.labels, run.holdout, info, run.holdout_labels, noise,
+                                 None if run.pieces is None else run.pieces.labels)
             run.path = staging.publish(Path(out)).path
         except BaseException:
             shutil.rmtree(staging.path, ignore_errors=True)  # no half-made run directory is left behind
@@ -304,7 +313,8 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     try:
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
         x0 = run.method.training_rows(cfg, rd, x0)  # a reflow student's rows carry their noise: [x0 | eps]
-        y = None if run.labels is None else torch.as_tensor(run.labels, dtype=torch.long, device=run.device)
+        y = run.labels if run.pieces is None else run.pieces.labels  # a model of pieces is conditioned on them
+        y = None if y is None else torch.as_tensor(y, dtype=torch.long, device=run.device)
         own = objective is None
         objective = objective or run.method.objective(run, {k: v.module for k, v in state.others.items()})
         held = held_back(cfg, len(x0), own and run.method.validates)

@@ -176,6 +176,8 @@ class Student:
         """Refuse, before anything is trained, a teacher configuration this recipe cannot distill to `steps`."""
         check(not cfg.model.conditional, "distilling a class-conditional run is not supported yet (its pairs would "
               "need a label each); distill an unconditional run")
+        check(cfg.model.components == 1, "distilling a run with model.components is not supported yet (its "
+              "students would need the piece of each pair); distill a run with model.components = 1")
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         raise NotImplementedError

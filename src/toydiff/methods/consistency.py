@@ -73,9 +73,10 @@ class ConsistencyTraining(Method):
     def check(self, cfg: ExperimentConfig) -> None:
         check(cfg.model.prediction != "x0", "train.objective = consistency needs model.prediction = v or eps: "
               "their x0_hat is x_t itself at zero noise (the consistency function's boundary condition)")
-        check(cfg.model.variance == "fixed" and not cfg.model.conditional and cfg.train.coupling != "reflow",
+        check(cfg.model.variance == "fixed" and not cfg.model.conditional and cfg.model.components == 1
+              and cfg.train.coupling != "reflow",
               "train.objective = consistency trains an unconditional model with fixed variances on independent "
-              "noise: set model.variance=fixed, model.conditional=false, train.coupling=independent")
+              "noise: set model.variance=fixed, model.conditional=false, model.components=1, train.coupling=independent")
         check(cfg.sample.sampler == "consistency", "a consistency-trained model's x0_hat is the end of its ODE "
               "path, not a posterior mean: set sample.sampler=consistency")
         super().check(cfg)

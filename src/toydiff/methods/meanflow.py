@@ -81,9 +81,10 @@ class MeanFlowMethod(Method):
         check(cfg.schedule.process == "flow" and cfg.model.prediction == "v" and cfg.model.arch == "mlp",
               "train.objective = meanflow learns the flow's mean velocity: set schedule.process=flow, "
               "model.prediction=v, model.arch=mlp")
-        check(not cfg.model.conditional and cfg.train.coupling != "reflow" and cfg.train.autocast == "none",
+        check(not cfg.model.conditional and cfg.model.components == 1 and cfg.train.coupling != "reflow"
+              and cfg.train.autocast == "none",
               "train.objective = meanflow trains an unconditional model on fresh noise in float32: set "
-              "model.conditional=false, train.coupling=independent (or ot), train.autocast=none")
+              "model.conditional=false, model.components=1, train.coupling=independent (or ot), train.autocast=none")
         super().check(cfg)
 
     def foreign_sampler(self, sampler: str) -> str:

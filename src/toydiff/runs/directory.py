@@ -7,6 +7,7 @@ A run directory describes itself, so sampling, plotting and evaluation need noth
     scaler.json            the fitted Scaler (data units <-> the model's frame)
     train_data.npy         the training data, in data units
     train_labels.npy       their class labels (conditional models)
+    train_components.npy   the piece of the support each training row lies in (model.components)
     holdout_data.npy       the rows of the user's file kept out of training (the evaluation's reference)
     holdout_labels.npy     their class labels (conditional runs on a file: each class judged on its own rows)
     model.safetensors      the weights (metadata: format, version, step)
@@ -57,6 +58,7 @@ CONFIG = "config.toml"
 SCALER = "scaler.json"
 TRAIN_DATA = "train_data.npy"
 TRAIN_LABELS = "train_labels.npy"
+TRAIN_COMPONENTS = "train_components.npy"
 HOLDOUT = "holdout_data.npy"
 HOLDOUT_LABELS = "holdout_labels.npy"
 WEIGHTS = "model.safetensors"
@@ -82,7 +84,9 @@ MANIFEST_SCHEMA = Fields({
     "checkpoint_step": int, "steps": int, "processes": int, "train_seconds": float, "final_loss": float,
     "alpha_bar_T": float, "parameters": int, "width": int, "device": str, "threads": int, "created": str,
     "toydiff_version": str, "cuda_graphs": str, "stopped_early": bool,
-    "validation": Fields({"rows": int, "best_step": int, "best_loss": float, "patience_steps": int})},
+    "validation": Fields({"rows": int, "best_step": int, "best_loss": float, "patience_steps": int}),
+    "components": Fields({"count": int, "shares": [float], "radius": float, "note": str},
+                         required=("count", "radius"))},
     required=("format", "version", "status"))
 SAMPLING_SCHEMA = Fields({"sampler": str, "steps": int, "spacing": (str, None), "nfe": (float, None),
                           "npy_sha256": str, "csv_sha256": str, "cuda_graphs": str})
@@ -230,9 +234,10 @@ class RunDir:
 
     def write_inputs(self, cfg: ExperimentConfig, scaler: Scaler, x: np.ndarray, labels: Optional[np.ndarray],
                      holdout: Optional[np.ndarray], info: dict[str, Any],
-                     holdout_labels: Optional[np.ndarray] = None, noise: Optional[np.ndarray] = None) -> None:
+                     holdout_labels: Optional[np.ndarray] = None, noise: Optional[np.ndarray] = None,
+                     components: Optional[np.ndarray] = None) -> None:
         """Everything a run is made from, and its manifest (status "training"); `noise`: a reflow student's noise
-        paired with each training row."""
+        paired with each training row; `components`: the piece of each training row (model.components)."""
         atomic_write_text(self.path / CONFIG, cfg.to_toml())
         atomic_write_text(self.path / SCALER, json.dumps(scaler.to_dict(), indent=2))
         save_npy(self.path / TRAIN_DATA, x.astype(np.float32))
@@ -244,6 +249,8 @@ class RunDir:
             save_npy(self.path / HOLDOUT_LABELS, holdout_labels)
         if noise is not None:
             save_npy(self.path / TRAIN_NOISE, noise.astype(np.float32))
+        if components is not None:
+            save_npy(self.path / TRAIN_COMPONENTS, components.astype(np.int64))
         self.write_manifest({"toydiff_version": __version__, **info, "status": "training"})
 
     # --- the manifest ------------------------------------------------------------------------------------
@@ -303,6 +310,19 @@ class RunDir:
             raise ToydiffError(f"'{self.path}' is damaged: {HOLDOUT} has shape {holdout.shape}, the data "
                                f"{data.shape}")
         return data, labels, holdout
+
+    def read_components(self, n: int, count: Optional[int]) -> Optional[np.ndarray]:
+        """The piece of each of the n training rows (None for a run of one, `count` None), checked against the
+        manifest's count."""
+        if count is None:
+            return None
+        path = self.path / TRAIN_COMPONENTS
+        pieces = load_npy(path) if path.is_file() else None
+        if pieces is None or pieces.shape != (n,) or pieces.dtype.kind not in "iu" or pieces.min() < 0 \
+                or int(pieces.max()) + 1 != count:
+            raise ToydiffError(f"'{self.path}' is damaged: {TRAIN_COMPONENTS} is missing or does not match the "
+                               f"training data or the {count} components of {MANIFEST}")
+        return pieces.astype(np.int64)
 
     def read_train_noise(self, shape: tuple[int, int]) -> np.ndarray:
         """A reflow student's noise, one row per training row (`shape`), or a one-line error."""

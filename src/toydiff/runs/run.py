@@ -24,6 +24,7 @@ from ..core.progress import Progress
 from ..core.runtime import NoiseStream, derive_seed, resolve_device, set_threads
 from ..core.formats import csv_text
 from ..data.columns import Column, table_text
+from ..data.components import Components
 from ..data.scaler import Scaler, TableScaler
 from ..data.tables import default_names
 from ..diffusion.models import Autocast, check_batch_memory
@@ -65,6 +66,7 @@ class Run:
     holdout_labels: Optional[np.ndarray] = None  # (H,) class indices of the held-out rows (conditional, file)
     label_column: str = ""  # a conditional run on a file: its label column's name, written into samples.csv
     label_index: int = 0  # and that column's place among the columns
+    components: Optional[Components] = None  # model.components: what was found (one piece: no prior)
     _compiled_model: Optional[nn.Module] = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -79,6 +81,11 @@ class Run:
     def classes(self) -> int:
         """K for a class-conditional model, else 0."""
         return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    @property
+    def pieces(self) -> Optional[Components]:
+        """The support's pieces the model draws first (model.components found two or more), or None."""
+        return self.components if self.components is not None and self.components.count > 1 else None
 
     @property
     def frame_dim(self) -> int:
@@ -143,18 +150,23 @@ class Run:
         cfg = rd.read_config()
         scaler = rd.read_scaler()
         data, labels, holdout = rd.read_data(scaler.dim, cfg.model.conditional, info.get("classes"))
+        found = info.get("components")
+        pieces = rd.read_components(len(data), found["count"] if found and found["count"] > 1 else None)
+        components = None if not found else Components.of(
+            np.zeros(len(data), dtype=np.int64) if pieces is None else pieces, found["radius"], found.get("note", ""))
         dev = resolve_device(device)
         set_threads(threads, dev)  # for sampling (resume_run sets train.threads for training)
         methods.check(cfg)  # a config.toml edited into a combination its method refuses
         schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, dev,
-                                                0 if labels is None else int(labels.max()) + 1)
+                                                int(labels.max()) + 1 if labels is not None else
+                                                0 if pieces is None else int(pieces.max()) + 1)
         if weights:
             rd.load_weights(model, ema=cfg.sample.use_ema)  # sampling uses the moving average when there is one
         model.eval()
         names = info.get("columns") or default_names(data.shape[1])
         return cls(rd.path, cfg, scaler, schedule, model, data, dev, labels, names, holdout,
                    info.get("class_names") or [], rd.read_holdout_labels(holdout) if labels is not None else None,
-                   info.get("label_column", "") if labels is not None else "", info.get("label_index", 0))
+                   info.get("label_column", "") if labels is not None else "", info.get("label_index", 0), components)
 
     def settings(self, **given) -> SampleConfig:
         """The run's [sample] settings with the given ones replaced (None keeps the run's), checked like a config."""
@@ -297,11 +309,14 @@ class Run:
 
     def _draw_labels(self, n: int, label: int, stream: NoiseStream) -> torch.Tensor | None:
         """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies
-        (one uniform number per sample, by inverting their cumulative distribution)."""
-        if self.labels is None:
+        (one uniform number per sample, by inverting their cumulative distribution); for a model of pieces
+        (model.components), each sample's piece, drawn the same way with the training rows' shares."""
+        if self.labels is None and self.pieces is None:
             return None
         if label >= 0:
             return torch.full((n,), label, dtype=torch.long, device=self.device)
-        cdf = np.cumsum(np.bincount(self.labels, minlength=self.classes)) / len(self.labels)
+        cdf = np.cumsum(np.bincount(self.labels, minlength=self.classes)) / len(self.labels) \
+            if self.labels is not None else np.cumsum(self.pieces.shares)
         u = stream.rand(n).cpu().numpy()
-        return torch.as_tensor(np.searchsorted(cdf, u, side="right").clip(max=self.classes - 1), device=self.device)
+        drawn = np.searchsorted(cdf, u, side="right").clip(max=len(cdf) - 1)
+        return torch.as_tensor(drawn, device=self.device)

@@ -1,0 +1,135 @@
+"""model.components: the support's pieces found in the training rows, drawn first by their shares (issue #29)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from toydiff import Run, train_run
+from toydiff.cli import main
+from toydiff.core import config as C
+from toydiff.core.errors import ToydiffError
+from toydiff.data import datasets
+from toydiff.data.components import MIN_DATA, find_components
+from toydiff.jobs.workflow import resume_run
+
+from test_reliability import interrupt_at_loss_call, same_weights
+
+SMALL = ["data.n=600", "schedule.T=50", "model.width=16", "model.depth=1", "train.steps=40", "train.batch_size=128",
+         "train.log_every=5", "train.checkpoint_every=10", "train.warmup_steps=5", "sample.steps=10", "sample.n=64",
+         "model.components=0"]
+
+
+def frame(x):
+    """Min-max into [-1, 1], the zoo's frame."""
+    lo, hi = x.min(0), x.max(0)
+    return 2 * (x - lo) / (hi - lo) - 1
+
+
+def zoo(name, n=4000, **data):
+    cfg = C.from_dict({"data": {"name": name, **data}})
+    return datasets.load_dataset(cfg.data, n, np.random.default_rng(0))
+
+
+def test_the_pieces_of_tables_whose_pieces_are_known():
+    moons, which = zoo("moons")
+    found = find_components(frame(moons))
+    assert found.count == 2
+    # each moon is one piece: the found labels are the dataset's own, up to their names
+    assert len(set(zip(found.labels, which))) == 2
+    ring, _ = zoo("gaussians")
+    assert find_components(frame(ring)).count == 8
+    rng = np.random.default_rng(1)
+    assert find_components(rng.normal(size=(4000, 2))).count == 1
+    touching = np.concatenate([rng.normal(size=(2000, 2)), rng.normal(size=(2000, 2)) + [3.0, 0.0]])
+    assert find_components(touching).count == 1  # two clusters whose tails meet are one support
+
+
+def test_shares_are_the_training_frequencies_and_the_numbering_follows_the_rows():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([rng.normal(size=(300, 3)) + 20, rng.normal(size=(700, 3))])
+    found = find_components(x)
+    assert found.count == 2 and found.shares == (0.3, 0.7)
+    assert (found.labels[:300] == 0).all() and (found.labels[300:] == 1).all()
+    record = found.record()
+    assert record["count"] == 2 and record["shares"] == [0.3, 0.7] and record["radius"] > 0
+
+
+def test_a_table_too_small_to_decide_is_one_piece_and_a_count_that_does_not_fit_is_an_error():
+    rng = np.random.default_rng(3)
+    few = np.concatenate([rng.normal(size=(30, 2)), rng.normal(size=(30, 2)) + 50])
+    assert len(few) < MIN_DATA
+    kept = find_components(few)
+    assert kept.count == 1 and "too few" in kept.note
+    with pytest.raises(ToydiffError, match="needs at least 100 training rows"):
+        find_components(few, expected=2)
+    moons, _ = zoo("moons")
+    with pytest.raises(ToydiffError, match="model.components = 3, but the training rows fall into 2 pieces"):
+        find_components(frame(moons), expected=3)
+
+
+def test_a_run_of_one_piece_is_the_run_without_components(tmp_path):
+    """Data with one piece behaves exactly as today: the same weights and samples, the finding recorded."""
+    base = C.with_overrides(C.ExperimentConfig(), SMALL[:-1] + ["data.name=gaussians", "data.modes=1"])
+    plain = train_run(base, tmp_path / "plain")
+    found = train_run(C.with_overrides(base, ["model.components=0"]), tmp_path / "found")
+    assert same_weights(plain.path / "model.safetensors", found.path / "model.safetensors")
+    assert np.array_equal(Run.load(plain.path).sample(50, seed=1), Run.load(found.path).sample(50, seed=1))
+    assert found.dir.read_manifest()["components"]["count"] == 1
+    assert not (found.path / "train_components.npy").exists()
+
+
+def test_each_sample_draws_its_piece_by_the_training_shares(tmp_path):
+    """The network sees each sample's piece, drawn by the shares (a chi-square test at a fixed seed), and
+    the samples come back without labels."""
+    cfg = C.with_overrides(C.ExperimentConfig(), SMALL)
+    run = Run.load(train_run(cfg, tmp_path / "r").path)
+    shares = np.asarray(run.pieces.shares)
+    assert run.pieces.count == 2 and np.allclose(shares, np.bincount(run.pieces.labels) / len(run.pieces.labels))
+    seen = []
+    hook = run.model.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()) if len(seen) == 0 else None)
+    drawn = run.draw(2000, seed=5, batch_size=2000)
+    hook.remove()
+    assert drawn.labels is None and drawn.samples.shape == (2000, 2)
+    counts = np.bincount(seen[0].numpy(), minlength=2)
+    assert stats.chisquare(counts, shares * 2000).pvalue > 0.01
+    assert torch.equal(torch.as_tensor(run.draw(40, seed=5).samples), torch.as_tensor(run.draw(40, seed=5).samples))
+
+
+def test_a_run_of_pieces_killed_and_resumed_is_bit_for_bit_the_uninterrupted_one(tmp_path, monkeypatch):
+    cfg = C.with_overrides(C.ExperimentConfig(), SMALL)
+    whole = train_run(cfg, tmp_path / "whole")
+    interrupt_at_loss_call(monkeypatch, 17)
+    with pytest.raises(Exception, match="interrupted: saved step 17"):
+        train_run(cfg, tmp_path / "cut")
+    monkeypatch.undo()
+    resumed = resume_run(tmp_path / "cut")
+    for name in ("model.safetensors", "model_ema.safetensors"):
+        assert same_weights(whole.path / name, resumed.path / name), name
+    assert np.array_equal(Run.load(whole.path).sample(30, seed=4), Run.load(resumed.path).sample(30, seed=4))
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--set", "model.components=3"], "model.components = 3, but the training rows fall into 2 pieces"),
+    (["--set", "model.components=2", "--set", "model.conditional=true"], "cannot be combined yet"),
+    (["--set", "model.components=-1"], "model.components must be >= 0"),
+    (["--set", "model.components=0", "--set", "model.arch=guide"], "the guide's network has one output and no labels"),
+    (["--set", "model.components=0", "--set", "train.objective=meanflow", "--set", "schedule.process=flow",
+      "--set", "sample.sampler=meanflow"], "model.components=1"),
+])
+def test_bad_component_settings_are_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, flags, needle):
+    out = tmp_path / "r"
+    code = main(["run", "--out", str(out), "--quiet", "--set", "train.steps=2", "--set", "data.n=400", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_distilling_a_run_of_pieces_is_refused_in_one_line(tmp_path, capsys):
+    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
+    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model.components" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()
