@@ -133,3 +133,14 @@ def test_distilling_a_run_of_pieces_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert code == 2 and "model.components" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "another count"])
+def test_a_damaged_record_of_pieces_is_one_line_on_load(tmp_path, damage):
+    run = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "r")
+    if damage == "missing":
+        (run.path / "train_components.npy").unlink()
+    else:
+        np.save(run.path / "train_components.npy", np.zeros(len(run.data), dtype=np.int64))
+    with pytest.raises(ToydiffError, match="is damaged: train_components.npy is missing or does not match"):
+        Run.load(run.path)
