@@ -76,7 +76,8 @@ class ConsistencyTraining(Method):
         check(cfg.model.variance == "fixed" and not cfg.model.conditional and cfg.model.components == 1
               and cfg.train.coupling != "reflow",
               "train.objective = consistency trains an unconditional model with fixed variances on independent "
-              "noise: set model.variance=fixed, model.conditional=false, model.components=1, train.coupling=independent")
+              "noise: set model.variance=fixed, model.conditional=false, model.components=1, "
+              "train.coupling=independent")
         check(cfg.sample.sampler == "consistency", "a consistency-trained model's x0_hat is the end of its ODE "
               "path, not a posterior mean: set sample.sampler=consistency")
         super().check(cfg)
