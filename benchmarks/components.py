@@ -1,0 +1,83 @@
+"""Does drawing the support's piece first cut the bridge? (issue #29, item 1)
+
+Each cell trains one run with toydiff's defaults on a zoo dataset, with model.components = 1 (today's
+default: one piece) or 0 (the pieces found in the training rows), and judges 5 draws of 5000 samples
+(sampling seeds 100..104), each like benchmarks/fewstep.py does: every metric against its floor at n = 5000,
+fresh iid data as the reference. A cell runs in its own process (`--cell`), so cells can share the machine;
+`--summarize` publishes the collected lines as a table.
+
+    for s in 0 1 2; do for c in 1 0; do python benchmarks/components.py --cell $c $s moons >> cells.jsonl; done; done
+    python benchmarks/components.py --summarize cells.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from fewstep import judge
+from report import machine, publish
+import toydiff
+from toydiff.core import config as C
+from toydiff.core.config import EvalConfig
+from toydiff.evaluation.reference import target_for
+
+DRAWS = 5
+
+
+def cell(components: int, seed: int, name: str) -> None:
+    torch.set_num_threads(1)
+    spec = EvalConfig(n=5000, nll_n=0)
+    target = target_for(C.from_dict({"data": {"name": name}}))
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        exp = toydiff.run(out=f"{tmp}/r", figures=False, evaluate=False, quiet=True, seed=seed,
+                          data={"name": name}, model={"components": components})
+        seconds = time.perf_counter() - start
+        for s in range(DRAWS):
+            j = judge(exp.run.draw(5000, seed=100 + s).samples, target, spec)
+            print(json.dumps({"data": name, "components": components, "seed": seed, "draw": s,
+                              "train_s": round(seconds, 1), "verdict": j["verdict"], "worst": j["worst"],
+                              "max_z": round(j["max_z"], 2), "off_data": j["off_data"]}), flush=True)
+
+
+def summarize(path: Path, out: str) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| dataset | model.components | training seeds | draws indistinguishable | off-support share "
+             "(mean) | flagged by |", "|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["data"] for r in rows):
+        for comp in (1, 0):
+            mine = [r for r in rows if r["data"] == name and r["components"] == comp]
+            if not mine:
+                continue
+            ok = sum(r["verdict"] == "indistinguishable" for r in mine)
+            off = [r["off_data"] for r in mine if r["off_data"] is not None]
+            flags = sorted({r["worst"] for r in mine if r["verdict"] != "indistinguishable"})
+            lines.append(f"| {name} | {comp} | {len({r['seed'] for r in mine})} | {ok} of {len(mine)} | "
+                         f"{sum(off) / len(off):.5f} |" if off else f"| {name} | {comp} | "
+                         f"{len({r['seed'] for r in mine})} | {ok} of {len(mine)} | - |")
+            lines[-1] += f" {', '.join(flags) or '-'} |"
+    publish(out, "components", {"meta": machine(draws=DRAWS, n=5000), "rows": rows}, "\n".join(lines))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cell", nargs=3, metavar=("COMPONENTS", "SEED", "DATASET"))
+    p.add_argument("--summarize", type=Path, metavar="CELLS.jsonl")
+    p.add_argument("--out", default="docs/results")
+    args = p.parse_args()
+    if args.cell:
+        cell(int(args.cell[0]), int(args.cell[1]), args.cell[2])
+    elif args.summarize:
+        summarize(args.summarize, args.out)
+    else:
+        p.error("give --cell or --summarize")
+
+
+if __name__ == "__main__":
+    main()
