@@ -127,14 +127,6 @@ def test_bad_component_settings_are_one_line_exit_2_and_nothing_is_written(tmp_p
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
-def test_distilling_a_run_of_pieces_is_refused_in_one_line(tmp_path, capsys):
-    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
-    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "model.components" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "s").exists()
-
-
 @pytest.mark.parametrize("damage", ["missing", "another count"])
 def test_a_damaged_record_of_pieces_is_one_line_on_load(tmp_path, damage):
     run = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "r")
@@ -144,3 +136,42 @@ def test_a_damaged_record_of_pieces_is_one_line_on_load(tmp_path, damage):
         np.save(run.path / "train_components.npy", np.zeros(len(run.data), dtype=np.int64))
     with pytest.raises(ToydiffError, match="is damaged: train_components.npy is missing or does not match"):
         Run.load(run.path)
+
+
+@pytest.mark.slow
+def test_a_progressive_student_of_a_model_of_pieces_matches_its_teacher_piece_by_piece(tmp_path, monkeypatch):
+    """One round (the first grid set to 8 steps): on a fixed noise batch and fixed pieces, the student's 4 DDIM
+    steps land nearer the teacher's 8 than the teacher's own 4 do, as an unconditional student's do; the student
+    records and draws its teacher's pieces."""
+    from toydiff.methods import progressive
+
+    monkeypatch.setattr(progressive, "PROGRESSIVE_START", 8)
+    teacher = tmp_path / "t"
+    assert main(["train", "--quiet", "--out", str(teacher), "--set", "model.components=0", "--set",
+                 "train.steps=400", "--set", "train.batch_size=256"]) == 0
+    out = tmp_path / "s"
+    assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
+                 "--train-steps", "1500", "--quiet", "--no-eval"]) == 0
+    t, s = Run.load(teacher), Run.load(out)
+    assert s.pieces.count == t.pieces.count == 2 and s.pieces.shares == t.pieces.shares
+    assert s.model.classes == 2
+    z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
+    pieces = torch.arange(2000) % 2
+
+    def ddim(run, k):
+        plan = run.plan(run.settings(sampler="ddim", steps=k, spacing="trailing"))
+        return plan.run(run.denoiser_for(pieces), z.clone(), noise=None)
+    teacher_8, teacher_4, student_4 = ddim(t, 8), ddim(t, 4), ddim(s, 4)
+    err = lambda a: float((a - teacher_8).norm(dim=1).mean())  # noqa: E731
+    assert err(student_4) < 0.2 * err(teacher_4), (err(student_4), err(teacher_4))
+    # the two pieces' endpoints differ: the student was taught each piece, not their average
+    assert float((teacher_8[pieces == 0].mean(0) - teacher_8[pieces == 1].mean(0)).norm()) > 0.5
+    assert float((student_4[pieces == 0].mean(0) - teacher_8[pieces == 0].mean(0)).norm()) < 0.1
+
+
+def test_only_progressive_distills_a_model_of_pieces(tmp_path, capsys):
+    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
+    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "reflow", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--method progressive" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s").exists()

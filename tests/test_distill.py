@@ -51,10 +51,11 @@ def test_the_progressive_target_makes_one_ddim_step_land_where_the_teacher_s_two
         point = torch.tensor([0.3, -1.2], dtype=torch.float64)
         x_end = ddim_step(ddim_step(x, point, ab[0], ab[1]), point, ab[1], ab[2])
         assert torch.allclose(progressive_target(x, x_end, ab[0], ab[2]), point.expand_as(x), atol=1e-9)
-    student = lambda net: (lambda x, t: net(x, t))  # noqa: E731
+    student = lambda net, labels: (lambda x, t: net(x, t))  # noqa: E731
     net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
     x0 = torch.randn(32, 2, generator=g)
-    loss = diffusion_loss(net, schedule, x0, Progressive(teacher, student, grid), torch.Generator().manual_seed(9))
+    loss = diffusion_loss(net, schedule, x0, Progressive(lambda labels: teacher, student, grid),
+                          torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)  # the loss's draws, in its order: the step index, then the noise
     i = torch.randint(1, 5, (32,), generator=g)
     eps = torch.randn(32, 2, generator=g)

@@ -46,8 +46,9 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     cfg = recipe.config(t.config, steps, train_steps)
     validate(cfg)
     dev = resolve_device(device)
-    schedule, model = methods.of(cfg).build(cfg, t.frame_dim, dev)
-    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout)
+    schedule, model = methods.of(cfg).build(cfg, t.frame_dim, dev, 0 if t.pieces is None else t.pieces.count)
+    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
+                  components=t.components)  # a model of pieces: its student draws the teacher's pieces
     lesson = recipe.lesson(t, student, steps, pairs, progress, log, on_round)
     if lesson.data is not None:
         student.data = lesson.data

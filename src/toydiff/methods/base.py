@@ -171,13 +171,15 @@ class Student:
 
     name = ""  # its name in STUDENTS (set by @student)
     in_memory_teacher = False
+    takes_pieces = False  # whether it distills a model of pieces (model.components): its student draws them too
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:
         """Refuse, before anything is trained, a teacher configuration this recipe cannot distill to `steps`."""
         check(not cfg.model.conditional, "distilling a class-conditional run is not supported yet (its pairs would "
               "need a label each); distill an unconditional run")
-        check(cfg.model.components == 1, "distilling a run with model.components is not supported yet (its "
-              "students would need the piece of each pair); distill a run with model.components = 1")
+        check(cfg.model.components == 1 or self.takes_pieces, f"a {self.name} student of a run with "
+              "model.components is not supported yet (it would need the piece of each pair); distill it with "
+              "--method progressive, or a run with model.components = 1")
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         raise NotImplementedError

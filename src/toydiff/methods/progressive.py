@@ -48,12 +48,14 @@ class Progressive(Objective):
     """One round of progressive distillation (Salimans and Ho 2022, Algorithm 2): the student learns to take
     in one deterministic DDIM step the two its frozen teacher takes on an N-step grid.
 
-    teacher: the teacher's denoise(x_t, t) -> x0_hat (frozen, no gradient). student: the student's denoiser
-    around a network (called with the training loop's network, which may be wrapped). grid: (N + 1,) the
-    teacher's t_0 = 0 < t_1 < ... < t_N on the training schedule (a respaced grid's timesteps), N even."""
+    teacher(labels): the teacher's denoise(x_t, t) -> x0_hat (frozen, no gradient) for the batch's labels (None:
+    unconditional; a model of pieces: each row's piece, model.components). student(network, labels): the
+    student's denoiser around a network (the training loop's, which may be wrapped), for the same labels.
+    grid: (N + 1,) the teacher's t_0 = 0 < t_1 < ... < t_N on the training schedule (a respaced grid's
+    timesteps), N even."""
 
-    teacher: Denoise
-    student: Callable[[nn.Module], Denoise]
+    teacher: Callable[[Optional[torch.Tensor]], Denoise]
+    student: Callable[[nn.Module, Optional[torch.Tensor]], Denoise]
     grid: torch.Tensor
 
     def loss(self, model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
@@ -68,11 +70,12 @@ class Progressive(Objective):
         t, mid, end = grid[2 * i], grid[2 * i - 1], grid[2 * i - 2]
         eps, x_t = schedule.noise(x0, t, generator)
         ab_t, ab_mid, ab_end = (schedule.gather(schedule.alpha_bar, s, x0) for s in (t, mid, end))
+        teacher = self.teacher(labels)
         with torch.no_grad():
-            x_mid = ddim_step(x_t, self.teacher(x_t, t), ab_t, ab_mid)
-            x_end = ddim_step(x_mid, self.teacher(x_mid, mid), ab_mid, ab_end)
+            x_mid = ddim_step(x_t, teacher(x_t, t), ab_t, ab_mid)
+            x_end = ddim_step(x_mid, teacher(x_mid, mid), ab_mid, ab_end)
             target = progressive_target(x_t, x_end, ab_t, ab_end)
-        x0_hat = self.student(model)(x_t, t)
+        x0_hat = self.student(model, labels)(x_t, t)
         weight = (ab_t / (1 - ab_t)).flatten(1)[:, 0].clamp_min(1.0)
         return (weight * ((x0_hat - target) ** 2).flatten(1).mean(1)).mean()
 
@@ -93,6 +96,7 @@ class ProgressiveDistillation(Student):
     """Rounds of halving in memory, the last one in the run directory (see the module)."""
 
     in_memory_teacher = True
+    takes_pieces = True
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:
         super().check(cfg, steps)
@@ -122,18 +126,19 @@ class ProgressiveDistillation(Student):
         cfg, schedule, model, dev = student.config, student.schedule, student.model, student.device
         model.load_state_dict(teacher.model.state_dict())
         x0 = torch.as_tensor(teacher.scaler.transform(teacher.data), dtype=torch.float32, device=dev)
+        y = None if teacher.pieces is None else torch.as_tensor(teacher.pieces.labels, device=dev)
 
         def round_objective(n: int) -> Progressive:
             frozen = copy.deepcopy(model).eval().requires_grad_(False)
-            return Progressive(teacher=student.denoiser_for(model=frozen), grid=schedule.respace(n).timesteps_t,
-                               student=lambda net: student.denoiser_for(model=net))
+            return Progressive(teacher=lambda y: student.denoiser_for(y, model=frozen),
+                               grid=schedule.respace(n).timesteps_t, student=lambda net, y: student.denoiser_for(y, model=net))
         for r in range(rounds - 1):
             n = steps * 2 ** (rounds - r)
             log(f"progressive round {r + 1} of {rounds}: {n} -> {n // 2} DDIM steps, {cfg.train.steps} training "
                 "steps")
             state = make_state(model, cfg.train, student.method.timesteps(cfg, dev),
                                torch_generator(cfg.seed, f"progressive-{r}", dev))
-            train(state, schedule, x0, cfg.train, round_objective(n), progress=progress)
+            train(state, schedule, x0, cfg.train, round_objective(n), labels=y, progress=progress)
             if state.ema is not None:
                 model.load_state_dict(state.ema.module.state_dict())
             if on_round is not None:
