@@ -149,8 +149,10 @@ def test_ctrl_c_cancels_the_tasks_and_the_study_resumes_without_rerunning_finish
     # (two cells of 1000 steps each let the second finish before the Ctrl-C once: the study exited 0)
     argv = [sys.executable, "-m", "toydiff", "study", "--backend", "ray", "--jobs", "1", "--grid",
             "train.steps=1000,30000", "--seeds", "1", "--out", str(tmp_path / "s")] + sets
+    # as a terminal's shell starts it: Ctrl-C not ignored (a job started with `&` by a script, as a CI's may be,
+    # inherits SIGINT ignored, and the study then never sees it)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not list((tmp_path / "s" / "runs").glob("*/result.json")):
         time.sleep(0.2)
