@@ -69,13 +69,12 @@ def find_components(x: np.ndarray, expected: int = 0) -> Components:
             raise ToydiffError(f"model.components = {expected} needs at least {MIN_DATA} training rows to find "
                                f"the pieces in, and there are {n}; set model.components = 1")
         return one(n, f"{n} rows are too few to tell pieces apart (fewer than {MIN_DATA})")
-    index = NearestNeighbors(n_neighbors=NEIGHBOURS + 1).fit(x)
-    distance, near = index.kneighbors(x)
-    radius = float(RADIUS_FACTOR * np.median(distance[:, -1]))
+    # each row's NEIGHBOURS_WIDE nearest (itself first), ascending: the spacing is read off column NEIGHBOURS,
+    # and the edges are those of them within the radius (memory n x k, not n^2)
+    distance, near = NearestNeighbors(n_neighbors=min(n, NEIGHBOURS_WIDE)).fit(x).kneighbors(x)
+    radius = float(RADIUS_FACTOR * np.median(distance[:, NEIGHBOURS]))
     if radius <= 0:  # more than half the rows repeat their neighbours exactly
         return one(n, "the rows repeat too often to measure their spacing")
-    # the rows within the radius, found among each row's NEIGHBOURS_WIDE nearest (memory n x k, not n^2)
-    distance, near = index.kneighbors(x, n_neighbors=min(n, NEIGHBOURS_WIDE))
     keep = distance < radius
     graph = coo_matrix((np.ones(keep.sum()), (np.nonzero(keep)[0], near[keep])), shape=(n, n))
     _, raw = connected_components(graph, directed=False)
