@@ -12,8 +12,10 @@ rows, which training never sees: the truth early stopping estimates. Per run:
                 train.patience would have stopped it), its test loss, and its regret over best_test
   end           the test loss after all train.steps (what no early stopping gives)
 
-Variants (--variants): toydiff's defaults and a few regularized networks; the lowest test loss says whether
-one of them would be worth choosing per table.
+Variants (--variants): the recipe toydiff's rules give (train.sizing = off), the recipe its sizing chooses
+(train.sizing = on; its probes run their whole quarter of train.steps here, patience being 1) and a few
+regularized networks; the lowest test loss says whether one of them would be worth choosing per table, and
+"sized" against "rules" whether the probes choose well.
 
     .venv/bin/python benchmarks/early_stopping.py --rows 180 --seeds 2
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -33,23 +36,24 @@ from report import machine, publish
 import toydiff
 from toydiff.core.config import TrainConfig
 from toydiff.data.tables import read_table
-from toydiff.jobs import workflow
+from toydiff.jobs import validation
 from toydiff.training.loop import early_stop
 
-VARIANTS = {"defaults": {}, "width 32": {"model": {"width": 32}}, "weight decay 0.1": {"train": {"weight_decay": 0.1}},
+VARIANTS = {"rules": {}, "sized": {"train": {"sizing": "on"}}, "width 32": {"model": {"width": 32}}, "weight decay 0.1": {"train": {"weight_decay": 0.1}},
             "no Fourier features": {"model": {"fourier_octaves": 0}}}
 DEV_TABLES = ("mixed", "diabetes", "breast-cancer")
 
 
-def curve(name: str, rows: int, seed: int, variant: dict) -> list[tuple[int, float, float]]:
-    """(step, validation loss, test loss) at each log row of one run that never stops early."""
+def curve(name: str, rows: int, seed: int, variant: dict) -> tuple[list[tuple[int, float, float]], str]:
+    """(step, validation loss, test loss) at each log row of one run that never stops early, and its recipe
+    (width / weight decay)."""
     header, cells, labelled = panel.table(name)
     order = np.random.default_rng([100 + seed, len(cells)]).permutation(len(cells))[:rows or None]
     cut = int(0.7 * len(order))
     names, cells = panel.varying(header, cells, order[:cut], order[cut:])
     label = panel.LABEL if labelled else ""
     log: list[tuple[int, float, float]] = []
-    real = workflow.validation_loss
+    real = validation.validation_loss
 
     def both(run, state, objective, x, y):  # the validation loss, and the test rows' beside it
         held = real(run, state, objective, x, y)
@@ -74,22 +78,27 @@ def curve(name: str, rows: int, seed: int, variant: dict) -> list[tuple[int, flo
                 [train.classes.index(test.classes[k]) for k in test.labels])})
         sections = {"data": {"path": str(train_csv), "holdout": 0.0, **({"label_column": label} if labelled else {})},
                     "model": {"conditional": labelled, **variant.get("model", {})}, "seed": seed,
-                    "train": {"validation": 0.1, "patience": 1.0, **variant.get("train", {})}}
-        workflow.validation_loss = both
+                    "train": {"validation": 0.1, "patience": 1.0, "sizing": "off", **variant.get("train", {})}}
+        validation.validation_loss = both
         try:
             toydiff.run(out=tmp / "run", figures=False, evaluate=False, quiet=True, **sections)
         finally:
-            workflow.validation_loss = real
-    return log
+            validation.validation_loss = real
+        info = json.loads((tmp / "run" / "run.json").read_text())
+        decay = tomllib.loads((tmp / "run" / "config.toml").read_text())["train"]["weight_decay"]
+        recipe = f"width {info['width']}, decay {decay:g}"
+    starts = [i for i in range(1, len(log)) if log[i][0] < log[i - 1][0]]  # sizing's probes come first
+    return (log[starts[-1]:] if starts else log), recipe
 
 
-def summarize(log: list[tuple[int, float, float]]) -> dict:
+def summarize(log: list[tuple[int, float, float]], recipe: str) -> dict:
     rows = [{"step": s, "val_loss": v, "test": t} for s, v, t in log]
     defaults = TrainConfig()
     upto = next((rows[:i + 1] for i in range(len(rows)) if early_stop(rows[:i + 1], defaults)), rows)
     chosen = min(upto, key=lambda r: r["val_loss"])
     best = min(rows, key=lambda r: r["test"])
-    return {"best_test": round(best["test"], 4), "best_step": best["step"], "chosen_step": chosen["step"],
+    return {"recipe": recipe, "best_test": round(best["test"], 4), "best_step": best["step"],
+            "chosen_step": chosen["step"],
             "stopped_at": upto[-1]["step"], "chosen_test": round(chosen["test"], 4),
             "regret": round(chosen["test"] - best["test"], 4), "end_test": round(rows[-1]["test"], 4)}
 
@@ -109,10 +118,10 @@ def main() -> None:
         for seed in range(args.seeds):
             for variant in args.variants.split(","):
                 row = {"table": name, "seed": seed, "variant": variant,
-                       **summarize(curve(name, args.rows, seed, VARIANTS[variant]))}
+                       **summarize(*curve(name, args.rows, seed, VARIANTS[variant]))}
                 results.append(row)
                 print(json.dumps(row), flush=True)
-    keys = ("best_test", "best_step", "chosen_step", "stopped_at", "chosen_test", "regret", "end_test")
+    keys = ("recipe", "best_test", "best_step", "chosen_step", "stopped_at", "chosen_test", "regret", "end_test")
     lines = ["| table | seed | variant | " + " | ".join(keys) + " |", "|---|---|---|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(str(r[k]) for k in ("table", "seed", "variant", *keys)) + " |" for r in results]
     publish(args.out, "early_stopping", {"meta": machine(rows=args.rows, seeds=args.seeds), "rows": results},

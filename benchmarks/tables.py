@@ -261,8 +261,11 @@ def main() -> None:
     p.add_argument("--install-peers", action="store_true", help=f"pip install {' '.join(PEERS)} first")
     p.add_argument("--toydiff-set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a toydiff setting other than its default, e.g. data.scaling=minmax (repeatable)")
+    p.add_argument("--keep", metavar="FILE", help="an earlier tables.json: its rows of tables, generators and splits not "
+                   "run now are kept (same splits, same judge), marked reused")
     p.add_argument("--out", default="docs/results")
     args = p.parse_args()
+    kept = json.loads(Path(args.keep).read_text())["rows"] if args.keep else []  # read before --out overwrites it
     for entry in args.toydiff_set:
         key, _, value = entry.partition("=")
         try:
@@ -308,7 +311,10 @@ def main() -> None:
                     results.append({"table": name, "split": split, "generator": g, "rows": len(train.x),
                                     "dim": len(train.columns), **row})
                     print(json.dumps(results[-1]), flush=True)
-    meta = machine(splits=args.splits, draws=args.draws, toydiff_set=TOYDIFF_SET)
+    done = {(r["table"], r["split"], r["generator"]) for r in results}
+    results += [{**r, "reused": r.get("reused", "previous run, same split")} for r in kept
+                if (r["table"], r["split"], r["generator"]) not in done]
+    meta = machine(splits=args.splits, draws=args.draws, toydiff_set=TOYDIFF_SET, kept_from=args.keep)
     publish(args.out, "tables", {"meta": meta, "rows": results},
             summary(results) + "\n\n" + goals(results, z_limit(EvalConfig().z_max, args.draws)))
     plot(results, Path(args.out) / "tables.png")

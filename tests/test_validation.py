@@ -11,7 +11,8 @@ import torch
 from toydiff import Run, train_run
 from toydiff.core import config as C
 from toydiff.core.errors import RunInterrupted, ToydiffError
-from toydiff.jobs.workflow import held_back, resume_run, validation_loss
+from toydiff.jobs.validation import held_back, validation_loss
+from toydiff.jobs.workflow import resume_run
 from toydiff.training.loop import early_stop
 
 from test_reliability import interrupt_at_loss_call, same_weights
@@ -55,7 +56,7 @@ def tiny(tmp_path_factory):
         w.writerows(np.random.default_rng(0).normal(size=(60, 3)).tolist())
     return C.with_overrides(C.ExperimentConfig(), [
         f"data.path={path}", "schedule.T=50", "train.steps=400", "train.log_every=10", "train.checkpoint_every=50",
-        "train.warmup_steps=5", "train.patience=0.1", "train.validation=0.2"])
+        "train.warmup_steps=5", "train.patience=0.1", "train.validation=0.2", "train.sizing=off"])
 
 
 def test_a_small_table_stops_early_with_its_best_weights_and_says_so(tiny, tmp_path):

@@ -53,6 +53,7 @@ WEIGHTINGS = ("uniform", "min-snr")  # toydiff.diffusion.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.diffusion.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # toydiff.training.graphs: capture on CUDA where it can | insist | never
+SIZINGS = ("auto", "on", "off")  # toydiff.jobs.validation.size: a file's width and weight decay chosen by probes
 OBJECTIVES = ("denoise", "consistency", "meanflow")  # the process's own loss | consistency training | MeanFlow
 #                                                    (toydiff.methods.of: each names a method)
 SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpmpp-2m", "dpmpp-3m", "dpmpp-2m-sde", "dpmpp-2m-sde-heun",
@@ -247,6 +248,8 @@ class TrainConfig(_Section):
     #                           improving (early stopping, against memorizing a small table); -1 = auto: 0.1 for
     #                           a user's file (data.path), 0 (off) for the zoo's draws; ddpm and flow (a denoising loss)
     patience: float = 0.25  # early stopping: stop once the validation loss has not improved for this share of steps
+    sizing: str = "auto"  # the width and weight decay chosen by the held-back rows' loss after short probes of each
+    #                       (toydiff.jobs.validation): auto (a file with an auto width <= 128) | on | off
     ema_decay: float = 0.999  # EMA of the weights, decay min(ema_decay, (1 + k) / (10 + k)) at update k; 0 = off
     log_every: int = 100  # steps between loss-log rows (and the only host-device syncs)
     checkpoint_every: int = 1000  # steps between weight checkpoints; 0 = only at the end
@@ -264,6 +267,7 @@ class TrainConfig(_Section):
         choose("train.autocast", self.autocast, AUTOCASTS)
         choose("train.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)
         choose("train.objective", self.objective, OBJECTIVES)
+        choose("train.sizing", self.sizing, SIZINGS)
         _check(self.validation == -1 or 0 <= self.validation <= 0.5,
                f"train.validation must be in [0, 0.5] (or -1: auto), got {self.validation}")
         _check(0 < self.patience <= 1, f"train.patience must be in (0, 1], got {self.patience}")

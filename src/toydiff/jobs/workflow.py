@@ -27,7 +27,7 @@ from .. import methods
 from ..core.config import ExperimentConfig
 from ..core.errors import RunInterrupted, ToydiffError, first_line
 from ..core.machine import check_memory
-from ..core.runtime import World, derive_seed, numpy_rng, resolve_device, set_threads, torch_generator
+from ..core.runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
 from ..data import datasets
 from ..data.columns import Column, describe
 from ..data.components import describe_components, find_components
@@ -39,7 +39,8 @@ from ..diffusion.sampling import VPDiffusion, check_conditioning, make_plan
 from ..runs.directory import RunDir
 from ..runs.run import Run
 from ..training import graphs
-from ..training.loop import Interrupted, TrainState, best_row, graph_blocker, make_state, train
+from ..training.loop import Interrupted, TrainState, graph_blocker, make_state, train
+from .validation import early_stop_record, size, training_rows
 
 Log = Callable[[str], None]
 
@@ -153,16 +154,17 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
     methods.of(cfg).check_fresh(cfg)
     device = resolve_device(cfg.train.device)
     return start_training(untrained_run(cfg, out, device, world), out, progress=progress, log=log, world=world,
-                          evaluate=evaluate, extra=extra)
+                          evaluate=evaluate, extra=extra, sizing=True)
 
 
 def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = silent,
                    world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
                    noise: Optional[np.ndarray] = None,
-                   objective: Optional[Objective] = None) -> Run:
+                   objective: Optional[Objective] = None, sizing: bool = False) -> Run:
     """Train an untrained `run` (untrained_run's, or a distilled student's) into a new run directory at `out`:
-    warnings, the training state, the directory with its inputs (and `extra` in its manifest, `noise` for a
-    reflow student), then the loop (on `objective` instead of the config's: a distilled student's)."""
+    warnings, the recipe sized (sizing: where train.sizing asks; toydiff.jobs.validation.size), the training
+    state, the directory with its inputs (and `extra` in its manifest, `noise` for a reflow student), then the
+    loop (on `objective` instead of the config's: a distilled student's)."""
     cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
     warnings = [run.schedule.terminal_warning()] + (run.method.warnings(cfg) if objective is None else [])
@@ -177,6 +179,9 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
         log(f"warning: {warning}")
     if run.components is not None:
         log(describe_components(run.components))
+    if sizing:  # every rank of a torchrun job sizes alike (the probes are seeded); rank 0 says so
+        run, sized = size(run, progress=progress and world.is_writer, log=log if world.is_writer else silent)
+        cfg, extra = run.config, {**(extra or {}), **sized}
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
@@ -248,56 +253,6 @@ def _resume(run: Run, path: str | Path, device: str, progress: bool, log: Log, w
     return _train(run, state, info, progress, log, world)
 
 
-VALIDATION_AUTO = 0.1  # train.validation = -1 (auto): the share of a user's file's training rows held back
-VALIDATION_POINTS = 4096  # (row, t, noise) triples a validation loss averages: the held-back rows, repeated
-
-
-def held_back(cfg: ExperimentConfig, n: int, can: bool) -> Optional[np.ndarray]:
-    """The training rows held back for early stopping (train.validation; auto: VALIDATION_AUTO of a user's file,
-    none of the zoo's fresh draws), drawn with the run's seed, or None. can: the objective is the run's own
-    denoising loss (Method.validates; a distilled student trains on its teacher's lesson: never)."""
-    share = cfg.train.validation if cfg.train.validation >= 0 else (VALIDATION_AUTO if cfg.data.path else 0.0)
-    if share == 0 or not can:  # a method that cannot is refused by its check when validation is asked of it
-        return None
-    k = int(round(share * n))
-    if k < 1 or n - k < 2:
-        return None
-    return np.sort(numpy_rng(cfg.seed, "validation").permutation(n)[:k])
-
-
-def validation_loss(run: Run, state: TrainState, objective: Objective, x: torch.Tensor,
-                    y: Optional[torch.Tensor]) -> Callable[[], float]:
-    """The loss of the held-back rows x (their labels y) under the weights sampling uses (state.sampling_module),
-    on the same t and noise every time (a fixed seed), so its changes are the weights' alone."""
-    repeats = max(1, -(-VALIDATION_POINTS // len(x)))
-    x, y = x.repeat(repeats, 1), None if y is None else y.repeat(repeats)
-    seed = derive_seed(run.config.seed, "validation")
-
-    def validate() -> float:
-        net = state.sampling_module
-        was = net.training
-        net.eval()
-        with torch.no_grad():
-            value = objective.loss(net, run.schedule, x, torch.Generator(x.device).manual_seed(seed), labels=y)
-        net.train(was)
-        return float(value)
-    return validate
-
-
-def _early_stop_record(state: TrainState, held: Optional[np.ndarray], cfg: ExperimentConfig, log: Log) -> dict:
-    """run.json's record of early stopping, and its line in the log."""
-    best = best_row(state.rows)
-    if held is None or best is None:
-        return {}
-    how = (f"stopped early at step {state.step} of {cfg.train.steps}" if state.stopped_early
-           else f"trained all {cfg.train.steps} steps")
-    log(f"validation: {how}; the loss of the {len(held)} held-back training rows was lowest at step "
-        f"{best['step']} ({best['val_loss']:.4f})")
-    return {"stopped_early": state.stopped_early, "validation": {
-        "rows": int(len(held)), "best_step": int(best["step"]), "best_loss": float(best["val_loss"]),
-        "patience_steps": int(max(cfg.train.patience * cfg.train.steps, 2 * cfg.train.log_every))}}
-
-
 def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, world: World = World(),
            objective: Optional[Objective] = None) -> Run:
     """Train `state` to cfg.train.steps, checkpointing the whole state every train.checkpoint_every steps, on
@@ -313,20 +268,12 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     try:
         x0 = torch.as_tensor(run.scaler.transform(run.data), dtype=torch.float32, device=run.device)
         x0 = run.method.training_rows(cfg, rd, x0)  # a reflow student's rows carry their noise: [x0 | eps]
-        y = run.labels if run.pieces is None else run.pieces.labels  # a model of pieces is conditioned on them
-        y = None if y is None else torch.as_tensor(y, dtype=torch.long, device=run.device)
         own = objective is None
         objective = objective or run.method.objective(run, {k: v.module for k, v in state.others.items()})
-        held = held_back(cfg, len(x0), own and run.method.validates)
-        validate = None
-        if held is not None:
-            state.use_ema = cfg.sample.use_ema
-            keep = np.setdiff1d(np.arange(len(x0)), held)
-            validate = validation_loss(run, state, objective, x0[held], None if y is None else y[held])
-            x0, y = x0[keep], None if y is None else y[keep]
-        rows = train(state, run.schedule, x0, cfg.train, objective, labels=y,
+        data = training_rows(run, state, objective, x0, own)
+        rows = train(state, run.schedule, data.x, cfg.train, objective, labels=data.y,
                      on_log=rd.append_log if writer else None, on_checkpoint=checkpoint if writer else None,
-                     progress=progress, world=world, validate=validate)
+                     progress=progress, world=world, validate=data.validate)
     except Interrupted as e:
         how = "interrupted" if e.signum == signal.SIGINT else f"stopped by {signal.Signals(e.signum).name}"
         raise RunInterrupted(f"{how}: saved step {e.step} of {cfg.train.steps} in '{run.path}'; {resume}",
@@ -342,7 +289,7 @@ def _train(run: Run, state: TrainState, info: dict, progress: bool, log: Log, wo
     if not writer:
         return dataclasses.replace(run, model=state.model.eval())
     checkpoint(state)
-    stopped = _early_stop_record(state, held, cfg, log)
+    stopped = early_stop_record(state, data.held, cfg, log)
     rd.write_manifest({**info, "status": "trained", "steps": state.step, "checkpoint_step": state.step, **stopped,
                        "processes": world.size, "train_seconds": round(state.seconds, 3),
                        "final_loss": rows[-1]["loss"], **({"cuda_graphs": state.graphs} if state.graphs else {})})

@@ -86,7 +86,10 @@ MANIFEST_SCHEMA = Fields({
     "toydiff_version": str, "cuda_graphs": str, "stopped_early": bool,
     "validation": Fields({"rows": int, "best_step": int, "best_loss": float, "patience_steps": int}),
     "components": Fields({"count": int, "shares": [float], "radius": float, "note": str},
-                         required=("count", "radius"))},
+                         required=("count", "radius")),
+    "sizing": Fields({"probe_steps": int, "candidates": [Fields({"width": int, "weight_decay": float, "loss": float,
+                                                                 "step": int, "difference": float, "z": float})],
+                      "chosen": Fields({"width": int, "weight_decay": float})})},
     required=("format", "version", "status"))
 SAMPLING_SCHEMA = Fields({"sampler": str, "steps": int, "spacing": (str, None), "nfe": (float, None),
                           "npy_sha256": str, "csv_sha256": str, "cuda_graphs": str})
