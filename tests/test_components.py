@@ -1,5 +1,6 @@
 """model.components: the support's pieces found in the training rows, drawn first by their shares (issue #29)."""
 
+import json
 import os
 
 import numpy as np
@@ -127,14 +128,19 @@ def test_bad_component_settings_are_one_line_exit_2_and_nothing_is_written(tmp_p
     assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
-@pytest.mark.parametrize("damage", ["missing", "another count"])
+@pytest.mark.parametrize("damage", ["missing", "another count", "shares"])
 def test_a_damaged_record_of_pieces_is_one_line_on_load(tmp_path, damage):
     run = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "r")
     if damage == "missing":
         (run.path / "train_components.npy").unlink()
-    else:
+    elif damage == "another count":
         np.save(run.path / "train_components.npy", np.zeros(len(run.data), dtype=np.int64))
-    with pytest.raises(ToydiffError, match="is damaged: train_components.npy is missing or does not match"):
+    else:
+        info = json.loads((run.path / "run.json").read_text())
+        info["components"]["shares"] = [0.9, 0.5]
+        (run.path / "run.json").write_text(json.dumps(info))
+    with pytest.raises(ToydiffError, match="is damaged: train_components.npy is missing or does not match"
+                       if damage != "shares" else "is damaged: components.shares should be 2 shares summing to 1"):
         Run.load(run.path)
 
 
@@ -169,9 +175,36 @@ def test_a_progressive_student_of_a_model_of_pieces_matches_its_teacher_piece_by
     assert float((student_4[pieces == 0].mean(0) - teacher_8[pieces == 0].mean(0)).norm()) < 0.1
 
 
-def test_only_progressive_distills_a_model_of_pieces(tmp_path, capsys):
+def test_a_draw_starts_from_the_noise_initial_noise_replays_whatever_its_batches(tmp_path):
     teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
-    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "reflow", "--quiet"])
+    drawn = teacher.draw(50, seed=7, batch_size=16, sampler="ddim", steps=4, trajectory=True)
+    assert np.array_equal(drawn.trajectory[0], teacher.initial_noise(50, seed=7).numpy())
+    assert drawn.labels is None and sorted(set(drawn.pieces)) == [0, 1]  # pieces, not classes
+
+
+def test_a_reflow_student_of_a_model_of_pieces_learns_each_pair_in_its_piece(tmp_path):
+    """The student's rows are the teacher's ODE samples, each with the x_T it started from and the piece it was
+    drawn in: the teacher's own sampler, run from that x_T in that piece, lands on the row."""
+    from toydiff.methods.reflow import TEACHER_SAMPLER
+
+    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
+    assert main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "reflow", "--pairs", "300",
+                 "--train-steps", "20", "--quiet", "--no-eval"]) == 0
+    s = Run.load(tmp_path / "s")
+    z = torch.as_tensor(np.load(tmp_path / "s" / "train_noise.npy"))
+    pieces = torch.as_tensor(s.pieces.labels)
+    assert s.pieces.shares == pytest.approx(teacher.pieces.shares, abs=1e-6)  # drawn by its teacher's shares
+    assert s.model.classes == 2 and len(pieces) == 300
+    assert 0.3 < float(pieces.float().mean()) < 0.7  # both pieces, about as often as the teacher's shares
+    plan = teacher.plan(teacher.settings(**TEACHER_SAMPLER))
+    landed = teacher.scaler.inverse(plan.run(teacher.denoiser_for(pieces), z.clone(), noise=None).double().numpy())
+    assert np.allclose(landed, s.data, atol=1e-4)
+    assert s.sample(40, seed=1).shape == (40, 2)
+
+
+def test_consistency_distillation_of_a_model_of_pieces_is_refused(tmp_path, capsys):
+    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
+    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "consistency", "--quiet"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--method progressive" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "s").exists()

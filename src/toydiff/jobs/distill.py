@@ -12,6 +12,8 @@ method in run.json) that `sample`, `eval`, `plot` and `train --resume` treat lik
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -52,5 +54,7 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     lesson = recipe.lesson(t, student, steps, pairs, progress, log, on_round)
     if lesson.data is not None:
         student.data = lesson.data
+    if lesson.pieces is not None:  # its own rows' pieces; the shares it draws them by stay the teacher's
+        student.components = dataclasses.replace(t.components, labels=lesson.pieces)
     return start_training(student, out, progress=progress, log=log, extra=lesson.record, noise=lesson.noise,
                           objective=lesson.objective)

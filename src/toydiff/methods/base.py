@@ -199,6 +199,7 @@ class Lesson:
     objective: Optional[Objective] = None  # None: its config's own method's
     data: Optional[np.ndarray] = None  # its training rows (data units), when they are not the teacher's
     noise: Optional[np.ndarray] = None  # each row's own noise (reflow's pairs: train_noise.npy)
+    pieces: Optional[np.ndarray] = None  # each of those rows' piece, for a student of a model of pieces
 
 
 def teacher_record(teacher: "Run", method: str, **more: Any) -> dict:

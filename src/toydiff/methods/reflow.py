@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from ..core.config import DistillConfig, ExperimentConfig
-from ..core.runtime import NoiseStream, derive_seed
+from ..core.runtime import derive_seed
 from .base import Lesson, Log, Student, student, teacher_record
 
 TEACHER_SAMPLER = {"sampler": "dpmpp-3m", "steps": 50, "spacing": "karras"}  # deterministic, at the floor
@@ -25,7 +25,10 @@ TEACHER_SAMPLER = {"sampler": "dpmpp-3m", "steps": 50, "spacing": "karras"}  # d
 
 @student("reflow")
 class Reflow(Student):
-    """A flow-matching student of the teacher's ODE pairs (see the module)."""
+    """A flow-matching student of the teacher's ODE pairs (see the module); of a model of pieces, each pair
+    keeps the piece its sample was drawn in, and the student is conditioned on it as the teacher was."""
+
+    takes_pieces = True
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         """The teacher's configuration made a reflow student: the flow process on the teacher's pairs (settings
@@ -49,12 +52,12 @@ class Reflow(Student):
         seed = derive_seed(student.config.seed, "reflow-pairs")
         log(f"reflow: {pairs} noise -> data pairs from the teacher's ODE ({TEACHER_SAMPLER['sampler']}, "
             f"{TEACHER_SAMPLER['steps']} {TEACHER_SAMPLER['spacing']} steps)")
-        x = teacher.sample(pairs, seed=seed, progress=progress, **TEACHER_SAMPLER)
-        # the x_T each sample started from: Run.sample's per-sample stream, whatever its batches
-        z = NoiseStream(derive_seed(seed, "sample"), 0, pairs, teacher.device).randn((pairs, teacher.frame_dim))
+        drawn = teacher.draw(pairs, seed=seed, progress=progress, **TEACHER_SAMPLER)
+        z = teacher.initial_noise(pairs, seed=seed)  # the x_T each sample started from, whatever its batches
         same_network = teacher.config.model == student.config.model and not teacher.method.intervals
         if teacher.method.process(teacher.config) is student.method and same_network:
             student.model.load_state_dict(teacher.model.state_dict())  # fine-tune the teacher's (EMA) weights
         record = teacher_record(teacher, "reflow", pairs=pairs, teacher_sampler=TEACHER_SAMPLER,
                                 source=f"reflow pairs of {teacher.path}")
-        return Lesson(record, data=x.astype(np.float32), noise=z.cpu().numpy().astype(np.float32))
+        return Lesson(record, data=drawn.samples.astype(np.float32), noise=z.cpu().numpy().astype(np.float32),
+                      pieces=drawn.pieces)

@@ -46,6 +46,15 @@ class Drawn:
     record: dict
     trajectory: Optional[np.ndarray] = None  # (steps + 1, n, D) x_T .. x_0 in the model's frame, when asked
     labels: Optional[np.ndarray] = None  # (n,) the class of each sample, for a conditional model
+    pieces: Optional[np.ndarray] = None  # (n,) the piece each sample was drawn in, for a model of pieces
+
+
+def _shares(shares: list[float], count: int, rd: RunDir) -> tuple[float, ...]:
+    """run.json's recorded shares of the pieces, checked (count of them, none negative, summing to 1)."""
+    if len(shares) != count or min(shares) < 0 or abs(sum(shares) - 1) > 1e-3:
+        raise ToydiffError(f"{rd.path / 'run.json'} is damaged: components.shares should be {count} shares summing "
+                           f"to 1, got {shares}; the file was edited or corrupted")
+    return tuple(s / sum(shares) for s in shares)
 
 
 @dataclass
@@ -154,6 +163,8 @@ class Run:
         pieces = rd.read_components(len(data), found["count"] if found and found["count"] > 1 else None)
         components = None if not found else Components.of(
             np.zeros(len(data), dtype=np.int64) if pieces is None else pieces, found["radius"], found.get("note", ""))
+        if pieces is not None and "shares" in found:  # drawn by the recorded shares (a student's: its teacher's)
+            components = dataclasses.replace(components, shares=_shares(found["shares"], found["count"], rd))
         dev = resolve_device(device)
         set_threads(threads, dev)  # for sampling (resume_run sets train.threads for training)
         methods.check(cfg)  # a config.toml edited into a combination its method refuses
@@ -232,7 +243,7 @@ class Run:
         check_batch_memory(self.config.model, min(cfg.batch_size, n), "sample.batch_size (--batch-size)",
                            training=False, dim=self.frame_dim)
         samples = np.empty((n, self.dim)) if into is None else into  # each batch is written into it in data units
-        drawn_labels = np.empty(n, dtype=np.int64) if self.labels is not None else None
+        drawn_labels = np.empty(n, dtype=np.int64) if self.labels is not None or self.pieces is not None else None
         paths, calls, bad = [], 0, 0
         batches, per_batch = math.ceil(n / cfg.batch_size), plan.evaluations_per_batch
         graphed = graphs.wanted(cfg.cuda_graphs, self.device, "sample.cuda_graphs",
@@ -289,7 +300,9 @@ class Run:
                                "(sample.use_ema = false)")
         return Drawn(samples, {"sampler": plan.sampler, "steps": plan.steps, "spacing": plan.spacing,
                                "nfe": round(calls / batches, 2), **({"cuda_graphs": loops.note} if graphed else {})},
-                     torch.cat(paths, dim=1).numpy() if trajectory else None, drawn_labels)
+                     torch.cat(paths, dim=1).numpy() if trajectory else None,
+                     drawn_labels if self.labels is not None else None,
+                     drawn_labels if self.pieces is not None else None)
 
     @staticmethod
     def check_count(n: int) -> None:
@@ -306,6 +319,16 @@ class Run:
         if self._compiled_model is None:
             self._compiled_model = torch.compile(self.model)
         return self._compiled_model
+
+    def initial_noise(self, n: int, seed: Optional[int] = None, label: Optional[int] = None) -> torch.Tensor:
+        """The x_T (n, frame_dim) that draw(n, seed=seed, label=label) starts its samples from (in the model's
+        frame), whatever its batches: each sample's stream replayed to its x_T (after the uniform number that
+        draws its class or piece, where one is drawn)."""
+        stream = NoiseStream(derive_seed(self.config.seed if seed is None else seed, "sample"), 0, n, self.device)
+        label = self.config.sample.label if label is None else label
+        if (self.labels is not None or self.pieces is not None) and label < 0:
+            stream.rand(n)
+        return stream.randn((n, self.frame_dim))
 
     def _draw_labels(self, n: int, label: int, stream: NoiseStream) -> torch.Tensor | None:
         """n labels for a conditional model: all `label`, or (-1) drawn with the training classes' frequencies
