@@ -63,6 +63,7 @@ PEERS = ["sdv>=1.17", "ForestDiffusion>=1.0"]  # the optional extra (--install-p
 LABEL = "target"
 COUNTS = ("digits",)  # tables whose columns are counts, declared integer as a user would (--types): a pixel that
 #                       is 0 or 1 in the training rows is not a binary column, and the test rows hold its 2s
+RECIPE: dict[str, dict] = {}  # what a generator chose for the current split (toydiff: its width, its sizing)
 TYPES: list[str] = []  # the current table's data.types (every generator reads its training CSV with them)
 TOYDIFF_SET: dict = {}  # --toydiff-set SECTION.KEY=VALUE: toydiff's settings other than its defaults (ablations)
 
@@ -114,6 +115,8 @@ def gen_toydiff(train: Path, labelled: bool, n: int, seed: int, work: Path) -> P
         section, _, name = key.partition(".")
         sections[section] = {**sections.get(section, {}), name: value}
     exp = toydiff.run(out=work / "run", figures=False, evaluate=False, quiet=True, **sections)
+    info = exp.run.dir.read_manifest()
+    RECIPE["toydiff"] = {"width": info.get("width"), "sizing": info.get("sizing", {}).get("chosen", "not sized")}
     drawn = exp.run.draw(n, seed=seed)
     (work / "samples.csv").write_text(exp.run.table_text(drawn.samples, drawn.labels), encoding="utf-8")
     return work / "samples.csv"
@@ -305,7 +308,8 @@ def main() -> None:
                     try:
                         made = MAKERS[g](train_csv, labelled, len(train.x), split, work)
                         seconds = time.perf_counter() - start
-                        row = {**judge(made, train, test, args.draws), "seconds": round(seconds, 1)}
+                        row = {**judge(made, train, test, args.draws), "seconds": round(seconds, 1),
+                               **RECIPE.pop(g, {})}
                     except Exception as e:  # a peer that fails on a table is a row that says so
                         row = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
                     results.append({"table": name, "split": split, "generator": g, "rows": len(train.x),
