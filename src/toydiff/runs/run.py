@@ -33,7 +33,7 @@ from ..diffusion.sampling import Plan, VPDiffusion, make_plan
 from ..diffusion.schedules import NoiseSchedule
 from ..methods import Method
 from ..training import graphs
-from .directory import RunDir
+from .directory import MANIFEST, RunDir
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Drawn:
 def _shares(shares: list[float], count: int, rd: RunDir) -> tuple[float, ...]:
     """run.json's recorded shares of the pieces, checked (count of them, none negative, summing to 1)."""
     if len(shares) != count or min(shares) < 0 or abs(sum(shares) - 1) > 1e-3:
-        raise ToydiffError(f"{rd.path / 'run.json'} is damaged: components.shares should be {count} shares summing "
+        raise ToydiffError(f"{rd.path / MANIFEST} is damaged: components.shares should be {count} shares summing "
                            f"to 1, got {shares}; the file was edited or corrupted")
     return tuple(s / sum(shares) for s in shares)
 
