@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from toydiff import Run, train_run
+from toydiff import methods
 from toydiff.cli import main
 from toydiff.core import config as C
 from toydiff.core.errors import ToydiffError
@@ -20,7 +21,7 @@ from test_reliability import interrupt_at_loss_call, same_weights
 
 SMALL = ["data.n=600", "schedule.T=50", "model.width=16", "model.depth=1", "train.steps=40", "train.batch_size=128",
          "train.log_every=5", "train.checkpoint_every=10", "train.warmup_steps=5", "sample.steps=10", "sample.n=64",
-         "model.components=0"]
+         "model.components=-1"]
 
 
 def frame(x):
@@ -74,8 +75,8 @@ def test_a_table_too_small_to_decide_is_one_piece_and_a_count_that_does_not_fit_
 def test_a_run_of_one_piece_is_the_run_without_components(tmp_path):
     """Data with one piece behaves exactly as today: the same weights and samples, the finding recorded."""
     base = C.with_overrides(C.ExperimentConfig(), SMALL[:-1] + ["data.name=gaussians", "data.modes=1"])
-    plain = train_run(base, tmp_path / "plain")
-    found = train_run(C.with_overrides(base, ["model.components=0"]), tmp_path / "found")
+    plain = train_run(C.with_overrides(base, ["model.components=1"]), tmp_path / "plain")
+    found = train_run(base, tmp_path / "found")  # auto, the default: looks, and finds one
     assert same_weights(plain.path / "model.safetensors", found.path / "model.safetensors")
     assert np.array_equal(Run.load(plain.path).sample(50, seed=1), Run.load(found.path).sample(50, seed=1))
     assert found.dir.read_manifest()["components"]["count"] == 1
@@ -115,10 +116,13 @@ def test_a_run_of_pieces_killed_and_resumed_is_bit_for_bit_the_uninterrupted_one
 @pytest.mark.parametrize("flags, needle", [
     (["--set", "model.components=3"], "model.components = 3, but the training rows fall into 2 pieces"),
     (["--set", "model.components=2", "--set", "model.conditional=true"], "cannot be combined yet"),
-    (["--set", "model.components=-1"], "model.components must be >= 0"),
-    (["--set", "model.components=0", "--set", "model.arch=guide"], "the guide's network has one output and no labels"),
-    (["--set", "model.components=0", "--set", "train.objective=meanflow", "--set", "schedule.process=flow",
-      "--set", "sample.sampler=meanflow"], "model.components=1"),
+    (["--set", "model.components=-1", "--set", "model.conditional=true"], "cannot be combined yet"),
+    (["--set", "model.components=-2"], "model.components must be >= -1"),
+    (["--set", "model.components=-1", "--set", "model.arch=guide"], "the guide's network has one output and no labels"),
+    (["--set", "model.components=-1", "--set", "train.objective=meanflow", "--set", "schedule.process=flow",
+      "--set", "sample.sampler=meanflow"], "model.components=0 (auto) or 1"),
+    (["--set", "model.components=2", "--set", "train.objective=consistency", "--set", "sample.sampler=consistency"],
+     "model.components=0 (auto) or 1"),
 ])
 def test_bad_component_settings_are_one_line_exit_2_and_nothing_is_written(tmp_path, capsys, flags, needle):
     out = tmp_path / "r"
@@ -153,7 +157,7 @@ def test_a_progressive_student_of_a_model_of_pieces_matches_its_teacher_piece_by
 
     monkeypatch.setattr(progressive, "PROGRESSIVE_START", 8)
     teacher = tmp_path / "t"
-    assert main(["train", "--quiet", "--out", str(teacher), "--set", "model.components=0", "--set",
+    assert main(["train", "--quiet", "--out", str(teacher), "--set",
                  "train.steps=400", "--set", "train.batch_size=256"]) == 0
     out = tmp_path / "s"
     assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
@@ -202,9 +206,59 @@ def test_a_reflow_student_of_a_model_of_pieces_learns_each_pair_in_its_piece(tmp
     assert s.sample(40, seed=1).shape == (40, 2)
 
 
-def test_consistency_distillation_of_a_model_of_pieces_is_refused(tmp_path, capsys):
-    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
-    code = main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "consistency", "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "--method progressive" in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "s").exists()
+def test_consistency_distillation_of_a_model_of_pieces_conditions_teacher_and_student_on_each_rows_piece(tmp_path):
+    """The loss recomputed by hand on a fixed batch (Song et al. 2023, Algorithm 2), teacher and student each
+    given the rows' pieces; the pieces change it (they reach both networks), and the distilled student draws its
+    teacher's pieces by its teacher's shares."""
+    from toydiff.diffusion.losses import ddim_step
+    from toydiff.methods.consistency import CONSISTENCY_GRID
+
+    cfg = C.with_overrides(C.ExperimentConfig(), SMALL + ["schedule.T=100"])  # room for the 64-step grid
+    teacher = Run.load(train_run(cfg, tmp_path / "t").path)
+    assert main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "consistency", "--steps",
+                 "2", "--train-steps", "10", "--quiet", "--no-eval"]) == 0
+    s = Run.load(tmp_path / "s")
+    assert s.model.classes == 2 and s.pieces.shares == teacher.pieces.shares
+    assert s.sample(40, seed=1).shape == (40, 2)
+    lesson = methods.STUDENTS.get("consistency").lesson(teacher, s, 2, 0, False, lambda m: None)
+    schedule, x0 = teacher.schedule, torch.as_tensor(teacher.scaler.transform(teacher.data[:256]), dtype=torch.float32)
+    y = torch.as_tensor(teacher.pieces.labels[:256])
+    loss = lesson.objective.loss(s.model, schedule, x0, torch.Generator().manual_seed(9), labels=y)
+    # by hand, the same draws in the same order: n ~ U{1..N}, then q(x_t | x0)'s noise
+    g = torch.Generator().manual_seed(9)
+    grid = schedule.respace(CONSISTENCY_GRID).timesteps_t
+    i = torch.randint(1, grid.numel(), (256,), generator=g)
+    t, u = grid[i], grid[i - 1]
+    eps = torch.randn(x0.shape, generator=g)
+    ab = schedule.alpha_bar
+    x_t = ab[t].sqrt()[:, None] * x0 + (1 - ab[t]).sqrt()[:, None] * eps
+    with torch.no_grad():
+        x_u = ddim_step(x_t, teacher.denoiser_for(y)(x_t, t), ab[t][:, None], ab[u][:, None])
+        target = torch.where((u == 0)[:, None], x_u, s.denoiser_for(y)(x_u, u))
+        by_hand = ((s.denoiser_for(y)(x_t, t) - target) ** 2).mean(1).mean()
+    assert float(loss.detach()) == pytest.approx(float(by_hand), rel=1e-5)
+    flipped = lesson.objective.loss(s.model, schedule, x0, torch.Generator().manual_seed(9), labels=1 - y)
+    assert abs(float(flipped.detach()) - float(loss.detach())) > 1e-3 * float(loss.detach())
+
+
+def test_auto_finds_pieces_where_it_was_measured_and_keeps_one_elsewhere(tmp_path):
+    """model.components = 0 (the default) finds the moons' two pieces; a file's table, class labels, the guide's
+    network and MeanFlow keep one piece without looking; -1 finds them in a file too."""
+    from toydiff.jobs.workflow import expected_pieces
+
+    cfg = lambda *o: C.with_overrides(C.ExperimentConfig(), list(o))  # noqa: E731
+    assert C.ExperimentConfig().model.components == 0 and expected_pieces(cfg()) == 0
+    assert expected_pieces(cfg("data.path=t.csv")) is None
+    assert expected_pieces(cfg("data.path=t.csv", "model.components=-1")) == 0
+    assert expected_pieces(cfg("model.conditional=true")) is None
+    assert expected_pieces(cfg("model.arch=guide")) is None
+    assert expected_pieces(cfg("train.objective=meanflow", "schedule.process=flow", "sample.sampler=meanflow")) is None
+    assert expected_pieces(cfg("model.components=1")) is None and expected_pieces(cfg("model.components=3")) == 3
+    rng = np.random.default_rng(4)
+    table = tmp_path / "t.csv"
+    x = np.concatenate([rng.normal(size=(300, 2)), rng.normal(size=(300, 2)) + 30])
+    table.write_text("a,b\n" + "\n".join(f"{a},{b}" for a, b in x))
+    small = [o for o in SMALL if not o.startswith(("data.n", "model.components"))] + [f"data.path={table}"]
+    assert "components" not in train_run(cfg(*small), tmp_path / "auto").dir.read_manifest()
+    # in minmax frame: the quantile scaling a table gets by default maps each column onto a normal, closing gaps
+    assert train_run(cfg(*small, "model.components=-1", "data.scaling=minmax"), tmp_path / "found").pieces.count == 2

@@ -87,7 +87,8 @@ def test_a_consistency_function_is_the_identity_at_zero_noise_by_construction():
     grid = torch.tensor([0, 50])  # one pair: t_1 = 50 -> t_0 = 0
     teacher = lambda x, t: torch.tanh(x)  # noqa: E731  its DDIM step to t = 0 lands on tanh(x_t)
     oracle = lambda model: (lambda x, t: torch.tanh(x) if int(t[0]) == 50 else net(x, t))  # noqa: E731
-    loss = diffusion_loss(None, flow, x, Consistency(teacher, oracle, grid), torch.Generator().manual_seed(0))
+    loss = diffusion_loss(None, flow, x, Consistency(lambda labels: teacher, lambda model, labels: oracle(model), grid),
+                          torch.Generator().manual_seed(0))
     assert float(loss) == 0.0
 
 
@@ -122,9 +123,10 @@ def test_the_consistency_loss_is_the_distance_between_neighbours_on_one_path(tea
     schedule = NoiseSchedule.from_config(ScheduleConfig(T=100))
     grid = schedule.respace(10).timesteps_t
     net = lambda x, t: 0.5 * x - 0.003 * t[:, None]  # noqa: E731
-    student = lambda model: Denoiser(model, schedule, "v")  # noqa: E731
+    student = lambda model, labels: Denoiser(model, schedule, "v")  # noqa: E731
     x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(3))
-    loss = diffusion_loss(net, schedule, x0, Consistency(teacher, student, grid), torch.Generator().manual_seed(9))
+    objective = Consistency(None if teacher is None else lambda labels: teacher, student, grid)
+    loss = diffusion_loss(net, schedule, x0, objective, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     i = torch.randint(1, 11, (64,), generator=g)
     eps = torch.randn(64, 2, generator=g)
@@ -170,15 +172,18 @@ def test_a_reflow_student_is_a_complete_run_that_walks_straighter_paths(teacher,
     t, s = toydiff.load(teacher), toydiff.load(out)
     assert s.config.train.coupling == "reflow" and s.config.sample.steps == 4
     z = torch.as_tensor(np.load(out / "train_noise.npy")[:200])
+    assert t.pieces.count == 2  # the default's teacher draws the moons' two pieces: each pair keeps its own
     plan = t.plan(t.settings(**TEACHER_SAMPLER))
-    x = t.scaler.inverse(plan.run(t.denoiser, z.clone(), noise=None).double().numpy())
+    x = t.scaler.inverse(plan.run(t.denoiser_for(torch.as_tensor(s.pieces.labels[:200])), z.clone(),
+                                  noise=None).double().numpy())
     assert np.allclose(x, s.data[:200], atol=1e-4)
     # on fresh noise: the teacher's ODE endpoint, its own 4 Euler steps, and the student's 4 Euler steps
     fresh = torch.randn(2000, 2, generator=torch.Generator().manual_seed(11))
-    endpoint = plan.run(t.denoiser, fresh.clone(), noise=None)
+    pieces = torch.arange(2000) % 2
+    endpoint = plan.run(t.denoiser_for(pieces), fresh.clone(), noise=None)
     few = t.settings(sampler="euler", steps=4, spacing="trailing")
-    teacher_4 = t.plan(few).run(t.denoiser, fresh.clone(), noise=None)
-    student_4 = s.plan().run(s.denoiser, fresh.clone(), noise=None)
+    teacher_4 = t.plan(few).run(t.denoiser_for(pieces), fresh.clone(), noise=None)
+    student_4 = s.plan().run(s.denoiser_for(pieces), fresh.clone(), noise=None)
     err = lambda a: float((a - endpoint).norm(dim=1).mean())  # noqa: E731
     assert err(student_4) < 0.6 * err(teacher_4), (err(student_4), err(teacher_4))
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # already trained: resumes to the same end
@@ -243,6 +248,9 @@ def test_a_consistency_student_maps_noise_to_the_end_of_its_teacher_s_ode_in_one
     (["--pairs", "1"], "distill.pairs must be >= 2"), (["--pairs", "1000000000"], "distill.pairs must be at most"),
     (["--train-steps", "0"], "--train-steps must be >= 1"),
     (["--method", "progressive", "--steps", "600"], "no room to halve"),
+    (["--critic", "0.5"], "a critic needs a student whose sampler runs with gradients (progressive), not reflow"),
+    (["--method", "consistency", "--critic", "1"], "not consistency; use --method progressive"),
+    (["--method", "progressive", "--critic", "-1"], "distill.critic must be in [0, 100]"),
 ])
 def test_bad_distill_input_is_a_one_line_error_and_writes_nothing(teacher, tmp_path, capsys, args, message):
     assert main(["distill", str(teacher), "--out", str(tmp_path / "s")] + args) == 2
@@ -331,6 +339,7 @@ def test_resuming_a_teacher_goes_on_to_its_student(tmp_path):
     ("distill.steps=0", "distill.steps must be >= 1"),
     ("distill.method=progresive", "did you mean 'progressive'"),
     ("distill.steps=40", "no room to halve"),
+    ("distill.critic=nan", "distill.critic must be a finite number"),
 ])
 def test_a_recipe_that_cannot_be_distilled_is_refused_before_the_teacher_trains(tmp_path, capsys, setting, message):
     out = tmp_path / "fast"
@@ -385,3 +394,72 @@ def test_the_python_api_reuses_or_replaces_a_recipe_s_two_run_directories(tmp_pa
     stamp = (tmp_path / "fast-teacher" / "run.json").stat().st_mtime_ns
     toydiff.run(out=out, quiet=True, figures=False, if_exists="replace", **sections)
     assert (tmp_path / "fast-teacher" / "run.json").stat().st_mtime_ns != stamp
+
+
+def test_the_critic_s_losses_are_the_non_saturating_game_with_r1_recomputed_by_hand():
+    """On a fixed batch: the student's loss is its anchor's plus weight * mean softplus(-D(G(z))), the critic's is
+    mean softplus(-D(x)) + mean softplus(D(G(z))) + gamma / 2 * mean |grad_x D(x)|^2, G(z) the chain from fresh
+    noise drawn from the same generator; the student's gradient reaches the network through the whole chain."""
+    from toydiff.core.config import ExperimentConfig
+    from toydiff.methods.adversarial import Adversarial, make_critic
+
+    class Anchor:
+        def loss(self, model, schedule, x0, generator=None, **kw):
+            return (model(x0, None) ** 2).mean()
+
+    critic = make_critic(ExperimentConfig(), 2, torch.device("cpu"))
+    net = torch.nn.Linear(2, 2)
+    model = lambda x, t: net(x)  # noqa: E731
+    chain = lambda m, x, labels: m(torch.tanh(m(x, None)), None)  # noqa: E731  two "steps"
+    objective = Adversarial(Anchor(), critic, chain, weight=0.3, gamma=2.0)
+    x0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(1))
+    student = objective.loss(model, None, x0, torch.Generator().manual_seed(5))
+    judge = objective.update_loss("critic", model, None, x0, torch.Generator().manual_seed(5))
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(5))
+    fake = net(torch.tanh(net(z)))
+    sp = lambda v: torch.log1p(torch.exp(v))  # noqa: E731  softplus written out
+    expected = (net(x0) ** 2).mean() + 0.3 * sp(-critic(fake)).mean()
+    assert float(student.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    real = x0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(real).sum(), real)
+    by_hand = sp(-critic(x0)).mean() + sp(critic(fake.detach())).mean() + 1.0 * (grad ** 2).sum(1).mean()
+    assert float(judge.detach()) == pytest.approx(float(by_hand.detach()), rel=1e-5)
+    net.zero_grad()
+    (0.3 * sp(-critic(fake)).mean()).backward(retain_graph=True)
+    through_chain = net.weight.grad.clone()
+    net.zero_grad()
+    (student - (net(x0) ** 2).mean()).backward()
+    assert torch.allclose(net.weight.grad, through_chain, atol=1e-6) and through_chain.abs().sum() > 0
+    # the critic's loss moves the critic only: the fake is detached from the student
+    net.zero_grad()
+    objective.update_loss("critic", model, None, x0, torch.Generator().manual_seed(5)).backward()
+    assert net.weight.grad is None or float(net.weight.grad.abs().sum()) == 0.0
+
+
+def test_a_progressive_student_trained_with_a_critic_samples_as_its_chain_and_keeps_the_critic_out(tmp_path):
+    """The chain the critic judges is the student's own sampler (its 4 DDIM steps, the same points on the same
+    noise and pieces); the critic trains beside it (in the checkpoint, named in run.json), never in what
+    samples; the student draws in 4 evaluations."""
+    from safetensors.torch import load_file
+
+    from toydiff import Run
+    from toydiff.methods import STUDENTS
+
+    teacher = tmp_path / "t"
+    assert main(["train", "--quiet", "--out", str(teacher), "--set", "schedule.T=200", "--set", "train.steps=200",
+                 "--set", "train.batch_size=256", "--set", "data.n=2000"]) == 0
+    out = tmp_path / "s"
+    assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
+                 "--train-steps", "300", "--critic", "0.5", "--quiet", "--no-eval"]) == 0
+    s = Run.load(out)
+    info = json.loads((out / "run.json").read_text())
+    assert info["critic"] == 0.5 and info["method"] == "progressive"
+    assert not any("critic" in k for k in load_file(out / "model.safetensors"))
+    assert any(k.startswith("nets/critic/") for k in load_file(out / "checkpoint.safetensors"))
+    z = torch.randn(300, 2, generator=torch.Generator().manual_seed(2))
+    pieces = torch.arange(300) % 2
+    with torch.no_grad():
+        chained = STUDENTS.get("progressive").chain(s, 4)(s.model, z.clone(), pieces)
+    sampled = s.plan().run(s.denoiser_for(pieces), z.clone(), noise=None)
+    assert torch.allclose(chained, sampled, atol=1e-5)
+    assert json.loads((out / "samples.json").read_text())["nfe"] == 4

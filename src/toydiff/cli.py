@@ -90,6 +90,9 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
                    f"teacher (default {recipe.pairs})")
     p.add_argument("--train-steps", type=int, help="the student's training steps, all rounds together (default: "
                    "reflow the teacher's, progressive 1500 a round)")
+    p.add_argument("--critic", type=float, default=recipe.critic, metavar="WEIGHT",
+                   help="progressive: a critic's loss on the student's samples beside the distillation loss, with "
+                   "this weight (default 0: none; toydiff.methods.adversarial)")
     p.add_argument("--out", metavar="DIR", help="the student's run directory (default: runs/distill-TIMESTAMP)")
     _add_device_arg(p)
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation against the noise floors")
@@ -318,7 +321,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     log = message_log(args.quiet)
     out = Path(args.out) if args.out else new_run_path("distill", config_io.ExperimentConfig())
     run = distill_run(args.run_dir, out, method=args.method, steps=args.steps, pairs=args.pairs,
-                      train_steps=args.train_steps, device=args.device, progress=not args.quiet, log=log)
+                      train_steps=args.train_steps, critic=args.critic, device=args.device,
+                      progress=not args.quiet, log=log)
     result = finish(run, evaluate=not args.no_eval, progress=not args.quiet, log=log)
     _print_run(run, result)
     _report(run)

@@ -84,6 +84,8 @@ MAX_T = 100_000  # schedule.T, sample.steps
 MAX_WIDTH = 16_384  # model.width (its parameters grow as width^2)
 MAX_DEPTH = 256  # model.depth
 MAX_COMPONENTS = 256  # model.components (each is a class of the network's label embedding)
+MAX_CRITIC = 100  # distill.critic
+COMPONENTS_AUTO, COMPONENTS_FOUND = 0, -1  # model.components' two values that are not a count
 MAX_TIME_DIM = 4096  # model.time_dim
 MAX_OCTAVES = 24  # model.fourier_octaves (2^23 pi is already far below float32's resolution)
 MAX_ROWS = 100_000_000  # data.n, sample.n
@@ -195,9 +197,16 @@ class ModelConfig(_Section):
     time_scale: float = 0.0  # mlp: the time embedding's angle at t = T; 0 = auto (toydiff.diffusion.models.time_scale)
     variance: str = "fixed"  # fixed (the sampler's choice) | learned (Nichol and Dhariwal 2021; hybrid loss; mlp)
     conditional: bool = False  # mlp: condition on the dataset's class labels (moons: 2) for per-class sampling
-    components: int = 1  # mlp: the support's separate pieces, each sample drawing its piece first by the training
-    #                      rows' shares, then a point of it (toydiff.data.components): 1 = one (off); 0 = as
-    #                      many as the training rows fall into; K >= 2 = exactly K (else an error)
+    components: int = 0  # mlp: the support's separate pieces, each sample drawing its piece first by the training
+    #                      rows' shares, then a point of it (toydiff.data.components): 0 = auto (found for a
+    #                      built-in dataset's unconditional run whose method draws pieces, else one:
+    #                      toydiff.jobs.workflow.expected_pieces); -1 = found (as many as the training rows fall
+    #                      into, any data); 1 = one (off); K >= 2 = exactly K (else an error)
+
+    @property
+    def pieces_asked(self) -> bool:
+        """The user asked for pieces (found, or a count), not left them to auto."""
+        return self.components not in (COMPONENTS_AUTO, 1)
 
     def _check(self):
         choose("model", self.arch, ARCHS)
@@ -212,10 +221,11 @@ class ModelConfig(_Section):
         _check(self.time_dim >= 2 and self.time_dim % 2 == 0, f"model.time_dim must be even and >= 2, got {self.time_dim}")
         _check(self.fourier_octaves >= 0, f"model.fourier_octaves must be >= 0, got {self.fourier_octaves}")
         _check(self.time_scale >= 0, f"model.time_scale must be >= 0 (0 = auto), got {self.time_scale}")
-        _check(self.components >= 0, f"model.components must be >= 0 (0 = found, 1 = off), got {self.components}")
+        _check(self.components >= COMPONENTS_FOUND, f"model.components must be >= -1 (0 = auto, -1 = found, 1 = off), "
+               f"got {self.components}")
         _at_most("model.components", self.components, MAX_COMPONENTS)
-        _check(self.components == 1 or not self.conditional, "model.components and model.conditional cannot be "
-               "combined yet: the class labels already split the rows; set model.components = 1")
+        _check(not self.pieces_asked or not self.conditional, "model.components and model.conditional cannot be "
+               "combined yet: the class labels already split the rows; set model.components = 0 (auto) or 1")
 
 
 @dataclass(frozen=True)
@@ -393,6 +403,8 @@ class DistillConfig(_Section):
     steps: int = 4  # the student's sampling steps: its network evaluations per sample
     train_steps: int = 0  # the student's training steps, all rounds together; 0 = the method's default
     pairs: int = 20_000  # reflow: noise -> data pairs drawn from the teacher's ODE
+    critic: float = 0.0  # progressive: the weight of a critic's loss on the student's samples beside its
+    #                      distillation loss (toydiff.methods.adversarial); 0 = no critic
 
     def _check(self):
         choose("distill.method", self.method, RUN_DISTILL)
@@ -400,6 +412,10 @@ class DistillConfig(_Section):
         _check(self.train_steps >= 0, f"distill.train_steps must be >= 0 (0 = the method's default), got "
                                       f"{self.train_steps}")
         _check(self.pairs >= 2, f"distill.pairs must be >= 2, got {self.pairs}")
+        _check(0 <= self.critic <= MAX_CRITIC, f"distill.critic must be in [0, {MAX_CRITIC}] (0 = no critic), got "
+                                              f"{self.critic}")
+        _check(self.critic == 0 or self.method != "none", "distill.critic weighs a few-step student's critic; "
+               "set distill.method = progressive, or distill.critic = 0")
         _at_most("distill.steps", self.steps, MAX_T)
         _at_most("distill.train_steps", self.train_steps, MAX_STEPS)
         _at_most("distill.pairs", self.pairs, MAX_ROWS)

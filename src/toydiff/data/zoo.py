@@ -102,6 +102,14 @@ def ring_of_gaussians(p: Params) -> Mixture:
                            np.full((k, 1), p.noise))
 
 
+def mixture_distance(make):
+    """Distance to the nearest mean of the mixture `make(p)` (its noise-free shape: the modes' centres)."""
+    def distance(x: np.ndarray, p: Params) -> np.ndarray:
+        means = make(p).means
+        return np.sqrt(((np.asarray(x)[:, None, :] - means[None]) ** 2).sum(-1)).min(1)
+    return distance
+
+
 def grid_of_gaussians(p: Params) -> Mixture:
     """A modes x modes (5 x 5) grid of equal Gaussians at spacing `scale`, centred on 0."""
     side = (np.arange(p.modes) - (p.modes - 1) / 2) * p.scale
@@ -139,6 +147,16 @@ def checkerboard(n: int, rng: np.random.Generator, p: Params):
     corner = np.array(cells, dtype=np.float64)[pick]
     x = (corner + rng.uniform(size=(n, 2))) * (4 / k) - 2
     return _noisy(x, rng, p), None
+
+
+def checkerboard_distance(x: np.ndarray, p: Params) -> np.ndarray:
+    """Distance to the nearest dark square of the board (0 on one)."""
+    k, side = p.modes, 4 * p.scale / p.modes
+    lo = np.array([(i, j) for i in range(k) for j in range(k) if (i + j) % 2 == 0], dtype=np.float64) * side \
+        - 2 * p.scale
+    x = np.asarray(x)[:, None, :]
+    gap = np.maximum(np.maximum(lo[None] - x, x - (lo[None] + side)), 0.0)
+    return np.sqrt((gap ** 2).sum(-1)).min(1)
 
 
 def checkerboard_log_density(x: np.ndarray, p: Params) -> np.ndarray | None:

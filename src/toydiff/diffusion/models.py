@@ -204,7 +204,7 @@ def _mlp(cfg: ModelConfig, dim: int, T: int, classes: int = 0, intervals: bool =
 def check(cfg: ModelConfig, classes: int = 0, dim: int | None = None) -> None:
     """What the configured network cannot do (for data of `dim` frame coordinates, where known), refused before
     anything is built or written."""
-    if cfg.arch == "guide" and (cfg.variance == "learned" or cfg.conditional or cfg.components != 1 or classes):
+    if cfg.arch == "guide" and (cfg.variance == "learned" or cfg.conditional or cfg.pieces_asked or classes):
         raise ToydiffError("the guide's network has one output and no labels; use model.arch=mlp for "
                            "model.variance=learned, model.conditional=true or model.components")
     if cfg.arch == "mlp":  # weights, gradients, AdamW's two moments and the EMA: about 5 copies in float32

@@ -87,8 +87,9 @@ METRICS: dict[str, Metric] = {
                         fraction=True),  # needs the training rows: memorization_floor, M.memorized_share
 }
 FRACTIONS = tuple(name for name, m in METRICS.items() if m.fraction)
-FLOOR_VERSION = 5  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
-# 3: MMD^2 and energy as V-statistics, 4: the tree test, 5: its leaves on small tables)
+FLOOR_VERSION = 6  # bump when a metric's definition changes, so cached floors are recomputed (2: MMD bandwidths,
+# 3: MMD^2 and energy as V-statistics, 4: the tree test, 5: its leaves on small tables, 6: off_data on the ring of
+# Gaussians and the checkerboard)
 
 
 def compute(samples: np.ndarray, reference: np.ndarray, scaler: Scaler, spec: EvalConfig,

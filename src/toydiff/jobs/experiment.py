@@ -54,7 +54,7 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     if resume:
         run = resume_run(out, device=device, progress=progress, log=log, world=world)
     elif cfg.distill.method != "none":
-        check_distill(cfg, cfg.distill.method, cfg.distill.steps)  # before the teacher trains (it validates the rest)
+        check_distill(cfg, cfg.distill.method, cfg.distill.steps, cfg.distill.critic)  # before the teacher trains (it validates the rest)
         run = train_run(cfg, teacher_path(out), progress=progress, log=log, world=world, evaluate=evaluate,
                         extra={"student": str(Path(out).resolve())})
     else:
@@ -69,7 +69,8 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     elif recipe.method != "none":
         log(f"teacher trained in '{run.path}'; distilling its {recipe.method} student")
         run = distill_run(run.path, student, method=recipe.method, steps=recipe.steps,
-                          pairs=recipe.pairs, train_steps=recipe.train_steps or None, device=str(run.device),
+                          pairs=recipe.pairs, train_steps=recipe.train_steps or None, critic=recipe.critic,
+                          device=str(run.device),
                           progress=progress, log=log)
     return finish(run, figures=figures, evaluate=evaluate, progress=progress, log=log)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import methods
-from ..core.config import ExperimentConfig
+from ..core.config import COMPONENTS_AUTO, COMPONENTS_FOUND, ExperimentConfig
 from ..core.errors import RunInterrupted, ToydiffError, first_line
 from ..core.machine import check_memory
 from ..core.runtime import World, numpy_rng, resolve_device, set_threads, torch_generator
@@ -118,6 +118,19 @@ def check_labels(labels: np.ndarray | None, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def expected_pieces(cfg: ExperimentConfig) -> Optional[int]:
+    """What model.components asks of find_components: None = one piece, without looking; 0 = as many as the
+    training rows fall into; K >= 2 = exactly K. auto (0, the default) looks where the rule was set and measured:
+    a built-in dataset (the zoo's known piece counts set the radius; docs/default.md measures the moons),
+    an unconditional network with labels to take them (mlp), and a method that draws pieces; a file's table,
+    class labels, the guide's network and MeanFlow or consistency training keep one piece."""
+    k = cfg.model.components
+    if k == COMPONENTS_AUTO:
+        takes = not cfg.data.path and cfg.model.arch == "mlp" and not cfg.model.conditional
+        return 0 if takes and methods.of(cfg).takes_pieces else None
+    return None if k == 1 else 0 if k == COMPONENTS_FOUND else k
+
+
 def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optional[torch.device] = None,
                   world: World = World()) -> Run:
     """The run `cfg` describes, before training: its data, fitted scaler, schedule and freshly initialised
@@ -136,8 +149,8 @@ def untrained_run(cfg: ExperimentConfig, path: str | Path = ".", device: Optiona
         column_warnings(data.x, data.names, f"the {len(data.x)} training rows")
     scaler = Scaler.fit(data.x, cfg.data.scaling, data.names, data.columns)
     x = data.x.astype(np.float32)
-    found = None if cfg.model.components == 1 else \
-        find_components(scaler.transform(x), cfg.model.components)  # in the frame the model sees
+    expected = expected_pieces(cfg)
+    found = None if expected is None else find_components(scaler.transform(x), expected)  # in the model's frame
     pieces = found.count if found is not None and found.count > 1 else 0
     schedule, model = methods.of(cfg).build(cfg, scaler.frame_dim, device, classes or pieces)
     return Run(Path(path), cfg, scaler, schedule, model, x, device, labels, data.names,
@@ -160,11 +173,12 @@ def train_run(cfg: ExperimentConfig, out: str | Path, *, progress: bool = False,
 def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Log = silent,
                    world: World = World(), evaluate: bool = False, extra: Optional[dict] = None,
                    noise: Optional[np.ndarray] = None,
-                   objective: Optional[Objective] = None, sizing: bool = False) -> Run:
+                   objective: Optional[Objective] = None, sizing: bool = False,
+                   others: Optional[dict] = None) -> Run:
     """Train an untrained `run` (untrained_run's, or a distilled student's) into a new run directory at `out`:
     warnings, the recipe sized (sizing: where train.sizing asks; toydiff.jobs.validation.size), the training
     state, the directory with its inputs (and `extra` in its manifest, `noise` for a reflow student), then the
-    loop (on `objective` instead of the config's: a distilled student's)."""
+    loop (on `objective` instead of the config's, with `others` beside the run's network: a distilled student's)."""
     cfg, device = run.config, run.device
     threads = set_threads(cfg.train.threads, device)
     warnings = [run.schedule.terminal_warning()] + (run.method.warnings(cfg) if objective is None else [])
@@ -185,7 +199,8 @@ def start_training(run: Run, out: str | Path, *, progress: bool = False, log: Lo
     # built before the run directory exists (AdamW's first construction imports for about a second), so the
     # directory is published just before the first step and a Ctrl-C in between finds the loop's handler
     state = make_state(run.model, cfg.train, run.method.timesteps(cfg, device),
-                       torch_generator(cfg.seed, "train", device), run.method.other_networks(cfg, run.frame_dim, device))
+                       torch_generator(cfg.seed, "train", device),
+                       {**run.method.other_networks(cfg, run.frame_dim, device), **(others or {})})
     if not world.is_writer:
         return _train(run, state, {}, False, silent, world, objective)
     x = run.data

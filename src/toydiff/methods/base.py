@@ -9,7 +9,7 @@ and the defaults below are the ones most methods share.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -64,6 +64,7 @@ class Method:
     samplers: tuple[str, ...] = ()  # samplers that need this method's networks (no other method may use them)
     intervals = False  # its network takes a second time (a mean velocity's interval: models.build_model)
     others: tuple[str, ...] = ()  # the networks it trains beside the run's own (a critic): other_networks
+    takes_pieces = True  # its network can be conditioned on each row's piece (model.components = 0 finds them)
     denoises = False  # its objective is a denoising loss of the run's network alone, which held-back rows can
     #                   measure: early stopping (train.validation) watches it
 
@@ -171,17 +172,19 @@ class Student:
 
     name = ""  # its name in STUDENTS (set by @student)
     in_memory_teacher = False
-    takes_pieces = False  # whether it distills a model of pieces (model.components): its student draws them too
+    takes_critic = False  # it can run its sampler with gradients (chain): distill.critic (methods.adversarial)
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:
         """Refuse, before anything is trained, a teacher configuration this recipe cannot distill to `steps`."""
         check(not cfg.model.conditional, "distilling a class-conditional run is not supported yet (its pairs would "
               "need a label each); distill an unconditional run")
-        check(cfg.model.components == 1 or self.takes_pieces, f"a {self.name} student of a run with "
-              "model.components is not supported yet (it would need the piece of each pair); distill it with "
-              "--method progressive, or a run with model.components = 1")
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
+        raise NotImplementedError
+
+    def chain(self, student: "Run", steps: int) -> Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor]],
+                                                               torch.Tensor]:
+        """Its sampler as chain(network, x_T, labels) -> x_0 with gradients into the network (takes_critic)."""
         raise NotImplementedError
 
     def lesson(self, teacher: "Run", student: "Run", steps: int, pairs: int, progress: bool, log: Log,
@@ -200,6 +203,7 @@ class Lesson:
     data: Optional[np.ndarray] = None  # its training rows (data units), when they are not the teacher's
     noise: Optional[np.ndarray] = None  # each row's own noise (reflow's pairs: train_noise.npy)
     pieces: Optional[np.ndarray] = None  # each of those rows' piece, for a student of a model of pieces
+    others: dict = field(default_factory=dict)  # networks it trains beside the student (a critic), by name
 
 
 def teacher_record(teacher: "Run", method: str, **more: Any) -> dict:

@@ -40,11 +40,13 @@ class Consistency(Objective):
     network's x0_hat = (x_t - sqrt(1 - abar) eps_hat) / sqrt(abar) tends to x_t as abar -> 1 whatever it
     outputs, so f stays continuous at the boundary and well-conditioned at low noise (Karras et al.'s c_skip
     and c_out play that part in Song et al.).
-    teacher: its denoise(x_t, t) -> x0_hat. student: the student's denoiser around a network. grid:
-    (N + 1,) the t_0 = 0 < t_1 < ... < t_N on the training schedule."""
+    teacher(labels): its denoise(x_t, t) -> x0_hat for the batch's labels (None: unconditional; a model of
+    pieces: each row's piece, model.components); None: consistency training. student(network, labels): the
+    student's denoiser around a network, for the same labels. grid: (N + 1,) the t_0 = 0 < t_1 < ... < t_N on
+    the training schedule."""
 
-    teacher: Optional[Denoise]
-    student: Callable[[nn.Module], Denoise]
+    teacher: Optional[Callable[[Optional[torch.Tensor]], Denoise]]
+    student: Callable[[nn.Module, Optional[torch.Tensor]], Denoise]
     grid: torch.Tensor
 
     def loss(self, model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
@@ -58,9 +60,9 @@ class Consistency(Objective):
         t, s = grid[i], grid[i - 1]
         _, x_t = schedule.noise(x0, t, generator)
         ab_t, ab_s = schedule.gather(schedule.alpha_bar, t, x0), schedule.gather(schedule.alpha_bar, s, x0)
-        f = self.student(model)
+        f = self.student(model, labels)
         with torch.no_grad():
-            x_s = ddim_step(x_t, x0 if self.teacher is None else self.teacher(x_t, t), ab_t, ab_s)
+            x_s = ddim_step(x_t, x0 if self.teacher is None else self.teacher(labels)(x_t, t), ab_t, ab_s)
             # f(x, 0) = x: the boundary condition, exact whatever the network (a flow network never sees s = 0)
             target = torch.where(append_dims(s == 0, x_s.ndim), x_s, f(x_s, s))
         return ((f(x_t, t) - target) ** 2).flatten(1).mean(1).mean()
@@ -70,20 +72,22 @@ class Consistency(Objective):
 class ConsistencyTraining(Method):
     """train.objective = consistency: consistency training on either process (its schedule and denoiser)."""
 
+    takes_pieces = False
+
     def check(self, cfg: ExperimentConfig) -> None:
         check(cfg.model.prediction != "x0", "train.objective = consistency needs model.prediction = v or eps: "
               "their x0_hat is x_t itself at zero noise (the consistency function's boundary condition)")
-        check(cfg.model.variance == "fixed" and not cfg.model.conditional and cfg.model.components == 1
+        check(cfg.model.variance == "fixed" and not cfg.model.conditional and not cfg.model.pieces_asked
               and cfg.train.coupling != "reflow",
               "train.objective = consistency trains an unconditional model with fixed variances on independent "
-              "noise: set model.variance=fixed, model.conditional=false, model.components=1, "
+              "noise: set model.variance=fixed, model.conditional=false, model.components=0 (auto) or 1, "
               "train.coupling=independent")
         check(cfg.sample.sampler == "consistency", "a consistency-trained model's x0_hat is the end of its ODE "
               "path, not a posterior mean: set sample.sampler=consistency")
         super().check(cfg)
 
     def objective(self, run, others=None) -> Objective:
-        return Consistency(teacher=None, student=lambda net: run.denoiser_for(model=net),
+        return Consistency(teacher=None, student=lambda net, y: run.denoiser_for(y, model=net),
                            grid=run.schedule.respace(CONSISTENCY_GRID).timesteps_t)
 
     def warnings(self, cfg: ExperimentConfig) -> list[str]:
@@ -95,7 +99,8 @@ class ConsistencyDistillation(Student):
     """The student starts as a copy of the teacher and learns to give the same x0_hat at neighbouring points of
     one path of the teacher's ODE (one DDIM step apart on a CONSISTENCY_GRID-step grid), down to t = 0, where a
     v or eps network's x0_hat is x_t itself: the boundary condition holds by the parameterization. It samples by
-    multistep consistency sampling in `steps` evaluations."""
+    multistep consistency sampling in `steps` evaluations. Of a model of pieces (model.components), each row
+    keeps its piece and teacher and student are conditioned on it, as the teacher was trained."""
 
     in_memory_teacher = True
 
@@ -119,8 +124,8 @@ class ConsistencyDistillation(Student):
               f"'{teacher.path}' is already a consistency student; distill the run it came from")
         student.model.load_state_dict(teacher.model.state_dict())
         frozen = copy.deepcopy(student.model).eval().requires_grad_(False)
-        objective = Consistency(teacher=teacher.denoiser_for(model=frozen),
-                                student=lambda net: student.denoiser_for(model=net),
+        objective = Consistency(teacher=lambda y: teacher.denoiser_for(y, model=frozen),
+                                student=lambda net, y: student.denoiser_for(y, model=net),
                                 grid=student.schedule.respace(CONSISTENCY_GRID).timesteps_t)
         log(f"consistency distillation on the teacher's {CONSISTENCY_GRID}-step DDIM grid, "
             f"{student.config.train.steps} steps")

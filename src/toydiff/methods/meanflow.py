@@ -76,15 +76,17 @@ class MeanFlowMethod(Method):
 
     samplers = ("meanflow",)
     intervals = True
+    takes_pieces = False
 
     def check(self, cfg: ExperimentConfig) -> None:
         check(cfg.schedule.process == "flow" and cfg.model.prediction == "v" and cfg.model.arch == "mlp",
               "train.objective = meanflow learns the flow's mean velocity: set schedule.process=flow, "
               "model.prediction=v, model.arch=mlp")
-        check(not cfg.model.conditional and cfg.model.components == 1 and cfg.train.coupling != "reflow"
+        check(not cfg.model.conditional and not cfg.model.pieces_asked and cfg.train.coupling != "reflow"
               and cfg.train.autocast == "none",
               "train.objective = meanflow trains an unconditional model on fresh noise in float32: set "
-              "model.conditional=false, model.components=1, train.coupling=independent (or ot), train.autocast=none")
+              "model.conditional=false, model.components=0 (auto) or 1, train.coupling=independent (or ot), "
+              "train.autocast=none")
         super().check(cfg)
 
     def foreign_sampler(self, sampler: str) -> str:

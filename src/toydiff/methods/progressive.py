@@ -96,7 +96,7 @@ class ProgressiveDistillation(Student):
     """Rounds of halving in memory, the last one in the run directory (see the module)."""
 
     in_memory_teacher = True
-    takes_pieces = True
+    takes_critic = True
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:
         super().check(cfg, steps)
@@ -118,6 +118,20 @@ class ProgressiveDistillation(Student):
                                       checkpoint_every=min(teacher.train.checkpoint_every, per_round)),
             sample=dataclasses.replace(teacher.sample, sampler="ddim", steps=steps, spacing="trailing", eta=0.0),
             distill=DistillConfig())
+
+    def chain(self, student, steps: int):
+        """The student's sampler, `steps` deterministic DDIM steps on the trailing grid, with gradients."""
+        schedule = student.schedule
+        grid = schedule.respace(steps).timesteps_t
+
+        def run(network: nn.Module, x: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+            denoise = student.denoiser_for(labels, model=network)
+            for k in range(steps, 0, -1):
+                t, s = (grid[i].to(x.device).expand(x.shape[0]) for i in (k, k - 1))
+                x = ddim_step(x, denoise(x, t), schedule.gather(schedule.alpha_bar, t, x),
+                              schedule.gather(schedule.alpha_bar, s, x))
+            return x
+        return run
 
     def lesson(self, teacher, student, steps: int, pairs: int, progress: bool, log: Log,
                on_round: Optional[Callable[[int, nn.Module], None]] = None) -> Lesson:

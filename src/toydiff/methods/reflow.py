@@ -28,8 +28,6 @@ class Reflow(Student):
     """A flow-matching student of the teacher's ODE pairs (see the module); of a model of pieces, each pair
     keeps the piece its sample was drawn in, and the student is conditioned on it as the teacher was."""
 
-    takes_pieces = True
-
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         """The teacher's configuration made a reflow student: the flow process on the teacher's pairs (settings
         only the ddpm process has are reset), sampled with `steps` Euler steps on the uniform grid."""
