@@ -149,21 +149,26 @@ def test_a_damaged_record_of_pieces_is_one_line_on_load(tmp_path, damage):
 
 
 @pytest.mark.slow
-def test_a_progressive_student_of_a_model_of_pieces_matches_its_teacher_piece_by_piece(tmp_path, monkeypatch):
-    """One round (the first grid set to 8 steps): on a fixed noise batch and fixed pieces, the student's 4 DDIM
-    steps land nearer the teacher's 8 than the teacher's own 4 do, as an unconditional student's do; the student
-    records and draws its teacher's pieces."""
+@pytest.mark.parametrize("condition", [[], ["--set", "model.conditional=true"]], ids=["pieces", "classes"])
+def test_a_progressive_student_of_a_conditioned_teacher_matches_it_piece_by_piece(tmp_path, monkeypatch, condition):
+    """One round (the first grid set to 8 steps): on a fixed noise batch and fixed pieces (or classes: the
+    moons' two, model.conditional), the student's 4 DDIM steps land nearer the teacher's 8 than the teacher's own
+    4 do, as an unconditional student's do; the student records and draws its teacher's pieces (or classes)."""
     from toydiff.methods import progressive
 
     monkeypatch.setattr(progressive, "PROGRESSIVE_START", 8)
     teacher = tmp_path / "t"
-    assert main(["train", "--quiet", "--out", str(teacher), "--set",
-                 "train.steps=400", "--set", "train.batch_size=256"]) == 0
+    assert main(["train", "--quiet", "--out", str(teacher), "--set", "train.steps=400", "--set",
+                 "train.batch_size=256", *condition]) == 0
     out = tmp_path / "s"
     assert main(["distill", str(teacher), "--out", str(out), "--method", "progressive", "--steps", "4",
                  "--train-steps", "1500", "--quiet", "--no-eval"]) == 0
     t, s = Run.load(teacher), Run.load(out)
-    assert s.pieces.count == t.pieces.count == 2 and s.pieces.shares == t.pieces.shares
+    if condition:
+        assert t.pieces is None and s.pieces is None and s.classes == t.classes == 2
+        assert np.array_equal(s.labels, t.labels) and s.class_names == t.class_names
+    else:
+        assert s.pieces.count == t.pieces.count == 2 and s.pieces.shares == t.pieces.shares
     assert s.model.classes == 2
     z = torch.randn(2000, 2, generator=torch.Generator().manual_seed(3))
     pieces = torch.arange(2000) % 2
@@ -177,6 +182,8 @@ def test_a_progressive_student_of_a_model_of_pieces_matches_its_teacher_piece_by
     # the two pieces' endpoints differ: the student was taught each piece, not their average
     assert float((teacher_8[pieces == 0].mean(0) - teacher_8[pieces == 1].mean(0)).norm()) > 0.5
     assert float((student_4[pieces == 0].mean(0) - teacher_8[pieces == 0].mean(0)).norm()) < 0.1
+    drawn = s.draw(400, seed=2)
+    assert (drawn.labels is not None) == bool(condition) and (drawn.pieces is not None) != bool(condition)
 
 
 def test_a_draw_starts_from_the_noise_initial_noise_replays_whatever_its_batches(tmp_path):
@@ -186,22 +193,29 @@ def test_a_draw_starts_from_the_noise_initial_noise_replays_whatever_its_batches
     assert drawn.labels is None and sorted(set(drawn.pieces)) == [0, 1]  # pieces, not classes
 
 
-def test_a_reflow_student_of_a_model_of_pieces_learns_each_pair_in_its_piece(tmp_path):
-    """The student's rows are the teacher's ODE samples, each with the x_T it started from and the piece it was
-    drawn in: the teacher's own sampler, run from that x_T in that piece, lands on the row."""
+@pytest.mark.parametrize("condition", [[], ["model.components=0", "model.conditional=true", "sample.guidance=2.0"]],
+                         ids=["pieces", "classes"])
+def test_a_reflow_student_of_a_conditioned_teacher_learns_each_pair_in_its_piece(tmp_path, condition):
+    """The student's rows are the teacher's ODE samples, each with the x_T it started from and the piece (or
+    class, at the teacher's guidance) it was drawn in: the teacher's own sampler, run from that x_T in that piece,
+    lands on the row. A class-conditional student samples at guidance 1: its map is the guided one."""
     from toydiff.methods.reflow import TEACHER_SAMPLER
 
-    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL), tmp_path / "t")
+    teacher = train_run(C.with_overrides(C.ExperimentConfig(), SMALL + condition), tmp_path / "t")
     assert main(["distill", str(teacher.path), "--out", str(tmp_path / "s"), "--method", "reflow", "--pairs", "300",
                  "--train-steps", "20", "--quiet", "--no-eval"]) == 0
     s = Run.load(tmp_path / "s")
     z = torch.as_tensor(np.load(tmp_path / "s" / "train_noise.npy"))
-    pieces = torch.as_tensor(s.pieces.labels)
-    assert s.pieces.shares == pytest.approx(teacher.pieces.shares, abs=1e-6)  # drawn by its teacher's shares
+    pieces = torch.as_tensor(s.row_labels)
+    if condition:
+        assert s.pieces is None and s.classes == 2 and s.config.sample.guidance == 1.0
+    else:
+        assert s.pieces.shares == pytest.approx(teacher.pieces.shares, abs=1e-6)  # drawn by its teacher's shares
     assert s.model.classes == 2 and len(pieces) == 300
     assert 0.3 < float(pieces.float().mean()) < 0.7  # both pieces, about as often as the teacher's shares
     plan = teacher.plan(teacher.settings(**TEACHER_SAMPLER))
-    landed = teacher.scaler.inverse(plan.run(teacher.denoiser_for(pieces), z.clone(), noise=None).double().numpy())
+    denoise = teacher.denoiser_for(pieces, guidance=teacher.config.sample.guidance)
+    landed = teacher.scaler.inverse(plan.run(denoise, z.clone(), noise=None).double().numpy())
     assert np.allclose(landed, s.data, atol=1e-4)
     assert s.sample(40, seed=1).shape == (40, 2)
 

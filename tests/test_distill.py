@@ -262,11 +262,6 @@ def test_bad_distill_input_is_a_one_line_error_and_writes_nothing(teacher, tmp_p
 def test_what_cannot_be_distilled_is_refused(tmp_path, capsys):
     assert main(["distill", str(tmp_path / "nope"), "--out", str(tmp_path / "s")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    cond = tmp_path / "cond"
-    assert main(["train", "--quiet", "--out", str(cond), "--set", "model.conditional=true", "--set", "train.steps=2",
-                 "--set", "schedule.T=4"]) == 0
-    assert main(["distill", str(cond), "--out", str(tmp_path / "s")]) == 2
-    assert "class-conditional run is not supported yet" in capsys.readouterr().err
     for prediction, method, message in (("eps", "progressive", "predicts x0 or v"),
                                         ("x0", "consistency", "predicts v or eps")):
         run = tmp_path / prediction

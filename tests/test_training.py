@@ -168,3 +168,40 @@ def test_auto_threads_is_one_thread_on_the_cpu():
         assert set_threads(2, torch.device("cpu")) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_log_normal_noise_levels_follow_edm_s_law_on_the_discrete_schedule():
+    """Karras et al. (2022): ln sigma ~ N(-1.2, 1.2^2). An independent Monte Carlo oracle: 400,000 draws of
+    ln sigma from numpy, each rounded to the step whose ln sigma_t = ln sqrt((1 - abar_t) / abar_t) is nearest;
+    the sampler's p_t match those frequencies, and its own draws match p_t (chi-square). Every weight is 1, and
+    the run's method builds it from its schedule (train.timestep_sampling = log-normal); flow refuses it."""
+    from scipy import stats
+
+    from toydiff.core import config as C
+    from toydiff.core.errors import ToydiffError
+    from toydiff.diffusion.losses import LogNormalTimesteps
+    from toydiff.methods import of
+
+    schedule = NoiseSchedule.from_config(ScheduleConfig(T=200))
+    sampler = LogNormalTimesteps(200, schedule.alpha_bar)
+    ab = schedule.alpha_bar.double().numpy()[1:]
+    log_sigma = 0.5 * np.log((1 - ab) / ab)
+    draws = np.random.default_rng(0).normal(-1.2, 1.2, size=400_000)
+    nearest = np.concatenate([np.abs(chunk[:, None] - log_sigma[None]).argmin(1)  # brute force, step by step
+                              for chunk in np.array_split(draws, 8)])
+    freq = np.bincount(nearest + 1, minlength=201) / len(draws)
+    p = sampler.p.double().numpy()
+    assert p[0] == 0 and p.sum() == pytest.approx(1.0, abs=1e-6)
+    assert np.abs(p - freq).max() < 2e-3, np.abs(p - freq).max()
+    t, w = sampler.sample(200_000, torch.Generator().manual_seed(1), torch.device("cpu"))
+    assert bool((w == 1).all()) and int(t.min()) >= 1 and int(t.max()) <= 200
+    counts = np.bincount(t.numpy(), minlength=201)[1:]
+    groups = np.array_split(np.arange(200), 20)  # coarse bins so every expected count is large
+    observed = [counts[g].sum() for g in groups]
+    expected = [p[1:][g].sum() * 200_000 for g in groups]
+    assert stats.chisquare(observed, np.array(expected) * sum(observed) / sum(expected)).pvalue > 0.001
+    cfg = C.with_overrides(C.ExperimentConfig(), ["train.timestep_sampling=log-normal", "schedule.T=200"])
+    assert isinstance(of(cfg).timesteps(cfg), LogNormalTimesteps)
+    flow = C.with_overrides(cfg, ["schedule.process=flow"])
+    with pytest.raises(ToydiffError, match="log-normal needs the ddpm process's discrete t"):
+        of(flow).check(flow)

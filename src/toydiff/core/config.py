@@ -50,7 +50,7 @@ PREDICTIONS = ("eps", "x0", "v")  # toydiff.diffusion.parameterization.Predictio
 MODEL_VARIANCES = ("fixed", "learned")
 LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.diffusion.losses
-TIMESTEP_SAMPLINGS = ("uniform", "importance", "logit-normal")  # toydiff.diffusion.losses.TIMESTEP_SAMPLERS
+TIMESTEP_SAMPLINGS = ("uniform", "importance", "log-normal", "logit-normal")  # toydiff.diffusion.losses.TIMESTEP_SAMPLERS
 AUTOCASTS = ("none", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # toydiff.training.graphs: capture on CUDA where it can | insist | never
 SIZINGS = ("auto", "on", "off")  # toydiff.jobs.validation.size: a file's width and weight decay chosen by probes
@@ -243,6 +243,7 @@ class TrainConfig(_Section):
     loss_weighting: str = "uniform"  # uniform (L_simple) | min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
     timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
+    #                                     | log-normal (ddpm: EDM's ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022)
     #                                     | logit-normal (flow: t = sigmoid(N(0, 1)), Esser et al. 2024)
     coupling: str = "independent"  # flow: independent | ot (each batch's data and noise paired by exact
     #                                optimal transport, Tong et al. 2024; POT's exact solver) | reflow (each

@@ -132,6 +132,30 @@ class UniformTimes(UniformTimesteps):
         return torch.rand(n, generator=generator, device=device), torch.ones(n, device=device)
 
 
+@TIMESTEP_SAMPLERS.register("log-normal")
+class LogNormalTimesteps(UniformTimesteps):
+    """EDM's noise levels (Karras et al. 2022, Table 1: ln sigma ~ N(P_MEAN, P_STD^2)) on the discrete VP
+    schedule: t is drawn with the probability that ln sigma falls nearer ln sigma_t than any other step's, sigma_t
+    = sqrt((1 - abar_t) / abar_t) the VP step's noise-to-signal ratio (the VE sigma of the same x_t / sqrt(abar)).
+    Every weight is 1: like EDM, it changes which noise levels the loss sees, on purpose (it is not an
+    importance sampler of the uniform objective). alpha_bar: (T + 1,), abar_0 = 1."""
+
+    P_MEAN, P_STD = -1.2, 1.2  # Karras et al. (2022), for data of standard deviation 0.5 (the zoo in [-1, 1])
+
+    def __init__(self, T: int, alpha_bar: torch.Tensor):
+        super().__init__(T)
+        ab = alpha_bar.double().cpu()[1:]
+        log_sigma = 0.5 * torch.log((1 - ab) / ab)  # increasing in t
+        edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
+                           torch.tensor([math.inf], dtype=torch.float64)])
+        cdf = torch.special.ndtr((edges - self.P_MEAN) / self.P_STD)
+        self.p = torch.cat([torch.zeros(1, dtype=torch.float64), cdf[1:] - cdf[:-1]]).float()  # p_0 = 0
+
+    def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
+        t = torch.multinomial(self.p, n, replacement=True, generator=generator)
+        return t.to(device), torch.ones(n, device=device)
+
+
 @TIMESTEP_SAMPLERS.register("logit-normal")
 class LogitNormalTimes(UniformTimesteps):
     """Flow matching's continuous t = sigmoid(u), u ~ N(0, 1) (Esser et al. 2024): more of the batch at middle

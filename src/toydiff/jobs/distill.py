@@ -23,7 +23,7 @@ from .. import methods
 from ..core.config import DISTILL_METHODS, DistillConfig, ExperimentConfig, choose
 from ..core.errors import ToydiffError
 from ..core.runtime import resolve_device
-from ..methods.adversarial import CRITIC, R1_GAMMA, Adversarial, make_critic
+from ..methods.adversarial import CRITIC, EXPERIMENTAL, R1_GAMMA, Adversarial, make_critic
 from ..runs.run import Run
 from .workflow import start_training, validate
 
@@ -59,18 +59,24 @@ def distill_run(teacher: str | Path, out: str | Path, *, method: str = "reflow",
     cfg = recipe.config(t.config, steps, train_steps)
     validate(cfg)
     dev = resolve_device(device)
-    schedule, model = methods.of(cfg).build(cfg, t.frame_dim, dev, 0 if t.pieces is None else t.pieces.count)
-    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, None, t.names, t.holdout,
-                  components=t.components)  # a model of pieces: its student draws the teacher's pieces
+    schedule, model = methods.of(cfg).build(cfg, t.frame_dim, dev, t.classes or (0 if t.pieces is None
+                                                                                  else t.pieces.count))
+    # a class-conditional teacher's student is conditioned on the same classes; a model of pieces' student draws
+    # the teacher's pieces
+    student = Run(Path(out), cfg, t.scaler, schedule, model, t.data, dev, t.labels, t.names, t.holdout,
+                  t.class_names, t.holdout_labels, t.label_column, t.label_index, components=t.components)
     lesson = recipe.lesson(t, student, steps, pairs, progress, log, on_round)
     if lesson.data is not None:
         student.data = lesson.data
     if lesson.pieces is not None:  # its own rows' pieces; the shares it draws them by stay the teacher's
         student.components = dataclasses.replace(t.components, labels=lesson.pieces)
+    if lesson.labels is not None:  # its own rows' classes
+        student.labels = lesson.labels
     if critic:
         net = make_critic(cfg, t.frame_dim, dev)
         log(f"a critic beside the {method} loss (weight {critic:g}, R1 {R1_GAMMA:g}) judges the student's "
             f"{steps}-step samples against the training rows")
+        log(f"warning: a critic is experimental here: {EXPERIMENTAL}")
         lesson = dataclasses.replace(lesson, record={**lesson.record, "critic": critic}, others={CRITIC: net},
                                      objective=Adversarial(lesson.objective, net, recipe.chain(student, steps), critic))
     return start_training(student, out, progress=progress, log=log, extra=lesson.record, noise=lesson.noise,

@@ -54,7 +54,8 @@ def run_experiment(cfg: Optional[ExperimentConfig], out: str | Path, *, resume: 
     if resume:
         run = resume_run(out, device=device, progress=progress, log=log, world=world)
     elif cfg.distill.method != "none":
-        check_distill(cfg, cfg.distill.method, cfg.distill.steps, cfg.distill.critic)  # before the teacher trains (it validates the rest)
+        # before the teacher trains (it validates the rest)
+        check_distill(cfg, cfg.distill.method, cfg.distill.steps, cfg.distill.critic)
         run = train_run(cfg, teacher_path(out), progress=progress, log=log, world=world, evaluate=evaluate,
                         extra={"student": str(Path(out).resolve())})
     else:

@@ -233,8 +233,7 @@ def row_losses(run: Run, net: torch.nn.Module, objective: Objective, x: torch.Te
 
 def _labels(run: Run) -> torch.Tensor:
     """The class (or piece) of each training row, as the network is conditioned on it."""
-    y = run.labels if run.pieces is None else run.pieces.labels
-    return torch.as_tensor(y, dtype=torch.long, device=run.device)
+    return torch.as_tensor(run.row_labels, dtype=torch.long, device=run.device)
 
 
 def _with_recipe(run: Run, w: int, decay: float, *more: str) -> Run:

@@ -176,8 +176,6 @@ class Student:
 
     def check(self, cfg: ExperimentConfig, steps: int) -> None:
         """Refuse, before anything is trained, a teacher configuration this recipe cannot distill to `steps`."""
-        check(not cfg.model.conditional, "distilling a class-conditional run is not supported yet (its pairs would "
-              "need a label each); distill an unconditional run")
 
     def config(self, teacher: ExperimentConfig, steps: int, train_steps: Optional[int]) -> ExperimentConfig:
         raise NotImplementedError
@@ -203,6 +201,7 @@ class Lesson:
     data: Optional[np.ndarray] = None  # its training rows (data units), when they are not the teacher's
     noise: Optional[np.ndarray] = None  # each row's own noise (reflow's pairs: train_noise.npy)
     pieces: Optional[np.ndarray] = None  # each of those rows' piece, for a student of a model of pieces
+    labels: Optional[np.ndarray] = None  # each of those rows' class, for a student of a class-conditional run
     others: dict = field(default_factory=dict)  # networks it trains beside the student (a critic), by name
 
 

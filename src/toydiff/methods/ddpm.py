@@ -17,16 +17,24 @@ import torch
 from torch import nn
 
 from ..core.config import WEIGHTINGS, ExperimentConfig, choose
+from ..core.errors import ToydiffError
 from ..core.runtime import World
-from ..diffusion.losses import TIMESTEP_SAMPLERS, ImportanceTimesteps, Objective, UniformTimesteps, vlb_term
+from ..diffusion.losses import (TIMESTEP_SAMPLERS, ImportanceTimesteps, LogNormalTimesteps, Objective,
+                                UniformTimesteps, vlb_term)
 from ..diffusion.parameterization import Denoiser, Prediction, min_snr_weight, to_x0, training_target
 from ..diffusion.schedules import NoiseSchedule
 from .base import Method, check, method
 
 
-def ddpm_timesteps(kind: str, T: int, device: torch.device | str = "cpu") -> UniformTimesteps:
-    """The discrete t sampler of train.timestep_sampling for T steps (uniform or importance)."""
+def ddpm_timesteps(kind: str, T: int, device: torch.device | str = "cpu",
+                   alpha_bar: Optional[torch.Tensor] = None) -> UniformTimesteps:
+    """The discrete t sampler of train.timestep_sampling for T steps (uniform, importance, or log-normal on the
+    schedule's alpha_bar)."""
     cls = TIMESTEP_SAMPLERS.get(kind)
+    if cls is LogNormalTimesteps:
+        if alpha_bar is None:
+            raise ToydiffError("train.timestep_sampling = log-normal needs the schedule's alpha_bar")
+        return cls(T, alpha_bar)
     return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
 
 
@@ -116,7 +124,8 @@ class VPDiffusionMethod(Method):
                         labels=labels, guidance=guidance)
 
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
-        return ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T, device)
+        alpha_bar = self.schedule(cfg).alpha_bar if cfg.train.timestep_sampling == "log-normal" else None
+        return ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T, device, alpha_bar)
 
     def objective(self, run, others=None) -> Objective:
         return Denoising.from_config(run.config)

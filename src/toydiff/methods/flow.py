@@ -105,8 +105,9 @@ class FlowMatchingMethod(Method):
               "the flow path has none (set schedule.zero_terminal_snr=false)")
         check(cfg.model.variance != "learned", "model.variance = learned belongs to the ddpm process (its reverse "
               "steps' variances); flow matching's sampler is an ODE: set model.variance=fixed")
-        check(cfg.train.timestep_sampling != "importance", "train.timestep_sampling = importance needs the ddpm "
-              "process's discrete t; with schedule.process=flow choose uniform or logit-normal")
+        check(cfg.train.timestep_sampling not in ("importance", "log-normal"), f"train.timestep_sampling = "
+              f"{cfg.train.timestep_sampling} needs the ddpm process's discrete t; with schedule.process=flow choose "
+              "uniform or logit-normal")
         check(cfg.train.loss_weighting == "uniform", "train.loss_weighting = min-snr weighs the ddpm process's SNR; "
               "flow matching trains with uniform weights (train.loss_weighting=uniform)")
 

@@ -140,7 +140,7 @@ class ProgressiveDistillation(Student):
         cfg, schedule, model, dev = student.config, student.schedule, student.model, student.device
         model.load_state_dict(teacher.model.state_dict())
         x0 = torch.as_tensor(teacher.scaler.transform(teacher.data), dtype=torch.float32, device=dev)
-        y = None if teacher.pieces is None else torch.as_tensor(teacher.pieces.labels, device=dev)
+        y = None if teacher.row_labels is None else torch.as_tensor(teacher.row_labels, device=dev)
 
         def round_objective(n: int) -> Progressive:
             frozen = copy.deepcopy(model).eval().requires_grad_(False)

@@ -92,6 +92,11 @@ class Run:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
     @property
+    def row_labels(self) -> Optional[np.ndarray]:
+        """The class (or piece) of each training row, as the network is conditioned on it; None: unconditional."""
+        return self.pieces.labels if self.pieces is not None else self.labels
+
+    @property
     def pieces(self) -> Optional[Components]:
         """The support's pieces the model draws first (model.components found two or more), or None."""
         return self.components if self.components is not None and self.components.count > 1 else None
