@@ -145,6 +145,8 @@ def test_every_sampler_drives_a_flow_model_unchanged(sampler):
     (["train.timestep_sampling=importance"], "train.timestep_sampling = importance needs the ddpm process"),
     (["train.loss_weighting=min-snr"], "flow matching trains with uniform weights"),
     (["schedule.zero_terminal_snr=true"], "schedule.zero_terminal_snr rescales the ddpm process's betas"),
+    (["model.prediction=edm"], "model.prediction = edm is EDM's preconditioning of the ddpm process"),
+    (["train.timestep_sampling=log-normal"], "train.timestep_sampling = log-normal needs the ddpm process"),
 ])
 def test_settings_that_belong_to_ddpm_are_refused_for_the_flow_process(overrides, message):
     """The flow method's rules (toydiff.methods.flow), asked by validate before anything runs."""

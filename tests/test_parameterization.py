@@ -36,7 +36,7 @@ def test_eps_at_zero_alpha_bar_gives_the_mean_not_nan():
 
 
 def test_unknown_prediction_lists_the_choices():
-    with pytest.raises(ToydiffError, match="unknown prediction 'score'; choose one of: eps, x0, v"):
+    with pytest.raises(ToydiffError, match="unknown prediction 'score'; choose one of: eps, x0, v, edm"):
         Prediction.parse("score")
 
 
@@ -50,7 +50,7 @@ def test_min_snr_weights_are_hang_et_al():
     assert min_snr_weight(Prediction.EPS, torch.tensor([0.0]), 5.0).item() == 1.0
 
 
-@pytest.mark.parametrize("kind", list(Prediction))
+@pytest.mark.parametrize("kind", [k for k in Prediction if k != Prediction.EDM])  # EDM: its own test below
 def test_min_snr_loss_is_the_weighted_mse_by_hand(kind):
     from toydiff.core.config import ScheduleConfig
     from toydiff.diffusion.schedules import NoiseSchedule
@@ -75,3 +75,51 @@ def test_min_snr_loss_is_the_weighted_mse_by_hand(kind):
          Prediction.V: snr.clamp(max=5) / (snr + 1)}[kind]
     assert torch.allclose(uniform, err.mean(), rtol=1e-5)
     assert torch.allclose(weighted, (w * err).mean(), rtol=1e-4)
+
+
+def test_edm_preconditioning_is_karras_et_al_table_1_and_its_loss_their_weighted_one():
+    """Written in EDM's own VE frame (x = x0 + sigma n, sigma^2 = (1 - abar) / abar, sigma_data s = 0.5):
+    D(x; sigma) = c_skip x + c_out F(c_in x, .) with c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s /
+    sqrt(sigma^2 + s^2), c_in = 1 / sqrt(sigma^2 + s^2), and the loss lambda(sigma) |D - x0|^2 with lambda =
+    (sigma^2 + s^2) / (sigma s)^2 (their eq. 2 and Table 1). toydiff's VP-frame denoiser and its training loss on the
+    same draws equal them; and with s = 1 the preconditioning is v prediction, F = -v."""
+    from toydiff.core.config import ScheduleConfig
+    from toydiff.diffusion import parameterization as P
+    from toydiff.diffusion.losses import diffusion_loss
+    from toydiff.diffusion.schedules import NoiseSchedule
+    from toydiff.methods.ddpm import Denoising
+
+    sched = NoiseSchedule.from_config(ScheduleConfig(T=50))
+    net = torch.nn.Linear(2, 2).double()
+    F = lambda x, t: torch.tanh(net(x)) + t[:, None].double() / 50  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    x0, n = torch.randn(64, 2, generator=g, dtype=torch.float64), torch.randn(64, 2, generator=g, dtype=torch.float64)
+    t = torch.randint(1, 51, (64,), generator=g)
+    ab = torch.as_tensor(sched.alpha_bar64)[t][:, None]
+    sigma, s = ((1 - ab) / ab).sqrt(), 0.5
+    x_ve = x0 + sigma * n
+    c_skip, c_out, c_in = s**2 / (sigma**2 + s**2), sigma * s / (sigma**2 + s**2).sqrt(), 1 / (sigma**2 + s**2).sqrt()
+    D = c_skip * x_ve + c_out * F(c_in * x_ve, t)
+    x_t = ab.sqrt() * x_ve  # the same point in the VP frame
+    ours = P.Denoiser(F, sched, "edm")(x_t, t)
+    assert torch.allclose(ours, D, atol=1e-6)
+    # the loss, on the loss's own draws (t, then the noise), in float32 as training runs
+    net32 = net.float()
+    F32 = lambda x, t: torch.tanh(net32(x)) + t[:, None].float() / 50  # noqa: E731
+    x0 = x0.float()
+    loss = diffusion_loss(F32, sched, x0, Denoising("edm"), torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    t = torch.randint(1, 51, (64,), generator=g)
+    n = torch.randn(64, 2, generator=g)
+    ab = torch.tensor(sched.alpha_bar64, dtype=torch.float32)[t][:, None]
+    sigma = ((1 - ab) / ab).sqrt()
+    x_ve = x0 + sigma * n
+    D = s**2 / (sigma**2 + s**2) * x_ve + sigma * s / (sigma**2 + s**2).sqrt() * F32(x_ve / (sigma**2 + s**2).sqrt(), t)
+    lam = (sigma**2 + s**2) / (sigma * s) ** 2
+    assert float(loss.detach()) == pytest.approx(float((lam * (D - x0) ** 2).mean().detach()), rel=1e-4)
+    x_t, v = torch.randn(8, 2, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ab = torch.full((8, 1), 0.3, dtype=torch.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(P, "EDM_SIGMA_DATA", 1.0)
+        assert torch.allclose(P.to_x0(Prediction.EDM, -v, x_t, ab), P.to_x0(Prediction.V, v, x_t, ab), atol=1e-12)
+        assert torch.allclose(P.network_input(Prediction.EDM, x_t, ab), x_t, atol=1e-12)

@@ -46,7 +46,7 @@ COUPLINGS = ("independent", "ot", "reflow")  # toydiff.diffusion.losses (flow ma
 DISTILL_METHODS = ("reflow", "progressive", "consistency")  # toydiff.methods.STUDENTS (toydiff distill)
 RUN_DISTILL = ("none",) + DISTILL_METHODS  # distill.method: what `toydiff run` makes of the run it trained
 ARCHS = ("guide", "mlp")  # toydiff.diffusion.models.MODELS
-PREDICTIONS = ("eps", "x0", "v")  # toydiff.diffusion.parameterization.Prediction
+PREDICTIONS = ("eps", "x0", "v", "edm")  # toydiff.diffusion.parameterization.Prediction
 MODEL_VARIANCES = ("fixed", "learned")
 LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.diffusion.losses
@@ -190,6 +190,7 @@ class ModelConfig(_Section):
     SECTION: ClassVar[str] = "model"
     arch: str = "mlp"  # denoiser network: mlp (residual MLP, any dimension) | guide (the guide's NoisePredictor)
     prediction: str = "v"  # what the network predicts: eps | x0 | v (v: well-conditioned where alpha_bar_t -> 0)
+    #                        | edm (Karras et al. 2022's preconditioning, sigma_data 0.5; the ddpm process)
     width: int = 0  # mlp: hidden units per layer; 0 = auto: 64 for the zoo, more for a wide table (models.width)
     depth: int = 2  # mlp: residual blocks
     time_dim: int = 32  # mlp: size of the sinusoidal time embedding

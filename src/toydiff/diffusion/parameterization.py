@@ -9,6 +9,13 @@ near 0, so x0_hat = 0 is used.
 `Denoiser` wraps a network and a schedule into the one interface every sampler calls:
 denoise(x_t, t) -> x0_hat, whatever the network predicts.
 
+EDM's preconditioning (Karras et al. 2022, Table 1) is the prediction "edm": the network F sees c_in x and
+x0_hat = c_skip x + c_out F, with c_skip = s^2 / (sigma^2 + s^2), c_out = sigma s / sqrt(sigma^2 + s^2) and
+c_in = 1 / sqrt(sigma^2 + s^2) in their VE frame (x_VE = x_t / sqrt(abar), sigma^2 = (1 - abar) / abar,
+s = EDM_SIGMA_DATA). Written in the VP frame with d = 1 - abar + abar s^2 (the variance of x_t for data of
+variance s^2): the network sees x_t / sqrt(d), and x0_hat = (s^2 sqrt(abar) / d) x_t + s sqrt((1 - abar) / d) F.
+The MSE on F is EDM's loss with its weight lambda(sigma) = 1 / c_out^2; at s = 1 it is v prediction, F = -v.
+
 Flow matching's straight path x_s = (1 - s) x0 + s eps (continuous s in [0, 1]) has its own
 conversions (flow_target, flow_to_x0): there v is the path's velocity dx_s/ds = eps - x0 (Lipman
 et al. 2023; Liu et al. 2023), the flow's counterpart of the VP v above (itself the velocity of the
@@ -28,11 +35,14 @@ from .schedules import NoiseSchedule, flow_scale, flow_time
 
 
 Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # denoise(x_t, t) -> x0_hat: what samplers call
+EDM_SIGMA_DATA = 0.5  # s: the data's standard deviation EDM's preconditioning assumes (Karras et al. 2022; the
+#                       zoo's min-max frame [-1, 1] is about that)
 
 class Prediction(str, Enum):
     EPS = "eps"  # the noise (Ho et al. 2020)
     X0 = "x0"  # the clean data
     V = "v"  # the velocity sqrt(abar) eps - sqrt(1 - abar) x0 (Salimans and Ho 2022)
+    EDM = "edm"  # the preconditioned F of Karras et al. (2022): x0_hat = c_skip x_t + c_out F(c_in x_t)
 
     @classmethod
     def parse(cls, name: "Prediction | str") -> "Prediction":
@@ -43,8 +53,23 @@ class Prediction(str, Enum):
             raise unknown("prediction", name, [p.value for p in cls]) from None
 
 
+def edm_scalings(alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDM's (c_skip, c_out, c_in) in the VP frame, each multiplying x_t or F directly (see the module)."""
+    s2 = EDM_SIGMA_DATA ** 2
+    d = 1 - alpha_bar + alpha_bar * s2
+    return s2 * alpha_bar.sqrt() / d, EDM_SIGMA_DATA * ((1 - alpha_bar) / d).sqrt(), d.rsqrt()
+
+
+def network_input(kind: Prediction, x_t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """What the network is given of x_t: x_t itself, or EDM's c_in x_t."""
+    return x_t * edm_scalings(alpha_bar)[2] if kind == Prediction.EDM else x_t
+
+
 def training_target(kind: Prediction, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """What the network should output for x_t made from (x0, eps); alpha_bar broadcasts against x0."""
+    if kind == Prediction.EDM:
+        c_skip, c_out, _ = edm_scalings(alpha_bar)
+        return (x0 - c_skip * (alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps)) / c_out
     if kind == Prediction.EPS:
         return eps
     if kind == Prediction.X0:
@@ -64,6 +89,8 @@ def min_snr_weight(kind: Prediction, snr: torch.Tensor, gamma: float) -> torch.T
         return torch.where(snr > 0, clipped_snr / snr.clamp_min(1e-30), torch.ones_like(snr))
     if kind == Prediction.V:
         return clipped_snr / (snr + 1)
+    if kind == Prediction.EDM:  # c_out^2 = s^2 / (1 + SNR s^2)
+        return clipped_snr * EDM_SIGMA_DATA ** 2 / (1 + snr * EDM_SIGMA_DATA ** 2)
     raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
@@ -77,6 +104,9 @@ def to_x0(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: to
         return (x_t - (1 - alpha_bar).sqrt() * pred) * inv_sqrt
     if kind == Prediction.V:
         return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * pred
+    if kind == Prediction.EDM:
+        c_skip, c_out, _ = edm_scalings(alpha_bar)
+        return c_skip * x_t + c_out * pred
     raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
@@ -88,6 +118,8 @@ def to_eps(kind: Prediction, pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: t
         return (x_t - alpha_bar.sqrt() * pred) / (1 - alpha_bar).sqrt()
     if kind == Prediction.V:
         return (1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * pred
+    if kind == Prediction.EDM:
+        return (x_t - alpha_bar.sqrt() * to_x0(kind, pred, x_t, alpha_bar)) / (1 - alpha_bar).sqrt()
     raise unknown("prediction", kind, [p.value for p in Prediction])
 
 
@@ -166,20 +198,28 @@ class Denoiser:
             return pred, v
         return out, None
 
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(prediction, variance output or None, alpha_bar at t): the network asked at x_t as its kind wants it."""
+        alpha_bar = self.schedule.alpha_bar_at(t, x_t)
+        pred, v = self.output(network_input(self.prediction, x_t, alpha_bar), t)
+        return pred, v, alpha_bar
+
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return to_x0(self.prediction, self.output(x_t, t)[0], x_t, self.schedule.alpha_bar_at(t, x_t))
+        pred, _, alpha_bar = self.predict(x_t, t)
+        return to_x0(self.prediction, pred, x_t, alpha_bar)
 
     def with_variance(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, v): the prediction and the learned-variance output, for ddpm's variance = "learned"."""
         if not self.learned_variance:
             raise ToydiffError("this model did not learn its variances (model.variance = fixed); "
                                "sample with variance small or large")
-        pred, v = self.output(x_t, t)
-        return to_x0(self.prediction, pred, x_t, self.schedule.alpha_bar_at(t, x_t)), v
+        pred, v, alpha_bar = self.predict(x_t, t)
+        return to_x0(self.prediction, pred, x_t, alpha_bar), v
 
     def eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta(x_t, t): the predicted noise (the vector field of the guide's Fig. 4 is its negative)."""
-        return to_eps(self.prediction, self.output(x_t, t)[0], x_t, self.schedule.alpha_bar_at(t, x_t))
+        pred, _, alpha_bar = self.predict(x_t, t)
+        return to_eps(self.prediction, pred, x_t, alpha_bar)
 
 
 class FlowDenoiser(Denoiser):

@@ -21,7 +21,8 @@ from ..core.errors import ToydiffError
 from ..core.runtime import World
 from ..diffusion.losses import (TIMESTEP_SAMPLERS, ImportanceTimesteps, LogNormalTimesteps, Objective,
                                 UniformTimesteps, vlb_term)
-from ..diffusion.parameterization import Denoiser, Prediction, min_snr_weight, to_x0, training_target
+from ..diffusion.parameterization import (Denoiser, Prediction, min_snr_weight, network_input, to_x0,
+                                          training_target)
 from ..diffusion.schedules import NoiseSchedule
 from .base import Method, check, method
 
@@ -83,7 +84,8 @@ class Denoising(Objective):
         alpha_bar = schedule.gather(schedule.alpha_bar, t, x0)
         target = training_target(self.prediction, x0, eps, alpha_bar)
         with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=autocast, cache_enabled=False):
-            out = model(x_t, t) if labels is None else model(x_t, t, labels)
+            x_in = network_input(self.prediction, x_t, alpha_bar)  # x_t, or EDM's c_in x_t
+            out = model(x_in, t) if labels is None else model(x_in, t, labels)
         out = out.float()
         pred, v = out.chunk(2, dim=1) if self.learned_variance else (out, None)
         per_point = ((pred - target) ** 2).flatten(1).mean(1)

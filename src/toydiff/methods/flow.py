@@ -103,6 +103,8 @@ class FlowMatchingMethod(Method):
     def check_process(self, cfg: ExperimentConfig) -> None:
         check(not cfg.schedule.zero_terminal_snr, "schedule.zero_terminal_snr rescales the ddpm process's betas; "
               "the flow path has none (set schedule.zero_terminal_snr=false)")
+        check(cfg.model.prediction != "edm", "model.prediction = edm is EDM's preconditioning of the ddpm process; "
+              "flow matching predicts v (or x0, eps): set model.prediction=v")
         check(cfg.model.variance != "learned", "model.variance = learned belongs to the ddpm process (its reverse "
               "steps' variances); flow matching's sampler is an ODE: set model.variance=fixed")
         check(cfg.train.timestep_sampling not in ("importance", "log-normal"), f"train.timestep_sampling = "
