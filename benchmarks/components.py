@@ -4,7 +4,9 @@ Each cell trains one run with toydiff's defaults on a zoo dataset, with model.co
 default: one piece) or 0 (the pieces found in the training rows), and judges 5 draws of 5000 samples
 (sampling seeds 100..104), each like benchmarks/fewstep.py does: every metric against its floor at n = 5000,
 fresh iid data as the reference. A cell runs in its own process (`--cell`), so cells can share the machine;
-`--summarize` publishes the collected lines as a table.
+`--set KEY=VALUE` (repeated) adds settings to a cell's run, recorded in its rows (issue #29 compared
+train.timestep_sampling=uniform and log-normal with it; the rows measured before log-normal became the default
+carry train.timestep_sampling=uniform); `--summarize` publishes the collected lines as a table.
 
     for s in 0 1 2; do for c in 1 0; do python benchmarks/components.py --cell $c $s moons >> cells.jsonl; done; done
     python benchmarks/components.py --summarize cells.jsonl

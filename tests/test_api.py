@@ -53,7 +53,8 @@ def test_sections_from_dicts_and_keywords_are_checked_like_toml():
 def test_a_prediction_is_accepted_by_name_everywhere():
     from toydiff.diffusion.parameterization import Prediction, to_eps, to_x0, training_target
     from toydiff.diffusion.schedules import NoiseSchedule
-    from toydiff.methods.ddpm import Denoising, ddpm_timesteps
+    from toydiff import methods
+    from toydiff.methods.ddpm import Denoising
     from toydiff.training.loop import make_state, train
     x0, eps, ab = torch.randn(4, 2), torch.randn(4, 2), torch.full((4, 1), 0.3)
     for kind in Prediction:
@@ -68,7 +69,7 @@ def test_a_prediction_is_accepted_by_name_everywhere():
     net = lambda x, t: model(x)  # noqa: E731
     net.parameters = model.parameters
     net.train, net.eval = model.train, model.eval
-    state = make_state(model, cfg.train, ddpm_timesteps(cfg.train.timestep_sampling, schedule.T),
+    state = make_state(model, cfg.train, methods.of(cfg).timesteps(cfg),
                        torch.Generator().manual_seed(0))
     state.model = net
     rows = train(state, schedule, torch.randn(256, 2), cfg.train, Denoising("eps"))

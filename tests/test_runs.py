@@ -148,7 +148,8 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
     assert (run.path / "model_ema.safetensors").is_file()
     # replay: same init, same batches, a hand-written EMA
     import toydiff.training.loop as tr
-    from toydiff.methods.ddpm import Denoising, ddpm_timesteps
+    from toydiff import methods
+    from toydiff.methods.ddpm import Denoising
     from toydiff.core.runtime import derive_seed, torch_generator
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, "init"))
@@ -168,7 +169,7 @@ def test_ema_weights_are_the_warmed_up_moving_average(tiny_cfg, tmp_path):
         return out
     torch.optim.AdamW.step = step_and_average
     try:
-        state = tr.make_state(model, cfg.train, ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T),
+        state = tr.make_state(model, cfg.train, methods.of(cfg).timesteps(cfg),
                               torch_generator(cfg.seed, "train"))
         tr.train(state, run.schedule, x0, cfg.train, Denoising.from_config(cfg))
     finally:

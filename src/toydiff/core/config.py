@@ -51,6 +51,7 @@ MODEL_VARIANCES = ("fixed", "learned")
 LR_SCHEDULES = ("constant", "cosine")
 WEIGHTINGS = ("uniform", "min-snr")  # toydiff.diffusion.losses
 TIMESTEP_SAMPLINGS = ("uniform", "importance", "log-normal", "logit-normal")  # toydiff.diffusion.losses.TIMESTEP_SAMPLERS
+TRAIN_TIMESTEP_SAMPLINGS = ("auto",) + TIMESTEP_SAMPLINGS  # auto: the process's choice (Method.timestep_sampling)
 AUTOCASTS = ("none", "bf16")
 CUDA_GRAPH_MODES = ("auto", "on", "off")  # toydiff.training.graphs: capture on CUDA where it can | insist | never
 SIZINGS = ("auto", "on", "off")  # toydiff.jobs.validation.size: a file's width and weight decay chosen by probes
@@ -243,7 +244,9 @@ class TrainConfig(_Section):
     grad_clip: float = 1.0  # clip the global gradient norm here; 0 = off
     loss_weighting: str = "uniform"  # uniform (L_simple) | min-snr (Hang et al. 2023)
     min_snr_gamma: float = 5.0  # min-snr: the SNR at which the weight is capped
-    timestep_sampling: str = "uniform"  # uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
+    timestep_sampling: str = "auto"  # auto: log-normal for a built-in dataset on the ddpm process, else uniform
+    #                                  (toydiff.methods: Method.timestep_sampling; docs/default.md measures it)
+    #                                  | uniform | importance (p_t ~ sqrt(E[L_t^2]), Nichol and Dhariwal 2021)
     #                                     | log-normal (ddpm: EDM's ln sigma ~ N(-1.2, 1.2^2), Karras et al. 2022)
     #                                     | logit-normal (flow: t = sigmoid(N(0, 1)), Esser et al. 2024)
     coupling: str = "independent"  # flow: independent | ot (each batch's data and noise paired by exact
@@ -274,7 +277,7 @@ class TrainConfig(_Section):
     def _check(self):
         choose("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
         choose("train.loss_weighting", self.loss_weighting, WEIGHTINGS)
-        choose("train.timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLINGS)
+        choose("train.timestep_sampling", self.timestep_sampling, TRAIN_TIMESTEP_SAMPLINGS)
         choose("train.coupling", self.coupling, COUPLINGS)
         choose("train.autocast", self.autocast, AUTOCASTS)
         choose("train.cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES)

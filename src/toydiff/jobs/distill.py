@@ -36,6 +36,7 @@ def check(cfg: ExperimentConfig, method: str, steps: int, critic: float = 0.0) -
 
 
 def check_critic(method: str, critic: float) -> None:
+    """Refuse a critic (distill.critic > 0) beside a student that cannot run its sampler with gradients."""
     if critic and not methods.STUDENTS.get(method).takes_critic:
         takers = [name for name in DISTILL_METHODS if methods.STUDENTS.get(name).takes_critic]
         raise ToydiffError(f"a critic needs a student whose sampler runs with gradients ({', '.join(takers)}), "

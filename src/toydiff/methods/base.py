@@ -127,6 +127,13 @@ class Method:
         """The network as denoise(x_t, t) -> x0_hat (toydiff.diffusion.parameterization)."""
         return self.process(cfg).denoiser(cfg, model, schedule, labels, guidance)
 
+    def timestep_sampling(self, cfg: ExperimentConfig) -> str:
+        """train.timestep_sampling with auto resolved (by the process the method trains on)."""
+        process = self.process(cfg)
+        if process is self:
+            raise NotImplementedError
+        return process.timestep_sampling(cfg)
+
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
         """The t sampler of train.timestep_sampling (its state is part of the training state)."""
         return self.process(cfg).timesteps(cfg, device)

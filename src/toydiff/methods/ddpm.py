@@ -125,12 +125,23 @@ class VPDiffusionMethod(Method):
         return Denoiser(model, schedule, cfg.model.prediction, learned_variance=cfg.model.variance == "learned",
                         labels=labels, guidance=guidance)
 
+    def timestep_sampling(self, cfg: ExperimentConfig) -> str:
+        """auto: EDM's log-normal noise levels for a built-in dataset (measured on the development tables and the
+        moons, docs/default.md); uniform, the guide's, for a file's table (whose recipe was measured with it)
+        and for the guide's network."""
+        kind = cfg.train.timestep_sampling
+        if kind != "auto":
+            return kind
+        return "uniform" if cfg.data.path or cfg.model.arch == "guide" else "log-normal"
+
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
-        alpha_bar = self.schedule(cfg).alpha_bar if cfg.train.timestep_sampling == "log-normal" else None
-        return ddpm_timesteps(cfg.train.timestep_sampling, cfg.schedule.T, device, alpha_bar)
+        kind = self.timestep_sampling(cfg)
+        return ddpm_timesteps(kind, cfg.schedule.T, device, self.schedule(cfg).alpha_bar if kind == "log-normal"
+                              else None)
 
     def objective(self, run, others=None) -> Objective:
         return Denoising.from_config(run.config)
 
     def describe(self, cfg: ExperimentConfig, schedule: NoiseSchedule) -> str:
-        return f"T = {schedule.T} {cfg.schedule.name}, alpha_bar_T = {schedule.alpha_bar_T:.3g}"
+        return (f"T = {schedule.T} {cfg.schedule.name}, alpha_bar_T = {schedule.alpha_bar_T:.3g}, "
+                f"{self.timestep_sampling(cfg)} t")

@@ -131,13 +131,17 @@ class FlowMatchingMethod(Method):
         return FlowDenoiser(model, schedule, cfg.model.prediction, labels=labels, guidance=guidance)
 
     def timesteps(self, cfg: ExperimentConfig, device: torch.device | str = "cpu") -> UniformTimesteps:
-        return flow_timesteps(cfg.train.timestep_sampling, cfg.schedule.T)
+        return flow_timesteps(self.timestep_sampling(cfg), cfg.schedule.T)
+
+    def timestep_sampling(self, cfg: ExperimentConfig) -> str:
+        """auto: uniform t."""
+        return "uniform" if cfg.train.timestep_sampling == "auto" else cfg.train.timestep_sampling
 
     def objective(self, run, others=None) -> Objective:
         return FlowMatching.from_config(run.config)
 
     def describe(self, cfg: ExperimentConfig, schedule: NoiseSchedule) -> str:
-        return f"flow matching ({cfg.train.timestep_sampling} t, {cfg.train.coupling} coupling)"
+        return f"flow matching ({self.timestep_sampling(cfg)} t, {cfg.train.coupling} coupling)"
 
     def frame_scale(self, cfg: ExperimentConfig, schedule: NoiseSchedule, t: int) -> float:
         """x_t = (1 - t) x0 + t eps is c(t) times the VP view its schedule and denoiser work in; t = 0 is the data."""

@@ -40,8 +40,8 @@ class Reflow(Student):
                                       prediction="v" if teacher.schedule.process == "ddpm"
                                       else teacher.model.prediction),
             train=dataclasses.replace(teacher.train, coupling="reflow", loss_weighting="uniform",
-                                      timestep_sampling="uniform" if teacher.train.timestep_sampling == "importance"
-                                      else teacher.train.timestep_sampling,
+                                      timestep_sampling="auto" if teacher.train.timestep_sampling in
+                                      ("importance", "log-normal") else teacher.train.timestep_sampling,
                                       steps=train_steps or teacher.train.steps),
             sample=dataclasses.replace(teacher.sample, sampler="euler", steps=steps, spacing="trailing",
                                        variance="auto", eta=0.0, guidance=1.0), distill=DistillConfig())
