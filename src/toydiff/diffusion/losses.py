@@ -73,7 +73,7 @@ class UniformTimesteps:
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
         t = torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
-        return t, torch.ones(n, device=device)
+        return t.to(device), torch.ones(n, device=device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         pass
@@ -142,14 +142,15 @@ class LogNormalTimesteps(UniformTimesteps):
 
     P_MEAN, P_STD = -1.2, 1.2  # Karras et al. (2022), for data of standard deviation 0.5 (the zoo in [-1, 1])
 
-    def __init__(self, T: int, alpha_bar: torch.Tensor):
+    def __init__(self, T: int, alpha_bar: torch.Tensor, device: torch.device | str = "cpu"):
         super().__init__(T)
         ab = alpha_bar.double().cpu()[1:]
         log_sigma = 0.5 * torch.log((1 - ab) / ab)  # increasing in t
         edges = torch.cat([torch.tensor([-math.inf], dtype=torch.float64), (log_sigma[1:] + log_sigma[:-1]) / 2,
                            torch.tensor([math.inf], dtype=torch.float64)])
         cdf = torch.special.ndtr((edges - self.P_MEAN) / self.P_STD)
-        self.p = torch.cat([torch.zeros(1, dtype=torch.float64), cdf[1:] - cdf[:-1]]).float()  # p_0 = 0
+        # p_0 = 0; on the training device, where the step's generator draws from it
+        self.p = torch.cat([torch.zeros(1, dtype=torch.float64), cdf[1:] - cdf[:-1]]).float().to(device)
 
     def sample(self, n: int, generator: torch.Generator | None, device: torch.device):
         t = torch.multinomial(self.p, n, replacement=True, generator=generator)

@@ -35,7 +35,7 @@ def ddpm_timesteps(kind: str, T: int, device: torch.device | str = "cpu",
     if cls is LogNormalTimesteps:
         if alpha_bar is None:
             raise ToydiffError("train.timestep_sampling = log-normal needs the schedule's alpha_bar")
-        return cls(T, alpha_bar)
+        return cls(T, alpha_bar, device)
     return cls(T, device=device) if cls is ImportanceTimesteps else cls(T)
 
 
